@@ -1,0 +1,554 @@
+"""Per-architecture weight layouts, as data.
+
+This module is the only place that knows how each Hugging Face architecture
+stores its weights. Each family is one :class:`FamilyLayout` table saying
+which slices of which HF tensors make up a unit:
+
+* a query ``Head`` is its q rows (and q bias) plus its columns of the output
+  projection;
+* a ``KVHead`` is the k and v rows (and biases) that a group of query heads
+  shares (for multi-head attention the group size is 1);
+* a ``Neuron`` is its rows of the MLP input projection(s) (gate and up when
+  gated) plus its column of the output projection;
+* a ``Linear`` is a whole projection, weight and bias.
+
+Slice starts and sizes are small arithmetic expressions over the model's
+dimensions (``H`` query heads, ``KV`` key/value heads, ``dh`` head dim, ``D``
+model dim, ``I`` MLP width) and the unit's index (``h``, ``g`` or ``i``), so a
+fused or interleaved layout reads as what it is. GPT-2's Conv1D stores weights
+transposed (``[in, out]``), which is why its head columns are on dim 1.
+
+``mirrors`` lists tensors that TransformerLens's bridge *copies* out of a
+fused HF tensor (GPT-NeoX splits ``query_key_value`` into separate q/k/v
+weights). After every weight edit those copies are re-derived from the HF
+tensor, so the hooked forward, ``generate`` and the export all see one truth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from tl_transplant.units import (
+    Head,
+    KVHead,
+    Linear,
+    Neuron,
+    Unit,
+    UnitError,
+    UnitKind,
+    normalize_kinds,
+    parse_unit,
+)
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The model's architecture has no layout table."""
+
+
+class LayoutMismatchError(RuntimeError):
+    """A checkpoint or bridge does not look the way its layout table says."""
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A rule: a slice of one tensor along ``dim``, start and size as expressions.
+
+    ``tensor`` names a linear by its unit name plus ``.weight``/``.bias`` (e.g.
+    ``attn.q_proj.weight``). ``optional`` pieces (biases) are dropped when the
+    checkpoint lacks the tensor.
+    """
+
+    tensor: str
+    dim: int
+    start: str
+    size: str
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class Mirror:
+    """A bridge-owned copy: ``path`` (relative to the layer) is the concatenation
+    over ``h in range(H)`` of ``source[start:start+size]`` along ``dim``."""
+
+    path: str
+    source: str
+    dim: int
+    start: str
+    size: str
+
+
+@dataclass(frozen=True)
+class FamilyLayout:
+    """One architecture family's weight layout."""
+
+    family: str
+    model_types: tuple[str, ...]
+    layer_prefix: str
+    linears: Mapping[str, str]
+    head: tuple[Piece, ...]
+    kv_head: tuple[Piece, ...]
+    neuron: tuple[Piece, ...]
+    mirrors: tuple[Mirror, ...] = ()
+    notes: str = ""
+
+
+def _w(name: str, dim: int, start: str, size: str) -> Piece:
+    return Piece(f"{name}.weight", dim, start, size)
+
+
+def _b(name: str, start: str, size: str) -> Piece:
+    return Piece(f"{name}.bias", 0, start, size, optional=True)
+
+
+def _qkv_separate() -> tuple[tuple[Piece, ...], tuple[Piece, ...]]:
+    head = (
+        _w("attn.q_proj", 0, "h*dh", "dh"),
+        _b("attn.q_proj", "h*dh", "dh"),
+        _w("attn.o_proj", 1, "h*dh", "dh"),
+    )
+    kv = (
+        _w("attn.k_proj", 0, "g*dh", "dh"),
+        _b("attn.k_proj", "g*dh", "dh"),
+        _w("attn.v_proj", 0, "g*dh", "dh"),
+        _b("attn.v_proj", "g*dh", "dh"),
+    )
+    return head, kv
+
+
+def _gated_neuron() -> tuple[Piece, ...]:
+    return (
+        _w("mlp.gate_proj", 0, "i", "1"),
+        _b("mlp.gate_proj", "i", "1"),
+        _w("mlp.up_proj", 0, "i", "1"),
+        _b("mlp.up_proj", "i", "1"),
+        _w("mlp.down_proj", 1, "i", "1"),
+    )
+
+
+_LLAMA_HEAD, _LLAMA_KV = _qkv_separate()
+_LLAMA_LINEARS = {
+    "attn.q_proj": "self_attn.q_proj",
+    "attn.k_proj": "self_attn.k_proj",
+    "attn.v_proj": "self_attn.v_proj",
+    "attn.o_proj": "self_attn.o_proj",
+    "mlp.gate_proj": "mlp.gate_proj",
+    "mlp.up_proj": "mlp.up_proj",
+    "mlp.down_proj": "mlp.down_proj",
+}
+
+FAMILIES: tuple[FamilyLayout, ...] = (
+    FamilyLayout(
+        family="gpt2",
+        model_types=("gpt2",),
+        layer_prefix="transformer.h.{layer}.",
+        linears={
+            "attn.c_attn": "attn.c_attn",
+            "attn.c_proj": "attn.c_proj",
+            "mlp.c_fc": "mlp.c_fc",
+            "mlp.c_proj": "mlp.c_proj",
+        },
+        # Conv1D weights are [in, out]: output features live on dim 1.
+        head=(
+            _w("attn.c_attn", 1, "h*dh", "dh"),
+            _b("attn.c_attn", "h*dh", "dh"),
+            _w("attn.c_proj", 0, "h*dh", "dh"),
+        ),
+        kv_head=(
+            _w("attn.c_attn", 1, "H*dh + g*dh", "dh"),
+            _b("attn.c_attn", "H*dh + g*dh", "dh"),
+            _w("attn.c_attn", 1, "2*H*dh + g*dh", "dh"),
+            _b("attn.c_attn", "2*H*dh + g*dh", "dh"),
+        ),
+        neuron=(
+            _w("mlp.c_fc", 1, "i", "1"),
+            _b("mlp.c_fc", "i", "1"),
+            _w("mlp.c_proj", 0, "i", "1"),
+        ),
+        notes="fused c_attn [D, 3D] as q|k|v; Conv1D transposed",
+    ),
+    FamilyLayout(
+        family="gpt_neox",
+        model_types=("gpt_neox",),
+        layer_prefix="gpt_neox.layers.{layer}.",
+        linears={
+            "attn.query_key_value": "attention.query_key_value",
+            "attn.dense": "attention.dense",
+            "mlp.dense_h_to_4h": "mlp.dense_h_to_4h",
+            "mlp.dense_4h_to_h": "mlp.dense_4h_to_h",
+        },
+        # query_key_value rows are interleaved per head: [q_h | k_h | v_h] for each h.
+        head=(
+            _w("attn.query_key_value", 0, "h*3*dh", "dh"),
+            _b("attn.query_key_value", "h*3*dh", "dh"),
+            _w("attn.dense", 1, "h*dh", "dh"),
+        ),
+        kv_head=(
+            _w("attn.query_key_value", 0, "g*3*dh + dh", "dh"),
+            _b("attn.query_key_value", "g*3*dh + dh", "dh"),
+            _w("attn.query_key_value", 0, "g*3*dh + 2*dh", "dh"),
+            _b("attn.query_key_value", "g*3*dh + 2*dh", "dh"),
+        ),
+        neuron=(
+            _w("mlp.dense_h_to_4h", 0, "i", "1"),
+            _b("mlp.dense_h_to_4h", "i", "1"),
+            _w("mlp.dense_4h_to_h", 1, "i", "1"),
+        ),
+        mirrors=(
+            Mirror("attention.q.weight", "attn.query_key_value.weight", 0, "h*3*dh", "dh"),
+            Mirror("attention.k.weight", "attn.query_key_value.weight", 0, "h*3*dh + dh", "dh"),
+            Mirror("attention.v.weight", "attn.query_key_value.weight", 0, "h*3*dh + 2*dh", "dh"),
+            Mirror("attention.q.bias", "attn.query_key_value.bias", 0, "h*3*dh", "dh"),
+            Mirror("attention.k.bias", "attn.query_key_value.bias", 0, "h*3*dh + dh", "dh"),
+            Mirror("attention.v.bias", "attn.query_key_value.bias", 0, "h*3*dh + 2*dh", "dh"),
+        ),
+        notes="per-head interleaved fused query_key_value; bridge copies q/k/v",
+    ),
+    FamilyLayout(
+        family="llama",
+        model_types=("llama", "mistral", "qwen2", "gemma", "gemma2"),
+        layer_prefix="model.layers.{layer}.",
+        linears=_LLAMA_LINEARS,
+        head=_LLAMA_HEAD,
+        kv_head=_LLAMA_KV,
+        neuron=_gated_neuron(),
+        notes="separate q/k/v/o with GQA; gated MLP",
+    ),
+    FamilyLayout(
+        family="phi3",
+        model_types=("phi3",),
+        layer_prefix="model.layers.{layer}.",
+        linears={
+            "attn.qkv_proj": "self_attn.qkv_proj",
+            "attn.o_proj": "self_attn.o_proj",
+            "mlp.gate_up_proj": "mlp.gate_up_proj",
+            "mlp.down_proj": "mlp.down_proj",
+        },
+        # qkv_proj rows are blocked: [q (H*dh) | k (KV*dh) | v (KV*dh)].
+        head=(
+            _w("attn.qkv_proj", 0, "h*dh", "dh"),
+            _w("attn.o_proj", 1, "h*dh", "dh"),
+        ),
+        kv_head=(
+            _w("attn.qkv_proj", 0, "H*dh + g*dh", "dh"),
+            _w("attn.qkv_proj", 0, "H*dh + KV*dh + g*dh", "dh"),
+        ),
+        # gate_up_proj rows are [gate (I) | up (I)].
+        neuron=(
+            _w("mlp.gate_up_proj", 0, "i", "1"),
+            _w("mlp.gate_up_proj", 0, "I + i", "1"),
+            _w("mlp.down_proj", 1, "i", "1"),
+        ),
+        notes="fused qkv_proj and gate_up_proj",
+    ),
+    FamilyLayout(
+        family="phi",
+        model_types=("phi",),
+        layer_prefix="model.layers.{layer}.",
+        linears={
+            "attn.q_proj": "self_attn.q_proj",
+            "attn.k_proj": "self_attn.k_proj",
+            "attn.v_proj": "self_attn.v_proj",
+            "attn.dense": "self_attn.dense",
+            "mlp.fc1": "mlp.fc1",
+            "mlp.fc2": "mlp.fc2",
+        },
+        head=(
+            _w("attn.q_proj", 0, "h*dh", "dh"),
+            _b("attn.q_proj", "h*dh", "dh"),
+            _w("attn.dense", 1, "h*dh", "dh"),
+        ),
+        kv_head=_LLAMA_KV,
+        neuron=(
+            _w("mlp.fc1", 0, "i", "1"),
+            _b("mlp.fc1", "i", "1"),
+            _w("mlp.fc2", 1, "i", "1"),
+        ),
+        notes="Phi-1.5/2: separate q/k/v with biases, dense output, plain MLP",
+    ),
+)
+
+_BY_MODEL_TYPE: dict[str, FamilyLayout] = {
+    mt: fam for fam in FAMILIES for mt in fam.model_types
+}
+
+
+def supported_model_types() -> list[str]:
+    """HF ``model_type`` values with a layout table."""
+    return sorted(_BY_MODEL_TYPE)
+
+
+def family_for(model_type: str) -> FamilyLayout:
+    """The layout table for an HF ``model_type``, or a clear error listing the supported ones."""
+    try:
+        return _BY_MODEL_TYPE[model_type]
+    except KeyError:
+        raise UnsupportedArchitectureError(
+            f"architecture {model_type!r} is not supported. Supported model types: "
+            f"{', '.join(supported_model_types())}. To add one, write a FamilyLayout "
+            "table in tl_transplant/layouts.py."
+        ) from None
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The model dimensions that slice expressions use."""
+
+    n_layers: int
+    H: int
+    KV: int
+    dh: int
+    D: int
+    I: int  # noqa: E741 - the MLP width, named as in the slice expressions
+
+    def env(self) -> dict[str, int]:
+        return {"H": self.H, "KV": self.KV, "dh": self.dh, "D": self.D, "I": self.I}
+
+
+def _cfg(config: Any, *names: str, default: Any = None) -> Any:
+    for n in names:
+        v = getattr(config, n, None)
+        if v is not None:
+            return v
+    return default
+
+
+def dims_from_config(config: Any) -> Dims:
+    """Read layer count, head counts and widths from an HF config."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    D = int(_cfg(text, "hidden_size", "n_embd", "d_model"))
+    H = int(_cfg(text, "num_attention_heads", "n_head"))
+    KV = int(_cfg(text, "num_key_value_heads", default=H) or H)
+    dh = int(_cfg(text, "head_dim", default=D // H))
+    inner = _cfg(text, "intermediate_size", "n_inner")
+    I = int(inner) if inner is not None else 4 * D  # noqa: E741
+    n_layers = int(_cfg(text, "num_hidden_layers", "n_layer"))
+    if H % KV != 0:
+        raise LayoutMismatchError(f"num_attention_heads={H} is not a multiple of KV heads={KV}")
+    return Dims(n_layers=n_layers, H=H, KV=KV, dh=dh, D=D, I=I)
+
+
+def _eval(expr: str, env: Mapping[str, int]) -> int:
+    return int(eval(expr, {"__builtins__": {}}, dict(env)))  # noqa: S307 - constant table text
+
+
+@dataclass(frozen=True, order=True)
+class TensorSlice:
+    """``param[start:stop]`` along ``dim``: a concrete piece of one HF tensor."""
+
+    param: str
+    dim: int
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"param": self.param, "dim": self.dim, "start": self.start, "stop": self.stop}
+
+
+@dataclass
+class ModelLayout:
+    """A family layout bound to one model's dims and parameter names/shapes."""
+
+    family: FamilyLayout
+    dims: Dims
+    shapes: dict[str, tuple[int, ...]]
+    model_type: str = ""
+    _cache: dict[Unit, tuple[TensorSlice, ...]] = field(default_factory=dict, repr=False)
+
+    # ---- naming -------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return self.dims.n_layers
+
+    @property
+    def group_size(self) -> int:
+        return self.dims.H // self.dims.KV
+
+    def prefix(self, layer: int) -> str:
+        return self.family.layer_prefix.format(layer=layer)
+
+    def linear_names(self) -> list[str]:
+        """Unit names of the whole linears in one layer, e.g. ``attn.q_proj``."""
+        return list(self.family.linears)
+
+    def module_path(self, unit: Linear) -> str:
+        """The HF module path of a whole linear, e.g. ``model.layers.3.self_attn.q_proj``."""
+        self.validate(unit)
+        return self.prefix(unit.layer) + self.family.linears[unit.name]
+
+    def param_name(self, layer: int, tensor: str) -> str:
+        """HF parameter name for a piece tensor like ``attn.q_proj.weight``."""
+        lin, _, leaf = tensor.rpartition(".")
+        return self.prefix(layer) + self.family.linears[lin] + "." + leaf
+
+    # ---- units ----------------------------------------------------------------
+    def count(self, kind: UnitKind) -> int:
+        """Units of one kind per layer."""
+        d = self.dims
+        return {"head": d.H, "kv_head": d.KV, "neuron": d.I, "linear": len(self.family.linears)}[
+            kind
+        ]
+
+    def units(self, kind: str | Iterable[str] | None = None) -> list[Unit]:
+        """Every unit of the given kind(s), layer by layer."""
+        out: list[Unit] = []
+        for k in normalize_kinds(kind):
+            for layer in range(self.n_layers):
+                if k == "head":
+                    out += [Head(layer, h) for h in range(self.dims.H)]
+                elif k == "kv_head":
+                    out += [KVHead(layer, g) for g in range(self.dims.KV)]
+                elif k == "neuron":
+                    out += [Neuron(layer, i) for i in range(self.dims.I)]
+                else:
+                    out += [Linear(layer, n) for n in self.family.linears]
+        return out
+
+    def validate(self, unit: Unit | str) -> Unit:
+        """Return the parsed unit, or raise a :class:`UnitError` naming the valid range."""
+        u = parse_unit(unit)
+        d = self.dims
+        if not 0 <= u.layer < d.n_layers:
+            raise UnitError(f"{u}: layer {u.layer} does not exist; valid layers are 0..{d.n_layers - 1}")
+        if isinstance(u, Head) and not 0 <= u.head < d.H:
+            raise UnitError(f"{u}: head {u.head} does not exist; valid heads are 0..{d.H - 1}")
+        if isinstance(u, KVHead) and not 0 <= u.group < d.KV:
+            raise UnitError(f"{u}: KV group {u.group} does not exist; valid groups are 0..{d.KV - 1}")
+        if isinstance(u, Neuron) and not 0 <= u.index < d.I:
+            raise UnitError(f"{u}: neuron {u.index} does not exist; valid neurons are 0..{d.I - 1}")
+        if isinstance(u, Linear) and u.name not in self.family.linears:
+            raise UnitError(
+                f"{u}: no linear named {u.name!r} in a {self.family.family} layer; valid names: "
+                + ", ".join(self.family.linears)
+            )
+        return u
+
+    def kv_group_of(self, head: Head) -> KVHead:
+        """The KV group whose k/v rows query head ``head`` reads."""
+        return KVHead(head.layer, head.head // self.group_size)
+
+    def slices(self, unit: Unit | str) -> tuple[TensorSlice, ...]:
+        """The exact HF tensor slices that make up ``unit``."""
+        u = self.validate(unit)
+        if u in self._cache:
+            return self._cache[u]
+        if isinstance(u, Linear):
+            out = []
+            for leaf in ("weight", "bias"):
+                name = self.param_name(u.layer, f"{u.name}.{leaf}")
+                if name in self.shapes:
+                    out.append(TensorSlice(name, 0, 0, self.shapes[name][0]))
+            if not out:
+                raise LayoutMismatchError(f"{u}: checkpoint has no tensor {name!r}")
+            res = tuple(out)
+        else:
+            pieces = {"head": self.family.head, "kv_head": self.family.kv_head,
+                      "neuron": self.family.neuron}[u.kind]
+            env = self.dims.env()
+            env.update(h=getattr(u, "head", 0), g=getattr(u, "group", 0), i=getattr(u, "index", 0))
+            res = tuple(
+                s for p in pieces if (s := self._resolve(u.layer, p, env)) is not None
+            )
+        self._cache[u] = res
+        return res
+
+    def _resolve(self, layer: int, p: Piece, env: Mapping[str, int]) -> TensorSlice | None:
+        name = self.param_name(layer, p.tensor)
+        if name not in self.shapes:
+            if p.optional:
+                return None
+            raise LayoutMismatchError(
+                f"the {self.family.family} layout expects tensor {name!r}, which this checkpoint "
+                "lacks; is the config's model_type right?"
+            )
+        start = _eval(p.start, env)
+        stop = start + _eval(p.size, env)
+        shape = self.shapes[name]
+        if p.dim >= len(shape) or stop > shape[p.dim]:
+            raise LayoutMismatchError(
+                f"slice {start}:{stop} on dim {p.dim} is outside {name} with shape {shape}"
+            )
+        return TensorSlice(name, p.dim, start, stop)
+
+    def n_params(self, unit: Unit | str) -> int:
+        """Number of scalar weights a unit covers (a head is ~40x a neuron)."""
+        total = 0
+        for s in self.slices(unit):
+            shape = list(self.shapes[s.param])
+            shape[s.dim] = s.size
+            n = 1
+            for x in shape:
+                n *= x
+            total += n
+        return total
+
+    def unit_tensors(self) -> list[str]:
+        """Every HF tensor that some unit can touch (what a compatible pair must share)."""
+        names: list[str] = []
+        for layer in range(self.n_layers):
+            for lin in self.family.linears:
+                for leaf in ("weight", "bias"):
+                    n = self.param_name(layer, f"{lin}.{leaf}")
+                    if n in self.shapes:
+                        names.append(n)
+        return names
+
+    def mirror_slices(self, layer: int) -> list[tuple[str, list[TensorSlice]]]:
+        """For each bridge copy in ``layer``: its path and the HF slices it concatenates."""
+        out = []
+        for m in self.family.mirrors:
+            src = self.param_name(layer, m.source)
+            if src not in self.shapes:
+                continue
+            parts = []
+            for h in range(self.dims.H):
+                env = {**self.dims.env(), "h": h}
+                start = _eval(m.start, env)
+                parts.append(TensorSlice(src, m.dim, start, start + _eval(m.size, env)))
+            out.append((self.prefix(layer) + m.path, parts))
+        return out
+
+
+def bind_layout(config: Any, shapes: Mapping[str, tuple[int, ...]]) -> ModelLayout:
+    """Bind the family table for ``config.model_type`` to a model's dims and tensor shapes."""
+    model_type = getattr(config, "model_type", None) or ""
+    fam = family_for(model_type)
+    layout = ModelLayout(fam, dims_from_config(config), dict(shapes), model_type=model_type)
+    # Resolve one unit of each kind per layer so a wrong table fails at load, not mid-edit.
+    for layer in range(layout.n_layers):
+        for u in (Head(layer, 0), KVHead(layer, 0), Neuron(layer, 0), Head(layer, layout.dims.H - 1),
+                  KVHead(layer, layout.dims.KV - 1), Neuron(layer, layout.dims.I - 1)):
+            layout.slices(u)
+    return layout
+
+
+def describe_families() -> list[dict[str, Any]]:
+    """Supported families as rows (for docs and ``tl-transplant --help``)."""
+    return [
+        {"family": f.family, "model_types": list(f.model_types), "linears": list(f.linears),
+         "notes": f.notes}
+        for f in FAMILIES
+    ]
+
+
+__all__ = [
+    "FAMILIES",
+    "Dims",
+    "FamilyLayout",
+    "LayoutMismatchError",
+    "Mirror",
+    "ModelLayout",
+    "Piece",
+    "TensorSlice",
+    "UnsupportedArchitectureError",
+    "bind_layout",
+    "describe_families",
+    "dims_from_config",
+    "family_for",
+    "supported_model_types",
+]

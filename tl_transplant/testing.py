@@ -1,0 +1,115 @@
+"""Tiny offline model builders for tests, docs and benchmarks.
+
+Everything here is built from configs and a word-level tokenizer saved to disk
+and reloaded (a tokenizer that exists only in memory trips the bridge), so no
+hub access is ever needed.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TINY_FAMILIES = ("gpt2", "gpt_neox", "llama", "qwen2", "mistral", "gemma", "gemma2", "phi3", "phi")
+
+
+def word_tokenizer(path: str | Path, words: list[str] | None = None, n_words: int = 92) -> Any:
+    """A whitespace word-level fast tokenizer, saved to ``path`` and reloaded from there.
+
+    Ids 0-3 are ``<pad> <bos> <eos> <unk>``; then ``words`` (default ``w0 .. w{n-1}``).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    words = words if words is not None else [f"w{i}" for i in range(n_words)]
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, "<unk>": 3}
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    tk.post_processor = processors.TemplateProcessing(
+        single="$A", pair="$A $B", special_tokens=[("<bos>", 1)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+        unk_token="<unk>",
+    )
+    path = Path(path)
+    fast.save_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def tiny_config(family: str, vocab_size: int = 96, **overrides: Any) -> Any:
+    """A 2-layer config of the given family (GQA with 4 query / 2 KV heads where supported)."""
+    import transformers as tf
+
+    common = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    gqa = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               intermediate_size=48, max_position_embeddings=64)
+    builders = {
+        "gpt2": lambda: tf.GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=4, n_inner=48,
+                                       **common),
+        "gpt_neox": lambda: tf.GPTNeoXConfig(hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=4, intermediate_size=48,
+                                             max_position_embeddings=64, **common),
+        "llama": lambda: tf.LlamaConfig(**gqa, **common),
+        "qwen2": lambda: tf.Qwen2Config(**gqa, **common),
+        "mistral": lambda: tf.MistralConfig(**gqa, **common),
+        "gemma": lambda: tf.GemmaConfig(**gqa, head_dim=8, **common),
+        "gemma2": lambda: tf.Gemma2Config(**gqa, head_dim=8, **common),
+        "phi3": lambda: tf.Phi3Config(**gqa, **common),
+        "phi": lambda: tf.PhiConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                    intermediate_size=48, max_position_embeddings=64, **common),
+    }
+    if family not in builders:
+        raise ValueError(f"no tiny config for {family!r}; choose from {', '.join(builders)}")
+    cfg = builders[family]()
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def tiny_model(family: str, seed: int = 0, **overrides: Any) -> Any:
+    """A randomly initialised tiny causal LM (float32, eval mode, eager attention)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(family, **overrides)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    # Random biases / norm weights so that every tensor matters in equality tests.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name or "ln" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def perturbed_copy(model: Any, scale: float = 0.05, seed: int = 1) -> Any:
+    """A copy of ``model`` with every floating tensor nudged by Gaussian noise."""
+    gen = torch.Generator().manual_seed(seed)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return other
+
+
+def save_tiny(model: Any, tokenizer: Any, path: str | Path) -> Path:
+    """Save a model and tokenizer as an HF directory (safetensors)."""
+    path = Path(path)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def tiny_pair_dirs(family: str, root: str | Path, seed: int = 0) -> tuple[Path, Path]:
+    """Write a (source, target) pair of tiny models of one family under ``root``."""
+    root = Path(root)
+    tok = word_tokenizer(root / "tokenizer")
+    target = tiny_model(family, seed=seed)
+    source = perturbed_copy(target, scale=0.2, seed=seed + 1)
+    return save_tiny(source, tok, root / "source"), save_tiny(target, tok, root / "target")

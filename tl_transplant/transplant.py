@@ -1,0 +1,297 @@
+"""Reversible weight transplants with a blend strength alpha.
+
+Inside ``with transplant(pair, units, alpha):`` the target's weights for those
+units are ``(1 - alpha) * target + alpha * source``; on exit (also by an
+exception) the original values are written back bit for bit.
+``apply_transplant`` makes the same edit permanent and returns a
+:class:`Manifest` naming what changed, with hashes.
+
+Edits go to the HF tensors (the one source of truth) and then to any copy the
+TransformerLens bridge holds, so the hooked forward, ``generate`` and
+``export_hf`` all see the same weights.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Bool
+
+from tl_transplant.layouts import TensorSlice
+from tl_transplant.pair import ModelPair
+from tl_transplant.units import Head, KVHead, Unit, parse_units, unit_sort_key
+
+KVMode = Literal["group", "none"]
+MANIFEST_FORMAT = "tl_transplant.manifest/1"
+
+
+class TransplantError(ValueError):
+    """A transplant request that cannot be carried out safely."""
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """SHA-256 of a tensor's raw bytes (dtype-exact, device-independent)."""
+    data = t.detach().contiguous().cpu()
+    return hashlib.sha256(data.view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Units resolved to HF tensor masks; what a transplant will touch."""
+
+    requested: tuple[Unit, ...]
+    kv_added: tuple[KVHead, ...]
+    slices: dict[Unit, tuple[TensorSlice, ...]]
+    masks: dict[str, Bool[torch.Tensor, "..."]]
+
+    @property
+    def units(self) -> tuple[Unit, ...]:
+        return tuple(sorted(set(self.requested) | set(self.kv_added), key=unit_sort_key))
+
+    @property
+    def n_params(self) -> int:
+        """Distinct scalar weights touched (overlaps counted once)."""
+        return int(sum(int(m.sum()) for m in self.masks.values()))
+
+
+def plan_transplant(pair: ModelPair, units: Iterable[Unit | str] | str | Unit,
+                    kv: KVMode = "group") -> Plan:
+    """Resolve units (adding KV groups of query heads when ``kv="group"``) to tensor masks."""
+    if kv not in ("group", "none"):
+        raise TransplantError(f"kv must be 'group' or 'none', got {kv!r}")
+    requested = tuple(dict.fromkeys(pair.validate(u) for u in parse_units(units)))
+    kv_added: list[KVHead] = []
+    if kv == "group":
+        have = set(requested)
+        for u in requested:
+            if isinstance(u, Head):
+                g = pair.layout.kv_group_of(u)
+                if g not in have:
+                    have.add(g)
+                    kv_added.append(g)
+    slices = {u: pair.layout.slices(u) for u in (*requested, *kv_added)}
+    masks: dict[str, torch.Tensor] = {}
+    for sl in slices.values():
+        for s in sl:
+            if s.param not in masks:
+                t = pair.target.params[s.param]
+                masks[s.param] = torch.zeros(t.shape, dtype=torch.bool, device=t.device)
+            masks[s.param].narrow(s.dim, s.start, s.size).fill_(True)
+    return Plan(requested, tuple(kv_added), slices, masks)
+
+
+def _identity(side: Any) -> dict[str, Any]:
+    return dict(side.identity)
+
+
+@dataclass
+class Manifest:
+    """What a transplant changed: units, alpha, model identities, and tensor hashes."""
+
+    units: list[str]
+    kv_added: list[str]
+    alpha: float
+    kv: str
+    source: dict[str, Any]
+    target: dict[str, Any]
+    tensors: list[dict[str, Any]]
+    n_params_moved: int
+    n_params_target: int
+    n_units_by_kind: dict[str, int]
+    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat())
+    format: str = MANIFEST_FORMAT
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def fraction_params(self) -> float:
+        return self.n_params_moved / max(1, self.n_params_target)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": self.format,
+            "created": self.created,
+            "alpha": self.alpha,
+            "kv": self.kv,
+            "units": self.units,
+            "kv_added": self.kv_added,
+            "n_units_by_kind": self.n_units_by_kind,
+            "n_params_moved": self.n_params_moved,
+            "n_params_target": self.n_params_target,
+            "fraction_params": self.fraction_params,
+            "source": self.source,
+            "target": self.target,
+            "tensors": self.tensors,
+            "extra": self.extra,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Manifest:
+        if d.get("format") != MANIFEST_FORMAT:
+            raise TransplantError(
+                f"not a tl_transplant manifest (format={d.get('format')!r}, expected "
+                f"{MANIFEST_FORMAT!r})"
+            )
+        keys = ("units", "kv_added", "alpha", "kv", "source", "target", "tensors",
+                "n_params_moved", "n_params_target", "n_units_by_kind", "created", "extra")
+        return cls(**{k: d[k] for k in keys if k in d})
+
+    def save(self, path: str | Path) -> Path:
+        p = Path(path)
+        p.write_text(json.dumps(self.to_dict(), indent=2, default=str))
+        return p
+
+    @classmethod
+    def load(cls, path: str | Path) -> Manifest:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+class transplant:  # noqa: N801 - used as a context manager, reads like a function
+    """Context manager: blend the target's unit weights toward the source's, then restore.
+
+    >>> with transplant(pair, ["L1.H2", "L0.N7"], alpha=0.5):   # doctest: +SKIP
+    ...     logits = pair.target.bridge(tokens)
+
+    ``kv="group"`` (default) brings each query head's KV group along, since a
+    query head without its K/V rows transplants poorly under GQA.
+    """
+
+    def __init__(
+        self,
+        pair: ModelPair,
+        units: Iterable[Unit | str] | str | Unit,
+        alpha: float = 1.0,
+        *,
+        kv: KVMode = "group",
+        allow_extrapolation: bool = False,
+    ) -> None:
+        alpha = float(alpha)
+        if not torch.isfinite(torch.tensor(alpha)):
+            raise TransplantError(f"alpha must be a finite number, got {alpha}")
+        if not (0.0 <= alpha <= 1.0) and not allow_extrapolation:
+            raise TransplantError(
+                f"alpha={alpha} is outside [0, 1]; pass allow_extrapolation=True to push the "
+                "target past the source (or away from it)."
+            )
+        self.pair = pair
+        self.alpha = alpha
+        self.kv = kv
+        self.plan = plan_transplant(pair, units, kv=kv)
+        self._saved: dict[str, torch.Tensor] | None = None
+
+    # -- mechanics ---------------------------------------------------------------------
+    @torch.no_grad()
+    def _blend_values(self, name: str) -> torch.Tensor:
+        mask = self.plan.masks[name]
+        t = self.pair.target.params[name]
+        s = self.pair.source.params[name]
+        s_vals = s.detach()[mask.to(s.device)].to(device=t.device)
+        if not torch.isfinite(s_vals).all():
+            raise TransplantError(
+                f"source tensor {name} has NaN or inf values in the slices to transplant; "
+                "refusing before any weight changes."
+            )
+        if self.alpha == 1.0:
+            return s_vals.to(t.dtype)
+        t_vals = t.detach()[mask]
+        if self.alpha == 0.0:
+            return t_vals.clone()
+        work = torch.float64 if t.dtype == torch.float64 else torch.float32
+        out = (1.0 - self.alpha) * t_vals.to(work) + self.alpha * s_vals.to(work)
+        return out.to(t.dtype)
+
+    @torch.no_grad()
+    def apply(self) -> transplant:
+        """Write the blended values into the target (saving the originals)."""
+        if self._saved is not None:
+            raise TransplantError("this transplant is already applied")
+        # Compute every new value first, so a refusal leaves the model untouched.
+        new = {name: self._blend_values(name) for name in self.plan.masks}
+        saved: dict[str, torch.Tensor] = {}
+        params = self.pair.target.params
+        for name, vals in new.items():
+            mask = self.plan.masks[name]
+            saved[name] = params[name].detach()[mask].clone()
+            params[name].data[mask] = vals
+        self._saved = saved
+        self.pair.target.refresh_mirrors(new.keys())
+        self.pair.active.append(self)
+        return self
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Write the saved original values back, bit-exactly."""
+        if self._saved is None:
+            return
+        params = self.pair.target.params
+        for name, vals in self._saved.items():
+            params[name].data[self.plan.masks[name]] = vals
+        self.pair.target.refresh_mirrors(self._saved.keys())
+        self._saved = None
+        if self in self.pair.active:
+            self.pair.active.remove(self)
+
+    def __enter__(self) -> transplant:
+        return self.apply()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.restore()
+
+    # -- reporting ---------------------------------------------------------------------
+    def manifest(self, *, with_hashes: bool = True) -> Manifest:
+        """Describe this transplant (hashes are of the tensors as they are now)."""
+        params = self.pair.target.params
+        tensors = []
+        for name, mask in sorted(self.plan.masks.items()):
+            t = params[name]
+            row: dict[str, Any] = {
+                "name": name,
+                "shape": list(t.shape),
+                "dtype": str(t.dtype).replace("torch.", ""),
+                "n_changed": int(mask.sum()),
+            }
+            if with_hashes:
+                row["sha256"] = tensor_sha256(t)
+                if self._saved is not None:
+                    orig = t.detach().clone()
+                    orig[mask] = self._saved[name]
+                    row["sha256_before"] = tensor_sha256(orig)
+            tensors.append(row)
+        by_kind: dict[str, int] = {}
+        for u in self.plan.units:
+            by_kind[u.kind] = by_kind.get(u.kind, 0) + 1
+        return Manifest(
+            units=[str(u) for u in self.plan.requested],
+            kv_added=[str(u) for u in self.plan.kv_added],
+            alpha=self.alpha,
+            kv=self.kv,
+            source=_identity(self.pair.source),
+            target=_identity(self.pair.target),
+            tensors=tensors,
+            n_params_moved=self.plan.n_params,
+            n_params_target=int(self.pair.target.identity.get("n_params", 0)),
+            n_units_by_kind=by_kind,
+        )
+
+
+def apply_transplant(
+    pair: ModelPair,
+    units: Iterable[Unit | str] | str | Unit,
+    alpha: float = 1.0,
+    *,
+    kv: KVMode = "group",
+    allow_extrapolation: bool = False,
+) -> Manifest:
+    """Permanently blend the units into the target; returns the manifest (also kept on the pair)."""
+    t = transplant(pair, units, alpha, kv=kv, allow_extrapolation=allow_extrapolation).apply()
+    m = t.manifest()
+    t._saved = None  # permanent: nothing to restore
+    pair.active.remove(t)
+    pair.applied.append(m)
+    return m
