@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine: sets up .venv (CPU torch) and runs a job.
+#   bash scripts/dev.sh demo [ARGS]   set up, then run the demo on the embedded pair
+#   bash scripts/dev.sh test [ARGS]   set up, then run ruff and the test suite
+#   bash scripts/dev.sh setup         set up only
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${TL_TRANSPLANT_VENV:-.venv}
+PY=${PYTHON:-python3}
+
+setup() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    "$PY" -m venv "$VENV"
+  fi
+  local stamp="$VENV/.tl_transplant_stamp" want
+  want=$(cat pyproject.toml constraints/cpu.txt | sha256sum | cut -d' ' -f1)
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    return 0
+  fi
+  "$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
+  # torch first, pinned to the CPU build (constraints/cpu.txt); then the package.
+  # Where a local wheel folder exists (our dev and CI machines), pip takes the CPU wheel from it.
+  local links=()
+  [ -d /opt/wheels ] && links=(--find-links /opt/wheels)
+  "$VENV/bin/python" -m pip install -q "${links[@]}" -c constraints/cpu.txt "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
+  "$VENV/bin/python" -m pip install -q -c constraints/cpu.txt -e ".[test]" 2>&1 | grep -v "is ignored" || true
+  "$VENV/bin/python" -c "import torch, tl_transplant; assert torch.__version__.startswith('2.13.0'), torch.__version__" \
+    || { echo "setup failed: torch 2.13.0 (CPU) or tl_transplant did not install" >&2; exit 1; }
+  echo "$want" > "$stamp"
+}
+
+cmd=${1:-test}
+shift || true
+case "$cmd" in
+  setup) setup ;;
+  demo)
+    setup
+    exec "$VENV/bin/tl-transplant" demo "$@"
+    ;;
+  test)
+    setup
+    "$VENV/bin/ruff" check tl_transplant tests benchmarks
+    export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+    exec "$VENV/bin/python" -m pytest -q "$@"
+    ;;
+  *) echo "usage: bash scripts/dev.sh {setup|demo|test} [ARGS]" >&2; exit 2 ;;
+esac
