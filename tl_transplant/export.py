@@ -54,8 +54,10 @@ def write_safetensors(
         shard = {n: state[n].detach().contiguous().cpu() for n in names}
         save_file(shard, str(out_dir / filename), metadata={"format": "pt"})
     if split.is_sharded:
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-                 "weight_map": split.tensor_to_filename}
+        index = {
+            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+            "weight_map": split.tensor_to_filename,
+        }
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return list(split.filename_to_tensors)
 

@@ -269,9 +269,7 @@ FAMILIES: tuple[FamilyLayout, ...] = (
     ),
 )
 
-_BY_MODEL_TYPE: dict[str, FamilyLayout] = {
-    mt: fam for fam in FAMILIES for mt in fam.model_types
-}
+_BY_MODEL_TYPE: dict[str, FamilyLayout] = {mt: fam for fam in FAMILIES for mt in fam.model_types}
 
 
 def supported_model_types() -> list[str]:
@@ -414,11 +412,15 @@ class ModelLayout:
         u = parse_unit(unit)
         d = self.dims
         if not 0 <= u.layer < d.n_layers:
-            raise UnitError(f"{u}: layer {u.layer} does not exist; valid layers are 0..{d.n_layers - 1}")
+            raise UnitError(
+                f"{u}: layer {u.layer} does not exist; valid layers are 0..{d.n_layers - 1}"
+            )
         if isinstance(u, Head) and not 0 <= u.head < d.H:
             raise UnitError(f"{u}: head {u.head} does not exist; valid heads are 0..{d.H - 1}")
         if isinstance(u, KVHead) and not 0 <= u.group < d.KV:
-            raise UnitError(f"{u}: KV group {u.group} does not exist; valid groups are 0..{d.KV - 1}")
+            raise UnitError(
+                f"{u}: KV group {u.group} does not exist; valid groups are 0..{d.KV - 1}"
+            )
         if isinstance(u, Neuron) and not 0 <= u.index < d.I:
             raise UnitError(f"{u}: neuron {u.index} does not exist; valid neurons are 0..{d.I - 1}")
         if isinstance(u, Linear) and u.name not in self.family.linears:
@@ -447,13 +449,14 @@ class ModelLayout:
                 raise LayoutMismatchError(f"{u}: checkpoint has no tensor {name!r}")
             res = tuple(out)
         else:
-            pieces = {"head": self.family.head, "kv_head": self.family.kv_head,
-                      "neuron": self.family.neuron}[u.kind]
+            pieces = {
+                "head": self.family.head,
+                "kv_head": self.family.kv_head,
+                "neuron": self.family.neuron,
+            }[u.kind]
             env = self.dims.env()
             env.update(h=getattr(u, "head", 0), g=getattr(u, "group", 0), i=getattr(u, "index", 0))
-            res = tuple(
-                s for p in pieces if (s := self._resolve(u.layer, p, env)) is not None
-            )
+            res = tuple(s for p in pieces if (s := self._resolve(u.layer, p, env)) is not None)
         self._cache[u] = res
         return res
 
@@ -521,8 +524,14 @@ def bind_layout(config: Any, shapes: Mapping[str, tuple[int, ...]]) -> ModelLayo
     layout = ModelLayout(fam, dims_from_config(config), dict(shapes), model_type=model_type)
     # Resolve one unit of each kind per layer so a wrong table fails at load, not mid-edit.
     for layer in range(layout.n_layers):
-        for u in (Head(layer, 0), KVHead(layer, 0), Neuron(layer, 0), Head(layer, layout.dims.H - 1),
-                  KVHead(layer, layout.dims.KV - 1), Neuron(layer, layout.dims.I - 1)):
+        for u in (
+            Head(layer, 0),
+            KVHead(layer, 0),
+            Neuron(layer, 0),
+            Head(layer, layout.dims.H - 1),
+            KVHead(layer, layout.dims.KV - 1),
+            Neuron(layer, layout.dims.I - 1),
+        ):
             layout.slices(u)
     return layout
 
@@ -530,8 +539,12 @@ def bind_layout(config: Any, shapes: Mapping[str, tuple[int, ...]]) -> ModelLayo
 def describe_families() -> list[dict[str, Any]]:
     """Supported families as rows (for docs and ``tl-transplant --help``)."""
     return [
-        {"family": f.family, "model_types": list(f.model_types), "linears": list(f.linears),
-         "notes": f.notes}
+        {
+            "family": f.family,
+            "model_types": list(f.model_types),
+            "linears": list(f.linears),
+            "notes": f.notes,
+        }
         for f in FAMILIES
     ]
 

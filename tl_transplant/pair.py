@@ -122,8 +122,15 @@ class ModelSide:
             role=role,
         )
         tok = _load_tokenizer(spec, hf, tokenizer, trust_remote_code, revision, role)
-        return cls.from_hf(hf, tok, name=name, identity=identity, device=device,
-                           check_finite=check_finite, role=role)
+        return cls.from_hf(
+            hf,
+            tok,
+            name=name,
+            identity=identity,
+            device=device,
+            check_finite=check_finite,
+            role=role,
+        )
 
     @classmethod
     def from_hf(
@@ -167,8 +174,10 @@ class ModelSide:
         identity["dtype"] = str(next(iter(params.values())).dtype).replace("torch.", "")
         identity["n_params"] = int(sum(v.numel() for v in params.values()))
 
-        boot_device = None if getattr(hf, "hf_device_map", None) else str(
-            device or next(iter(params.values())).device
+        boot_device = (
+            None
+            if getattr(hf, "hf_device_map", None)
+            else str(device or next(iter(params.values())).device)
         )
         with contextlib.redirect_stdout(None):
             bridge = TransformerBridge.boot_transformers(
@@ -178,8 +187,16 @@ class ModelSide:
                 device=boot_device,
                 dtype=next(iter(params.values())).dtype,
             )
-        side = cls(name=name, hf=hf, bridge=bridge, tokenizer=tokenizer, config=config,
-                   params=params, layout=layout, identity=identity)
+        side = cls(
+            name=name,
+            hf=hf,
+            bridge=bridge,
+            tokenizer=tokenizer,
+            config=config,
+            params=params,
+            layout=layout,
+            identity=identity,
+        )
         side._find_mirrors()
         return side
 
@@ -239,8 +256,10 @@ class ModelSide:
 
     def __repr__(self) -> str:
         d = self.layout.dims
-        return (f"ModelSide({self.name!r}, family={self.layout.family.family}, layers={d.n_layers},"
-                f" heads={d.H}, kv_heads={d.KV}, d_mlp={d.I})")
+        return (
+            f"ModelSide({self.name!r}, family={self.layout.family.family}, layers={d.n_layers},"
+            f" heads={d.H}, kv_heads={d.KV}, d_mlp={d.I})"
+        )
 
 
 def _check_finite(params: dict[str, torch.Tensor], names: list[str], name: str, role: str) -> None:
@@ -255,7 +274,11 @@ def _check_finite(params: dict[str, torch.Tensor], names: list[str], name: str, 
 
 
 def _is_local_dir(spec: Any) -> bool:
-    return isinstance(spec, (str, os.PathLike)) and Path(spec).expanduser().is_dir()
+    return (
+        isinstance(spec, (str, os.PathLike))
+        and bool(str(spec))
+        and Path(spec).expanduser().is_dir()
+    )
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str:
@@ -265,7 +288,9 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str:
         try:
             return getattr(torch, dtype.replace("torch.", ""))
         except AttributeError:
-            raise ModelLoadError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16") from None
+            raise ModelLoadError(
+                f"unknown dtype {dtype!r}; use float32, bfloat16 or float16"
+            ) from None
     return dtype
 
 
@@ -338,8 +363,10 @@ def _load_tokenizer(
     from transformers import AutoTokenizer
 
     if tokenizer is None:
-        src = spec if isinstance(spec, (str, os.PathLike)) else getattr(
-            hf.config, "_name_or_path", None
+        src = (
+            spec
+            if isinstance(spec, (str, os.PathLike))
+            else getattr(hf.config, "_name_or_path", None)
         )
         if not src or (not _is_local_dir(src) and not isinstance(spec, (str, os.PathLike))):
             raise ModelLoadError(
@@ -353,7 +380,9 @@ def _load_tokenizer(
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"{role}: could not load a tokenizer from {src!r}: {e}") from e
     elif isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer), trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(tokenizer), trust_remote_code=trust_remote_code
+        )
     if not _is_local_dir(getattr(tokenizer, "name_or_path", "") or ""):
         tokenizer = _roundtrip_tokenizer(tokenizer)
     return tokenizer
@@ -391,7 +420,9 @@ def check_compatible(source: ModelSide, target: ModelSide, *, check_tokenizer: b
             )
     extra = set(source.layout.unit_tensors()) - set(target.layout.unit_tensors())
     if extra:
-        raise IncompatiblePairError(f"source has tensor {sorted(extra)[0]!r}, which the target lacks")
+        raise IncompatiblePairError(
+            f"source has tensor {sorted(extra)[0]!r}, which the target lacks"
+        )
     if check_tokenizer:
         vs, vt = source.tokenizer.get_vocab(), target.tokenizer.get_vocab()
         if vs != vt:
@@ -400,7 +431,7 @@ def check_compatible(source: ModelSide, target: ModelSide, *, check_tokenizer: b
             diff = sorted(i for i in set(inv_s) | set(inv_t) if inv_s.get(i) != inv_t.get(i))
             shown = ", ".join(f"id {i}: {inv_s.get(i)!r} vs {inv_t.get(i)!r}" for i in diff[:5])
             raise IncompatiblePairError(
-                f"tokenizers differ in {len(diff)} token ids (source vs target: {shown}). "
+                f"tokenizers differ at {len(diff)} token id(s) (source vs target: {shown}). "
                 "Prompts would mean different things to the two models; pass "
                 "check_tokenizer=False only if you know the ids line up."
             )
@@ -443,9 +474,14 @@ class ModelPair:
         ``PreTrainedModel`` (with ``*_tokenizer``) or a ``(model, tokenizer)`` tuple.
         ``device_map`` is handed to HF/accelerate for models too big for one device.
         """
-        common = dict(device=None if device_map is not None else device, dtype=dtype,
-                      device_map=device_map, trust_remote_code=trust_remote_code,
-                      use_safetensors=use_safetensors, check_finite=check_finite)
+        common = dict(
+            device=None if device_map is not None else device,
+            dtype=dtype,
+            device_map=device_map,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=use_safetensors,
+            check_finite=check_finite,
+        )
         src = ModelSide.load(source, tokenizer=source_tokenizer, role="source", **common)
         tgt = ModelSide.load(target, tokenizer=target_tokenizer, role="target", **common)
         return cls(src, tgt, check_tokenizer=check_tokenizer)
@@ -470,5 +506,7 @@ class ModelPair:
         yield self.target
 
     def __repr__(self) -> str:
-        return f"ModelPair(source={self.source.name!r}, target={self.target.name!r}, " \
-               f"family={self.layout.family.family})"
+        return (
+            f"ModelPair(source={self.source.name!r}, target={self.target.name!r}, "
+            f"family={self.layout.family.family})"
+        )

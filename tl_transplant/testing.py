@@ -35,7 +35,10 @@ def word_tokenizer(path: str | Path, words: list[str] | None = None, n_words: in
         single="$A", pair="$A $B", special_tokens=[("<bos>", 1)]
     )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+        tokenizer_object=tk,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
         unk_token="<unk>",
     )
     path = Path(path)
@@ -48,22 +51,40 @@ def tiny_config(family: str, vocab_size: int = 96, **overrides: Any) -> Any:
     import transformers as tf
 
     common = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    gqa = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-               intermediate_size=48, max_position_embeddings=64)
+    gqa = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=64,
+    )
     builders = {
-        "gpt2": lambda: tf.GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=4, n_inner=48,
-                                       **common),
-        "gpt_neox": lambda: tf.GPTNeoXConfig(hidden_size=32, num_hidden_layers=2,
-                                             num_attention_heads=4, intermediate_size=48,
-                                             max_position_embeddings=64, **common),
+        "gpt2": lambda: tf.GPT2Config(
+            n_positions=64, n_embd=32, n_layer=2, n_head=4, n_inner=48, **common
+        ),
+        "gpt_neox": lambda: tf.GPTNeoXConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=48,
+            max_position_embeddings=64,
+            **common,
+        ),
         "llama": lambda: tf.LlamaConfig(**gqa, **common),
         "qwen2": lambda: tf.Qwen2Config(**gqa, **common),
         "mistral": lambda: tf.MistralConfig(**gqa, **common),
         "gemma": lambda: tf.GemmaConfig(**gqa, head_dim=8, **common),
         "gemma2": lambda: tf.Gemma2Config(**gqa, head_dim=8, **common),
         "phi3": lambda: tf.Phi3Config(**gqa, **common),
-        "phi": lambda: tf.PhiConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                    intermediate_size=48, max_position_embeddings=64, **common),
+        "phi": lambda: tf.PhiConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=48,
+            max_position_embeddings=64,
+            **common,
+        ),
     }
     if family not in builders:
         raise ValueError(f"no tiny config for {family!r}; choose from {', '.join(builders)}")

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float, Int
 
-PrependBos = Union[bool, Literal["auto"]]
+PrependBos = bool | Literal["auto"]
 
 
 def resolve_prepend_bos(side_or_pair: Any, setting: PrependBos | str | None = "auto") -> bool:
@@ -66,8 +66,12 @@ class Encoded:
         return int(self.input_ids.shape[0])
 
     def to(self, device: Any) -> Encoded:
-        return Encoded(self.input_ids.to(device), self.prompt_len.to(device),
-                       self.answer_len.to(device), self.pad_id)
+        return Encoded(
+            self.input_ids.to(device),
+            self.prompt_len.to(device),
+            self.answer_len.to(device),
+            self.pad_id,
+        )
 
     def answer_mask(self) -> Float[torch.Tensor, "batch seq"]:
         """1.0 at positions that predict an answer token (the positions whose logits score it)."""
@@ -90,7 +94,9 @@ def encode(
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
     bos = tokenizer.bos_token_id
     if prepend_bos and bos is None:
-        raise ValueError("prepend_bos=True but the tokenizer has no BOS token; pass prepend_bos=False")
+        raise ValueError(
+            "prepend_bos=True but the tokenizer has no BOS token; pass prepend_bos=False"
+        )
     pad = tokenizer.pad_token_id
     if pad is None:
         pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
@@ -103,8 +109,10 @@ def encode(
             ids = [bos, *ids]
         if not ids:
             raise ValueError(f"prompt {i} is empty after tokenization: {p!r}")
-        a_ids = [] if answers is None else list(
-            tokenizer(answers[i], add_special_tokens=False)["input_ids"]
+        a_ids = (
+            []
+            if answers is None
+            else list(tokenizer(answers[i], add_special_tokens=False)["input_ids"])
         )
         rows.append(ids + a_ids)
         plen.append(len(ids))

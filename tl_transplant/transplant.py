@@ -42,6 +42,31 @@ def tensor_sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(data.view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
+@torch.no_grad()
+def blend_values(
+    name: str, t_vals: torch.Tensor, s_vals: torch.Tensor, alpha: float
+) -> torch.Tensor:
+    """``(1 - alpha) * t + alpha * s`` cast to the target dtype: the one blend rule.
+
+    Computed in float32 (float64 for float64 tensors); ``alpha == 1`` copies the
+    source cast to the target dtype and ``alpha == 0`` keeps the target. Shared
+    by the in-memory and out-of-core paths so that both give identical bits.
+    Raises :class:`TransplantError` if the source values hold NaN or inf.
+    """
+    if not torch.isfinite(s_vals).all():
+        raise TransplantError(
+            f"source tensor {name} has NaN or inf values in the slices to transplant; "
+            "refusing before any weight changes."
+        )
+    if alpha == 1.0:
+        return s_vals.to(t_vals.dtype)
+    if alpha == 0.0:
+        return t_vals.clone()
+    work = torch.float64 if t_vals.dtype == torch.float64 else torch.float32
+    out = (1.0 - alpha) * t_vals.to(work) + alpha * s_vals.to(work)
+    return out.to(t_vals.dtype)
+
+
 @dataclass(frozen=True)
 class Plan:
     """Units resolved to HF tensor masks; what a transplant will touch."""
@@ -61,8 +86,9 @@ class Plan:
         return int(sum(int(m.sum()) for m in self.masks.values()))
 
 
-def plan_transplant(pair: ModelPair, units: Iterable[Unit | str] | str | Unit,
-                    kv: KVMode = "group") -> Plan:
+def plan_transplant(
+    pair: ModelPair, units: Iterable[Unit | str] | str | Unit, kv: KVMode = "group"
+) -> Plan:
     """Resolve units (adding KV groups of query heads when ``kv="group"``) to tensor masks."""
     if kv not in ("group", "none"):
         raise TransplantError(f"kv must be 'group' or 'none', got {kv!r}")
@@ -138,8 +164,20 @@ class Manifest:
                 f"not a tl_transplant manifest (format={d.get('format')!r}, expected "
                 f"{MANIFEST_FORMAT!r})"
             )
-        keys = ("units", "kv_added", "alpha", "kv", "source", "target", "tensors",
-                "n_params_moved", "n_params_target", "n_units_by_kind", "created", "extra")
+        keys = (
+            "units",
+            "kv_added",
+            "alpha",
+            "kv",
+            "source",
+            "target",
+            "tensors",
+            "n_params_moved",
+            "n_params_target",
+            "n_units_by_kind",
+            "created",
+            "extra",
+        )
         return cls(**{k: d[k] for k in keys if k in d})
 
     def save(self, path: str | Path) -> Path:
@@ -192,19 +230,7 @@ class transplant:  # noqa: N801 - used as a context manager, reads like a functi
         t = self.pair.target.params[name]
         s = self.pair.source.params[name]
         s_vals = s.detach()[mask.to(s.device)].to(device=t.device)
-        if not torch.isfinite(s_vals).all():
-            raise TransplantError(
-                f"source tensor {name} has NaN or inf values in the slices to transplant; "
-                "refusing before any weight changes."
-            )
-        if self.alpha == 1.0:
-            return s_vals.to(t.dtype)
-        t_vals = t.detach()[mask]
-        if self.alpha == 0.0:
-            return t_vals.clone()
-        work = torch.float64 if t.dtype == torch.float64 else torch.float32
-        out = (1.0 - self.alpha) * t_vals.to(work) + self.alpha * s_vals.to(work)
-        return out.to(t.dtype)
+        return blend_values(name, t.detach()[mask], s_vals, self.alpha)
 
     @torch.no_grad()
     def apply(self) -> transplant:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import ClassVar, Literal, Union
+from typing import ClassVar, Literal
 
 UnitKind = Literal["head", "kv_head", "neuron", "linear"]
 UNIT_KINDS: tuple[UnitKind, ...] = ("head", "kv_head", "neuron", "linear")
@@ -62,7 +62,7 @@ class KVHead(_UnitBase):
 
 @dataclass(frozen=True, order=True)
 class Neuron(_UnitBase):
-    """MLP neuron ``index`` of ``layer``: its input rows (gate and up if gated) and output column."""
+    """MLP neuron ``index`` of ``layer``: input rows (gate and up if gated) and output column."""
 
     index: int
     kind: ClassVar[UnitKind] = "neuron"
@@ -82,7 +82,7 @@ class Linear(_UnitBase):
         return f"L{self.layer}.{self.name}"
 
 
-Unit = Union[Head, KVHead, Neuron, Linear]
+Unit = Head | KVHead | Neuron | Linear
 
 _INDEXED = re.compile(r"^L(\d+)\.(H|KV|N)(\d+)$")
 _LINEAR = re.compile(r"^L(\d+)\.((?:attn|mlp)\.[A-Za-z_][A-Za-z0-9_]*)$")
