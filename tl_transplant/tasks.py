@@ -7,22 +7,148 @@ Contract used by scoring and evaluation (extend, don't break):
 * ``Task.prepend_bos``: ``"auto"`` | True | False, resolved per pair by
   :func:`tl_transplant.tokens.resolve_prepend_bos`;
 * ``Task.encode(tokenizer, prepend_bos)`` -> :class:`tl_transplant.tokens.Encoded`.
+
+Metrics (per example; the task score is their mean, higher is better):
+
+* ``next_token_acc``: 1.0 if the argmax at the last prompt position is the
+  first answer token, else 0.0;
+* ``answer_logprob``: sum over answer tokens of ``log p(token | prefix)``,
+  teacher-forced;
+* ``logit_diff``: logit of the first answer token minus the mean logit of the
+  first tokens of ``wrong_answers`` (one list per example), at the last prompt
+  position;
+* ``exact_match``: greedy generation (KV cache, at most ``max_new_tokens``,
+  stops at EOS), decoded without special tokens, passed through ``extract``
+  (default: strip whitespace) and compared to ``answer.strip()``.
+
+Tokenization and BOS (one rule for both models of a pair): the prompt and the
+answer are tokenized *separately* without special tokens and concatenated;
+BOS is prepended iff ``prepend_bos`` resolves to True. ``"auto"`` follows the
+hooked model (``bridge.cfg.default_prepend_bos``: True for GPT-2, Llama,
+Gemma, Phi-3; False for GPT-NeoX, Qwen2, Phi), resolved on the *target* so
+that source and target see identical token ids; ``True``/``False`` force it.
+Generation starts from exactly the same ``[BOS] prompt`` ids. Because answers
+are tokenized on their own, BPE vocabularies usually want the answer's leading
+space in the answer (``" Paris"``), which is what the built-in tasks do.
+The resolved value is recorded in every result.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from tl_transplant.tokens import Encoded, PrependBos, encode
 
 METRICS = ("next_token_acc", "answer_logprob", "logit_diff", "exact_match")
+#: Metrics whose per-example scores are 0/1 (TIR is defined for these only).
+ACCURACY_METRICS = ("next_token_acc", "exact_match")
+
+
+# ---- answer extraction (exact_match) -------------------------------------------------
+
+
+def extract_strip(text: str) -> str:
+    """The generation with surrounding whitespace removed (the default)."""
+    return text.strip()
+
+
+def extract_first_word(text: str) -> str:
+    """The first whitespace-separated word of the generation ('' if none)."""
+    parts = text.split()
+    return parts[0] if parts else ""
+
+
+def extract_first_line(text: str) -> str:
+    """The first non-empty line of the generation, stripped."""
+    for line in text.strip().splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def extract_last_number(text: str) -> str:
+    """The last number in the generation, thousands separators removed ('' if none)."""
+    found = _NUMBER.findall(text)
+    return found[-1].replace(",", "") if found else ""
+
+
+EXTRACTORS: dict[str, Callable[[str], str]] = {
+    "strip": extract_strip,
+    "first_word": extract_first_word,
+    "first_line": extract_first_line,
+    "last_number": extract_last_number,
+}
+
+
+def resolve_extract(extract: Callable[[str], str] | str | None) -> Callable[[str], str]:
+    """A callable, or a named extractor: strip, first_word, first_line, last_number."""
+    if extract is None:
+        return extract_strip
+    if isinstance(extract, str):
+        if extract not in EXTRACTORS:
+            raise ValueError(
+                f"unknown extract {extract!r}; use a callable or one of: {', '.join(EXTRACTORS)}"
+            )
+        return EXTRACTORS[extract]
+    if not callable(extract):
+        raise ValueError(f"extract must be a callable or a name, got {type(extract).__name__}")
+    return extract
+
+
+def _extract_name(extract: Callable[[str], str] | str | None) -> str:
+    if extract is None:
+        return "strip"
+    if isinstance(extract, str):
+        return extract
+    return getattr(extract, "__name__", type(extract).__name__)
+
+
+# ---- record validation ---------------------------------------------------------------
+
+
+def _as_text(value: Any, where: str, field_name: str) -> str:
+    """A string field of a record; numbers are accepted and converted, anything else is an error."""
+    if value is None:
+        raise ValueError(f"{where}: field {field_name!r} is missing or null")
+    if isinstance(value, bool) or not isinstance(value, (str, int, float, np.integer, np.floating)):
+        raise ValueError(
+            f"{where}: field {field_name!r} must be a string, got {type(value).__name__}: "
+            f"{value!r:.80}"
+        )
+    text = value if isinstance(value, str) else str(value)
+    if not text.strip():
+        raise ValueError(f"{where}: field {field_name!r} is empty")
+    return text
+
+
+def _as_text_list(value: Any, where: str, field_name: str) -> list[str]:
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return [_as_text(value, where, field_name)]
+    if value is None:
+        raise ValueError(f"{where}: field {field_name!r} is missing or null")
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(
+            f"{where}: field {field_name!r} must be a string or a list of strings, got "
+            f"{type(value).__name__}"
+        )
+    if not value:
+        raise ValueError(f"{where}: field {field_name!r} is an empty list")
+    return [_as_text(v, where, f"{field_name}[{j}]") for j, v in enumerate(value)]
 
 
 @dataclass
 class Task:
-    """A named set of (prompt, answer) examples with a metric."""
+    """A named set of (prompt, answer) examples with a metric (see the module docstring)."""
 
     name: str
     prompts: list[str]
@@ -30,11 +156,13 @@ class Task:
     metric: str = "next_token_acc"
     wrong_answers: list[list[str]] | None = None
     max_new_tokens: int = 16
-    extract: Callable[[str], str] | None = None
+    extract: Callable[[str], str] | str | None = None
     prepend_bos: PrependBos = "auto"
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.prompts = list(self.prompts)
+        self.answers = list(self.answers)
         if len(self.prompts) != len(self.answers):
             raise ValueError(
                 f"task {self.name!r}: {len(self.prompts)} prompts but {len(self.answers)} answers"
@@ -43,10 +171,474 @@ class Task:
             raise ValueError(
                 f"task {self.name!r}: unknown metric {self.metric!r}; valid: {', '.join(METRICS)}"
             )
+        for i, (p, a) in enumerate(zip(self.prompts, self.answers)):
+            where = f"task {self.name!r}: example {i}"
+            if not isinstance(p, str) or not p.strip():
+                raise ValueError(f"{where}: prompt must be a non-empty string, got {p!r:.80}")
+            if not isinstance(a, str) or not a.strip():
+                raise ValueError(f"{where}: answer must be a non-empty string, got {a!r:.80}")
+        if self.wrong_answers is not None:
+            self.wrong_answers = [
+                [w] if isinstance(w, str) else list(w) for w in self.wrong_answers
+            ]
+            if len(self.wrong_answers) != len(self.prompts):
+                raise ValueError(
+                    f"task {self.name!r}: {len(self.prompts)} prompts but "
+                    f"{len(self.wrong_answers)} wrong-answer lists"
+                )
+            for i, ws in enumerate(self.wrong_answers):
+                if not ws or not all(isinstance(w, str) and w.strip() for w in ws):
+                    raise ValueError(
+                        f"task {self.name!r}: example {i}: wrong_answers must be a non-empty "
+                        f"list of non-empty strings, got {ws!r:.80}"
+                    )
+        if self.metric == "logit_diff" and self.wrong_answers is None:
+            raise ValueError(
+                f"task {self.name!r}: metric 'logit_diff' needs wrong_answers, one list per example"
+            )
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(
+                f"task {self.name!r}: max_new_tokens must be a positive int, got "
+                f"{self.max_new_tokens!r}"
+            )
+        if not (self.prepend_bos == "auto" or isinstance(self.prepend_bos, bool)):
+            raise ValueError(
+                f"task {self.name!r}: prepend_bos must be 'auto', True or False, got "
+                f"{self.prepend_bos!r}"
+            )
+        resolve_extract(self.extract)  # validate early
 
     def __len__(self) -> int:
         return len(self.prompts)
 
+    def __repr__(self) -> str:
+        return (
+            f"Task({self.name!r}, n={len(self)}, metric={self.metric}, "
+            f"prepend_bos={self.prepend_bos!r})"
+        )
+
+    @property
+    def extract_fn(self) -> Callable[[str], str]:
+        """The answer-extraction function used by ``exact_match``."""
+        return resolve_extract(self.extract)
+
     def encode(self, tokenizer: Any, prepend_bos: bool) -> Encoded:
         """Teacher-forced batch of ``[BOS] prompt answer`` for all examples."""
         return encode(tokenizer, self.prompts, self.answers, prepend_bos=prepend_bos)
+
+    # ---- derived tasks ----------------------------------------------------------------
+    def replace(self, **changes: Any) -> Task:
+        """A copy with some fields changed (e.g. ``task.replace(metric="exact_match")``)."""
+        kw = dict(
+            name=self.name,
+            prompts=list(self.prompts),
+            answers=list(self.answers),
+            metric=self.metric,
+            wrong_answers=None
+            if self.wrong_answers is None
+            else [list(w) for w in self.wrong_answers],
+            max_new_tokens=self.max_new_tokens,
+            extract=self.extract,
+            prepend_bos=self.prepend_bos,
+            meta=dict(self.meta),
+        )
+        kw.update(changes)
+        return Task(**kw)
+
+    def subset(self, indices: Sequence[int], name: str | None = None) -> Task:
+        """The examples at ``indices``, in order; ``meta["indices"]`` maps back to the root."""
+        idx = [int(i) for i in indices]
+        for i in idx:
+            if not 0 <= i < len(self):
+                raise IndexError(f"task {self.name!r}: index {i} out of range for {len(self)}")
+        root = self.meta.get("indices")
+        meta = dict(self.meta)
+        meta["indices"] = [root[i] for i in idx] if root is not None else idx
+        return self.replace(
+            name=name or self.name,
+            prompts=[self.prompts[i] for i in idx],
+            answers=[self.answers[i] for i in idx],
+            wrong_answers=None
+            if self.wrong_answers is None
+            else [list(self.wrong_answers[i]) for i in idx],
+            meta=meta,
+        )
+
+    def split(self, dev_fraction: float = 0.5, seed: int = 0) -> tuple[Task, Task]:
+        """Shuffle indices with ``seed`` and cut into ``(dev, test)``.
+
+        The split depends only on ``len(self)``, ``dev_fraction`` and ``seed``, never on
+        the answers, so the same examples land in the same part whatever their labels.
+        ``round(n * dev_fraction)`` examples go to dev, clipped so both parts are non-empty.
+        """
+        n = len(self)
+        if not 0.0 < dev_fraction < 1.0:
+            raise ValueError(f"dev_fraction must be in (0, 1), got {dev_fraction}")
+        if n < 2:
+            raise ValueError(f"task {self.name!r} has {n} example(s); a dev/test split needs 2+")
+        n_dev = min(max(int(round(n * dev_fraction)), 1), n - 1)
+        perm = np.random.default_rng(seed).permutation(n)
+        dev_idx, test_idx = sorted(perm[:n_dev].tolist()), sorted(perm[n_dev:].tolist())
+        info = {"seed": seed, "dev_fraction": dev_fraction, "parent": self.name}
+        dev = self.subset(dev_idx, name=f"{self.name}:dev")
+        test = self.subset(test_idx, name=f"{self.name}:test")
+        dev.meta["split"] = {**info, "part": "dev"}
+        test.meta["split"] = {**info, "part": "test"}
+        return dev, test
+
+    def to_records(self) -> list[dict[str, Any]]:
+        """One dict per example (``prompt``, ``answer`` and ``wrong_answers`` if any)."""
+        out = []
+        for i, (p, a) in enumerate(zip(self.prompts, self.answers)):
+            rec: dict[str, Any] = {"prompt": p, "answer": a}
+            if self.wrong_answers is not None:
+                rec["wrong_answers"] = list(self.wrong_answers[i])
+            out.append(rec)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able summary (no examples)."""
+        meta = {k: v for k, v in self.meta.items() if k != "indices"}
+        return {
+            "name": self.name,
+            "n": len(self),
+            "metric": self.metric,
+            "prepend_bos": self.prepend_bos,
+            "max_new_tokens": self.max_new_tokens,
+            "extract": _extract_name(self.extract),
+            "meta": meta,
+        }
+
+    # ---- constructors -----------------------------------------------------------------
+    @classmethod
+    def from_records(
+        cls,
+        records: Iterable[Mapping[str, Any]],
+        *,
+        name: str = "task",
+        prompt_field: str = "prompt",
+        answer_field: str = "answer",
+        wrong_field: str | None = "wrong_answers",
+        row_label: Callable[[int], str] | None = None,
+        **kwargs: Any,
+    ) -> Task:
+        """Build a task from dicts; a malformed record raises naming its row and field.
+
+        ``wrong_field`` is read when present (a string or a list of strings) and is
+        required for ``metric="logit_diff"``. Numbers are accepted as text. Other
+        keyword arguments go to :class:`Task` (``metric``, ``max_new_tokens``, ...).
+        """
+        label = row_label or (lambda i: f"record {i}")
+        metric = kwargs.get("metric", "next_token_acc")
+        prompts: list[str] = []
+        answers: list[str] = []
+        wrongs: list[list[str]] = []
+        any_wrong = False
+        for i, rec in enumerate(records):
+            where = f"task {name!r}: {label(i)}"
+            if not isinstance(rec, Mapping):
+                raise ValueError(f"{where}: expected a mapping of fields, got {type(rec).__name__}")
+            for f in (prompt_field, answer_field):
+                if f not in rec:
+                    raise ValueError(
+                        f"{where}: no field {f!r} (fields: {', '.join(map(str, rec)) or 'none'})"
+                    )
+            prompts.append(_as_text(rec[prompt_field], where, prompt_field))
+            answers.append(_as_text(rec[answer_field], where, answer_field))
+            w = rec.get(wrong_field) if wrong_field else None
+            if w is None:
+                if metric == "logit_diff":
+                    raise ValueError(
+                        f"{where}: field {wrong_field!r} is missing or null; metric 'logit_diff' "
+                        "needs wrong answers for every example"
+                    )
+                wrongs.append([])
+            else:
+                any_wrong = True
+                wrongs.append(_as_text_list(w, where, str(wrong_field)))
+        if not prompts:
+            raise ValueError(f"task {name!r}: no records")
+        # Wrong answers are kept only when every record has them (logit_diff requires that).
+        wrong_answers = wrongs if any_wrong and all(wrongs) else None
+        return cls(
+            name=name, prompts=prompts, answers=answers, wrong_answers=wrong_answers, **kwargs
+        )
+
+    @classmethod
+    def from_dataset(
+        cls,
+        data: Any,
+        prompt_field: str = "prompt",
+        answer_field: str = "answer",
+        *,
+        split: str = "train",
+        name: str | None = None,
+        wrong_field: str | None = "wrong_answers",
+        limit: int | None = None,
+        **kwargs: Any,
+    ) -> Task:
+        """Build a task from a ``datasets.Dataset``/``DatasetDict`` or a local file.
+
+        Local ``.jsonl``/``.json``/``.csv``/``.tsv``/``.parquet`` files are read with
+        ``datasets.load_dataset`` (the single file is its ``"train"`` split; slices
+        such as ``"train[:50]"`` work). Errors name the JSONL line, or the row for
+        other formats. ``limit`` keeps the first N rows.
+        """
+        import datasets
+
+        label: Callable[[int], str] = lambda i: f"row {i}"  # noqa: E731
+        if isinstance(data, (str, Path)):
+            path = Path(data).expanduser()
+            if not path.exists():
+                raise FileNotFoundError(f"no such dataset file: {path}")
+            name = name or path.stem
+            try:
+                ds, label = _load_local(path, split)
+            except _JsonlLoadError as e:
+                # datasets could not build a table; our own per-line check names the culprit.
+                bad_lines = e.lines
+                cls.from_records(
+                    e.records,
+                    name=name,
+                    prompt_field=prompt_field,
+                    answer_field=answer_field,
+                    wrong_field=wrong_field,
+                    row_label=lambda i: f"line {bad_lines[i]}",
+                    **{k: v for k, v in kwargs.items() if k != "meta"},
+                )
+                raise ValueError(str(e)) from e.__cause__
+        elif isinstance(data, datasets.DatasetDict):
+            if split not in data:
+                raise ValueError(f"dataset has no split {split!r} (splits: {', '.join(data)})")
+            ds = data[split]
+        elif isinstance(data, datasets.Dataset):
+            ds = data
+        else:
+            raise TypeError(
+                "from_dataset takes a datasets.Dataset/DatasetDict or a path to a local "
+                f".jsonl/.json/.csv/.tsv/.parquet file, got {type(data).__name__}"
+            )
+        name = name or "dataset"
+        cols = list(ds.column_names)
+        for f in (prompt_field, answer_field):
+            if f not in cols:
+                raise ValueError(
+                    f"task {name!r}: the dataset has no field {f!r} (fields: {', '.join(cols)})"
+                )
+        if wrong_field is not None and wrong_field not in cols:
+            if kwargs.get("metric") == "logit_diff":
+                raise ValueError(
+                    f"task {name!r}: metric 'logit_diff' needs a wrong-answers field, but the "
+                    f"dataset has no field {wrong_field!r} (fields: {', '.join(cols)})"
+                )
+            wrong_field = None
+        if limit is not None:
+            ds = ds.select(range(min(int(limit), len(ds))))
+        meta = dict(kwargs.pop("meta", {}) or {})
+        meta.setdefault("source", str(data) if isinstance(data, (str, Path)) else "datasets")
+        meta.setdefault("fields", {"prompt": prompt_field, "answer": answer_field})
+        return cls.from_records(
+            iter(ds),
+            name=name,
+            prompt_field=prompt_field,
+            answer_field=answer_field,
+            wrong_field=wrong_field,
+            row_label=label,
+            meta=meta,
+            **kwargs,
+        )
+
+
+_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
+
+
+class _JsonlLoadError(ValueError):
+    """datasets failed on a JSONL file whose lines all parse; carries them for a precise error."""
+
+    def __init__(self, msg: str, records: list[dict[str, Any]], lines: list[int]) -> None:
+        super().__init__(msg)
+        self.records = records
+        self.lines = lines
+
+
+def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[int], bool]:
+    """Records, their 1-based line numbers, and whether blank lines were skipped."""
+    records: list[dict[str, Any]] = []
+    lines: list[int] = []
+    blank = False
+    with path.open(encoding="utf-8") as fh:
+        for n, line in enumerate(fh, start=1):
+            if not line.strip():
+                blank = True
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {n}: invalid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(
+                    f"{path}: line {n}: expected a JSON object, got {type(obj).__name__}"
+                )
+            records.append(obj)
+            lines.append(n)
+    return records, lines, blank
+
+
+def _load_local(path: Path, split: str) -> tuple[Any, Callable[[int], str]]:
+    import tempfile
+
+    import datasets
+
+    suffix = path.suffix.lower()
+    fmt = _FORMATS.get(suffix)
+    if fmt is None:
+        raise ValueError(
+            f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(_FORMATS)}"
+        )
+    extra: dict[str, Any] = {"delimiter": "\t"} if suffix == ".tsv" else {}
+    if suffix != ".jsonl":
+        try:
+            ds = datasets.load_dataset(fmt, data_files=str(path), split=split, **extra)
+        except Exception as e:  # datasets raises many types; name the file
+            raise ValueError(f"{path}: could not read as {fmt}: {e}") from e
+        if fmt == "csv":
+            return ds, lambda i: f"row {i} (data row {i + 1} after the header)"
+        return ds, lambda i: f"row {i}"
+    records, lines, blank = _read_jsonl(path)  # validates each line first: precise errors
+    if not records:
+        raise ValueError(f"{path}: no records")
+    with tempfile.TemporaryDirectory(prefix="tl_transplant_jsonl_") as tmp:
+        src = path
+        if blank:  # datasets' fallback parser trips on blank lines; give it a clean copy
+            src = Path(tmp) / path.name
+            src.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        try:
+            ds = datasets.load_dataset("json", data_files=str(src), split=split)
+        except Exception as e:
+            raise _JsonlLoadError(f"{path}: could not read as json: {e}", records, lines) from e
+    if len(ds) == len(lines) and "[" not in split:
+        return ds, lambda i: f"line {lines[i]}"
+    return ds, lambda i: f"row {i}"
+
+
+# ---- built-in synthetic tasks ----------------------------------------------------------
+
+#: Default vocabulary: the words of :func:`tl_transplant.testing.word_tokenizer`.
+DEFAULT_WORDS: tuple[str, ...] = tuple(f"w{i}" for i in range(92))
+
+
+def _words(words: Sequence[str] | None, need: int, task: str) -> list[str]:
+    ws = list(DEFAULT_WORDS if words is None else words)
+    if len(set(ws)) != len(ws):
+        raise ValueError(f"builtin task {task!r}: the word list has duplicates")
+    if any(not isinstance(w, str) or not w.strip() or len(w.split()) != 1 for w in ws):
+        raise ValueError(f"builtin task {task!r}: each word must be one non-empty token-like word")
+    if len(ws) < need:
+        raise ValueError(f"builtin task {task!r} needs at least {need} words, got {len(ws)}")
+    return ws
+
+
+def _successor(rng: np.random.Generator, ws: list[str], span: int = 3, n_answer: int = 1):
+    start = int(rng.integers(0, len(ws) - span - n_answer + 1))
+    prompt = ws[start : start + span]
+    answer = ws[start + span : start + span + n_answer]
+    return prompt, answer, [prompt[-1]]
+
+
+def _induction(
+    rng: np.random.Generator, ws: list[str], length: int = 6, repeat: int = 2, n_answer: int = 1
+):
+    if repeat + n_answer > length:
+        raise ValueError("induction: repeat + n_answer must be <= length")
+    seq = [ws[int(i)] for i in rng.choice(len(ws), size=length, replace=False)]
+    prompt = seq + seq[:repeat]
+    answer = seq[repeat : repeat + n_answer]
+    others = [w for w in seq if w != answer[0] and w != prompt[-1]]
+    return prompt, answer, [others[int(rng.integers(len(others)))]]
+
+
+def _lookup(rng: np.random.Generator, ws: list[str], n_pairs: int = 3):
+    pick = [ws[int(i)] for i in rng.choice(len(ws), size=2 * n_pairs, replace=False)]
+    keys, vals = pick[:n_pairs], pick[n_pairs:]
+    q = int(rng.integers(n_pairs))
+    prompt = [t for kv in zip(keys, vals) for t in kv] + [keys[q]]
+    wrong = vals[(q + 1) % n_pairs]
+    return prompt, [vals[q]], [wrong]
+
+
+def _first(rng: np.random.Generator, ws: list[str], length: int = 4):
+    seq = [ws[int(i)] for i in rng.choice(len(ws), size=length, replace=False)]
+    return seq, [seq[0]], [seq[-1]]
+
+
+_BUILTINS: dict[str, tuple[Callable[..., Any], Callable[[dict[str, Any]], int], str]] = {
+    "successor": (
+        _successor,
+        lambda p: p.get("span", 3) + p.get("n_answer", 1) + 1,
+        "continue a run of consecutive words from the list: w3 w4 w5 -> w6",
+    ),
+    "induction": (
+        _induction,
+        lambda p: p.get("length", 6) + 1,
+        "a random sequence then a repeat of its start; predict what came next",
+    ),
+    "lookup": (
+        _lookup,
+        lambda p: 2 * p.get("n_pairs", 3),
+        "key value pairs then a key; answer its value",
+    ),
+    "first": (_first, lambda p: p.get("length", 4), "a random sequence; answer its first word"),
+}
+
+
+def list_builtin_tasks() -> dict[str, str]:
+    """Names and one-line descriptions of the built-in synthetic tasks."""
+    return {k: v[2] for k, v in _BUILTINS.items()}
+
+
+def builtin_task(
+    name: str,
+    *,
+    words: Sequence[str] | None = None,
+    n: int = 64,
+    seed: int = 0,
+    metric: str = "next_token_acc",
+    answer_prefix: str = " ",
+    prepend_bos: PrependBos = "auto",
+    max_new_tokens: int | None = None,
+    **params: Any,
+) -> Task:
+    """A synthetic task over a word list (default ``w0 .. w91``), needing no download.
+
+    ``name``: ``successor`` (``span``, ``n_answer``), ``induction`` (``length``,
+    ``repeat``, ``n_answer``), ``lookup`` (``n_pairs``) or ``first`` (``length``).
+    Prompts are the words joined by spaces; the answer is ``answer_prefix`` plus
+    the answer words (a leading space suits BPE vocabularies; word-level ones
+    ignore it). Each example has one wrong answer, so every metric works;
+    ``max_new_tokens`` defaults to the number of answer words. Deterministic in ``seed``.
+    """
+    if name not in _BUILTINS:
+        raise ValueError(f"unknown builtin task {name!r}; choose from {', '.join(_BUILTINS)}")
+    fn, need, _ = _BUILTINS[name]
+    ws = _words(words, need(params), name)
+    rng = np.random.default_rng(seed)
+    prompts, answers, wrongs = [], [], []
+    for _ in range(int(n)):
+        try:
+            p, a, w = fn(rng, ws, **params)
+        except TypeError as e:
+            raise ValueError(f"builtin task {name!r}: bad parameters {params}: {e}") from None
+        prompts.append(" ".join(p))
+        answers.append(answer_prefix + " ".join(a))
+        wrongs.append([answer_prefix + x for x in w])
+    n_answer = int(params.get("n_answer", 1))
+    return Task(
+        name=name,
+        prompts=prompts,
+        answers=answers,
+        metric=metric,
+        wrong_answers=wrongs,
+        max_new_tokens=max_new_tokens or n_answer,
+        prepend_bos=prepend_bos,
+        meta={"builtin": name, "seed": seed, "params": dict(params), "n_words": len(ws)},
+    )
