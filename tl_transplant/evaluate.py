@@ -1,0 +1,821 @@
+"""Evaluate a model on a task, and compare source, target and transplanted target.
+
+* :func:`evaluate` scores every example of a :class:`~tl_transplant.tasks.Task`
+  (logit metrics by batched, right-padded forwards of the TransformerLens
+  bridge; ``exact_match`` by greedy ``generate`` of the HF model with KV cache),
+  under ``torch.inference_mode`` with a progress bar.
+* :func:`transplant_metrics` turns paired per-example scores into TIR,
+  gap-based recovery and the accuracy delta, with paired bootstrap CIs.
+* :func:`retention` reports a control task's metric before and after.
+* :func:`evaluate_transplant` does all of it for one (units, alpha).
+
+Definitions (``s``, ``t``, ``x``: mean metric of source, target, transplanted
+target on the *same* examples):
+
+* ``delta = x - t``;
+* ``TIR = x / t``: only for 0/1 metrics (``next_token_acc``, ``exact_match``),
+  ``None`` when ``t == 0``;
+* ``recovery = (x - t) / (s - t)``: ``None`` (with an
+  :class:`UndefinedMetricWarning`) when ``|s - t| < gap_tol`` (default 1e-3);
+* CIs: paired percentile bootstrap. One index vector of size n is drawn with
+  replacement per replicate (``numpy.random.default_rng(seed)``) and applied to
+  all three score vectors; the statistic is recomputed from the resampled
+  means; replicates where it is undefined (``t* == 0`` for TIR,
+  ``|s* - t*| < gap_tol`` for recovery) are dropped and counted, and the CI is
+  ``None`` when more than half are dropped or the point value is undefined.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+
+from tl_transplant.tasks import ACCURACY_METRICS, Task
+from tl_transplant.tokens import (
+    Encoded,
+    answer_logprobs,
+    encode,
+    first_answer_token,
+    last_prompt_logits,
+    resolve_prepend_bos,
+)
+
+DEFAULT_GAP_TOL = 1e-3
+DEFAULT_N_BOOT = 2000
+
+
+class UndefinedMetricWarning(UserWarning):
+    """A ratio metric (TIR or recovery) is undefined for these scores and is reported as None."""
+
+
+# ---- model resolution ------------------------------------------------------------------
+
+
+@dataclass
+class _Runner:
+    """How to run one model: a logits forward, a generator and a tokenizer."""
+
+    name: str
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    generator: Any
+    tokenizer: Any
+    default_bos: bool
+    device: torch.device
+
+
+def _device_of(module: Any) -> torch.device:
+    cfg = getattr(module, "cfg", None)
+    dev = getattr(cfg, "device", None)
+    if dev is not None:
+        return torch.device(dev)
+    try:
+        return next(module.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
+
+
+def _logits_of(out: Any) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _resolve(model: Any, side: str | None, tokenizer: Any, forward: str) -> _Runner:
+    if hasattr(model, "source") and hasattr(model, "target") and hasattr(model, "layout"):
+        if side not in ("source", "target"):
+            raise ValueError(
+                "evaluate() got a ModelPair; pass side='source' or side='target' (or the side "
+                "itself, e.g. pair.target)"
+            )
+        model = getattr(model, side)
+    if hasattr(model, "bridge") and hasattr(model, "hf") and hasattr(model, "tokenizer"):
+        if forward not in ("bridge", "hf"):
+            raise ValueError(f"forward must be 'bridge' or 'hf', got {forward!r}")
+        mod = model.bridge if forward == "bridge" else model.hf
+        return _Runner(
+            name=str(model.name),
+            forward=lambda ids: _logits_of(mod(ids)),
+            generator=model.hf,
+            tokenizer=tokenizer or model.tokenizer,
+            default_bos=bool(model.prepend_bos),
+            device=_device_of(mod),
+        )
+    if not callable(model):
+        raise TypeError(
+            "evaluate() takes a ModelSide, a ModelPair with side=..., or a callable model "
+            f"(HF causal LM, TransformerBridge, HookedTransformer); got {type(model).__name__}"
+        )
+    tok = tokenizer or getattr(model, "tokenizer", None)
+    if tok is None:
+        raise ValueError("evaluate() needs tokenizer=... for a bare model")
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None and hasattr(cfg, "default_prepend_bos"):
+        default_bos = bool(cfg.default_prepend_bos)
+    else:  # what the tokenizer does by itself
+        bos = tok.bos_token_id
+        ids = tok("a")["input_ids"]
+        default_bos = bos is not None and len(ids) > 0 and ids[0] == bos
+    gen = model if hasattr(model, "generate") and hasattr(model, "generation_config") else None
+    if gen is None and hasattr(model, "original_model"):  # TransformerBridge
+        gen = model.original_model
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+    return _Runner(
+        name=str(name),
+        forward=lambda ids: _logits_of(model(ids)),
+        generator=gen,
+        tokenizer=tok,
+        default_bos=default_bos,
+        device=_device_of(model),
+    )
+
+
+@contextlib.contextmanager
+def _maybe_enter(intervention: Any) -> Iterator[None]:
+    if intervention is not None and hasattr(intervention, "__enter__"):
+        with intervention:
+            yield
+    else:
+        yield
+
+
+def _per_batch(intervention: Any, ids: torch.Tensor) -> contextlib.AbstractContextManager:
+    """A per-batch context: ``intervention(input_ids)`` if it is a factory, else a no-op."""
+    if intervention is not None and not hasattr(intervention, "__enter__"):
+        cm = intervention(ids)
+        if not hasattr(cm, "__enter__"):
+            raise TypeError("intervention(input_ids) must return a context manager")
+        return cm
+    return contextlib.nullcontext()
+
+
+# ---- results ---------------------------------------------------------------------------
+
+
+@dataclass
+class EvalResult:
+    """Per-example scores of one model on one task (``mean`` is the task score)."""
+
+    task: str
+    metric: str
+    model: str
+    scores: np.ndarray
+    prepend_bos: bool
+    generations: list[str] | None = None
+    predictions: list[str] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mean(self) -> float:
+        return float(self.scores.mean()) if len(self.scores) else float("nan")
+
+    @property
+    def n(self) -> int:
+        return int(len(self.scores))
+
+    def __repr__(self) -> str:
+        return (
+            f"EvalResult(task={self.task!r}, model={self.model!r}, {self.metric}="
+            f"{self.mean:.4g}, n={self.n}, prepend_bos={self.prepend_bos})"
+        )
+
+    def to_dict(self, with_scores: bool = True) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "task": self.task,
+            "metric": self.metric,
+            "model": self.model,
+            "mean": self.mean,
+            "n": self.n,
+            "prepend_bos": self.prepend_bos,
+            "meta": self.meta,
+        }
+        if with_scores:
+            d["scores"] = [float(v) for v in self.scores]
+            if self.predictions is not None:
+                d["predictions"] = list(self.predictions)
+        return d
+
+
+# ---- evaluation ------------------------------------------------------------------------
+
+
+def _batches(order: Sequence[int], size: int) -> list[list[int]]:
+    return [list(order[i : i + size]) for i in range(0, len(order), size)]
+
+
+def _sub(enc: Encoded, idx: list[int], width: int) -> Encoded:
+    t = torch.tensor(idx, dtype=torch.long)
+    return Encoded(enc.input_ids[t, :width], enc.prompt_len[t], enc.answer_len[t], enc.pad_id)
+
+
+def _wrong_first_tokens(
+    tokenizer: Any, task: Task, enc: Encoded
+) -> tuple[Int[torch.Tensor, "batch n_wrong"], Float[torch.Tensor, "batch n_wrong"]]:
+    assert task.wrong_answers is not None
+    width = max(len(w) for w in task.wrong_answers)
+    ids = torch.zeros(len(task), width, dtype=torch.long)
+    mask = torch.zeros(len(task), width)
+    first = first_answer_token(enc)
+    for i, ws in enumerate(task.wrong_answers):
+        for j, w in enumerate(ws):
+            toks = tokenizer(w, add_special_tokens=False)["input_ids"]
+            if not toks:
+                raise ValueError(f"task {task.name!r}: example {i}: wrong answer {w!r} is empty")
+            if toks[0] == int(first[i]):
+                raise ValueError(
+                    f"task {task.name!r}: example {i}: wrong answer {w!r} starts with the same "
+                    f"token as the answer {task.answers[i]!r}; logit_diff compares first tokens"
+                )
+            ids[i, j] = toks[0]
+            mask[i, j] = 1.0
+    return ids, mask
+
+
+def _logit_scores(
+    runner: _Runner, task: Task, bos: bool, batch_size: int, intervention: Any, bar: Any
+) -> np.ndarray:
+    enc = encode(runner.tokenizer, task.prompts, task.answers, prepend_bos=bos)
+    if bool((enc.answer_len == 0).any()):
+        i = int((enc.answer_len == 0).nonzero()[0])
+        raise ValueError(f"task {task.name!r}: example {i}: answer is empty after tokenization")
+    first_only = task.metric in ("next_token_acc", "logit_diff")
+    need = enc.prompt_len if first_only else enc.prompt_len + enc.answer_len
+    order = sorted(range(len(task)), key=lambda i: (-int(need[i]), i))
+    targets = first_answer_token(enc)
+    wrong = (
+        _wrong_first_tokens(runner.tokenizer, task, enc) if task.metric == "logit_diff" else None
+    )
+    out = torch.zeros(len(task), dtype=torch.float64)
+    for idx in _batches(order, batch_size):
+        sub = _sub(enc, idx, int(need[idx].max()))
+        ids = sub.input_ids.to(runner.device)
+        with _per_batch(intervention, ids):
+            logits = runner.forward(ids)
+        t = torch.tensor(idx, dtype=torch.long)
+        if task.metric == "answer_logprob":
+            vals = answer_logprobs(logits, sub.to(logits.device)).double().cpu()
+        else:
+            last = last_prompt_logits(logits, sub).float().cpu()
+            if task.metric == "next_token_acc":
+                vals = (last.argmax(-1) == targets[t]).double()
+            else:
+                assert wrong is not None
+                w_ids, w_mask = wrong[0][t], wrong[1][t]
+                right = last.gather(-1, targets[t][:, None]).squeeze(-1)
+                wl = (last.gather(-1, w_ids) * w_mask).sum(-1) / w_mask.sum(-1)
+                vals = (right - wl).double()
+        out[t] = vals
+        bar.update(len(idx))
+    return out.numpy()
+
+
+def _generation_config(gen: Any, tokenizer: Any, max_new_tokens: int, pad: int) -> Any:
+    from transformers import GenerationConfig
+
+    eos = getattr(getattr(gen, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    # Explicit greedy settings so the model's own generation_config (repetition
+    # penalty, sampling) cannot leak in.
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        pad_token_id=pad,
+        eos_token_id=eos,
+        use_cache=True,
+    )
+
+
+def _eos_set(cfg: Any) -> set[int]:
+    eos = cfg.eos_token_id
+    if eos is None:
+        return set()
+    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+
+
+def _generate(
+    runner: _Runner,
+    task: Task,
+    bos: bool,
+    batch_size: int,
+    intervention: Any,
+    bar: Any,
+    generation: str,
+) -> tuple[np.ndarray, list[str], list[str]]:
+    gen = runner.generator
+    if gen is None:
+        raise ValueError(
+            f"task {task.name!r} uses exact_match, which needs a model with .generate "
+            "(an HF causal LM or a ModelSide)"
+        )
+    if generation not in ("left_pad", "by_length"):
+        raise ValueError(f"generation must be 'left_pad' or 'by_length', got {generation!r}")
+    tok = runner.tokenizer
+    enc = encode(tok, task.prompts, None, prepend_bos=bos)
+    rows = [enc.input_ids[i, : int(enc.prompt_len[i])] for i in range(len(task))]
+    cfg = _generation_config(gen, tok, task.max_new_tokens, enc.pad_id)
+    eos = _eos_set(cfg)
+    order = sorted(range(len(task)), key=lambda i: (-len(rows[i]), i))
+    if generation == "left_pad":
+        groups = _batches(order, batch_size)
+    else:  # equal-length groups: no padding at all
+        groups = []
+        for length in sorted({len(r) for r in rows}, reverse=True):
+            same = [i for i in order if len(rows[i]) == length]
+            groups.extend(_batches(same, batch_size))
+    texts: list[str] = [""] * len(task)
+    dev = _device_of(gen)
+    for idx in groups:
+        width = max(len(rows[i]) for i in idx)
+        ids = torch.full((len(idx), width), enc.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for b, i in enumerate(idx):
+            ids[b, width - len(rows[i]) :] = rows[i]
+            mask[b, width - len(rows[i]) :] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        with _per_batch(intervention, ids):
+            out = gen.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)
+        for b, i in enumerate(idx):
+            new = out[b, width:].tolist()
+            cut = next((j for j, t in enumerate(new) if t in eos), len(new))
+            texts[i] = tok.decode(new[:cut], skip_special_tokens=True)
+        bar.update(len(idx))
+    fn = task.extract_fn
+    preds = [fn(t) for t in texts]
+    scores = np.array(
+        [float(p == a.strip()) for p, a in zip(preds, task.answers)], dtype=np.float64
+    )
+    return scores, texts, preds
+
+
+def evaluate(
+    model: Any,
+    task: Task,
+    *,
+    side: str | None = None,
+    tokenizer: Any = None,
+    prepend_bos: bool | str | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+    intervention: Any = None,
+    forward: str = "bridge",
+    generation: str = "left_pad",
+) -> EvalResult:
+    """Score every example of ``task`` on ``model``; returns per-example scores and their mean.
+
+    ``model``: a :class:`~tl_transplant.pair.ModelSide` (``pair.target``), a
+    ``ModelPair`` with ``side="source"|"target"``, or a bare HF model / bridge with
+    ``tokenizer=``. Logit metrics use batched right-padded forwards of the bridge
+    (``forward="hf"`` uses the HF module; both see the same weights).
+    ``exact_match`` uses ``generate`` (greedy, KV cache) with left padding and an
+    attention mask (``generation="by_length"`` batches equal-length prompts only).
+
+    ``prepend_bos`` overrides the task's setting; ``"auto"`` follows the model
+    (see :mod:`tl_transplant.tasks`). ``intervention``: a context manager entered
+    once around all forwards/generations, or a callable ``f(input_ids)``
+    returning a context manager entered around each batch (e.g. an activation
+    patch that needs the batch).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    runner = _resolve(model, side, tokenizer, forward)
+    setting = task.prepend_bos if prepend_bos is None else prepend_bos
+    if setting is None or (isinstance(setting, str) and setting.strip().lower() in ("auto", "")):
+        bos = runner.default_bos
+    else:
+        bos = resolve_prepend_bos(None, setting)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=len(task),
+        desc=f"{task.name} [{runner.name}]",
+        disable=not progress,
+        leave=False,
+        unit="ex",
+    )
+    gens = preds = None
+    try:
+        with torch.inference_mode(), _maybe_enter(intervention):
+            if task.metric == "exact_match":
+                scores, gens, preds = _generate(
+                    runner, task, bos, batch_size, intervention, bar, generation
+                )
+            else:
+                scores = _logit_scores(runner, task, bos, batch_size, intervention, bar)
+    finally:
+        bar.close()
+    meta: dict[str, Any] = {"forward": forward if task.metric != "exact_match" else "generate"}
+    if task.metric == "exact_match":
+        meta.update(max_new_tokens=task.max_new_tokens, generation=generation)
+    if "split" in task.meta:
+        meta["split"] = task.meta["split"]
+    return EvalResult(
+        task=task.name,
+        metric=task.metric,
+        model=runner.name,
+        scores=scores,
+        prepend_bos=bos,
+        generations=gens,
+        predictions=preds,
+        meta=meta,
+    )
+
+
+# ---- transplant metrics ----------------------------------------------------------------
+
+
+def _warn(msg: str, notes: list[str] | None, warn: bool) -> None:
+    if notes is not None:
+        notes.append(msg)
+    if warn:
+        warnings.warn(msg, UndefinedMetricWarning, stacklevel=3)
+
+
+def tir(
+    transplanted: float,
+    target: float,
+    *,
+    metric: str = "next_token_acc",
+    warn: bool = True,
+    notes: list[str] | None = None,
+) -> float | None:
+    """TIR = transplanted / target for 0/1 metrics; None when target is 0 (or not an accuracy)."""
+    if metric not in ACCURACY_METRICS:
+        if notes is not None:
+            notes.append(f"TIR not reported: {metric} is not an accuracy")
+        return None
+    if target == 0:
+        _warn("TIR undefined: the target's accuracy is 0", notes, warn)
+        return None
+    return float(transplanted / target)
+
+
+def recovery(
+    transplanted: float,
+    target: float,
+    source: float,
+    *,
+    gap_tol: float = DEFAULT_GAP_TOL,
+    warn: bool = True,
+    notes: list[str] | None = None,
+) -> float | None:
+    """(transplanted - target) / (source - target); None + warning when |gap| < gap_tol."""
+    gap = source - target
+    if not math.isfinite(gap) or abs(gap) < gap_tol:
+        _warn(
+            f"recovery undefined: |source - target| = {abs(gap):.3g} is below the tolerance "
+            f"{gap_tol:g}; there is no gap to recover",
+            notes,
+            warn,
+        )
+        return None
+    return float((transplanted - target) / gap)
+
+
+def bootstrap_means(
+    arrays: Sequence[np.ndarray], *, n_boot: int = DEFAULT_N_BOOT, seed: int = 0
+) -> Float[np.ndarray, "n_boot n_arrays"]:
+    """Means of paired resamples: one index draw per replicate, shared by all arrays."""
+    arrs = [np.asarray(a, dtype=np.float64) for a in arrays]
+    n = len(arrs[0])
+    if any(len(a) != n for a in arrs):
+        raise ValueError(f"paired bootstrap needs equal lengths, got {[len(a) for a in arrs]}")
+    if n == 0:
+        raise ValueError("cannot bootstrap zero examples")
+    rng = np.random.default_rng(seed)
+    out = np.empty((n_boot, len(arrs)))
+    chunk = max(1, 1_000_000 // n)
+    for lo in range(0, n_boot, chunk):
+        m = min(chunk, n_boot - lo)
+        idx = rng.integers(0, n, size=(m, n))
+        for j, a in enumerate(arrs):
+            out[lo : lo + m, j] = a[idx].mean(axis=1)
+    return out
+
+
+def _ci(
+    values: np.ndarray, valid: np.ndarray, level: float
+) -> tuple[tuple[float, float] | None, int]:
+    n_ok = int(valid.sum())
+    if n_ok == 0 or n_ok < 0.5 * len(values):
+        return None, n_ok
+    lo, hi = np.quantile(values[valid], [(1 - level) / 2, 1 - (1 - level) / 2])
+    return (float(lo), float(hi)), n_ok
+
+
+@dataclass
+class TransplantMetrics:
+    """Point estimates and paired bootstrap CIs for one transplanted model."""
+
+    metric: str
+    n: int
+    source: float | None
+    target: float
+    transplanted: float
+    delta: float
+    tir: float | None
+    recovery: float | None
+    ci: dict[str, tuple[float, float] | None]
+    n_valid: dict[str, int]
+    level: float
+    n_boot: int
+    seed: int
+    gap_tol: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "metric": self.metric,
+            "n": self.n,
+            "source": self.source,
+            "target": self.target,
+            "transplanted": self.transplanted,
+            "delta": self.delta,
+            "tir": self.tir,
+            "recovery": self.recovery,
+            "ci": {k: (list(v) if v is not None else None) for k, v in self.ci.items()},
+            "bootstrap": {
+                "kind": "paired percentile",
+                "level": self.level,
+                "n_boot": self.n_boot,
+                "seed": self.seed,
+                "n_valid": self.n_valid,
+            },
+            "gap_tol": self.gap_tol,
+            "notes": list(self.notes),
+        }
+
+
+def _scores(x: EvalResult | np.ndarray | Sequence[float]) -> np.ndarray:
+    return x.scores if isinstance(x, EvalResult) else np.asarray(x, dtype=np.float64)
+
+
+def transplant_metrics(
+    target: EvalResult | np.ndarray,
+    transplanted: EvalResult | np.ndarray,
+    source: EvalResult | np.ndarray | None = None,
+    *,
+    metric: str | None = None,
+    n_boot: int = DEFAULT_N_BOOT,
+    level: float = 0.95,
+    seed: int = 0,
+    gap_tol: float = DEFAULT_GAP_TOL,
+    warn: bool = True,
+) -> TransplantMetrics:
+    """Delta, TIR and recovery with paired bootstrap CIs (see the module docstring).
+
+    Scores must be paired: example i is the same prompt in every array.
+    """
+    if metric is None:
+        metric = next(
+            (r.metric for r in (target, transplanted, source) if isinstance(r, EvalResult)),
+            "next_token_acc",
+        )
+    results = [r for r in (target, transplanted, source) if isinstance(r, EvalResult)]
+    if len({(r.task, r.n) for r in results}) > 1:
+        raise ValueError(
+            "transplant_metrics needs paired scores on the same task; got "
+            + ", ".join(f"{r.model}: {r.task} (n={r.n})" for r in results)
+        )
+    t, x = _scores(target), _scores(transplanted)
+    s = None if source is None else _scores(source)
+    arrays = [t, x] + ([s] if s is not None else [])
+    notes: list[str] = []
+    mt, mx = float(t.mean()), float(x.mean())
+    ms = None if s is None else float(s.mean())
+    point_tir = tir(mx, mt, metric=metric, warn=warn, notes=notes)
+    point_rec = (
+        None if ms is None else recovery(mx, mt, ms, gap_tol=gap_tol, warn=warn, notes=notes)
+    )
+    boot = bootstrap_means(arrays, n_boot=n_boot, seed=seed)
+    bt, bx = boot[:, 0], boot[:, 1]
+    ci: dict[str, tuple[float, float] | None] = {}
+    n_valid: dict[str, int] = {}
+    ci["delta"], n_valid["delta"] = _ci(bx - bt, np.ones(n_boot, dtype=bool), level)
+    if point_tir is not None:
+        ok = bt != 0
+        ci["tir"], n_valid["tir"] = _ci(np.where(ok, bx / np.where(ok, bt, 1), 0), ok, level)
+    else:
+        ci["tir"], n_valid["tir"] = None, 0
+    if point_rec is not None:
+        gap = boot[:, 2] - bt
+        ok = np.abs(gap) >= gap_tol
+        ci["recovery"], n_valid["recovery"] = _ci(
+            np.where(ok, (bx - bt) / np.where(ok, gap, 1), 0), ok, level
+        )
+    else:
+        ci["recovery"], n_valid["recovery"] = None, 0
+    for k, point in (("tir", point_tir), ("recovery", point_rec)):
+        if point is not None and n_valid[k] < n_boot:
+            notes.append(
+                f"{k} CI: {n_boot - n_valid[k]} of {n_boot} bootstrap replicates were undefined "
+                "and dropped" + ("" if ci[k] is not None else "; too many, so no CI")
+            )
+    return TransplantMetrics(
+        metric=metric,
+        n=len(t),
+        source=ms,
+        target=mt,
+        transplanted=mx,
+        delta=mx - mt,
+        tir=point_tir,
+        recovery=point_rec,
+        ci=ci,
+        n_valid=n_valid,
+        level=level,
+        n_boot=n_boot,
+        seed=seed,
+        gap_tol=gap_tol,
+        notes=notes,
+    )
+
+
+@dataclass
+class Retention:
+    """A control task's metric before and after an edit; ``drop = before - after``."""
+
+    task: str
+    metric: str
+    n: int
+    before: float
+    after: float
+    drop: float
+    ci_drop: tuple[float, float] | None
+    relative: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            "metric": self.metric,
+            "n": self.n,
+            "before": self.before,
+            "after": self.after,
+            "drop": self.drop,
+            "ci_drop": list(self.ci_drop) if self.ci_drop is not None else None,
+            "relative": self.relative,
+        }
+
+
+def retention(
+    before: EvalResult,
+    after: EvalResult,
+    *,
+    n_boot: int = DEFAULT_N_BOOT,
+    level: float = 0.95,
+    seed: int = 0,
+) -> Retention:
+    """Drop of a control task's metric (positive = lost), with a paired bootstrap CI.
+
+    ``relative = after / before`` for 0/1 metrics with ``before > 0``, else None.
+    """
+    if before.task != after.task or before.n != after.n:
+        raise ValueError(
+            f"retention needs the same control task before and after; got {before.task!r} "
+            f"(n={before.n}) and {after.task!r} (n={after.n})"
+        )
+    boot = bootstrap_means([before.scores, after.scores], n_boot=n_boot, seed=seed)
+    ci, _ = _ci(boot[:, 0] - boot[:, 1], np.ones(n_boot, dtype=bool), level)
+    rel = (
+        after.mean / before.mean if before.metric in ACCURACY_METRICS and before.mean > 0 else None
+    )
+    return Retention(
+        task=before.task,
+        metric=before.metric,
+        n=before.n,
+        before=before.mean,
+        after=after.mean,
+        drop=before.mean - after.mean,
+        ci_drop=ci,
+        relative=rel,
+    )
+
+
+# ---- one transplant, end to end ----------------------------------------------------------
+
+
+@dataclass
+class TransplantReport:
+    """Source, target and transplanted target on one task, plus retention on controls."""
+
+    task: str
+    metric: str
+    prepend_bos: bool
+    units: list[str]
+    alpha: float
+    source: EvalResult
+    target: EvalResult
+    transplanted: EvalResult
+    metrics: TransplantMetrics
+    retention: list[Retention] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def max_drop(self) -> float:
+        """The largest retention drop over the control tasks (0 without controls)."""
+        return max((r.drop for r in self.retention), default=0.0)
+
+    def to_dict(self, with_scores: bool = False) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            "metric": self.metric,
+            "prepend_bos": self.prepend_bos,
+            "units": list(self.units),
+            "alpha": self.alpha,
+            "source": self.source.to_dict(with_scores),
+            "target": self.target.to_dict(with_scores),
+            "transplanted": self.transplanted.to_dict(with_scores),
+            "metrics": self.metrics.to_dict(),
+            "retention": [r.to_dict() for r in self.retention],
+            "max_drop": self.max_drop,
+            "meta": self.meta,
+        }
+
+
+def evaluate_transplant(
+    pair: Any,
+    task: Task,
+    units: Any,
+    alpha: float = 1.0,
+    *,
+    control_tasks: Sequence[Task] = (),
+    kv: str = "group",
+    prepend_bos: bool | str | None = None,
+    baselines: dict[str, EvalResult] | None = None,
+    control_before: dict[str, EvalResult] | None = None,
+    edit: Callable[..., Any] | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+    n_boot: int = DEFAULT_N_BOOT,
+    level: float = 0.95,
+    seed: int = 0,
+    gap_tol: float = DEFAULT_GAP_TOL,
+    warn: bool = True,
+) -> TransplantReport:
+    """Evaluate source, target and ``transplant(pair, units, alpha)`` on ``task`` and controls.
+
+    The transplant is reversible: the target is restored bit-exactly on return.
+    ``baselines`` (``{"source": ..., "target": ...}``) and ``control_before``
+    (by task name) reuse earlier results. ``edit(pair, units, alpha)`` may
+    replace the weight transplant by any other reversible context manager.
+    """
+    from tl_transplant.transplant import transplant
+    from tl_transplant.units import parse_units
+
+    unit_list = parse_units(units)
+    bos = resolve_prepend_bos(pair, task.prepend_bos if prepend_bos is None else prepend_bos)
+    kw = dict(batch_size=batch_size, progress=progress)
+
+    def ev(side: Any, t: Task) -> EvalResult:
+        b = resolve_prepend_bos(pair, t.prepend_bos if prepend_bos is None else prepend_bos)
+        return evaluate(side, t, prepend_bos=b, **kw)
+
+    base = dict(baselines or {})
+    if "source" not in base:
+        base["source"] = evaluate(pair.source, task, prepend_bos=bos, **kw)
+    if "target" not in base:
+        base["target"] = evaluate(pair.target, task, prepend_bos=bos, **kw)
+    before = dict(control_before or {})
+    for c in control_tasks:
+        if c.name not in before:
+            before[c.name] = ev(pair.target, c)
+    make = edit or (lambda p, u, a: transplant(p, u, a, kv=kv))
+    after: dict[str, EvalResult] = {}
+    with make(pair, unit_list, alpha) if unit_list and alpha != 0 else contextlib.nullcontext():
+        x = evaluate(pair.target, task, prepend_bos=bos, **kw)
+        for c in control_tasks:
+            after[c.name] = ev(pair.target, c)
+    metrics = transplant_metrics(
+        base["target"],
+        x,
+        base["source"],
+        n_boot=n_boot,
+        level=level,
+        seed=seed,
+        gap_tol=gap_tol,
+        warn=warn,
+    )
+    ret = [
+        retention(before[c.name], after[c.name], n_boot=n_boot, level=level, seed=seed)
+        for c in control_tasks
+    ]
+    return TransplantReport(
+        task=task.name,
+        metric=task.metric,
+        prepend_bos=bos,
+        units=[str(u) for u in unit_list],
+        alpha=float(alpha),
+        source=base["source"],
+        target=base["target"],
+        transplanted=x,
+        metrics=metrics,
+        retention=ret,
+        meta={"kv": kv},
+    )
