@@ -103,6 +103,13 @@ def export_hf(
     pair (all of them, in order), or an empty record if none were.
     """
     side = _side_of(pair_or_side)
+    if side.offloaded:
+        raise ExportError(
+            f"{side.name!r} was loaded with a device_map that offloads {len(side.offloaded)} "
+            f"tensors (e.g. {side.offloaded[0]}) to cpu/disk, so they are not in memory to "
+            "export. Save the transplant manifest and run `tl-transplant apply` "
+            "(apply_manifest_out_of_core) on the checkpoints instead."
+        )
     out, tmp = prepare_out_dir(out_dir, overwrite)
     try:
         write_safetensors(side.state_dict(), tmp, max_shard_size=max_shard_size)

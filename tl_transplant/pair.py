@@ -64,6 +64,8 @@ def _strip(name: str) -> str:
 
 
 def _storage_key(t: torch.Tensor) -> tuple[str, int]:
+    if t.device.type == "meta":  # offloaded by accelerate: every meta storage has address 0
+        return ("meta", id(t))
     try:
         return (str(t.device), t.untyped_storage().data_ptr())
     except (RuntimeError, NotImplementedError):  # meta or exotic tensors
@@ -212,6 +214,10 @@ class ModelSide:
         for raw, p in self.hf.named_parameters(remove_duplicate=False):
             if id(p) in canon_ids or id(p) in found or _storage_key(p) in canon_storage:
                 continue
+            if p.device.type == "meta":
+                # Offloaded by a device_map: accelerate's hooks swap in fresh (meta) tensor
+                # objects; there is no data here to keep in sync.
+                continue
             clean = _strip(raw)
             parts = declared.get(clean)
             if parts is None:
@@ -224,6 +230,10 @@ class ModelSide:
                     f"{self.layout.family.family} layout does not declare as a mirror, so edits "
                     "could not be kept in sync with it. Add a Mirror entry in layouts.py."
                 )
+            if any(self.params[x.param].device.type == "meta" for x in parts):
+                # Its HF tensor was offloaded by a device_map (cpu/disk offload): transplants
+                # refuse offloaded tensors, so this copy never needs re-deriving.
+                continue
             if not torch.equal(p.detach(), gather_slices(self.params, parts).to(p.device)):
                 raise LayoutMismatchError(
                     f"the bridge's copy {clean!r} does not equal the slices the layout derives it "
@@ -244,6 +254,15 @@ class ModelSide:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The clean HF state dict (tied duplicates removed), detached, as live tensors."""
         return {k: v.detach() for k, v in self.params.items()}
+
+    @property
+    def offloaded(self) -> list[str]:
+        """HF tensors that a ``device_map`` offloaded (held on the meta device by accelerate).
+
+        The hooked forward still runs (accelerate streams them in), but their
+        values cannot be edited or exported from memory.
+        """
+        return [k for k, v in self.params.items() if v.device.type == "meta"]
 
     @property
     def device(self) -> torch.device:

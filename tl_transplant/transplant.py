@@ -110,6 +110,15 @@ def plan_transplant(
                 t = pair.target.params[s.param]
                 masks[s.param] = torch.zeros(t.shape, dtype=torch.bool, device=t.device)
             masks[s.param].narrow(s.dim, s.start, s.size).fill_(True)
+    for side in (pair.target, pair.source):
+        off = [n for n in masks if side.params[n].device.type == "meta"]
+        if off:
+            raise TransplantError(
+                f"{side.name!r} holds {off[0]} (and {len(off) - 1} more of the tensors to "
+                "transplant) offloaded by its device_map (cpu/disk offload), so it cannot be "
+                "edited in memory. Map those layers to accelerators (no 'cpu'/'disk' entries "
+                "next to GPUs), or apply the manifest with apply_manifest_out_of_core."
+            )
     return Plan(requested, tuple(kv_added), slices, masks)
 
 
