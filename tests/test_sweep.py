@@ -1,0 +1,257 @@
+"""Sweeps: choice on dev only, tie-break, retention constraint, Pareto front, restore, outputs."""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tl_transplant import ModelPair, ModelSide
+from tl_transplant.evaluate import UndefinedMetricWarning
+from tl_transplant.sweep import RankedUnits, SweepRow, choose_best, pareto_front, sweep
+from tl_transplant.tasks import Task
+from tl_transplant.testing import tiny_model, word_tokenizer
+
+TRUE_UNITS = ["L1.mlp.down_proj", "L1.attn.o_proj"]  # where source != target
+DECOYS = ["L0.attn.q_proj", "L0.mlp.up_proj", "L1.attn.q_proj"]  # identical in both: no-ops
+RANKING = [DECOYS[0], *TRUE_UNITS, DECOYS[1], DECOYS[2]]
+
+
+def _labels(side: ModelSide, prompts: list[str]) -> list[int]:
+    out = []
+    for p in prompts:
+        ids = [1] + side.tokenizer(p, add_special_tokens=False)["input_ids"]
+        with torch.inference_mode():
+            out.append(int(side.bridge(torch.tensor([ids]))[0, -1].argmax()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def eng(tmp_path_factory: pytest.TempPathFactory):
+    """A llama pair equal except TRUE_UNITS; tasks labelled by the source / by the target."""
+    tok = word_tokenizer(tmp_path_factory.mktemp("tok"))
+    target = tiny_model("llama", seed=0)
+    source = copy.deepcopy(target)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        layer = source.model.layers[1]
+        for mod in (layer.mlp.down_proj, layer.self_attn.o_proj):
+            mod.weight.copy_(0.5 * torch.randn(mod.weight.shape, generator=g))
+    pair = ModelPair.load((source, tok), (target, tok))
+    rng = np.random.default_rng(0)
+    pool = [
+        " ".join(f"w{i}" for i in rng.integers(0, 92, size=int(rng.integers(2, 7))))
+        for _ in range(150)
+    ]
+    ls, lt = _labels(pair.source, pool), _labels(pair.target, pool)
+    keep = [i for i in range(len(pool)) if ls[i] >= 4 and lt[i] >= 4]
+    word = tok.convert_ids_to_tokens
+
+    def mk(name: str, idx: list[int], lab: list[int]) -> Task:
+        return Task(
+            name, [pool[i] for i in idx], [" " + word(lab[i]) for i in idx], prepend_bos=True
+        )
+
+    src, ctl = mk("src", keep[:40], ls), mk("ctl", keep[40:80], lt)
+    # Neither model ever predicts these answers: source == target == 0 (no gap).
+    none_lab = [next(j for j in range(4, 96) if j not in (ls[i], lt[i])) for i in range(len(pool))]
+    nogap = mk("nogap", keep[:20], none_lab)
+    return pair, src, ctl, nogap
+
+
+def _snapshot(side: ModelSide) -> dict[str, torch.Tensor]:
+    snap = {f"p:{k}": v.detach().clone() for k, v in side.params.items()}
+    snap.update({f"b:{k}": v.detach().clone() for k, v in side.bridge.state_dict().items()})
+    return snap
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _rule(rows):
+    return min(rows, key=lambda r: (-r.metric, r.k, r.alpha))
+
+
+KW = dict(ks=[1, 3, 4], alphas=[0.5, 1.0], n_boot=200, progress=False)
+
+
+def test_sweep_finds_units_restores_and_reports_on_test(eng):
+    pair, src, ctl, _ = eng
+    before = _snapshot(pair.target)
+    res = sweep(pair, src, RankedUnits(RANKING, method="oracle"), control_tasks=[ctl], **KW)
+    assert _same(before, _snapshot(pair.target)) and not pair.active
+    assert len(res.rows) == 6 and res.config["n_dev"] == 20 and res.config["n_test"] == 20
+    t_dev = res.baselines["dev"]["target"].mean
+    assert res.baselines["dev"]["source"].mean == 1.0 and t_dev < 0.6
+    for r in res.rows:
+        if r.k == 1:  # the decoy alone changes nothing
+            assert r.metric == t_dev and r.max_drop == 0.0 and r.recovery == 0.0
+        else:
+            assert r.units[1:3] == TRUE_UNITS
+    full = [r for r in res.rows if r.k in (3, 4) and r.alpha == 1.0]
+    assert all(r.metric == 1.0 and r.recovery == 1.0 for r in full)
+    best = res.best
+    assert best is _rule(res.rows) and best.metric == 1.0
+    assert best.k == 3  # K=4 ties with K=3 (its extra unit is a no-op): smaller K wins
+    # Test split: the choice is reported with CIs and retention.
+    m = best.test.metrics
+    assert best.test.task == "src:test" and m.n == 20
+    if best.alpha == 1.0:
+        assert m.transplanted == 1.0 and m.recovery == 1.0
+    assert set(m.ci) == {"delta", "tir", "recovery"} and m.ci["delta"] is not None
+    (ret,) = best.test.retention
+    assert ret.task == "ctl:test" and ret.before == 1.0 and ret.drop > 0
+    # Pareto front: the harmless no-op and the best recovery are on it; it is non-dominated.
+    front = res.pareto
+    assert any(r.k == 1 for r in front) and any(r.metric == 1.0 for r in front)
+    for r in front:
+        assert not any(
+            o.metric >= r.metric
+            and o.max_drop <= r.max_drop
+            and (o.metric > r.metric or o.max_drop < r.max_drop)
+            for o in res.rows
+        )
+    df = res.to_frame()
+    assert len(df) == 6 and int(df["best"].sum()) == 1 and "drop:ctl" in df.columns
+    assert {"method", "k", "alpha", "dev_next_token_acc", "recovery", "pareto"} <= set(df.columns)
+    assert "best on dev: oracle K=3" in res.summary()
+
+
+def test_retention_constraint_is_respected(eng):
+    pair, src, ctl, _ = eng
+    res = sweep(pair, src, RANKING, control_tasks=[ctl], max_retention_drop=0.0, **KW)
+    b = res.best
+    assert b is not None and b.feasible and b.max_drop <= 0.0
+    assert all(not r.feasible for r in res.rows if r.metric > b.metric)
+    assert b.k == 1 and b.alpha == 0.5  # the no-op; ties -> smaller alpha
+    assert b.test is not None and b.test.max_drop == 0.0
+    with pytest.warns(UserWarning, match="no configuration kept"):
+        none = sweep(pair, src, RANKING, control_tasks=[ctl], max_retention_drop=-1.0, **KW)
+    assert none.best is None and "test" not in none.baselines and not pair.active
+
+
+def test_choice_never_reads_test_labels(eng):
+    pair, src, ctl, _ = eng
+    _, test = src.split(0.5, seed=0)
+    answers = list(src.answers)
+    for i in test.meta["indices"]:
+        answers[i] = " w0" if answers[i] != " w0" else " w1"
+    corrupted = src.replace(answers=answers)
+    a = sweep(pair, src, RANKING, control_tasks=[ctl], **KW)
+    with pytest.warns(UndefinedMetricWarning, match="test: "):  # corrupted: nobody is right
+        b = sweep(pair, corrupted, RANKING, control_tasks=[ctl], **KW)
+    assert [(r.k, r.alpha, r.metric, r.max_drop) for r in a.rows] == [
+        (r.k, r.alpha, r.metric, r.max_drop) for r in b.rows
+    ]
+    assert (a.best.k, a.best.alpha) == (b.best.k, b.best.alpha)
+    assert a.best.test.metrics.transplanted != b.best.test.metrics.transplanted
+
+
+def test_zero_gap_gives_none_and_tie_break(eng):
+    pair, _, _, nogap = eng
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = sweep(pair, nogap, RANKING, ks=[3, 1], alphas=[1.0, 0.5], n_boot=100, progress=False)
+    msgs = [str(w.message) for w in caught if w.category is UndefinedMetricWarning]
+    assert any(m.startswith("dev: recovery undefined") for m in msgs)
+    assert any(m.startswith("test: TIR undefined") for m in msgs)
+    assert all(r.recovery is None and r.tir is None and r.metric == 0.0 for r in res.rows)
+    assert (res.best.k, res.best.alpha) == (1, 0.5)  # all tie: smaller K, then smaller alpha
+    assert res.best.test.metrics.recovery is None
+    assert any("recovery undefined" in n for n in res.notes)
+
+
+def test_tie_break_and_pareto_rules():
+    def row(m, k, a, metric, drop=0.0):
+        return SweepRow(
+            m,
+            k,
+            a,
+            ["L0.attn.q_proj"] * k,
+            metric,
+            0.0,
+            None,
+            None,
+            control={"c": {"before": 1.0, "after": 1.0 - drop, "drop": drop}},
+        )
+
+    rows = [
+        row("a", 8, 1.0, 0.5),
+        row("a", 4, 1.0, 0.5),
+        row("a", 4, 0.5, 0.5),
+        row("b", 4, 0.5, 0.5),
+        row("a", 16, 1.0, 0.4),
+    ]
+    assert choose_best(rows) is rows[2]  # smaller K, then alpha, then the earlier method
+    rows.append(row("a", 32, 1.0, 0.9, drop=0.3))
+    assert choose_best(rows) is rows[-1]
+    assert choose_best(rows, max_retention_drop=0.2) is rows[2]
+    assert choose_best(rows, max_retention_drop=-0.1) is None
+    front = pareto_front(rows)
+    assert front == [rows[-1], rows[2]]  # duplicates of a point: only the tie-break winner
+
+
+class FakeScores:
+    """Stands in for the scoring engineer's Scores: any object with .top(k, kinds=...)."""
+
+    method = "fake_l1"
+
+    def __init__(self, units):
+        self.ranked = RankedUnits(units)
+        self.calls = []
+
+    def top(self, k, kinds=None):
+        self.calls.append((k, kinds))
+        return [str(u) for u in self.ranked.top(k, kinds)]
+
+
+def test_methods_side_by_side_and_save(eng, tmp_path: Path):
+    pair, src, ctl, _ = eng
+    fake = FakeScores(["L0.H1", *RANKING])
+    scores = {"oracle": RANKING, "reverse": list(reversed(RANKING)), "fake": fake}
+    res = sweep(
+        pair,
+        src,
+        scores,
+        ks=[0, 2],
+        alphas=[1.0],
+        units="linear",
+        control_tasks=[ctl],
+        n_boot=100,
+        progress=False,
+    )
+    assert fake.calls == [(2, "linear")]  # K=0 needs no ranking; kinds are passed through
+    assert res.methods == ["oracle", "reverse", "fake"]
+    assert set(res.best_by_method) == {"oracle", "reverse", "fake"}
+    assert all(r.test is not None for r in res.best_by_method.values())
+    by = res.by_method()
+    assert list(by.columns) == ["fake", "oracle", "reverse"] and list(by.index) == [0, 2]
+    k0 = [r.metric for r in res.rows if r.k == 0]
+    assert len(set(k0)) == 1 and k0[0] == res.baselines["dev"]["target"].mean
+    out = res.save(tmp_path / "out")
+    data = json.loads((out / "results.json").read_text())
+    assert data["best"]["k"] == res.best.k and data["config"]["prepend_bos"] is True
+    assert len(data["rows"]) == 6 and data["pareto"]
+    assert (out / "sweep.csv").read_text().count("\n") == 7
+    assert (out / "sweep.png").stat().st_size > 1000
+    json.dumps(res.to_dict(), allow_nan=False)
+
+
+def test_bad_arguments(eng):
+    pair, src, ctl, _ = eng
+    with pytest.raises(TypeError, match="scores must be"):
+        sweep(pair, src, 42, progress=False)
+    with pytest.raises(ValueError, match="distinct names"):
+        sweep(pair, src, RANKING, control_tasks=[src], progress=False)
+    with pytest.raises(ValueError, match="ks must be"):
+        sweep(pair, src, RANKING, ks=[-1], progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = sweep(pair, src, RANKING, ks=[9], alphas=[1.0], n_boot=50, progress=False)
+    assert res.rows[0].n_units == 5 and any("only 5 units" in n for n in res.notes)

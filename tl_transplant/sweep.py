@@ -1,0 +1,649 @@
+"""Sweep K (number of units) x alpha (blend strength) on dev, report the choice on test.
+
+>>> res = sweep(pair, task, scores, ks=[8, 16, 32], alphas=[0.5, 1.0],
+...             control_tasks=[control], max_retention_drop=0.05)   # doctest: +SKIP
+>>> res.best, res.best.test.metrics.recovery                           # doctest: +SKIP
+>>> res.save("out/")   # results.json, sweep.csv, sweep.png            # doctest: +SKIP
+
+Protocol:
+
+1. ``task`` and every control task are split by :meth:`Task.split` with the same
+   ``dev_fraction`` and ``seed`` (the split depends on indices only, never labels).
+2. Source and target are evaluated on dev; controls on the target's dev split.
+3. For each method, K and alpha, the top-K units are transplanted with the
+   reversible :func:`~tl_transplant.transplant.transplant` (no copies, no
+   reloads; bit-exact restore) and dev task + dev controls are evaluated.
+   K = 0 or alpha = 0 is the target itself and reuses its baseline; identical
+   (unit set, alpha) configurations are evaluated once.
+4. Best = highest dev metric among configurations whose largest dev control
+   drop is <= ``max_retention_drop`` (all, if None); ties go to the smaller K,
+   then the smaller alpha, then the earlier method. Only then is anything run on
+   the test split: source, target and the chosen configuration(s), with paired
+   bootstrap CIs and retention on the controls' test splits.
+5. Pareto front (recovery vs retention, on dev): configurations not dominated in
+   (dev metric, -max dev control drop); recovery is an increasing affine
+   function of the metric when source > target, so this is the recovery vs
+   retention front. Among identical points only the tie-break winner is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tl_transplant.evaluate import (
+    DEFAULT_GAP_TOL,
+    DEFAULT_N_BOOT,
+    EvalResult,
+    TransplantReport,
+    UndefinedMetricWarning,
+    evaluate,
+    evaluate_transplant,
+    recovery,
+    tir,
+)
+from tl_transplant.tasks import Task
+from tl_transplant.tokens import resolve_prepend_bos
+from tl_transplant.units import Unit, normalize_kinds, parse_units
+
+_TIE_DECIMALS = 12
+
+
+class RankedUnits:
+    """A plain ranked list of units as a scores object: ``top(k, kinds)`` filters then cuts."""
+
+    def __init__(self, units: Any, method: str = "ranked") -> None:
+        self.units = parse_units(units)
+        self.method = method
+
+    def top(self, k: int, kinds: Any = None) -> list[Unit]:
+        allowed = normalize_kinds(kinds)
+        return [u for u in self.units if u.kind in allowed][: int(k)]
+
+    def __repr__(self) -> str:
+        return f"RankedUnits({self.method!r}, n={len(self.units)})"
+
+
+def _is_unit_like(x: Any) -> bool:
+    return isinstance(x, str) or hasattr(x, "kind") and hasattr(x, "layer")
+
+
+def _methods(scores: Any) -> list[tuple[str, Any]]:
+    """Normalize ``scores`` to ``[(method name, object with .top)]``."""
+    if isinstance(scores, Mapping):
+        items = [(str(k), v) for k, v in scores.items()]
+    elif hasattr(scores, "top"):
+        items = [(None, scores)]
+    elif isinstance(scores, (list, tuple)) and scores and all(hasattr(s, "top") for s in scores):
+        items = [(None, s) for s in scores]
+    elif isinstance(scores, (str, list, tuple)) and all(
+        _is_unit_like(u) for u in ([scores] if isinstance(scores, str) else scores)
+    ):
+        items = [("ranked", RankedUnits(scores))]
+    else:
+        raise TypeError(
+            "scores must be an object with .top(k, kinds=...), a ranked list of units, a list "
+            f"of scores objects or a {{method: scores}} mapping; got {type(scores).__name__}"
+        )
+    out: list[tuple[str, Any]] = []
+    for name, obj in items:
+        if isinstance(obj, (list, tuple, str)):
+            obj = RankedUnits(obj, method=name or "ranked")
+        if not hasattr(obj, "top"):
+            raise TypeError(f"scores for method {name!r} has no .top(k)")
+        base = name or str(getattr(obj, "method", None) or type(obj).__name__)
+        label, n = base, 2
+        while label in {m for m, _ in out}:
+            label, n = f"{base}#{n}", n + 1
+        out.append((label, obj))
+    return out
+
+
+def _top(obj: Any, k: int, kinds: Any) -> list[Unit]:
+    if k == 0:
+        return []
+    got = obj.top(k) if kinds is None else obj.top(k, kinds=kinds)
+    return list(dict.fromkeys(parse_units(list(got))))
+
+
+@dataclass
+class SweepRow:
+    """One (method, K, alpha) configuration evaluated on the dev split."""
+
+    method: str
+    k: int
+    alpha: float
+    units: list[str]
+    metric: float
+    delta: float
+    tir: float | None
+    recovery: float | None
+    control: dict[str, dict[str, float]] = field(default_factory=dict)
+    feasible: bool = True
+    pareto: bool = False
+    test: TransplantReport | None = None
+
+    @property
+    def n_units(self) -> int:
+        return len(self.units)
+
+    @property
+    def max_drop(self) -> float:
+        """Largest dev drop over the control tasks (0 without controls)."""
+        return max((c["drop"] for c in self.control.values()), default=0.0)
+
+    def key(self) -> tuple[float, int, float]:
+        """Sort key of the selection rule: best metric, then smaller K, then smaller alpha."""
+        return (-round(self.metric, _TIE_DECIMALS), self.k, self.alpha)
+
+    def __repr__(self) -> str:
+        rec = "None" if self.recovery is None else f"{self.recovery:.3g}"
+        return (
+            f"SweepRow({self.method}, K={self.k}, alpha={self.alpha:g}, dev={self.metric:.4g}, "
+            f"recovery={rec}, max_drop={self.max_drop:.3g})"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {
+            "method": self.method,
+            "k": self.k,
+            "alpha": self.alpha,
+            "n_units": self.n_units,
+            "units": list(self.units),
+            "dev_metric": self.metric,
+            "delta": self.delta,
+            "tir": self.tir,
+            "recovery": self.recovery,
+            "control": self.control,
+            "max_drop": self.max_drop,
+            "feasible": self.feasible,
+            "pareto": self.pareto,
+        }
+        if self.test is not None:
+            d["test"] = self.test.to_dict()
+        return d
+
+
+def choose_best(
+    rows: Sequence[SweepRow], max_retention_drop: float | None = None
+) -> SweepRow | None:
+    """The selection rule: highest dev metric among feasible rows; ties -> smaller K, alpha.
+
+    A row is feasible when its largest dev control drop is ``<= max_retention_drop``
+    (always, if None). Remaining ties keep the earliest row (method order).
+    """
+    ok = [r for r in rows if _feasible(r, max_retention_drop)]
+    return min(ok, key=lambda r: r.key()) if ok else None
+
+
+def _feasible(row: SweepRow, max_drop: float | None) -> bool:
+    return max_drop is None or row.max_drop <= max_drop + 1e-12
+
+
+def pareto_front(rows: Sequence[SweepRow]) -> list[SweepRow]:
+    """Rows not dominated in (dev metric, -max drop); one per identical point (tie rule)."""
+    pts = {}
+    for r in sorted(rows, key=lambda r: r.key()):
+        p = (round(r.metric, _TIE_DECIMALS), -round(r.max_drop, _TIE_DECIMALS))
+        pts.setdefault(p, r)
+    front = []
+    for p, r in pts.items():
+        dominated = any(q != p and q[0] >= p[0] and q[1] >= p[1] for q in pts)
+        if not dominated:
+            front.append(r)
+    return sorted(front, key=lambda r: (-r.metric, r.max_drop))
+
+
+def _clean(x: Any) -> Any:
+    """JSON-safe: NaN/inf -> None, tuples -> lists, numpy scalars -> Python."""
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if hasattr(x, "item") and not isinstance(x, (str, bytes)):
+        try:
+            x = x.item()
+        except (ValueError, AttributeError):
+            return str(x)
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+@dataclass
+class SweepResult:
+    """All dev configurations, the choice, its test report, and the Pareto front."""
+
+    task: dict[str, Any]
+    metric: str
+    rows: list[SweepRow]
+    baselines: dict[str, dict[str, EvalResult]]
+    control_baselines: dict[str, dict[str, EvalResult]]
+    best: SweepRow | None
+    best_by_method: dict[str, SweepRow]
+    config: dict[str, Any]
+    pair: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def pareto(self) -> list[SweepRow]:
+        """The recovery-vs-retention Pareto front on dev (best metric first)."""
+        return sorted((r for r in self.rows if r.pareto), key=lambda r: (-r.metric, r.max_drop))
+
+    @property
+    def methods(self) -> list[str]:
+        return list(dict.fromkeys(r.method for r in self.rows))
+
+    def __repr__(self) -> str:
+        return (
+            f"SweepResult(task={self.task.get('name')!r}, metric={self.metric}, "
+            f"configs={len(self.rows)}, best={self.best!r})"
+        )
+
+    def summary(self) -> str:
+        """A few human-readable lines: baselines, the choice on dev, and its test numbers."""
+        d, t = self.baselines["dev"], self.baselines.get("test", {})
+        lines = [
+            f"task {self.task.get('name')!r} ({self.metric}), prepend_bos="
+            f"{self.config.get('prepend_bos')}: dev n={self.config.get('n_dev')}, "
+            f"test n={self.config.get('n_test')}",
+            f"dev: source {d['source'].mean:.4g}, target {d['target'].mean:.4g}",
+        ]
+        if self.best is None:
+            lines.append("no configuration met the retention constraint")
+            return "\n".join(lines)
+        b = self.best
+        lines.append(
+            f"best on dev: {b.method} K={b.k} alpha={b.alpha:g} -> {b.metric:.4g} "
+            f"(max control drop {b.max_drop:.3g})"
+        )
+        if b.test is not None and t:
+            m = b.test.metrics
+
+            def fmt(v: float | None, ci: Any) -> str:
+                if v is None:
+                    return "undefined"
+                return f"{v:.3g}" + (f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else "")
+
+            lines.append(
+                f"test: source {m.source:.4g}, target {m.target:.4g}, transplanted "
+                f"{m.transplanted:.4g}; delta {fmt(m.delta, m.ci.get('delta'))}, TIR "
+                f"{fmt(m.tir, m.ci.get('tir'))}, recovery {fmt(m.recovery, m.ci.get('recovery'))}"
+            )
+            for r in b.test.retention:
+                lines.append(f"  retention {r.task}: {r.before:.4g} -> {r.after:.4g}")
+        return "\n".join(lines)
+
+    # ---- tables ---------------------------------------------------------------------
+    def to_frame(self) -> Any:
+        """One row per (method, K, alpha) with dev numbers; ``best`` marks the choice."""
+        import pandas as pd
+
+        recs = []
+        for r in self.rows:
+            rec: dict[str, Any] = {
+                "method": r.method,
+                "k": r.k,
+                "alpha": r.alpha,
+                "n_units": r.n_units,
+                f"dev_{self.metric}": r.metric,
+                "delta": r.delta,
+                "tir": r.tir,
+                "recovery": r.recovery,
+            }
+            for name, c in r.control.items():
+                rec[f"drop:{name}"] = c["drop"]
+            rec.update(
+                max_drop=r.max_drop,
+                feasible=r.feasible,
+                pareto=r.pareto,
+                best=r is self.best,
+                units=",".join(r.units),
+            )
+            recs.append(rec)
+        return pd.DataFrame.from_records(recs)
+
+    def by_method(self) -> Any:
+        """Methods side by side at equal K: the best-over-alpha dev metric (K x method)."""
+        df = self.to_frame()
+        return df.pivot_table(
+            index="k", columns="method", values=f"dev_{self.metric}", aggfunc="max"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        def base(split: str) -> dict[str, Any]:
+            return {
+                k: v.to_dict(with_scores=False) for k, v in self.baselines.get(split, {}).items()
+            }
+
+        return _clean(
+            {
+                "task": self.task,
+                "metric": self.metric,
+                "pair": self.pair,
+                "config": self.config,
+                "baselines": {s: base(s) for s in self.baselines},
+                "control_baselines": {
+                    s: {k: v.to_dict(with_scores=False) for k, v in d.items()}
+                    for s, d in self.control_baselines.items()
+                },
+                "best": None if self.best is None else self.best.to_dict(),
+                "best_by_method": {m: r.to_dict() for m, r in self.best_by_method.items()},
+                "pareto": [
+                    {
+                        "method": r.method,
+                        "k": r.k,
+                        "alpha": r.alpha,
+                        "dev_metric": r.metric,
+                        "recovery": r.recovery,
+                        "max_drop": r.max_drop,
+                    }
+                    for r in self.pareto
+                ],
+                "rows": [{k: v for k, v in r.to_dict().items() if k != "test"} for r in self.rows],
+                "notes": self.notes,
+            }
+        )
+
+    # ---- figures --------------------------------------------------------------------
+    def plot(self, ax: Any = None) -> Any:
+        """Dev metric vs K, one line per alpha (one panel per method), with baselines.
+
+        Uses matplotlib's object API with the Agg canvas (no pyplot, no global
+        backend change). Returns the Figure.
+        """
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        methods = self.methods
+        if ax is None:
+            fig = Figure(figsize=(4.2 * len(methods) + 0.8, 3.6), layout="constrained")
+            FigureCanvasAgg(fig)
+            axes = fig.subplots(1, len(methods), sharey=True, squeeze=False)[0]
+        else:
+            fig, axes = ax.figure, [ax] * len(methods)
+        alphas = sorted({r.alpha for r in self.rows})
+        colors = [f"C{i}" for i in range(10)]
+        dev = self.baselines["dev"]
+        for a_i, (m, a) in enumerate(zip(methods, axes)):
+            for j, alpha in enumerate(alphas):
+                pts = sorted(
+                    (r.k, r.metric) for r in self.rows if r.method == m and r.alpha == alpha
+                )
+                if pts:
+                    a.plot(
+                        *zip(*pts),
+                        marker="o",
+                        color=colors[j % 10],
+                        label=f"alpha={alpha:g}",
+                        linestyle="-" if ax is None else ["-", "--", ":", "-."][a_i % 4],
+                    )
+            a.axhline(
+                dev["source"].mean, color="green", linestyle="--", linewidth=1, label="source"
+            )
+            a.axhline(dev["target"].mean, color="red", linestyle=":", linewidth=1, label="target")
+            b = self.best_by_method.get(m)
+            if b is not None:
+                a.plot(
+                    [b.k],
+                    [b.metric],
+                    marker="*",
+                    markersize=14,
+                    color="gold",
+                    markeredgecolor="black",
+                    linestyle="none",
+                    label="chosen",
+                )
+            if any(r.k == 0 for r in self.rows):
+                a.set_xscale("symlog", linthresh=1)
+            elif len({r.k for r in self.rows}) > 1:
+                a.set_xscale("log", base=2)
+            k_vals = sorted({r.k for r in self.rows})
+            a.set_xticks(k_vals, [str(k) for k in k_vals], minor=False)
+            a.set_xticks([], minor=True)
+            a.set_xlabel("K (units transplanted)")
+            a.set_title(m if ax is None else f"{self.task.get('name')}")
+        axes[0].set_ylabel(f"dev {self.metric}")
+        axes[0].legend(fontsize="small")
+        return fig
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``results.json``, ``sweep.csv`` and ``sweep.png`` under ``directory``."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "results.json").write_text(json.dumps(self.to_dict(), indent=2, default=str))
+        self.to_frame().to_csv(d / "sweep.csv", index=False)
+        self.plot().savefig(d / "sweep.png", dpi=120)
+        return d
+
+
+def sweep(
+    pair: Any,
+    task: Task,
+    scores: Any,
+    ks: Sequence[int] = (8, 16, 32, 64, 128),
+    alphas: Sequence[float] = (1.0,),
+    control_tasks: Sequence[Task] = (),
+    dev_fraction: float = 0.5,
+    units: Any = None,
+    max_retention_drop: float | None = None,
+    seed: int = 0,
+    *,
+    kv: str = "group",
+    prepend_bos: bool | str | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+    n_boot: int = DEFAULT_N_BOOT,
+    level: float = 0.95,
+    gap_tol: float = DEFAULT_GAP_TOL,
+    report_each_method: bool = True,
+    edit: Callable[..., Any] | None = None,
+) -> SweepResult:
+    """Evaluate every (method, K, alpha) on dev, choose on dev, report the choice on test.
+
+    ``scores``: an object with ``.top(k, kinds=...)`` (and optionally ``.method``), a
+    ranked list of units, a list of such objects, or ``{method: scores}`` to compare
+    selection methods (and controls such as random) side by side at equal K.
+    ``units``: the unit kinds to rank (``"head"``, ``"neuron"``, ``"linear"`` or a
+    list), passed as ``top(k, kinds=units)``. ``max_retention_drop``: the largest
+    allowed drop of any control task's dev metric. ``report_each_method`` also
+    reports each method's own best on test. ``edit(pair, units, alpha)`` replaces
+    the weight transplant by another reversible context manager. See the module
+    docstring for the protocol and rules.
+    """
+    from tqdm.auto import tqdm
+
+    from tl_transplant.transplant import transplant
+
+    methods = _methods(scores)
+    ks = [int(k) for k in ks]
+    alphas = [float(a) for a in alphas]
+    if not ks or not alphas:
+        raise ValueError("ks and alphas must be non-empty")
+    if any(k < 0 for k in ks):
+        raise ValueError(f"ks must be >= 0, got {ks}")
+    names = [c.name for c in control_tasks]
+    if len(set(names)) != len(names) or task.name in names:
+        raise ValueError(f"control tasks need distinct names, different from the task: {names}")
+    make = edit or (lambda p, u, a: transplant(p, u, a, kv=kv))
+    n_active = len(getattr(pair, "active", []))
+
+    def bos_for(t: Task) -> bool:
+        return resolve_prepend_bos(pair, t.prepend_bos if prepend_bos is None else prepend_bos)
+
+    def ev(side: Any, t: Task) -> EvalResult:
+        return evaluate(side, t, prepend_bos=bos_for(t), batch_size=batch_size, progress=False)
+
+    dev, test = task.split(dev_fraction, seed)
+    c_splits = [c.split(dev_fraction, seed) for c in control_tasks]
+    notes: list[str] = []
+
+    # -- dev: baselines, then every configuration ----------------------------------------
+    base_dev = {"source": ev(pair.source, dev), "target": ev(pair.target, dev)}
+    c_dev_before = {c.name: ev(pair.target, cd) for c, (cd, _) in zip(control_tasks, c_splits)}
+    s_dev, t_dev = base_dev["source"].mean, base_dev["target"].mean
+    if abs(s_dev - t_dev) < gap_tol:
+        msg = (
+            f"dev: recovery undefined: |source - target| = {abs(s_dev - t_dev):.3g} is below "
+            f"the tolerance {gap_tol:g}; selection still uses the dev metric"
+        )
+        notes.append(msg)
+        warnings.warn(msg, UndefinedMetricWarning, stacklevel=2)
+
+    plans = []
+    for m, obj in methods:
+        for k in ks:
+            us = _top(obj, k, units)
+            if len(us) < k:
+                notes.append(f"{m}: K={k} asked but only {len(us)} units are ranked")
+            for a in alphas:
+                plans.append((m, k, a, us))
+    cache: dict[tuple[frozenset[Unit], float], tuple[float, dict[str, float]]] = {}
+    rows: list[SweepRow] = []
+    bar = tqdm(total=len(plans), desc=f"sweep {task.name}", disable=not progress, unit="cfg")
+    try:
+        for m, k, a, us in plans:
+            key = (frozenset(us), a if us else 0.0)
+            if key not in cache:
+                if not us or a == 0.0:
+                    x = base_dev["target"].mean
+                    after = {n: r.mean for n, r in c_dev_before.items()}
+                else:
+                    with make(pair, us, a):
+                        x = ev(pair.target, dev).mean
+                        after = {
+                            c.name: ev(pair.target, cd).mean
+                            for c, (cd, _) in zip(control_tasks, c_splits)
+                        }
+                cache[key] = (x, after)
+            x, after = cache[key]
+            control = {
+                n: {"before": c_dev_before[n].mean, "after": v, "drop": c_dev_before[n].mean - v}
+                for n, v in after.items()
+            }
+            rows.append(
+                SweepRow(
+                    method=m,
+                    k=k,
+                    alpha=a,
+                    units=[str(u) for u in us],
+                    metric=x,
+                    delta=x - t_dev,
+                    tir=tir(x, t_dev, metric=task.metric, warn=False),
+                    recovery=recovery(x, t_dev, s_dev, gap_tol=gap_tol, warn=False),
+                    control=control,
+                )
+            )
+            bar.update(1)
+    finally:
+        bar.close()
+    for r in rows:
+        r.feasible = _feasible(r, max_retention_drop)
+    front = pareto_front(rows)
+    for r in front:
+        r.pareto = True
+    best = choose_best(rows, max_retention_drop)
+    best_by_method = {}
+    for m, _ in methods:
+        b = choose_best([r for r in rows if r.method == m], max_retention_drop)
+        if b is not None:
+            best_by_method[m] = b
+    if best is None:
+        msg = (
+            f"no configuration kept every control task's dev drop <= {max_retention_drop}; "
+            "nothing is reported on test"
+        )
+        notes.append(msg)
+        warnings.warn(msg, UserWarning, stacklevel=2)
+
+    # -- test: only now, and only for the chosen configuration(s) ------------------------
+    base_test: dict[str, EvalResult] = {}
+    c_test_before: dict[str, EvalResult] = {}
+    if best is not None:
+        base_test = {"source": ev(pair.source, test), "target": ev(pair.target, test)}
+        c_test_before = {c.name: ev(pair.target, ct) for c, (_, ct) in zip(control_tasks, c_splits)}
+        chosen = [best] + (list(best_by_method.values()) if report_each_method else [])
+        reports: dict[tuple[frozenset[str], float], TransplantReport] = {}
+        for r in chosen:
+            key2 = (frozenset(r.units), r.alpha if r.units else 0.0)
+            if key2 not in reports:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always", UndefinedMetricWarning)
+                    reports[key2] = evaluate_transplant(
+                        pair,
+                        test,
+                        r.units,
+                        r.alpha,
+                        control_tasks=[ct for _, ct in c_splits],
+                        prepend_bos=prepend_bos,
+                        baselines=base_test,
+                        control_before=c_test_before,
+                        edit=make,
+                        batch_size=batch_size,
+                        progress=False,
+                        n_boot=n_boot,
+                        level=level,
+                        seed=seed,
+                        gap_tol=gap_tol,
+                        warn=True,
+                    )
+                if r is best:
+                    for w in caught:
+                        warnings.warn(f"test: {w.message}", UndefinedMetricWarning, stacklevel=2)
+            r.test = reports[key2]
+    if len(getattr(pair, "active", [])) != n_active:  # pragma: no cover - defensive
+        raise RuntimeError("a transplant was left applied after the sweep")
+
+    config = {
+        "ks": ks,
+        "alphas": alphas,
+        "methods": [m for m, _ in methods],
+        "units": units if units is None or isinstance(units, str) else list(units),
+        "dev_fraction": dev_fraction,
+        "seed": seed,
+        "max_retention_drop": max_retention_drop,
+        "kv": kv,
+        "prepend_bos": bos_for(task),
+        "n_dev": len(dev),
+        "n_test": len(test),
+        "n_boot": n_boot,
+        "level": level,
+        "gap_tol": gap_tol,
+        "control_tasks": [c.to_dict() for c in control_tasks],
+        "selection": "max dev metric s.t. max dev control drop <= max_retention_drop; "
+        "ties -> smaller K, then smaller alpha, then earlier method",
+    }
+    pair_info = {
+        side: dict(getattr(getattr(pair, side, None), "identity", {}) or {})
+        for side in ("source", "target")
+    }
+    return SweepResult(
+        task=task.to_dict(),
+        metric=task.metric,
+        rows=rows,
+        baselines={"dev": base_dev, **({"test": base_test} if base_test else {})},
+        control_baselines={
+            "dev": c_dev_before,
+            **({"test": c_test_before} if c_test_before else {}),
+        },
+        best=best,
+        best_by_method=best_by_method,
+        config=config,
+        pair=pair_info,
+        notes=notes,
+    )
+
+
+__all__ = [
+    "RankedUnits",
+    "SweepResult",
+    "SweepRow",
+    "choose_best",
+    "pareto_front",
+    "sweep",
+]
