@@ -343,3 +343,26 @@ def test_evaluate_transplant_end_to_end(eng):
     assert half.source is rep.source and half.metrics.transplanted <= 1.0
     d = rep.to_dict()
     assert d["metrics"]["recovery"] == 1.0 and d["retention"][0]["task"] == "ctl"
+
+
+def test_generate_sees_transplanted_weights(eng):
+    pair, src, _ = eng
+    em = src.replace(metric="exact_match", max_new_tokens=3)
+    s = evaluate(pair.source, em, progress=False, batch_size=16)
+    t = evaluate(pair.target, em, progress=False, batch_size=16)
+    with transplant(pair, TRUE_UNITS, 1.0):
+        x = evaluate(pair.target, em, progress=False, batch_size=16)
+    assert x.generations == s.generations != t.generations
+    assert evaluate(pair.target, em, progress=False).generations == t.generations
+
+
+def test_every_family_forward_paths_agree(tok, family):
+    side = ModelSide.from_hf(tiny_model(family, seed=1), tok, name=family)
+    t = builtin_task("induction", n=12, metric="answer_logprob")
+    a = evaluate(side, t, progress=False, batch_size=12)
+    b = evaluate(side, t, progress=False, batch_size=1, forward="hf")
+    np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
+    assert a.prepend_bos is side.prepend_bos
+    nt = evaluate(side, t.replace(metric="next_token_acc"), progress=False, batch_size=5)
+    em = evaluate(side, t.replace(metric="exact_match"), progress=False, batch_size=5)
+    assert nt.scores.tolist() == em.scores.tolist()

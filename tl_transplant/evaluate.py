@@ -403,7 +403,7 @@ def evaluate(
     )
     gens = preds = None
     try:
-        with torch.inference_mode(), _maybe_enter(intervention):
+        with _maybe_enter(intervention), torch.inference_mode():
             if task.metric == "exact_match":
                 scores, gens, preds = _generate(
                     runner, task, bos, batch_size, intervention, bar, generation
