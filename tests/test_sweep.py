@@ -255,3 +255,23 @@ def test_bad_arguments(eng):
         warnings.simplefilter("ignore")
         res = sweep(pair, src, RANKING, ks=[9], alphas=[1.0], n_boot=50, progress=False)
     assert res.rows[0].n_units == 5 and any("only 5 units" in n for n in res.notes)
+
+
+class _Splits:  # like the zoo's Splits: given dev/test files
+    def __init__(self, dev, test):
+        self.dev, self.test = dev, test
+
+
+def test_given_splits_match_internal_split(eng):
+    pair, src, ctl, _ = eng
+    a = sweep(pair, src, RANKING, control_tasks=[ctl], **KW)
+    given = sweep(
+        pair, src.split(0.5, 0), RANKING, control_tasks=[_Splits(*ctl.split(0.5, 0))], **KW
+    )
+    assert [(r.k, r.alpha, r.metric, r.control) for r in a.rows] == [
+        (r.k, r.alpha, r.metric, r.control) for r in given.rows
+    ]
+    assert given.task["name"] == "src" and given.config["split"] == "given"
+    assert given.best.test.metrics.to_dict() == a.best.test.metrics.to_dict()
+    with pytest.raises(TypeError, match="given"):
+        sweep(pair, "src", RANKING, progress=False)

@@ -104,6 +104,28 @@ def _methods(scores: Any) -> list[tuple[str, Any]]:
     return out
 
 
+def _splits(t: Any, dev_fraction: float, seed: int, what: str) -> tuple[str, Task, Task]:
+    """``(name, dev, test)`` from a Task (split here) or given splits (.dev/.test, or a pair)."""
+    if isinstance(t, Task):
+        dev, test = t.split(dev_fraction, seed)
+        return t.name, dev, test
+    if hasattr(t, "dev") and hasattr(t, "test"):
+        dev, test = t.dev, t.test
+    elif isinstance(t, (tuple, list)) and len(t) == 2:
+        dev, test = t
+    else:
+        raise TypeError(
+            f"{what} must be a Task (split into dev/test here) or its given (dev, test) splits, "
+            f"got {type(t).__name__}"
+        )
+    if not isinstance(dev, Task) or not isinstance(test, Task):
+        raise TypeError(f"{what}: dev and test must be Tasks")
+    if dev.metric != test.metric:
+        raise ValueError(f"{what}: dev uses {dev.metric} but test uses {test.metric}")
+    name = dev.name[: -len(":dev")] if dev.name.endswith(":dev") else dev.name
+    return name, dev, test
+
+
 def _top(obj: Any, k: int, kinds: Any) -> list[Unit]:
     if k == 0:
         return []
@@ -424,11 +446,11 @@ class SweepResult:
 
 def sweep(
     pair: Any,
-    task: Task,
+    task: Task | Any,
     scores: Any,
     ks: Sequence[int] = (8, 16, 32, 64, 128),
     alphas: Sequence[float] = (1.0,),
-    control_tasks: Sequence[Task] = (),
+    control_tasks: Sequence[Task | Any] = (),
     dev_fraction: float = 0.5,
     units: Any = None,
     max_retention_drop: float | None = None,
@@ -445,6 +467,10 @@ def sweep(
     edit: Callable[..., Any] | None = None,
 ) -> SweepResult:
     """Evaluate every (method, K, alpha) on dev, choose on dev, report the choice on test.
+
+    ``task`` and each control task: a :class:`Task`, split here by
+    ``Task.split(dev_fraction, seed)``, or already-made splits (an object with
+    ``.dev``/``.test``, e.g. the zoo's ``Splits``, or a ``(dev, test)`` tuple).
 
     ``scores``: an object with ``.top(k, kinds=...)`` (and optionally ``.method``), a
     ranked list of units, a list of such objects, or ``{method: scores}`` to compare
@@ -467,8 +493,12 @@ def sweep(
         raise ValueError("ks and alphas must be non-empty")
     if any(k < 0 for k in ks):
         raise ValueError(f"ks must be >= 0, got {ks}")
-    names = [c.name for c in control_tasks]
-    if len(set(names)) != len(names) or task.name in names:
+    name, dev, test = _splits(task, dev_fraction, seed, "task")
+    controls = [
+        _splits(c, dev_fraction, seed, f"control task {i}") for i, c in enumerate(control_tasks)
+    ]
+    names = [c[0] for c in controls]
+    if len(set(names)) != len(names) or name in names:
         raise ValueError(f"control tasks need distinct names, different from the task: {names}")
     make = edit or (lambda p, u, a: transplant(p, u, a, kv=kv))
     n_active = len(getattr(pair, "active", []))
@@ -479,13 +509,11 @@ def sweep(
     def ev(side: Any, t: Task) -> EvalResult:
         return evaluate(side, t, prepend_bos=bos_for(t), batch_size=batch_size, progress=False)
 
-    dev, test = task.split(dev_fraction, seed)
-    c_splits = [c.split(dev_fraction, seed) for c in control_tasks]
     notes: list[str] = []
 
     # -- dev: baselines, then every configuration ----------------------------------------
     base_dev = {"source": ev(pair.source, dev), "target": ev(pair.target, dev)}
-    c_dev_before = {c.name: ev(pair.target, cd) for c, (cd, _) in zip(control_tasks, c_splits)}
+    c_dev_before = {n: ev(pair.target, cd) for n, cd, _ in controls}
     s_dev, t_dev = base_dev["source"].mean, base_dev["target"].mean
     if abs(s_dev - t_dev) < gap_tol:
         msg = (
@@ -505,7 +533,7 @@ def sweep(
                 plans.append((m, k, a, us))
     cache: dict[tuple[frozenset[Unit], float], tuple[float, dict[str, float]]] = {}
     rows: list[SweepRow] = []
-    bar = tqdm(total=len(plans), desc=f"sweep {task.name}", disable=not progress, unit="cfg")
+    bar = tqdm(total=len(plans), desc=f"sweep {name}", disable=not progress, unit="cfg")
     try:
         for m, k, a, us in plans:
             key = (frozenset(us), a if us else 0.0)
@@ -516,10 +544,7 @@ def sweep(
                 else:
                     with make(pair, us, a):
                         x = ev(pair.target, dev).mean
-                        after = {
-                            c.name: ev(pair.target, cd).mean
-                            for c, (cd, _) in zip(control_tasks, c_splits)
-                        }
+                        after = {n: ev(pair.target, cd).mean for n, cd, _ in controls}
                 cache[key] = (x, after)
             x, after = cache[key]
             control = {
@@ -534,7 +559,7 @@ def sweep(
                     units=[str(u) for u in us],
                     metric=x,
                     delta=x - t_dev,
-                    tir=tir(x, t_dev, metric=task.metric, warn=False),
+                    tir=tir(x, t_dev, metric=dev.metric, warn=False),
                     recovery=recovery(x, t_dev, s_dev, gap_tol=gap_tol, warn=False),
                     control=control,
                 )
@@ -566,7 +591,7 @@ def sweep(
     c_test_before: dict[str, EvalResult] = {}
     if best is not None:
         base_test = {"source": ev(pair.source, test), "target": ev(pair.target, test)}
-        c_test_before = {c.name: ev(pair.target, ct) for c, (_, ct) in zip(control_tasks, c_splits)}
+        c_test_before = {ct.name: ev(pair.target, ct) for _, _, ct in controls}
         chosen = [best] + (list(best_by_method.values()) if report_each_method else [])
         reports: dict[tuple[frozenset[str], float], TransplantReport] = {}
         for r in chosen:
@@ -579,7 +604,7 @@ def sweep(
                         test,
                         r.units,
                         r.alpha,
-                        control_tasks=[ct for _, ct in c_splits],
+                        control_tasks=[ct for _, _, ct in controls],
                         prepend_bos=prepend_bos,
                         baselines=base_test,
                         control_before=c_test_before,
@@ -608,13 +633,16 @@ def sweep(
         "seed": seed,
         "max_retention_drop": max_retention_drop,
         "kv": kv,
-        "prepend_bos": bos_for(task),
+        "prepend_bos": bos_for(dev),
         "n_dev": len(dev),
         "n_test": len(test),
         "n_boot": n_boot,
         "level": level,
         "gap_tol": gap_tol,
-        "control_tasks": [c.to_dict() for c in control_tasks],
+        "split": "given" if not isinstance(task, Task) else "Task.split(dev_fraction, seed)",
+        "control_tasks": [
+            {"name": n, "dev": cd.to_dict(), "test": ct.to_dict()} for n, cd, ct in controls
+        ],
         "selection": "max dev metric s.t. max dev control drop <= max_retention_drop; "
         "ties -> smaller K, then smaller alpha, then earlier method",
     }
@@ -623,8 +651,8 @@ def sweep(
         for side in ("source", "target")
     }
     return SweepResult(
-        task=task.to_dict(),
-        metric=task.metric,
+        task={"name": name, "metric": dev.metric, "dev": dev.to_dict(), "test": test.to_dict()},
+        metric=dev.metric,
         rows=rows,
         baselines={"dev": base_dev, **({"test": base_test} if base_test else {})},
         control_baselines={
