@@ -92,6 +92,10 @@ class FamilyLayout:
     neuron: tuple[Piece, ...]
     mirrors: tuple[Mirror, ...] = ()
     notes: str = ""
+    #: For each linear: the TransformerLens bridge hook points (relative to
+    #: ``blocks.{layer}.``) whose outputs, taken together, are that linear's output
+    #: (a fused qkv is the bridge's split q, k and v). Scorers read activations here.
+    bridge_hooks: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def _w(name: str, dim: int, start: str, size: str) -> Piece:
@@ -138,6 +142,16 @@ _LLAMA_LINEARS = {
     "mlp.down_proj": "mlp.down_proj",
 }
 
+_LLAMA_HOOKS = {
+    "attn.q_proj": ("attn.q.hook_out",),
+    "attn.k_proj": ("attn.k.hook_out",),
+    "attn.v_proj": ("attn.v.hook_out",),
+    "attn.o_proj": ("attn.o.hook_out",),
+    "mlp.gate_proj": ("mlp.gate.hook_out",),
+    "mlp.up_proj": ("mlp.in.hook_out",),
+    "mlp.down_proj": ("mlp.out.hook_out",),
+}
+
 FAMILIES: tuple[FamilyLayout, ...] = (
     FamilyLayout(
         family="gpt2",
@@ -167,6 +181,12 @@ FAMILIES: tuple[FamilyLayout, ...] = (
             _w("mlp.c_proj", 0, "i", "1"),
         ),
         notes="fused c_attn [D, 3D] as q|k|v; Conv1D transposed",
+        bridge_hooks={
+            "attn.c_attn": ("attn.q.hook_out", "attn.k.hook_out", "attn.v.hook_out"),
+            "attn.c_proj": ("attn.o.hook_out",),
+            "mlp.c_fc": ("mlp.in.hook_out",),
+            "mlp.c_proj": ("mlp.out.hook_out",),
+        },
     ),
     FamilyLayout(
         family="gpt_neox",
@@ -204,6 +224,12 @@ FAMILIES: tuple[FamilyLayout, ...] = (
             Mirror("attention.v.bias", "attn.query_key_value.bias", 0, "h*3*dh + 2*dh", "dh"),
         ),
         notes="per-head interleaved fused query_key_value; bridge copies q/k/v",
+        bridge_hooks={
+            "attn.query_key_value": ("attn.q.hook_out", "attn.k.hook_out", "attn.v.hook_out"),
+            "attn.dense": ("attn.o.hook_out",),
+            "mlp.dense_h_to_4h": ("mlp.in.hook_out",),
+            "mlp.dense_4h_to_h": ("mlp.out.hook_out",),
+        },
     ),
     FamilyLayout(
         family="llama",
@@ -214,6 +240,7 @@ FAMILIES: tuple[FamilyLayout, ...] = (
         kv_head=_LLAMA_KV,
         neuron=_gated_neuron(),
         notes="separate q/k/v/o with GQA; gated MLP",
+        bridge_hooks=_LLAMA_HOOKS,
     ),
     FamilyLayout(
         family="phi3",
@@ -241,6 +268,12 @@ FAMILIES: tuple[FamilyLayout, ...] = (
             _w("mlp.down_proj", 1, "i", "1"),
         ),
         notes="fused qkv_proj and gate_up_proj",
+        bridge_hooks={
+            "attn.qkv_proj": ("attn.q.hook_out", "attn.k.hook_out", "attn.v.hook_out"),
+            "attn.o_proj": ("attn.o.hook_out",),
+            "mlp.gate_up_proj": ("mlp.gate.hook_out", "mlp.in.hook_out"),
+            "mlp.down_proj": ("mlp.out.hook_out",),
+        },
     ),
     FamilyLayout(
         family="phi",
@@ -266,6 +299,14 @@ FAMILIES: tuple[FamilyLayout, ...] = (
             _w("mlp.fc2", 1, "i", "1"),
         ),
         notes="Phi-1.5/2: separate q/k/v with biases, dense output, plain MLP",
+        bridge_hooks={
+            "attn.q_proj": ("attn.q.hook_out",),
+            "attn.k_proj": ("attn.k.hook_out",),
+            "attn.v_proj": ("attn.v.hook_out",),
+            "attn.dense": ("attn.o.hook_out",),
+            "mlp.fc1": ("mlp.in.hook_out",),
+            "mlp.fc2": ("mlp.out.hook_out",),
+        },
     ),
 )
 
@@ -429,6 +470,41 @@ class ModelLayout:
                 + ", ".join(self.family.linears)
             )
         return u
+
+    def linear_hooks(self, unit: Linear) -> tuple[str, ...]:
+        """Bridge hook names (``blocks.3.attn.q.hook_out``, ...) that together are its output."""
+        u = self.validate(unit)
+        assert isinstance(u, Linear)
+        rel = self.family.bridge_hooks.get(u.name)
+        if not rel:
+            raise LayoutMismatchError(
+                f"the {self.family.family} layout has no bridge hook for {u.name!r}; add it to "
+                "the family's bridge_hooks table in layouts.py"
+            )
+        return tuple(f"blocks.{u.layer}.{h}" for h in rel)
+
+    def output_linear(self, kind: UnitKind) -> str:
+        """The linear that heads (``attn.o``) or neurons (``mlp.out``) write through."""
+        want = {"head": ("attn.o.hook_out",), "neuron": ("mlp.out.hook_out",)}.get(kind)
+        for name, hooks in self.family.bridge_hooks.items():
+            if want is not None and tuple(hooks) == want:
+                return name
+        raise LayoutMismatchError(
+            f"no output projection for {kind!r} units in the {self.family.family} layout"
+        )
+
+    def output_slice(self, unit: Head | Neuron) -> TensorSlice:
+        """The unit's slice of its output projection's weight (sliced along its input dim).
+
+        ``dim == 1``: an ``nn.Linear`` weight ``[out, in]``; ``dim == 0``: a GPT-2
+        ``Conv1D`` weight ``[in, out]``.
+        """
+        u = self.validate(unit)
+        weight = self.param_name(u.layer, self.output_linear(u.kind) + ".weight")
+        for s in self.slices(u):
+            if s.param == weight:
+                return s
+        raise LayoutMismatchError(f"{u}: no slice of {weight!r} in its layout")
 
     def kv_group_of(self, head: Head) -> KVHead:
         """The KV group whose k/v rows query head ``head`` reads."""
