@@ -128,7 +128,8 @@ def answer_logprobs(
     logits: Float[torch.Tensor, "batch seq vocab"], enc: Encoded
 ) -> Float[torch.Tensor, " batch"]:
     """Sum over answer tokens of log p(answer token | prefix): differentiable, per example."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
+    # At least float32 (bf16/fp16 logits are upcast; float64 ones stay float64).
+    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     seq = enc.input_ids.shape[1]
     # Position t predicts token t+1; gather the next token at each position.
     nxt = torch.cat([enc.input_ids[:, 1:], enc.input_ids[:, :1]], dim=1).to(logits.device)
