@@ -1,0 +1,242 @@
+"""Scoring and selection: which units carry the task.
+
+>>> s = score(pair, task, "attribution", units=("head", "neuron"))   # doctest: +SKIP
+>>> with transplant(pair, s.top(8, kinds="head")):                    # doctest: +SKIP
+...     ...
+
+Methods (one module each in this package, registered by name):
+
+* ``paper_l1``: the source method's rule for whole linears (|mean L1 of the
+  output at the last token, source - target|), optionally over greedy decode steps;
+* ``activation_diff``: mean source-target distance of each unit's activation;
+* ``attribution``: first-order estimate of the metric change from patching the
+  unit's source activation into the target (signed);
+* ``activation_patch``: the exact patching effect, one unit at a time (signed);
+* ``weight_diff``: ``||W_source - W_target||`` over the unit's slices (no data);
+* ``random``: seeded random control (no data); see also :meth:`Scores.bottom`.
+
+Retention-aware scoring: ``contrast=other_task`` scores ``score_task - lam *
+score_contrast`` with the same method, favouring units that carry the missing
+capability but not what the target must keep doing.
+
+Consistency (for the data-based methods): the fraction of prompts on which the
+unit's per-prompt score is strictly above the median per-prompt score of all
+scored units of the same kind (lower median for an even count).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib
+import math
+import pkgutil
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from tl_transplant.scoring._base import (
+    SCORERS,
+    Context,
+    MetricFn,
+    RawScores,
+    Scorer,
+    ScoringData,
+    ScoringError,
+    check_options,
+    get_scorer,
+    register,
+)
+from tl_transplant.scoring.scores import Scores
+from tl_transplant.tokens import resolve_prepend_bos
+from tl_transplant.units import (
+    UNIT_KINDS,
+    Head,
+    KVHead,
+    Linear,
+    Neuron,
+    Unit,
+    UnitError,
+    normalize_kinds,
+    parse_unit,
+)
+
+# Import every scorer module so that each registers itself (a new scorer is one new file).
+for _mod in pkgutil.iter_modules(__path__):
+    if not _mod.name.startswith("_") and _mod.name != "scores":
+        importlib.import_module(f"{__name__}.{_mod.name}")
+
+_UNITS_HELP = (
+    "'head', 'kv_head', 'neuron', 'linear', a tuple of these (e.g. ('head', 'neuron')), "
+    "or explicit units such as ['L1.H2', 'L0.N7', 'L3.attn.q_proj']"
+)
+
+
+def available_methods() -> list[str]:
+    """Names of the registered scoring methods."""
+    return sorted(SCORERS)
+
+
+def _unit_items(units: Any) -> list[Any]:
+    if isinstance(units, str):
+        return [p for p in units.replace(" ", "").split(",") if p]
+    if isinstance(units, (Head, KVHead, Neuron, Linear)):
+        return [units]
+    try:
+        return list(units)
+    except TypeError:
+        raise ScoringError(f"invalid units {units!r}; valid values are {_UNITS_HELP}") from None
+
+
+def _resolve_units(pair: Any, units: Any, scorer: type[Scorer]) -> tuple[list[Unit], str]:
+    """Turn ``units`` (kinds or explicit units) into the list to score, plus a description."""
+    explicit: list[Unit] | None = None
+    if units is None:
+        wanted = list(scorer.default_kinds)
+    else:
+        items = _unit_items(units)
+        if not items:
+            raise ScoringError(f"units is empty; valid values are {_UNITS_HELP}")
+        try:
+            wanted = list(normalize_kinds([str(x) for x in items]))
+            if not all(isinstance(x, str) for x in items):
+                raise UnitError("not kind names")
+        except UnitError:
+            try:
+                explicit = list(dict.fromkeys(pair.validate(parse_unit(x)) for x in items))
+            except (UnitError, TypeError) as e:
+                raise ScoringError(
+                    f"invalid units {units!r} ({e}); valid values are {_UNITS_HELP}"
+                ) from None
+            wanted = sorted({u.kind for u in explicit}, key=UNIT_KINDS.index)
+    bad = [k for k in wanted if k not in scorer.kinds]
+    if bad:
+        raise ScoringError(
+            f"{scorer.name} cannot score {bad[0]} units; valid units for {scorer.name}: "
+            + ", ".join(scorer.kinds)
+        )
+    if explicit is not None:
+        return explicit, ",".join(str(u) for u in explicit)
+    return pair.units(wanted), "+".join(wanted)
+
+
+def _as_data(pair: Any, task_or_prompts: Any, prepend_bos: Any, scorer: type[Scorer],
+             role: str = "task") -> ScoringData | None:
+    if task_or_prompts is None:
+        if scorer.needs_data:
+            raise ScoringError(
+                f"{scorer.name} needs data: pass a Task or a list of prompt strings as {role}"
+            )
+        return None
+    if isinstance(task_or_prompts, str):
+        task_or_prompts = [task_or_prompts]
+    if hasattr(task_or_prompts, "prompts"):
+        prompts = list(task_or_prompts.prompts)
+        answers = getattr(task_or_prompts, "answers", None)
+        answers = None if answers is None else list(answers)
+        name = str(getattr(task_or_prompts, "name", "task"))
+        bos = resolve_prepend_bos(pair, getattr(task_or_prompts, "prepend_bos", "auto"))
+    elif isinstance(task_or_prompts, Sequence) and all(isinstance(p, str) for p in task_or_prompts):
+        prompts, answers, name = list(task_or_prompts), None, "prompts"
+        bos = resolve_prepend_bos(pair, prepend_bos)
+    else:
+        raise ScoringError(
+            f"{role} must be a Task or a list of prompt strings, got "
+            f"{type(task_or_prompts).__name__}"
+        )
+    if not prompts:
+        raise ScoringError(f"{role} has no prompts")
+    if answers is not None and len(answers) != len(prompts):
+        raise ScoringError(f"{role}: {len(prompts)} prompts but {len(answers)} answers")
+    if scorer.needs_answers and answers is None:
+        raise ScoringError(
+            f"{scorer.name} needs answers (its metric is the answer log-prob): pass a Task "
+            f"with answers as {role}, not plain prompts"
+        )
+    return ScoringData(name, prompts, answers, bos)
+
+
+def score(
+    pair: Any,
+    task_or_prompts: Any,
+    method: str,
+    units: str | Iterable[str | Unit] | Unit | None = None,
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+    contrast: Any = None,
+    lam: float = 1.0,
+    metric: MetricFn | None = None,
+    prepend_bos: bool | str = "auto",
+    **options: Any,
+) -> Scores:
+    """Score units of ``pair`` on a task (or plain prompts) with one method.
+
+    ``units``: unit kind(s) (``"head"``, ``"kv_head"``, ``"neuron"``, ``"linear"``
+    or a tuple) or explicit units; ``None`` means the method's default kinds.
+    ``contrast``/``lam``: retention-aware scoring, ``score - lam * score_on_contrast``.
+    ``metric``: ``f(logits, encoded) -> [batch]`` for attribution/activation_patch
+    (default: summed answer log-prob). ``prepend_bos`` applies to plain prompts (a
+    Task carries its own). Method options go in ``**options`` (e.g.
+    ``positions="answer"``, ``decode_steps=8``, ``seed=1``, ``alpha=0.5``).
+    Scores do not depend on ``batch_size`` (up to float rounding).
+    """
+    cls = get_scorer(method)
+    opts = check_options(cls, options)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ScoringError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    unit_list, unit_desc = _resolve_units(pair, units, cls)
+    data = _as_data(pair, task_or_prompts, prepend_bos, cls)
+    cdata = None
+    if contrast is not None:
+        if not cls.needs_data:
+            raise ScoringError(
+                f"contrast= needs a data-based method; {method} does not look at data, so its "
+                "score on a contrast task would equal its task score"
+            )
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
+            raise ScoringError(f"lam must be a finite number, got {lam!r}")
+        cdata = _as_data(pair, contrast, prepend_bos, cls, role="contrast")
+    if metric is not None and not callable(metric):
+        raise ScoringError("metric must be a callable f(logits, encoded) -> per-example tensor")
+    ctx = Context(pair=pair, batch_size=batch_size, progress=progress, options=opts,
+                  metric=metric)
+    scorer = cls(ctx)
+    scorer.check()
+    raw: RawScores = scorer.run(unit_list, data)
+    if cdata is not None:
+        raw = scorer.combine(raw, scorer.run(unit_list, cdata), float(lam))
+    d = pair.layout.dims
+    meta: dict[str, Any] = {
+        "method": method,
+        "signed": cls.signed,
+        "options": opts,
+        "units": unit_desc,
+        "task": None if data is None else data.name,
+        "n_prompts": None if data is None else len(data),
+        "prepend_bos": None if data is None else data.prepend_bos,
+        "batch_size": batch_size,
+        "metric": None if not cls.needs_answers else getattr(metric, "__name__", "answer_logprob"),
+        "contrast": None if cdata is None else cdata.name,
+        "lam": None if cdata is None else float(lam),
+        "source": pair.source.name,
+        "target": pair.target.name,
+        "family": pair.layout.family.family,
+        "dims": {"n_layers": d.n_layers, "H": d.H, "KV": d.KV, "dh": d.dh, "D": d.D, "I": d.I},
+        "linear_names": pair.layout.linear_names(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+        **raw.meta,
+    }
+    return Scores(unit_list, raw.values, method=method, consistency=raw.consistency,
+                  columns=raw.columns, meta=meta)
+
+
+__all__ = [
+    "SCORERS",
+    "RawScores",
+    "Scorer",
+    "Scores",
+    "ScoringError",
+    "available_methods",
+    "get_scorer",
+    "register",
+    "score",
+]

@@ -1,0 +1,179 @@
+"""``activation_diff``: how differently source and target compute each unit on the task.
+
+Per prompt, the distance between the unit's activation in the source and in
+the target, averaged over the scored positions; the score is the mean over
+prompts. Activations:
+
+* head: its contribution to the residual stream, ``hook_z[h] @ W_O[h]``
+  (each model with its own ``W_O``, read from the HF output projection through
+  the layout's slices), L2 distance;
+* KV group: its key and value vectors (``hook_k``/``hook_v``), L2 distance of
+  the concatenation;
+* neuron: ``mlp.hook_post``, absolute difference;
+* whole linear: its output (the bridge hooks the layout names), L2 distance.
+
+Positions (``positions=``): ``"last"`` (the last prompt token, the default),
+``"answer"`` (the positions that predict answer tokens; needs answers) or
+``"all"`` (every real token of prompt and answer).
+
+Consistency: see :class:`tl_transplant.scoring._base.Accumulator`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from jaxtyping import Float
+
+from tl_transplant.scoring._base import (
+    Accumulator,
+    HookRunner,
+    RawScores,
+    Scorer,
+    ScoringData,
+    ScoringError,
+    UnitTable,
+    capturer,
+    head_z,
+    kv_k,
+    kv_v,
+    linear_hooks_for,
+    mlp_post,
+    out_weight,
+    register,
+    take_positions,
+    value_hooks,
+    work,
+)
+from tl_transplant.tokens import Encoded
+from tl_transplant.units import Unit
+
+POSITIONS = ("last", "answer", "all")
+_CHUNK = 1 << 24  # elements of a transient [b, pos, H, D] head-contribution block
+
+
+def position_mask(enc: Encoded, positions: str) -> Float[torch.Tensor, "batch seq"]:
+    """1.0 at the scored positions of each row."""
+    if positions == "answer":
+        return enc.answer_mask()
+    seq = enc.input_ids.shape[1]
+    pos = torch.arange(seq)[None, :]
+    return (pos < (enc.prompt_len + enc.answer_len)[:, None]).float()
+
+
+def head_distance(
+    z_s: Float[torch.Tensor, "batch pos H dh"],
+    z_t: Float[torch.Tensor, "batch pos H dh"],
+    w_s: Float[torch.Tensor, "H dh D"],
+    w_t: Float[torch.Tensor, "H dh D"],
+) -> Float[torch.Tensor, "batch pos H"]:
+    """``||z_s W_s - z_t W_t||`` per head and position, in position chunks."""
+    b, p, h, _ = z_s.shape
+    d = w_s.shape[-1]
+    step = max(1, _CHUNK // max(1, b * h * d))
+    out = []
+    for i in range(0, p, step):
+        c_s = torch.einsum("bphd,hdD->bphD", work(z_s[:, i : i + step]), w_s)
+        c_t = torch.einsum("bphd,hdD->bphD", work(z_t[:, i : i + step]), w_t)
+        out.append((c_s - c_t).norm(dim=-1))
+    return torch.cat(out, dim=1)
+
+
+@register
+class ActivationDiff(Scorer):
+    """Mean source-target distance of each unit's activation over prompts."""
+
+    name = "activation_diff"
+    default_kinds = ("head", "neuron")
+    options = {"positions": "last"}
+
+    def check(self) -> None:
+        if self.opts["positions"] not in POSITIONS:
+            raise ScoringError(
+                f"activation_diff: positions must be one of {', '.join(POSITIONS)}; "
+                f"got {self.opts['positions']!r}"
+            )
+
+    def run(self, units: list[Unit], data: ScoringData | None) -> RawScores:
+        assert data is not None
+        pair, layout = self.ctx.pair, self.ctx.layout
+        positions: str = self.opts["positions"]
+        if positions == "answer" and data.answers is None:
+            raise ScoringError(
+                "activation_diff with positions='answer' needs answers; pass a Task"
+            )
+        table = UnitTable(units, layout)
+        acc = Accumulator(table)
+        names = value_hooks(table, layout)
+        stop = table.max_layer()
+        state: dict[str, Any] = {}
+
+        def gather(t: torch.Tensor) -> torch.Tensor:
+            if positions == "last":
+                return take_positions(t, state["last"])
+            return t  # all positions; masked at reduction time
+
+        with HookRunner(pair, names) as runner:
+            # "all" covers the answer tokens too when there are answers.
+            answers = positions == "answer" or (positions == "all" and data.answers is not None)
+            for enc, _ in self.ctx.batches(data, answers=answers, desc="activation_diff"):
+                b = len(enc)
+                state["last"] = enc.last_prompt_pos
+                src: dict[str, torch.Tensor] = {}
+                tgt: dict[str, torch.Tensor] = {}
+                with torch.no_grad():
+                    runner.run(pair.source, enc.input_ids,
+                               {n: capturer(src, n, transform=gather) for n in names}, stop)
+                    runner.run(pair.target, enc.input_ids,
+                               {n: capturer(tgt, n, transform=gather) for n in names}, stop)
+                    per = acc.new_batch(b)
+                    dev = pair.target.device
+                    if positions == "last":
+                        mask = torch.ones(b, 1, device=dev)
+                    else:
+                        mask = position_mask(enc, positions).to(dev)
+                    denom = mask.sum(1).clamp_min(1.0)
+
+                    def reduce(dist: torch.Tensor, mask: torch.Tensor = mask,
+                               denom: torch.Tensor = denom) -> torch.Tensor:
+                        """Per-prompt mean over scored positions: [b, pos, n] -> [b, n]."""
+                        return (dist * mask[:, :, None]).sum(1) / denom[:, None]
+
+                    self._fill(table, layout, src, tgt, per, reduce)
+                acc.add("score", per)
+                acc.add_consistency(per)
+                acc.done(b)
+        return RawScores(acc.mean("score"), acc.consistency(), meta={"positions": positions})
+
+    def _fill(self, table: UnitTable, layout: Any, src: dict[str, torch.Tensor],
+              tgt: dict[str, torch.Tensor], per: torch.Tensor, reduce: Any) -> None:
+        pair = self.ctx.pair
+        dev = pair.target.device
+
+        def s(name: str) -> torch.Tensor:
+            return work(src[name].to(dev))
+
+        def t(name: str) -> torch.Tensor:
+            return work(tgt[name])
+
+        for layer in table.layers("head"):
+            w_s = out_weight(pair.source, layout, "head", layer).to(dev)
+            w_t = out_weight(pair.target, layout, "head", layer).to(dev)
+            dist = head_distance(s(head_z(layer)), t(head_z(layer)), w_s, w_t)
+            table.put(per, "head", layer, reduce(dist))
+        for layer in table.layers("kv_head"):
+            dk = s(kv_k(layer)) - t(kv_k(layer))
+            dv = s(kv_v(layer)) - t(kv_v(layer))
+            dist = (dk.pow(2).sum(-1) + dv.pow(2).sum(-1)).sqrt()
+            table.put(per, "kv_head", layer, reduce(dist))
+        for layer in table.layers("neuron"):
+            dist = (s(mlp_post(layer)) - t(mlp_post(layer))).abs()
+            table.put(per, "neuron", layer, reduce(dist))
+        for layer in table.layers("linear"):
+            names = layout.linear_names()
+            vals = torch.zeros(per.shape[0], len(names), device=dev, dtype=torch.float64)
+            for lin, hooks in linear_hooks_for(table, layout, layer).items():
+                sq = sum((s(h) - t(h)).flatten(2).pow(2).sum(-1) for h in hooks)
+                vals[:, names.index(lin)] = reduce(sq.sqrt()[:, :, None])[:, 0]
+            table.put(per, "linear", layer, vals)

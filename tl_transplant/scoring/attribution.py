@@ -1,0 +1,102 @@
+"""``attribution``: first-order estimate of what patching each unit would do to the metric.
+
+``score_u = mean over prompts of sum over positions <grad_target(metric), delta_u>``,
+where ``delta_u`` is the change that putting the source's activation of the unit
+into the target makes at the hook points where the unit writes (see
+:mod:`tl_transplant.scoring._effects`; for a KV group the gradients at
+``hook_k``/``hook_v`` of its group, so GQA is handled exactly). Signed:
+positive means the transplant should raise the metric.
+
+The metric is the task's differentiable score, by default the summed log-prob
+of the answer tokens (:func:`tl_transplant.tokens.answer_logprobs`); pass
+``metric=`` to :func:`tl_transplant.scoring.score` for another one. Cost per
+batch: one forward on the source (no gradients), one forward and one backward
+(to activations only, never to weights) on the target.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tl_transplant.scoring._base import (
+    Accumulator,
+    HookRunner,
+    RawScores,
+    Scorer,
+    ScoringData,
+    ScoringError,
+    UnitTable,
+    capturer,
+    register,
+    value_hooks,
+    write_hooks,
+)
+from tl_transplant.scoring._effects import Effects
+from tl_transplant.units import Unit
+
+
+@register
+class Attribution(Scorer):
+    """grad_target(metric) . (act_source - act_target), per unit."""
+
+    name = "attribution"
+    default_kinds = ("head", "neuron")
+    needs_answers = True
+    signed = True
+
+    def run(self, units: list[Unit], data: ScoringData | None) -> RawScores:
+        assert data is not None
+        pair, layout = self.ctx.pair, self.ctx.layout
+        table = UnitTable(units, layout)
+        acc = Accumulator(table)
+        vals, writes = value_hooks(table, layout), write_hooks(table, layout)
+        names = list(dict.fromkeys(vals + writes))
+        metric_fn = self.ctx.metric_fn()
+        with HookRunner(pair, names) as runner:
+            for enc, _ in self.ctx.batches(data, answers=True, desc="attribution"):
+                b = len(enc)
+                src: dict[str, torch.Tensor] = {}
+                tgt: dict[str, torch.Tensor] = {}
+                graph: dict[str, torch.Tensor] = {}
+                with torch.no_grad():
+                    runner.run(pair.source, enc.input_ids,
+                               {n: capturer(src, n) for n in vals}, table.max_layer())
+                handlers = {n: capturer(tgt, n) for n in vals}
+                for n in writes:
+                    grab = capturer(graph, n, graph=True)
+                    value = handlers.get(n)
+                    handlers[n] = _both(grab, value)
+                with torch.enable_grad():
+                    logits = runner.run(pair.target, enc.input_ids, handlers)
+                    assert logits is not None
+                    total = metric_fn(logits, enc.to(logits.device)).sum()
+                    if not total.requires_grad:
+                        raise ScoringError("attribution: the metric does not depend on the logits")
+                    g = torch.autograd.grad(total, [graph[n] for n in writes], allow_unused=True)
+                grads = {
+                    n: (gi if gi is not None else torch.zeros_like(graph[n])).detach()
+                    for n, gi in zip(writes, g)
+                }
+                del logits, total, graph
+                with torch.no_grad():
+                    for n in vals:
+                        tgt[n] = tgt[n].detach()
+                    per = acc.new_batch(b)
+                    Effects(pair, table, src, tgt).attribution(grads, per)
+                acc.add("score", per)
+                acc.add_consistency(per)
+                acc.done(b)
+        return RawScores(acc.mean("score"), acc.consistency())
+
+
+def _both(grab, value):  # type: ignore[no-untyped-def]
+    """Run the graph capture first (it may swap in a grad-requiring leaf), then the value one."""
+
+    def h(t: torch.Tensor) -> torch.Tensor | None:
+        r = grab(t)
+        t2 = t if r is None else r
+        if value is not None:
+            value(t2)
+        return r
+
+    return h

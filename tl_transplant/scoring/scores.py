@@ -1,0 +1,277 @@
+"""``Scores``: one number per unit, with ranking, tables, grids and files."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float
+
+from tl_transplant.units import (
+    UNIT_KINDS,
+    Head,
+    KVHead,
+    Neuron,
+    Unit,
+    normalize_kinds,
+    parse_unit,
+    unit_sort_key,
+)
+
+SCORES_FORMAT = "tl_transplant.scores/1"
+_COUNT_KEYS = {"head": "H", "kv_head": "KV", "neuron": "I"}
+
+
+def _index(u: Unit, linear_names: Sequence[str]) -> int:
+    if isinstance(u, Head):
+        return u.head
+    if isinstance(u, KVHead):
+        return u.group
+    if isinstance(u, Neuron):
+        return u.index
+    names = list(linear_names)
+    return names.index(u.name) if u.name in names else -1
+
+
+def _floats(t: torch.Tensor | None) -> list[float | None] | None:
+    if t is None:
+        return None
+    return [None if math.isnan(x) else float(x) for x in t.tolist()]
+
+
+def _tensor(xs: Sequence[float | None] | None) -> torch.Tensor | None:
+    if xs is None:
+        return None
+    return torch.tensor([math.nan if x is None else float(x) for x in xs], dtype=torch.float64)
+
+
+class Scores:
+    """Scores of units by one method. Higher means "more worth transplanting".
+
+    ``values``, ``consistency`` and the extra ``columns`` are float64 vectors
+    aligned with ``units``. ``meta`` records how the scores were made (method
+    options, task, pair, model dims), and survives ``save``/``load``.
+    """
+
+    def __init__(
+        self,
+        units: Sequence[Unit | str],
+        values: Float[torch.Tensor, " n"] | Sequence[float],
+        *,
+        method: str,
+        consistency: Float[torch.Tensor, " n"] | Sequence[float] | None = None,
+        columns: dict[str, Float[torch.Tensor, " n"]] | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        self.units: list[Unit] = [parse_unit(u) for u in units]
+        self.values = torch.as_tensor(values, dtype=torch.float64).detach().cpu().reshape(-1)
+        n = len(self.units)
+        if self.values.numel() != n:
+            raise ValueError(f"{n} units but {self.values.numel()} scores")
+        self.consistency = (
+            None if consistency is None
+            else torch.as_tensor(consistency, dtype=torch.float64).detach().cpu().reshape(-1)
+        )
+        if self.consistency is not None and self.consistency.numel() != n:
+            raise ValueError(f"{n} units but {self.consistency.numel()} consistency values")
+        self.columns = {
+            k: torch.as_tensor(v, dtype=torch.float64).detach().cpu().reshape(-1)
+            for k, v in (columns or {}).items()
+        }
+        self.method = method
+        self.meta: dict[str, Any] = dict(meta or {})
+        self._pos = {u: i for i, u in enumerate(self.units)}
+
+    # ---- basics -------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def __iter__(self) -> Iterator[tuple[Unit, float]]:
+        return iter(zip(self.units, self.values.tolist()))
+
+    def __contains__(self, unit: object) -> bool:
+        try:
+            return parse_unit(unit) in self._pos  # type: ignore[arg-type]
+        except ValueError:
+            return False
+
+    def __getitem__(self, unit: Unit | str) -> float:
+        """The score of one unit (``scores["L1.H2"]``)."""
+        u = parse_unit(unit)
+        if u not in self._pos:
+            raise KeyError(f"{u} was not scored (scored kinds: {', '.join(self.kinds)})")
+        return float(self.values[self._pos[u]])
+
+    def __repr__(self) -> str:
+        best = ", ".join(f"{u}={v:.4g}" for u, v in zip(self.top(3), self._top_values(3)))
+        return f"Scores(method={self.method!r}, n={len(self)}, kinds={self.kinds}, top: {best})"
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        present = {u.kind for u in self.units}
+        return tuple(k for k in UNIT_KINDS if k in present)
+
+    @property
+    def signed(self) -> bool:
+        return bool(self.meta.get("signed", False))
+
+    # ---- ranking ------------------------------------------------------------------------
+    def _ranked(self, kinds: str | Iterable[str] | None, descending: bool) -> list[int]:
+        allowed = set(normalize_kinds(kinds))
+        idx = [
+            i for i, u in enumerate(self.units)
+            if u.kind in allowed and not math.isnan(float(self.values[i]))
+        ]
+        sign = -1.0 if descending else 1.0
+        vals = self.values.tolist()
+        return sorted(idx, key=lambda i: (sign * vals[i], unit_sort_key(self.units[i])))
+
+    def _check_k(self, k: int) -> int:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"k must be an int >= 0, got {k!r}")
+        return k
+
+    def top(self, k: int, kinds: str | Iterable[str] | None = None) -> list[Unit]:
+        """The ``k`` highest-scoring units (of the given kinds); ties by unit order, NaN last."""
+        return [self.units[i] for i in self._ranked(kinds, True)[: self._check_k(k)]]
+
+    def bottom(self, k: int, kinds: str | Iterable[str] | None = None) -> list[Unit]:
+        """The ``k`` lowest-scoring units: the "anti-selection" control."""
+        return [self.units[i] for i in self._ranked(kinds, False)[: self._check_k(k)]]
+
+    def _top_values(self, k: int) -> list[float]:
+        return [float(self.values[i]) for i in self._ranked(None, True)[:k]]
+
+    def filter(self, kinds: str | Iterable[str]) -> Scores:
+        """The scores of the given kinds only."""
+        allowed = set(normalize_kinds(kinds))
+        keep = [i for i, u in enumerate(self.units) if u.kind in allowed]
+        idx = torch.tensor(keep, dtype=torch.long)
+        return Scores(
+            [self.units[i] for i in keep], self.values[idx], method=self.method,
+            consistency=None if self.consistency is None else self.consistency[idx],
+            columns={k: v[idx] for k, v in self.columns.items()}, meta=self.meta,
+        )
+
+    # ---- views --------------------------------------------------------------------------
+    def to_frame(self) -> Any:
+        """A pandas DataFrame: unit, kind, layer, index, score, consistency, method, extras."""
+        import pandas as pd
+
+        names = self.meta.get("linear_names", [])
+        data: dict[str, Any] = {
+            "unit": [str(u) for u in self.units],
+            "kind": [u.kind for u in self.units],
+            "layer": [u.layer for u in self.units],
+            "index": [_index(u, names) for u in self.units],
+            "score": self.values.numpy(),
+            "consistency": (
+                self.consistency.numpy() if self.consistency is not None
+                else [math.nan] * len(self)
+            ),
+            "method": [self.method] * len(self),
+        }
+        for k, v in self.columns.items():
+            data[k] = v.numpy()
+        return pd.DataFrame(data)
+
+    def as_grid(self, kind: str) -> Float[torch.Tensor, "layers n"]:
+        """``[layers x units-per-layer]`` scores for a heatmap (NaN where not scored)."""
+        (k,) = normalize_kinds(kind)
+        units = [(i, u) for i, u in enumerate(self.units) if u.kind == k]
+        if not units:
+            raise ValueError(f"no {k} units were scored (scored kinds: {', '.join(self.kinds)})")
+        names = self.meta.get("linear_names", [])
+        dims = self.meta.get("dims", {})
+        n_layers = int(dims.get("n_layers", max(u.layer for _, u in units) + 1))
+        if k == "linear":
+            width = len(names) or max(_index(u, names) for _, u in units) + 1
+        else:
+            width = int(dims.get(_COUNT_KEYS[k], max(_index(u, names) for _, u in units) + 1))
+        grid = torch.full((n_layers, width), math.nan, dtype=torch.float64)
+        for i, u in units:
+            grid[u.layer, _index(u, names)] = self.values[i]
+        return grid
+
+    # ---- files --------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": SCORES_FORMAT,
+            "method": self.method,
+            "meta": self.meta,
+            "units": [str(u) for u in self.units],
+            "score": _floats(self.values),
+            "consistency": _floats(self.consistency),
+            "columns": {k: _floats(v) for k, v in self.columns.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Scores:
+        if d.get("format") != SCORES_FORMAT:
+            raise ValueError(
+                f"not a tl_transplant scores file (format={d.get('format')!r}, "
+                f"expected {SCORES_FORMAT!r})"
+            )
+        cols = {k: _tensor(v) for k, v in d.get("columns", {}).items()}
+        return cls(
+            d["units"], _tensor(d["score"]), method=d["method"],
+            consistency=_tensor(d.get("consistency")),
+            columns={k: v for k, v in cols.items() if v is not None}, meta=d.get("meta", {}),
+        )
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``.json`` or ``.parquet`` (chosen by the suffix); returns the path."""
+        p = Path(path)
+        suffix = p.suffix.lower()
+        if suffix == ".json":
+            p.write_text(json.dumps(self.to_dict(), indent=1, default=str, allow_nan=False))
+        elif suffix in (".parquet", ".pq"):
+            pa, pq = _pyarrow()
+            table = pa.Table.from_pandas(self.to_frame(), preserve_index=False)
+            head = {k: v for k, v in self.to_dict().items() if k in ("format", "method", "meta")}
+            head["has_consistency"] = self.consistency is not None
+            head["columns"] = list(self.columns)
+            md = dict(table.schema.metadata or {})
+            md[b"tl_transplant"] = json.dumps(head, default=str).encode()
+            pq.write_table(table.replace_schema_metadata(md), p)
+        else:
+            raise ValueError(f"cannot save scores as {p.name!r}: use a .json or .parquet path")
+        return p
+
+    @classmethod
+    def load(cls, path: str | Path) -> Scores:
+        """Read scores written by :meth:`save`."""
+        p = Path(path)
+        suffix = p.suffix.lower()
+        if suffix == ".json":
+            return cls.from_dict(json.loads(p.read_text()))
+        if suffix in (".parquet", ".pq"):
+            _, pq = _pyarrow()
+            table = pq.read_table(p)
+            raw = (table.schema.metadata or {}).get(b"tl_transplant")
+            if raw is None:
+                raise ValueError(f"{p} is a parquet file but not a tl_transplant scores file")
+            head = json.loads(raw)
+            df = table.to_pandas()
+            d = dict(head)
+            d["units"] = df["unit"].tolist()
+            d["score"] = df["score"].tolist()
+            d["consistency"] = df["consistency"].tolist() if head["has_consistency"] else None
+            d["columns"] = {k: df[k].tolist() for k in head["columns"]}
+            d["score"] = [None if math.isnan(x) else x for x in d["score"]]
+            return cls.from_dict(d)
+        raise ValueError(f"cannot load scores from {p.name!r}: expected .json or .parquet")
+
+
+def _pyarrow() -> tuple[Any, Any]:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as e:  # pragma: no cover - pyarrow ships with our pandas installs
+        raise ImportError("saving scores as parquet needs pyarrow (pip install pyarrow); "
+                          "or save as .json") from e
+    return pa, pq

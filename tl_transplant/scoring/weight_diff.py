@@ -1,0 +1,116 @@
+"""``weight_diff``: how far each unit's weights moved, ``||W_source - W_target||``.
+
+The Frobenius norm over all of a unit's slices (weights and biases, exactly the
+slices a transplant of that unit would copy), computed in float64, so units
+whose weights are identical score exactly 0. ``relative=True`` divides by the
+target's norm over the same slices. Needs no data: a data-free control.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from jaxtyping import Float
+
+from tl_transplant.scoring._base import (
+    RawScores,
+    Scorer,
+    ScoringData,
+    ScoringError,
+    UnitTable,
+    _require_loaded,
+    register,
+)
+from tl_transplant.units import Head, KVHead, Linear, Neuron, Unit
+
+_CLS = {"head": Head, "kv_head": KVHead, "neuron": Neuron}
+
+
+def _pieces(layout: Any, kind: str, layer: int, n: int) -> list[tuple[str, int, torch.Tensor, int]]:
+    """(param, dim, starts[n], size) per piece, for all ``n`` units of a kind in a layer."""
+    cls = _CLS[kind]
+    first = layout.slices(cls(layer, 0))
+    if n == 1:
+        return [(s.param, s.dim, torch.tensor([s.start]), s.size) for s in first]
+    second = layout.slices(cls(layer, 1))
+    last = layout.slices(cls(layer, n - 1))
+    out = []
+    affine = len(first) == len(second) == len(last)
+    if affine:
+        for a, b, c in zip(first, second, last):
+            step = b.start - a.start
+            same = a.param == b.param == c.param and a.dim == b.dim == c.dim
+            if not (same and a.size == b.size == c.size and c.start == a.start + (n - 1) * step):
+                affine = False
+                break
+            out.append((a.param, a.dim, a.start + step * torch.arange(n), a.size))
+    if affine:
+        return out
+    per_unit = [layout.slices(cls(layer, i)) for i in range(n)]  # pragma: no cover
+    return [  # pragma: no cover
+        (s.param, s.dim, torch.tensor([u[j].start for u in per_unit]), s.size)
+        for j, s in enumerate(first)
+    ]
+
+
+@register
+class WeightDiff(Scorer):
+    """Norm of the source - target weight difference over each unit's slices."""
+
+    name = "weight_diff"
+    default_kinds = ("head", "neuron")
+    needs_data = False
+    options = {"relative": False}
+
+    def check(self) -> None:
+        if not isinstance(self.opts["relative"], bool):
+            raise ScoringError("weight_diff: relative must be True or False")
+
+    def run(self, units: list[Unit], data: ScoringData | None) -> RawScores:
+        pair, layout = self.ctx.pair, self.ctx.layout
+        table = UnitTable(units, layout)
+        diff_sq = torch.zeros(1, len(units), dtype=torch.float64)
+        tgt_sq = torch.zeros(1, len(units), dtype=torch.float64)
+        cache: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def profiles(param: str, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+            """Squared diff and squared target summed over every dim except ``dim``."""
+            if (param, dim) not in cache:
+                s = _require_loaded(pair.source, param, "weight_diff").detach()
+                t = _require_loaded(pair.target, param, "weight_diff").detach()
+                d = s.to(t.device, torch.float64) - t.to(torch.float64)
+                other = [i for i in range(d.dim()) if i != dim]
+                sq = d.pow(2).sum(other) if other else d.pow(2)
+                tq = t.to(torch.float64).pow(2)
+                tq = tq.sum(other) if other else tq
+                cache[(param, dim)] = (sq.cpu(), tq.cpu())
+            return cache[(param, dim)]
+
+        for kind in table.kinds():
+            for layer in table.layers(kind):
+                if kind == "linear":
+                    names = layout.linear_names()
+                    d_vals = torch.zeros(1, len(names), dtype=torch.float64)
+                    t_vals = torch.zeros(1, len(names), dtype=torch.float64)
+                    for i in table.selected(kind, layer):
+                        for s in layout.slices(Linear(layer, names[i])):
+                            sq, tq = profiles(s.param, s.dim)
+                            d_vals[0, i] += sq[s.start : s.stop].sum()
+                            t_vals[0, i] += tq[s.start : s.stop].sum()
+                else:
+                    n = layout.count(kind)
+                    d_vals = torch.zeros(1, n, dtype=torch.float64)
+                    t_vals = torch.zeros(1, n, dtype=torch.float64)
+                    for param, dim, starts, size in _pieces(layout, kind, layer, n):
+                        sq, tq = profiles(param, dim)
+                        idx = starts[:, None] + torch.arange(size)[None, :]
+                        d_vals[0] += sq[idx].sum(-1)
+                        t_vals[0] += tq[idx].sum(-1)
+                table.put(diff_sq, kind, layer, d_vals)
+                table.put(tgt_sq, kind, layer, t_vals)
+        values: Float[torch.Tensor, " n"] = diff_sq[0].sqrt()
+        target_norm = tgt_sq[0].sqrt()
+        if self.opts["relative"]:
+            values = values / target_norm.clamp_min(torch.finfo(torch.float64).tiny)
+        return RawScores(values, None, {"target_norm": target_norm})
