@@ -18,7 +18,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tl_transplant import ModelPair, TransplantError, apply_transplant, export_hf, transplant
+from tl_transplant import (
+    ModelPair,
+    TransplantError,
+    apply_transplant,
+    export_hf,
+    out_of_core,
+    transplant,
+)
 from tl_transplant.export import MANIFEST_NAME, ExportError
 from tl_transplant.out_of_core import (
     OutOfCoreError,
@@ -124,7 +131,9 @@ def _units(pair: ModelPair) -> list[str]:
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
-def test_matches_in_memory(family: str, sharded, tmp_path: Path) -> None:
+def test_matches_in_memory(
+    family: str, sharded, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     s, t = sharded(family)
     shards = sorted(p.name for p in t.glob("*.safetensors"))
     assert len(shards) >= 3
@@ -156,11 +165,22 @@ def test_matches_in_memory(family: str, sharded, tmp_path: Path) -> None:
     assert rec["units"] == m.units and rec["alpha"] == 0.37
     assert rec["extra"]["out_of_core"]["tensors_blended"] == len(touched)
     assert rec["extra"]["out_of_core"]["hash_notes"] == []
+
+    # Blending a few rows at a time (as big tensors are) gives the same bytes, hashes included.
+    monkeypatch.setattr(out_of_core, "CHUNK_BYTES", 200)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rows = apply_manifest_out_of_core(s, t, mem / MANIFEST_NAME, tmp_path / "rows")
+    for f in shards:
+        assert filecmp.cmp(ooc / f, rows / f, shallow=False), f
     assert _no_tmp_left(tmp_path)
 
 
-def test_sequential_transplants_mixed_dtypes(sharded, tok, tmp_path: Path) -> None:
+def test_sequential_transplants_mixed_dtypes(
+    sharded, tok, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Two transplants in a row (overlapping), bf16 target and fp32 source: same bits."""
+    monkeypatch.setattr(out_of_core, "CHUNK_BYTES", 100)
     s, _ = sharded("qwen2")
     t = _save(tiny_model("qwen2").to(torch.bfloat16), tok, tmp_path / "t_bf16")
     pair = ModelPair.load(s, t)
@@ -207,6 +227,31 @@ def test_checkpoint_without_base_prefix(tok, tmp_path: Path) -> None:
     assert all(_same_bits(sa[k], sb[k]) for k in sa)
     with torch.no_grad():
         assert torch.equal(ma(IDS).logits, mb(IDS).logits)
+
+
+def test_config_dims_checked_against_shapes(tok, tmp_path: Path) -> None:
+    """A config.json that leaves a dim to the class default falls back to AutoConfig."""
+    base = tiny_model("gemma", head_dim=256)  # GemmaConfig's default; not hidden // heads
+    dirs = {}
+    for role, model in (("source", perturbed_copy(base, 0.2, 3)), ("target", base)):
+        d = _save(model, tok, tmp_path / role)
+        cfg = json.loads((d / "config.json").read_text())
+        del cfg["head_dim"]
+        (d / "config.json").write_text(json.dumps(cfg))
+        dirs[role] = d
+    pair = ModelPair.load(dirs["source"], dirs["target"])
+    assert pair.layout.dims.dh == 256
+    mem = export_hf(pair, tmp_path / "mem", apply_transplant(pair, ["L1.H3", "L0.N2"], 0.5))
+    ooc = apply_manifest_out_of_core(dirs["source"], dirs["target"], mem, tmp_path / "ooc")
+    _assert_same_model(mem, ooc)
+
+    bad = tmp_path / "bad"
+    shutil.copytree(dirs["target"], bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["intermediate_size"] = 40
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(OutOfCoreError, match=r"d_mlp=40\) reach 40 of the 48 entries"):
+        apply_manifest_out_of_core(dirs["source"], bad, mem, tmp_path / "x")
 
 
 # ---- clear errors -----------------------------------------------------------------------

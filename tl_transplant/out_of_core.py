@@ -27,6 +27,7 @@ pickle can run code); they are then converted to safetensors shards.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -34,9 +35,10 @@ import os
 import shutil
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal
 
 import torch
@@ -50,8 +52,8 @@ from tl_transplant.layouts import (
     bind_layout,
     family_for,
 )
-from tl_transplant.transplant import MANIFEST_FORMAT, Manifest, blend_values, tensor_sha256
-from tl_transplant.units import UnitError
+from tl_transplant.transplant import MANIFEST_FORMAT, Manifest, blend_values
+from tl_transplant.units import Head, KVHead, Neuron, UnitError
 
 log = logging.getLogger(__name__)
 
@@ -302,16 +304,20 @@ class Checkpoint:
         e = self.entries[name]
         return _ST_DTYPE_NAMES.get(e.dtype, e.dtype)
 
-    def read(self, name: str) -> torch.Tensor:
-        """Read one tensor (memory-mapped file, one tensor's worth of RAM)."""
+    def read_rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
+        """Rows ``r0:r1`` (along dim 0) of one tensor, read through a memory map.
+
+        The file is mapped only for this read, so resident memory stays at the
+        rows asked for, whatever the tensor's size.
+        """
         e = self.entries[name]
         if self.format == "pickle":
-            return self._pickle_shard(e.file)[name].detach().clone()
+            return self._pickle_shard(e.file)[name][r0:r1].detach().clone()
         from safetensors import SafetensorError, safe_open
 
         try:
             with safe_open(str(self.root / e.file), framework="pt", device="cpu") as f:
-                return f.get_tensor(name)
+                return f.get_slice(name)[r0:r1]
         except (SafetensorError, OSError) as err:
             raise OutOfCoreError(f"{self.where}: cannot read {name} from {e.file}: {err}") from err
 
@@ -400,16 +406,54 @@ def resolve_checkpoint(
 # ---- binding the manifest to the checkpoints --------------------------------------------
 
 
-def _load_config(ck: Checkpoint) -> Any:
-    """The HF config, as transformers reads it (so dims agree with the in-memory path)."""
+def _raw_config(ck: Checkpoint) -> Any:
+    """config.json as attributes: enough for the dims, without importing transformers."""
+    return SimpleNamespace(**ck.config)
+
+
+def _auto_config(ck: Checkpoint) -> Any:
+    """The config as transformers reads it (class defaults filled in, composite configs)."""
     from transformers import AutoConfig
 
-    if not ck.config.get("model_type"):
-        raise OutOfCoreError(f"{ck.where}: config.json has no model_type")
+    return AutoConfig.from_pretrained(str(ck.root), local_files_only=True)
+
+
+def _check_dims(layout: ModelLayout) -> None:
+    """The dims must tile the stored tensors exactly: the last head, KV group and neuron end
+    where their tensors end, and there is no layer past the last."""
+    d = layout.dims
+    reach: dict[tuple[str, int], int] = {}
+    for u in (Head(0, d.H - 1), KVHead(0, d.KV - 1), Neuron(0, d.I - 1)):
+        for s in layout.slices(u):
+            reach[(s.param, s.dim)] = max(reach.get((s.param, s.dim), 0), s.stop)
+    for (param, dim), stop in reach.items():
+        if stop != layout.shapes[param][dim]:
+            raise LayoutMismatchError(
+                f"the config's dims (heads={d.H}, kv_heads={d.KV}, head_dim={d.dh}, "
+                f"d_mlp={d.I}) reach {stop} of the {layout.shapes[param][dim]} entries of "
+                f"{param} along dim {dim}"
+            )
+    extra = layout.prefix(d.n_layers)
+    if any(n.startswith(extra) for n in layout.shapes):
+        raise LayoutMismatchError(
+            f"the checkpoint has tensors under {extra!r} but the config says {d.n_layers} layers"
+        )
+
+
+def _bind_with(
+    config: Any, shapes: dict[str, tuple[int, ...]]
+) -> tuple[ModelLayout, dict[str, str]]:
     try:
-        return AutoConfig.from_pretrained(str(ck.root), local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
-        raise OutOfCoreError(f"{ck.where}: cannot read config.json: {e}") from e
+        layout, rename = bind_layout(config, shapes), {n: n for n in shapes}
+    except LayoutMismatchError:
+        # Checkpoints saved from the base model lack its prefix (GPT-2's h.0... on the hub).
+        prefix = family_for(config.model_type).layer_prefix.split(".")[0] + "."
+        if any(n.startswith(prefix) for n in shapes):
+            raise
+        layout = bind_layout(config, {prefix + n: s for n, s in shapes.items()})
+        rename = {prefix + n: n for n in shapes}
+    _check_dims(layout)
+    return layout, rename
 
 
 def bind_checkpoint(ck: Checkpoint) -> tuple[ModelLayout, dict[str, str]]:
@@ -418,23 +462,24 @@ def bind_checkpoint(ck: Checkpoint) -> tuple[ModelLayout, dict[str, str]]:
     Returns the layout (over HF model names) and a map model name -> stored
     name, which differ only for checkpoints saved without the base-model
     prefix (e.g. GPT-2's ``h.0.attn...`` for ``transformer.h.0.attn...``).
+    The dims come from config.json directly when they tile the stored shapes
+    exactly, else from transformers' ``AutoConfig`` (class defaults filled in).
     """
-    config = _load_config(ck)
-    shapes = ck.shapes()
+    model_type = ck.config.get("model_type")
+    if not model_type:
+        raise OutOfCoreError(f"{ck.where}: config.json has no model_type")
     try:
-        return bind_layout(config, shapes), {n: n for n in shapes}
+        family_for(model_type)
     except UnsupportedArchitectureError as e:
         raise OutOfCoreError(f"{ck.where}: {e}") from e
-    except LayoutMismatchError as first:
-        prefix = family_for(config.model_type).layer_prefix.split(".")[0] + "."
-        if not any(n.startswith(prefix) for n in shapes):
-            try:
-                layout = bind_layout(config, {prefix + n: s for n, s in shapes.items()})
-            except LayoutMismatchError:
-                pass
-            else:
-                return layout, {prefix + n: n for n in shapes}
-        raise OutOfCoreError(f"{ck.where}: {first}") from first
+    shapes = ck.shapes()
+    last: Exception | None = None
+    for make in (_raw_config, _auto_config):
+        try:
+            return _bind_with(make(ck), shapes)
+        except (LayoutMismatchError, TypeError, ValueError, KeyError, OSError) as e:
+            last = e
+    raise OutOfCoreError(f"{ck.where}: {last}") from last
 
 
 @dataclass
@@ -569,62 +614,97 @@ def _check_pair(
 # ---- the blend, one tensor at a time ----------------------------------------------------
 
 
+_WHEN = {"sha256_before": "before", "sha256": "after"}
+CHUNK_BYTES = 2 * 2**20  # rows of a tensor are blended this many bytes at a time
+
+
+def _chunk_mask(parts: list[TensorSlice], shape: tuple[int, ...], r0: int, r1: int) -> torch.Tensor:
+    """The transplant mask restricted to rows ``r0:r1`` (``shape`` is the chunk's shape)."""
+    m = torch.zeros(shape, dtype=torch.bool)
+    for s in parts:
+        if s.dim == 0:
+            a, b = max(s.start, r0), min(s.stop, r1)
+            if a < b:
+                m[a - r0 : b - r0] = True
+        else:
+            m.narrow(s.dim, s.start, s.size).fill_(True)
+    return m
+
+
+def _tensor_bytes(t: torch.Tensor) -> Any:
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
 @dataclass
 class _Blender:
+    """Blends target tensors with the source, a chunk of rows at a time, checking hashes."""
+
     src: Checkpoint
     src_names: dict[str, str]
     plans: list[_RecordPlan]
     mismatches: list[str] = field(default_factory=list)
 
     @torch.no_grad()
-    def __call__(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        """Apply every record that touches ``name`` to target tensor ``t``, in order."""
-        for plan in self.plans:
-            parts = plan.slices.get(name)
-            if not parts:
-                continue
-            row = plan.rows.get(name, {})
-            self._verify(plan, name, t, row.get("sha256_before"), "before", row)
-            mask = torch.zeros(t.shape, dtype=torch.bool)
-            for s in parts:
-                mask.narrow(s.dim, s.start, s.size).fill_(True)
-            s_vals = self.src.read(self.src_names[name])[mask]
-            t[mask] = blend_values(name, t[mask], s_vals, plan.alpha)
-            del s_vals, mask
-            self._verify(plan, name, t, row.get("sha256"), "after", row)
-        return t
-
-    def _verify(
+    def blend(
         self,
-        plan: _RecordPlan,
         name: str,
-        t: torch.Tensor,
-        want: str | None,
-        when: str,
-        row: dict[str, Any],
+        shape: tuple[int, ...],
+        dtype: str,
+        row_bytes: int,
+        read_rows: Callable[[int, int], torch.Tensor],
+        write_rows: Callable[[int, torch.Tensor], None],
     ) -> None:
-        if not want:
-            return
-        if row.get("dtype") and row["dtype"] != str(t.dtype).replace("torch.", ""):
-            note = (
-                f"transplant #{plan.number}: {name} is {row['dtype']} in the manifest but "
-                f"{t.dtype} in the checkpoint; hashes not compared"
-            )
-            if note not in self.mismatches:
-                self.mismatches.append(note)
-            return
-        if tensor_sha256(t) != want:
-            self.mismatches.append(
-                f"transplant #{plan.number}: {name} {when} the blend does not match the "
-                f"manifest's sha256{'_before' if when == 'before' else ''}"
-            )
+        """Apply every record that touches tensor ``name``, in order, chunk by chunk.
+
+        ``read_rows(r0, r1)`` gives target rows, ``write_rows(r0, chunk)`` takes the
+        result. The blend is elementwise, so chunks give the bits of the whole-tensor
+        in-memory blend; the manifest's sha256 of each stage is taken over the chunks
+        in order, which is the tensor's byte stream.
+        """
+        plans = [p for p in self.plans if p.slices.get(name)]
+        if not shape:
+            raise OutOfCoreError(f"internal: 0-dim tensor {name} cannot hold a unit")
+        hashers: dict[tuple[int, str], Any] = {}
+        for p in plans:
+            row = p.rows.get(name, {})
+            if row.get("dtype") and row["dtype"] != dtype:
+                self.mismatches.append(
+                    f"transplant #{p.number}: {name} is {row['dtype']} in the manifest but "
+                    f"{dtype} in the checkpoint; hashes not compared"
+                )
+                continue
+            for when in ("sha256_before", "sha256"):
+                if row.get(when):
+                    hashers[(p.number, when)] = hashlib.sha256()
+        step = max(1, CHUNK_BYTES // max(1, row_bytes))
+        for r0 in range(0, shape[0], step):
+            r1 = min(shape[0], r0 + step)
+            t = read_rows(r0, r1)
+            s_rows: torch.Tensor | None = None
+            for p in plans:
+                if (h := hashers.get((p.number, "sha256_before"))) is not None:
+                    h.update(_tensor_bytes(t))
+                mask = _chunk_mask(p.slices[name], tuple(t.shape), r0, r1)
+                if mask.any():
+                    if s_rows is None:
+                        s_rows = self.src.read_rows(self.src_names[name], r0, r1)
+                    if mask.all():  # whole rows (e.g. a whole linear): skip the gathers
+                        t.copy_(blend_values(name, t, s_rows, p.alpha))
+                    else:
+                        t[mask] = blend_values(name, t[mask], s_rows[mask], p.alpha)
+                if (h := hashers.get((p.number, "sha256"))) is not None:
+                    h.update(_tensor_bytes(t))
+            write_rows(r0, t)
+        for (number, when), h in hashers.items():
+            plan = next(p for p in plans if p.number == number)
+            if h.hexdigest() != plan.rows[name][when]:
+                self.mismatches.append(
+                    f"transplant #{number}: {name} {_WHEN[when]} the blend does not match the "
+                    f"manifest's {when}"
+                )
 
 
 # ---- writing ----------------------------------------------------------------------------
-
-
-def _tensor_bytes(t: torch.Tensor) -> Any:
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 def _write_safetensors_shards(
@@ -642,11 +722,23 @@ def _write_safetensors_shards(
         with open(tmp / f, "r+b") as fh:
             for model_name in names:
                 e = tgt.entries[touched[model_name]]
-                data = _tensor_bytes(blend(model_name, tgt.read(e.name)))
-                if data.nbytes != e.stop - e.start:  # blend keeps dtype and shape
-                    raise OutOfCoreError(f"internal: {e.name} changed size while blending")
-                fh.seek(e.start)
-                fh.write(memoryview(data))
+                row_bytes = (e.stop - e.start) // max(1, e.shape[0]) if e.shape else 0
+
+                def write(r0: int, chunk: torch.Tensor, e: TensorEntry = e, rb: int = row_bytes):
+                    data = _tensor_bytes(chunk)
+                    if data.nbytes != chunk.shape[0] * rb:  # the blend keeps dtype and shape
+                        raise OutOfCoreError(f"internal: {e.name} changed size while blending")
+                    fh.seek(e.start + r0 * rb)
+                    fh.write(memoryview(data))
+
+                blend.blend(
+                    model_name,
+                    e.shape,
+                    tgt.dtype_name(e.name),
+                    row_bytes,
+                    lambda r0, r1, n=e.name: tgt.read_rows(n, r0, r1),
+                    write,
+                )
     if tgt.index is not None:
         index = dict(tgt.index)
         meta = dict(index.get("metadata") or {})
@@ -670,7 +762,6 @@ def _write_pickle_shards(
     stored_to_model = {v: k for k, v in touched.items()}
     weight_map: dict[str, str] = {}
     total = 0
-    rewritten = 0
     for f in tgt.files:
         sd = tgt._pickle_shard(f)
         out: dict[str, torch.Tensor] = {}
@@ -685,8 +776,16 @@ def _write_pickle_shards(
                 continue
             seen[key] = n
             if n in stored_to_model:
-                t = blend(stored_to_model[n], t.detach().clone())
-                rewritten += 1
+                t = t.detach().contiguous().clone()
+                row_bytes = t[0].numel() * t.element_size() if t.dim() else 0
+                blend.blend(
+                    stored_to_model[n],
+                    tuple(t.shape),
+                    e.dtype,
+                    row_bytes,
+                    lambda r0, r1, t=t: t[r0:r1],
+                    lambda r0, chunk: None,
+                )
             elif t.untyped_storage().data_ptr() in storages or not t.is_contiguous():
                 t = t.contiguous().clone()
             storages.add(t.untyped_storage().data_ptr())
