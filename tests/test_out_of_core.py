@@ -202,6 +202,16 @@ def test_alpha_zero_copies_every_shard_byte_for_byte(llama_run, tmp_path: Path) 
         assert filecmp.cmp(f, out / f.name, shallow=False)
 
 
+def test_hand_written_manifest_adds_kv_groups(sharded, tmp_path: Path) -> None:
+    """Only format, units and alpha: KV groups come along as with ``kv="group"`` in memory."""
+    s, t = sharded("mistral")
+    pair = ModelPair.load(s, t)
+    mem = export_hf(pair, tmp_path / "mem", apply_transplant(pair, ["L1.H3", "L0.N4"], 0.8))
+    rec = {"format": "tl_transplant.manifest/1", "units": ["L1.H3", "L0.N4"], "alpha": 0.8}
+    ooc = apply_manifest_out_of_core(s, t, rec, tmp_path / "ooc")
+    _assert_same_model(mem, ooc)
+
+
 def test_checkpoint_without_base_prefix(tok, tmp_path: Path) -> None:
     """GPT-2 checkpoints on the hub store ``h.0...`` for ``transformer.h.0...``."""
     dirs = {}

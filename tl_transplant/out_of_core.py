@@ -7,16 +7,18 @@ safetensors headers alone), and then walks the target's shards:
 
 * a shard that no unit touches is copied byte for byte;
 * a shard that holds touched tensors is copied, and each touched tensor is
-  read (memory-mapped), blended with the matching source tensor (the only
-  source tensors ever read) by the same rule as the in-memory path
+  read through a memory map a few rows at a time (``CHUNK_BYTES``), blended
+  with the same rows of the matching source tensor (the only source tensors
+  ever read) by the rule of the in-memory path
   (:func:`tl_transplant.transplant.blend_values`), and written back in place.
   Blending keeps dtype and shape, so the shard's header, and the index json,
   keep the target's layout exactly.
 
-Peak memory is a few tensors (one target tensor, one source tensor, a mask),
-not a model. Config, tokenizer and other small files are copied, the manifest
-is written next to the weights, and everything goes through a temporary
-sibling directory that is renamed into place, as in :func:`export_hf`.
+Peak memory is a few chunks (target rows, source rows, a mask), not a model
+and not even a whole tensor. Config, tokenizer and other small files are
+copied, the manifest is written next to the weights, and everything goes
+through a temporary sibling directory that is renamed into place, as in
+:func:`export_hf`.
 
 The result is bit-identical to ``apply_transplant`` + ``export_hf`` on the same
 checkpoints (tensor by tensor; shard boundaries follow the target).
@@ -553,14 +555,24 @@ def _plan_record(
             f"manifest transplant #{i} was made for a {fam}-family model, but {tgt.where} is "
             f"{layout.model_type} ({layout.family.family} family)"
         )
-    slices: dict[str, list[TensorSlice]] = {}
+    units = []
     for text in [*rec["units"], *rec.get("kv_added", [])]:
         try:
-            unit = layout.validate(text)
-            parts = layout.slices(unit)
-        except (UnitError, LayoutMismatchError) as e:
+            units.append(layout.validate(text))
+        except UnitError as e:
             raise OutOfCoreError(
                 f"manifest transplant #{i} names unit {text!r}, which {tgt.where} lacks: {e}"
+            ) from e
+    if "kv_added" not in rec and rec.get("kv", "group") == "group":
+        # A hand-written manifest: add KV groups of query heads as plan_transplant does.
+        units += [layout.kv_group_of(u) for u in units if isinstance(u, Head)]
+    slices: dict[str, list[TensorSlice]] = {}
+    for unit in dict.fromkeys(units):
+        try:
+            parts = layout.slices(unit)
+        except LayoutMismatchError as e:
+            raise OutOfCoreError(
+                f"manifest transplant #{i} names unit {unit}, which {tgt.where} lacks: {e}"
             ) from e
         for s in parts:
             slices.setdefault(s.param, []).append(s)
@@ -949,6 +961,13 @@ def _apply(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    log.info(
+        "wrote %s: %d tensors blended in %d of %d shards",
+        out,
+        len(touched),
+        stats["shards_rewritten"],
+        stats["shards"],
+    )
     return out, stats
 
 
