@@ -537,6 +537,16 @@ def test_accelerate_hooks_match_single_device(family: str, sharded) -> None:
     with transplant(ref, ["L1.H2", "L0.N3"], 0.5), transplant(mapped, ["L1.H2", "L0.N3"], 0.5):
         _same_run(ref, mapped)
 
+    # Scoring on the hooked pair gives the same scores.
+    from tl_transplant.scoring import score
+    from tl_transplant.tasks import builtin_task
+
+    task = builtin_task("successor", n=6)
+    for method in ("activation_diff", "attribution"):
+        a = score(ref, task, method, ("head", "neuron"), progress=False)
+        b = score(mapped, task, method, ("head", "neuron"), progress=False)
+        assert a.units == b.units and torch.equal(a.values, b.values), method
+
 
 @pytest.mark.parametrize("family", ["llama", "gpt_neox"])
 def test_offloaded_layers_score_but_refuse_edits(family: str, sharded, tmp_path: Path) -> None:
