@@ -975,10 +975,11 @@ def _apply(
 
 _APPLY_HELP = "apply a transplant manifest to checkpoints on disk, without loading the models"
 _APPLY_DESCRIPTION = """\
-Apply a saved transplant manifest (transplant_manifest.json, as written by
-export_hf or `tl-transplant run`) to a source and a target checkpoint on disk,
-tensor by tensor. Neither model is loaded: peak memory is a few tensors, so a
-multi-billion-parameter pair can be transplanted on any CPU box. Shards that
+Apply a saved transplant manifest (transplant_manifest.json, as export_hf
+writes it) to a source and a target checkpoint on disk, tensor by tensor.
+Neither model is loaded: memory stays at a few MB of rows beyond the Python
+and torch runtime, so a multi-billion-parameter pair can be transplanted on
+any CPU box. Shards that
 no unit touches are copied byte for byte; the output keeps the target's shard
 layout, config and tokenizer, and matches the in-memory transplant bit for bit.
 
