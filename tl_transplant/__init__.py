@@ -2,9 +2,12 @@
 
 Public API (the CLI and notebooks use exactly these)::
 
-    from tl_transplant import ModelPair, transplant, apply_transplant, export_hf
+    from tl_transplant import ModelPair, score, sweep, transplant, apply_transplant, export_hf
+    from tl_transplant import run   # the whole pipeline from a config
 """
 
+from tl_transplant.config import ConfigError, load_config
+from tl_transplant.evaluate import evaluate, evaluate_transplant, transplant_metrics
 from tl_transplant.export import ExportError, export_hf
 from tl_transplant.layouts import (
     LayoutMismatchError,
@@ -18,6 +21,10 @@ from tl_transplant.pair import (
     ModelSide,
     NonFiniteWeightsError,
 )
+from tl_transplant.pipeline import RunResult, run
+from tl_transplant.scoring import Scores, available_methods, score
+from tl_transplant.sweep import SweepResult, sweep
+from tl_transplant.tasks import Task, builtin_task
 from tl_transplant.transplant import (
     Manifest,
     TransplantError,
@@ -39,6 +46,20 @@ from tl_transplant.units import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ConfigError",
+    "RunResult",
+    "Scores",
+    "SweepResult",
+    "Task",
+    "available_methods",
+    "builtin_task",
+    "evaluate",
+    "evaluate_transplant",
+    "load_config",
+    "run",
+    "score",
+    "sweep",
+    "transplant_metrics",
     "ExportError",
     "Head",
     "IncompatiblePairError",

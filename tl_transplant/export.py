@@ -53,6 +53,7 @@ def write_safetensors(
     for filename, names in split.filename_to_tensors.items():
         shard = {n: state[n].detach().contiguous().cpu() for n in names}
         save_file(shard, str(out_dir / filename), metadata={"format": "pt"})
+        (out_dir / filename).chmod(0o644)
     if split.is_sharded:
         index = {
             "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},

@@ -1,0 +1,210 @@
+"""``tl-transplant``: demo, run, score, apply, export. A thin shell over the public API.
+
+Every subcommand has ``--help``. Bad input gives a one-line ``error:`` message
+and exit status 2; success exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError)
+
+
+def _err(cmd: str, e: BaseException) -> int:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    print(f"tl-transplant {cmd}: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _quiet_libraries() -> None:
+    """Silence the per-file progress bars of transformers and datasets (for --quiet)."""
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from tl_transplant.pipeline import demo_config, run
+
+    out = Path(args.out or f"demo_out/{args.pair}")
+    if args.quiet:
+        _quiet_libraries()
+    print(f"tl-transplant demo: embedded pair {args.pair!r} -> {out}")
+    res = run(demo_config(args.pair, export=not args.no_export), out, overwrite=True,
+              progress=not args.quiet, log=(lambda *_: None) if args.quiet else print)
+    print()
+    print(res.table())
+    print(f"\nwrote {out}/ (results.json, sweep.csv, sweep.png, report.html, model/)")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from tl_transplant.pipeline import run
+
+    if args.quiet:
+        _quiet_libraries()
+    res = run(args.config, args.out, overwrite=args.overwrite, progress=not args.quiet,
+              log=(lambda *_: None) if args.quiet else print)
+    print()
+    print(res.table())
+    print(f"\nwrote {args.out}/")
+    return 0
+
+
+def _load_task_arg(path: str, prompt_field: str, answer_field: str, metric: str,
+                   prepend_bos: str) -> Any:
+    from tl_transplant.tasks import Task
+
+    bos: Any = prepend_bos
+    if prepend_bos in ("true", "false"):
+        bos = prepend_bos == "true"
+    return Task.from_dataset(path, prompt_field=prompt_field, answer_field=answer_field,
+                             metric=metric, prepend_bos=bos)
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from tl_transplant.pair import ModelPair
+    from tl_transplant.scoring import score
+
+    pair = ModelPair.load(args.source, args.target, device=args.device)
+    task = _load_task_arg(args.task, args.prompt_field, args.answer_field, args.metric,
+                          args.prepend_bos)
+    s = score(pair, task, method=args.method, units=args.units.split(","),
+              batch_size=args.batch_size, progress=not args.quiet)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    s.save(out)
+    print(f"top {args.top} units by {args.method}:")
+    for u in s.top(args.top):
+        print(f"  {u}")
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from tl_transplant.export import export_hf
+    from tl_transplant.pair import ModelPair
+    from tl_transplant.transplant import apply_transplant
+    from tl_transplant.units import parse_units
+
+    pair = ModelPair.load(args.source, args.target, device=args.device)
+    units = parse_units(args.units)
+    m = apply_transplant(pair, units, args.alpha, kv=args.kv)
+    out = export_hf(pair, args.out, manifest=m, overwrite=args.overwrite)
+    print(f"transplanted {len(m.units)} units (+{len(m.kv_added)} KV groups) at alpha="
+          f"{args.alpha:g}: {m.n_params_moved} weights ({m.fraction_params:.3%} of the model)")
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_pairs(args: argparse.Namespace) -> int:
+    from tl_transplant import zoo
+
+    for name in zoo.PAIR_NAMES:
+        info = zoo.pair_info(name)
+        print(f"{name}: {info.get('description', '')}")
+        print(f"  {json.dumps(info.get('probe_accuracy', {}))}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from tl_transplant import __version__
+    from tl_transplant.layouts import supported_model_types
+    from tl_transplant.out_of_core import add_apply_command
+
+    p = argparse.ArgumentParser(
+        prog="tl-transplant",
+        description="Find the units that carry a task in a source LM and transplant them into "
+        "a target LM (TransformerLens plugin). Supported model types: "
+        + ", ".join(supported_model_types()),
+    )
+    p.add_argument("--version", action="version", version=f"tl_transplant {__version__}")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+
+    d = sub.add_parser("demo", help="run the whole pipeline on an embedded model pair",
+                       description="Score, sweep K x alpha on dev, report on test, export: on "
+                       "an embedded tiny pair (no download).")
+    d.add_argument("--pair", default="cross_generation",
+                   choices=["cross_generation", "base_instruct"])
+    d.add_argument("--out", default=None, help="output directory (default demo_out/PAIR; "
+                   "the demo replaces its own previous output)")
+    d.add_argument("--no-export", action="store_true", help="skip writing model/")
+    d.add_argument("--quiet", action="store_true", help="no progress bars or step log")
+    d.set_defaults(func=cmd_demo, name="demo")
+
+    r = sub.add_parser("run", help="run the pipeline from a YAML config",
+                       description="Run the pipeline described by CONFIG.yaml (see README: "
+                       "config reference) and write results under --out.")
+    r.add_argument("config", help="path to the YAML config")
+    r.add_argument("--out", required=True, help="output directory (must be new or empty)")
+    r.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    r.add_argument("--quiet", action="store_true")
+    r.set_defaults(func=cmd_run, name="run")
+
+    s = sub.add_parser("score", help="score units of a pair on a task and save the scores",
+                       description="Rank units with one scoring method; writes JSON or "
+                       "parquet (by the --out suffix).")
+    s.add_argument("--source", required=True, help="source model: hub id or local HF dir")
+    s.add_argument("--target", required=True, help="target model: hub id or local HF dir")
+    s.add_argument("--task", required=True, help="local JSONL/CSV/parquet task file")
+    s.add_argument("--prompt-field", default="prompt")
+    s.add_argument("--answer-field", default="answer")
+    s.add_argument("--metric", default="next_token_acc")
+    s.add_argument("--prepend-bos", default="auto", choices=["auto", "true", "false"])
+    s.add_argument("--method", default="attribution")
+    s.add_argument("--units", default="head,neuron",
+                   help="comma-separated unit kinds: head, kv_head, neuron, linear")
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--top", type=int, default=10, help="how many top units to print")
+    s.add_argument("--out", default="scores.json")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_score, name="score")
+
+    e = sub.add_parser("export", help="transplant given units and export an HF directory",
+                       description="Apply a transplant (units, alpha) in memory and write the "
+                       "edited target as a Hugging Face directory with its manifest.")
+    e.add_argument("--source", required=True)
+    e.add_argument("--target", required=True)
+    e.add_argument("--units", required=True, help="e.g. 'L1.H2,L0.N7,L3.mlp.down_proj'")
+    e.add_argument("--alpha", type=float, default=1.0)
+    e.add_argument("--kv", default="group", choices=["group", "none"])
+    e.add_argument("--out", required=True)
+    e.add_argument("--overwrite", action="store_true")
+    e.add_argument("--device", default="cpu")
+    e.set_defaults(func=cmd_export, name="export")
+
+    a = add_apply_command(sub)
+    a.set_defaults(name="apply")
+
+    z = sub.add_parser("pairs", help="list the embedded model pairs")
+    z.set_defaults(func=cmd_pairs, name="pairs")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "cmd", None):
+        parser.print_help()
+        return 2
+    if args.cmd == "apply":
+        from tl_transplant.out_of_core import main_apply
+
+        return main_apply(args)
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as e:
+        return _err(args.name, e)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,287 @@
+"""The whole pipeline as one call: ``tl_transplant.run(config, out_dir)``.
+
+load pair -> load tasks (dev/test) -> score units on **dev** with each method ->
+K x alpha sweep on dev (best config chosen there, subject to the retention
+constraint) -> report that one config on **test** with CIs, controls at the same
+K and alpha, retention -> apply it permanently -> export. The CLI's ``run`` and
+``demo`` are thin shells over this function.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tl_transplant.config import RunConfig, TaskConfig, load_config
+from tl_transplant.export import MANIFEST_NAME, commit_out_dir, export_hf, prepare_out_dir
+from tl_transplant.tasks import Task
+
+RESULT_KEYS = ("baselines", "best", "test", "controls", "retention", "fraction_units",
+               "fraction_params")
+
+
+@dataclass
+class RunResult:
+    """What a run produced: the ``results.json`` dict plus the live objects behind it."""
+
+    results: dict[str, Any]
+    out_dir: Path
+    sweep: Any
+    scores: dict[str, Any]
+    pair: Any
+    manifest: Any = None
+    config: RunConfig | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def table(self) -> str:
+        """The short text table the CLI prints."""
+        return format_table(self.results, self.sweep)
+
+
+def load_task_splits(tc: TaskConfig, seed: int, default_name: str) -> tuple[Task, Task]:
+    """(dev, test) from a task entry: a separate ``test_path``, or a seeded split."""
+    kw = dict(prompt_field=tc.prompt_field, answer_field=tc.answer_field,
+              wrong_field=tc.wrong_field, limit=tc.limit, metric=tc.metric,
+              max_new_tokens=tc.max_new_tokens, prepend_bos=tc.prepend_bos)
+    name = tc.name or default_name
+    if tc.test_path:
+        dev = Task.from_dataset(tc.path, name=f"{name}:dev", **kw)
+        test = Task.from_dataset(tc.test_path, name=f"{name}:test", **kw)
+        return dev, test
+    full = Task.from_dataset(tc.path, name=name, **kw)
+    return full.split(tc.dev_fraction, seed)
+
+
+def _seeded(method: str, seed: int) -> dict[str, Any]:
+    """Pass the run's seed to scorers that take one (the random control)."""
+    from tl_transplant.scoring import get_scorer
+
+    return {"seed": seed} if "seed" in get_scorer(method).options else {}
+
+
+def _block_params(pair: Any) -> int:
+    prefixes = tuple(pair.layout.prefix(layer) for layer in range(pair.layout.n_layers))
+    return int(sum(t.numel() for n, t in pair.target.params.items() if n.startswith(prefixes)))
+
+
+def _diff_ci(a: np.ndarray, b: np.ndarray, seed: int, n_boot: int = 2000,
+             level: float = 0.95) -> list[float]:
+    """Paired bootstrap CI of mean(a - b) over the same examples."""
+    from tl_transplant.evaluate import bootstrap_means
+
+    d = bootstrap_means([np.asarray(a, float) - np.asarray(b, float)], n_boot=n_boot, seed=seed)
+    lo, hi = np.quantile(d[:, 0], [(1 - level) / 2, 1 - (1 - level) / 2])
+    return [float(lo), float(hi)]
+
+
+def run(
+    config: str | Path | dict[str, Any] | RunConfig,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    report: bool = True,
+    log: Any = print,
+) -> RunResult:
+    """Run the pipeline described by ``config`` and write everything under ``out_dir``.
+
+    Output: ``results.json`` (keys: baselines, best, test, controls, retention,
+    fraction_units, fraction_params), ``sweep.csv``, ``sweep.png``, ``sweep.json``,
+    ``scores_<method>.json``, ``transplant_manifest.json``, ``model/`` (if
+    ``export``) and ``report.html``. Written to a temporary sibling first and
+    renamed into place, so a failed run leaves nothing half-written.
+    """
+    from tl_transplant.evaluate import evaluate_transplant
+    from tl_transplant.pair import ModelPair
+    from tl_transplant.scoring import score
+    from tl_transplant.sweep import sweep
+    from tl_transplant.transplant import apply_transplant, plan_transplant
+    from tl_transplant.units import normalize_kinds
+
+    cfg = load_config(config)
+    out, tmp = prepare_out_dir(out_dir, overwrite)
+    try:
+        log(f"loading pair: source={cfg.source} target={cfg.target}")
+        dtype = None if cfg.dtype in (None, "auto") else cfg.dtype
+        pair = ModelPair.load(cfg.source, cfg.target, device=cfg.device, dtype=dtype)
+        dev, test = load_task_splits(cfg.task, cfg.seed, "task")
+        controls = [load_task_splits(c, cfg.seed, f"control{i}")
+                    for i, c in enumerate(cfg.control_tasks)]
+        kinds = normalize_kinds(cfg.selection.units)
+        n_search = len(pair.units(kinds))
+        ks = [k for k in cfg.sweep.k if k <= n_search] or [n_search]
+
+        scores: dict[str, Any] = {}
+        contrast = controls[0][0] if (controls and cfg.selection.contrast_lambda) else None
+        for m in cfg.selection.methods:
+            log(f"scoring {m} on dev ({len(dev)} examples, units {','.join(kinds)})")
+            scores[m] = score(pair, dev, method=m, units=kinds, progress=progress,
+                              batch_size=cfg.batch_size, **_seeded(m, cfg.seed),
+                              **({"contrast": contrast, "lam": cfg.selection.contrast_lambda}
+                                 if contrast is not None else {}))
+            scores[m].save(tmp / f"scores_{m}.json")
+
+        log(f"sweep: K in {ks}, alpha in {cfg.sweep.alpha}, methods {list(scores)}")
+        res = sweep(pair, (dev, test), scores, ks=ks, alphas=cfg.sweep.alpha,
+                    control_tasks=controls, units=kinds,
+                    max_retention_drop=cfg.sweep.max_retention_drop, seed=cfg.seed,
+                    batch_size=cfg.batch_size, progress=progress)
+        res.save(tmp)
+        (tmp / "sweep.json").write_text((tmp / "results.json").read_text())
+
+        base_test = res.baselines.get("test", {})
+        base_dev = res.baselines["dev"]
+        baselines = {side: {"dev": base_dev[side].mean,
+                            "test": base_test[side].mean if side in base_test else None}
+                     for side in ("source", "target")}
+        best = res.best
+        results: dict[str, Any] = {"baselines": baselines}
+        manifest = None
+        if best is None:
+            results.update(best=None, test=None, controls={}, retention=[], fraction_units=0.0,
+                           fraction_params=0.0)
+            log("no configuration met the retention constraint; nothing applied")
+        else:
+            rep = best.test
+            m = rep.metrics
+            results["best"] = {"method": best.method, "k": best.k, "alpha": best.alpha,
+                               "units": list(best.units), "dev_metric": best.metric}
+            results["test"] = {"transplanted": m.transplanted, "tir": m.tir,
+                               "recovery": m.recovery,
+                               "ci": {k: (list(v) if v is not None else None)
+                                      for k, v in m.ci.items()}}
+            ctrl: dict[str, Any] = {}
+            for c in cfg.selection.controls:
+                log(f"control {c} at K={best.k}, alpha={best.alpha:g} on test")
+                cs = score(pair, dev, method=c, units=kinds, progress=False,
+                           **_seeded(c, cfg.seed))
+                cunits = cs.top(best.k, kinds=kinds)
+                crep = evaluate_transplant(
+                    pair, test, cunits, best.alpha, baselines={"source": rep.source,
+                                                                "target": rep.target},
+                    batch_size=cfg.batch_size, progress=False, seed=cfg.seed, warn=False)
+                ctrl[c] = {
+                    "units": [str(u) for u in cunits],
+                    "test": crep.transplanted.mean,
+                    "recovery": crep.metrics.recovery,
+                    "best_minus_control": rep.transplanted.mean - crep.transplanted.mean,
+                    "best_minus_control_ci": _diff_ci(rep.transplanted.scores,
+                                                      crep.transplanted.scores, cfg.seed),
+                }
+            results["controls"] = ctrl
+            results["retention"] = [
+                {"task": r.task, "before": r.before, "after": r.after, "drop": r.drop}
+                for r in rep.retention
+            ]
+            results["fraction_units"] = best.k / n_search
+            plan = plan_transplant(pair, best.units)
+            results["fraction_params"] = plan.n_params / max(1, _block_params(pair))
+
+            manifest = apply_transplant(pair, best.units, best.alpha)
+            manifest.extra.update(method=best.method, k=best.k, task=dev.name,
+                                  dev_metric=best.metric, test_recovery=m.recovery)
+            (tmp / MANIFEST_NAME).write_text(
+                json.dumps({"transplants": [manifest.to_dict()]}, indent=2, default=str))
+            if cfg.export:
+                log("exporting the transplanted target to model/")
+                export_hf(pair, tmp / "model", manifest=manifest)
+        assert tuple(results) == RESULT_KEYS, tuple(results)
+        (tmp / "results.json").write_text(json.dumps(results, indent=2, default=str))
+        (tmp / "config.json").write_text(cfg.model_dump_json(indent=2))
+        result = RunResult(results=results, out_dir=out, sweep=res, scores=scores, pair=pair,
+                           manifest=manifest, config=cfg)
+        if report:
+            _write_report(result, tmp, dev)
+        commit_out_dir(tmp, out)
+        return result
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_report(result: RunResult, tmp: Path, dev: Task) -> None:
+    """report.html, when the visual layer is installed (it ships with this package)."""
+    try:
+        from tl_transplant.report import write_report
+    except ImportError:  # pragma: no cover - the visual layer is part of the package
+        return
+    write_report(tmp / "report.html", pair=result.pair, task=dev, sweep_result=result.sweep,
+                 scores=result.scores, results=result.results)
+
+
+def _fmt(v: Any, nd: int = 3) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, (list, tuple)) and len(v) == 2:
+        return f"[{_fmt(v[0], nd)}, {_fmt(v[1], nd)}]"
+    return f"{v:.{nd}f}" if isinstance(v, float) else str(v)
+
+
+def format_table(results: dict[str, Any], sweep_result: Any = None) -> str:
+    """Baselines; best K and alpha per method; test TIR, recovery with CI, and retention."""
+    b = results["baselines"]
+    lines = [
+        "baselines           dev      test",
+        f"  source        {_fmt(b['source']['dev']):>8}  {_fmt(b['source']['test']):>8}",
+        f"  target        {_fmt(b['target']['dev']):>8}  {_fmt(b['target']['test']):>8}",
+    ]
+    if sweep_result is not None and sweep_result.best_by_method:
+        lines.append("best per method (chosen on dev)     K  alpha   dev    test  recovery")
+        for meth, r in sweep_result.best_by_method.items():
+            t = r.test.metrics if r.test is not None else None
+            lines.append(
+                f"  {meth:<30} {r.k:>4}  {r.alpha:>5.2f}  {r.metric:.3f}  "
+                f"{_fmt(t.transplanted if t else None)}  {_fmt(t.recovery if t else None)}"
+            )
+    best = results.get("best")
+    if not best:
+        lines.append("no configuration met the retention constraint")
+        return "\n".join(lines)
+    t = results["test"]
+    ci = t["ci"]
+    lines += [
+        f"chosen: {best['method']}  K={best['k']}  alpha={best['alpha']:g}  "
+        f"({results['fraction_units']:.1%} of units searched, "
+        f"{results['fraction_params']:.2%} of block parameters)",
+        f"test: transplanted {_fmt(t['transplanted'])}  TIR {_fmt(t['tir'])} "
+        f"{_fmt(ci.get('tir'))}  recovery {_fmt(t['recovery'])} {_fmt(ci.get('recovery'))}",
+    ]
+    for name, c in results["controls"].items():
+        lines.append(
+            f"control {name:<10} test {_fmt(c['test'])}  recovery {_fmt(c['recovery'])}  "
+            f"best-control {_fmt(c['best_minus_control'])} CI {_fmt(c['best_minus_control_ci'])}"
+        )
+    for r in results["retention"]:
+        lines.append(f"retention {r['task']}: {_fmt(r['before'])} -> {_fmt(r['after'])} "
+                     f"(drop {_fmt(r['drop'])})")
+    return "\n".join(lines)
+
+
+def demo_config(pair_name: str = "cross_generation", *, export: bool = True) -> dict[str, Any]:
+    """The demo's config for an embedded pair (also a template for your own)."""
+    from tl_transplant import zoo
+
+    src, tgt = zoo.pair_dirs(pair_name)
+    paths = zoo.task_paths(pair_name)
+    task = {"path": str(paths["task"].dev), "test_path": str(paths["task"].test),
+            "metric": "next_token_acc", "prepend_bos": True, "name": f"{pair_name}:capability"}
+    ret = {"path": str(paths["retention"].dev), "test_path": str(paths["retention"].test),
+           "metric": "next_token_acc", "prepend_bos": True, "name": f"{pair_name}:retention"}
+    return {
+        "source": str(src),
+        "target": str(tgt),
+        "task": task,
+        "control_tasks": [ret],
+        "selection": {"methods": ["attribution", "activation_patch", "activation_diff",
+                                  "weight_diff"],
+                      "units": ["head", "neuron"], "controls": ["random"]},
+        "sweep": {"k": [2, 4, 8, 16, 24, 32, 40], "alpha": [0.5, 0.75, 1.0],
+                  "max_retention_drop": 0.05},
+        "seed": 0,
+        "export": export,
+    }
