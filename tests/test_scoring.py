@@ -410,3 +410,62 @@ def test_other_bad_inputs(known_pair):
     # plain prompts are fine for activation scorers
     s = score(known_pair, prompts, "activation_diff", "head", progress=False)
     assert s.meta["task"] == "prompts" and s.meta["n_prompts"] == len(prompts)
+
+
+# ---- gradients, hooks and custom metrics ------------------------------------------------------
+
+
+def test_attribution_needs_no_weight_gradients(known_pair):
+    task = make_task(4)
+    units = ("head", "kv_head", "neuron")
+    a = score(known_pair, task, "attribution", units, progress=False)
+    params = [p for side in known_pair.sides() for p in side.hf.parameters()]
+    assert all(p.grad is None for p in params)  # gradients go to activations only
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        frozen = score(known_pair, task, "attribution", units, progress=False)
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+    assert torch.allclose(frozen.values, a.values, rtol=1e-5, atol=1e-7)
+    assert a.values.abs().max() > 1e-3
+
+
+def test_custom_metric_and_hook_cleanup(known_pair):
+    task = make_task(4)
+    base = score(known_pair, task, "attribution", "head", progress=False)
+
+    def doubled(logits, enc):
+        return 2 * answer_logprobs(logits, enc)
+
+    two = score(known_pair, task, "attribution", "head", progress=False, metric=doubled)
+    assert torch.allclose(two.values, 2 * base.values, rtol=1e-5, atol=1e-8)
+    assert two.meta["metric"] == "doubled"
+
+    def boom(logits, enc):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        score(known_pair, task, "activation_patch", ["L0.H1"], progress=False, metric=boom)
+    for side in known_pair.sides():
+        for name in ("blocks.0.attn.o.hook_out", "blocks.0.attn.hook_z",
+                     "blocks.1.hook_resid_post"):
+            assert not side.bridge.hook_dict[name].fwd_hooks, name
+
+
+def test_head_distance_gram_path_matches_direct():
+    from tl_transplant.scoring.activation_diff import head_distance
+
+    gen = torch.Generator().manual_seed(0)
+    z_s, z_t = (torch.randn(3, 9, 4, 8, generator=gen) for _ in range(2))
+    w_s, w_t = (torch.randn(4, 8, 32, generator=gen) for _ in range(2))
+    z_t[:, :, 1] = z_s[:, :, 1]
+    w_t[1] = w_s[1]  # head 1 identical in both
+    many = head_distance(z_s, z_t, w_s, w_t)  # 9 positions: Gram path
+    one = torch.cat([head_distance(z_s[:, i : i + 1], z_t[:, i : i + 1], w_s, w_t)
+                     for i in range(9)], dim=1)  # direct path
+    assert torch.allclose(many, one, rtol=1e-5, atol=1e-5)
+    assert torch.equal(one[:, :, 1], torch.zeros(3, 9)) and many[:, :, 1].abs().max() < 1e-5
+    assert many[:, :, 0].min() > 1.0

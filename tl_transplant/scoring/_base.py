@@ -150,9 +150,8 @@ class Context:
             raise ScoringError(f"{desc} needs answers; pass a Task rather than plain prompts")
         n = len(data)
         tok = self.pair.target.tokenizer
-        bar = tqdm(
-            total=n, desc=desc, unit="prompt", disable=not self.progress, leave=False
-        )
+        bar = tqdm(total=n, desc=f"{desc} [{data.name}]", unit="prompt",
+                   disable=not self.progress, leave=False)
         try:
             for i in range(0, n, self.batch_size):
                 j = min(n, i + self.batch_size)
@@ -312,6 +311,14 @@ class HookRunner:
         return hook
 
     def __enter__(self) -> HookRunner:
+        try:
+            self._install()
+        except BaseException:
+            self._stack.close()  # never leave hooks behind on a half-installed pair
+            raise
+        return self
+
+    def _install(self) -> None:
         bridges = []
         for side in self.pair.sides():
             if all(side.bridge is not b for b in bridges):
@@ -332,7 +339,6 @@ class HookRunner:
                 if f"blocks.{layer}.hook_resid_post" in available
             ]
             self._stack.enter_context(b.hooks(fwd_hooks=fwd))
-        return self
 
     def __exit__(self, *exc: Any) -> None:
         self._stack.close()

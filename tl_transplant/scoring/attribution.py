@@ -20,6 +20,7 @@ import torch
 
 from tl_transplant.scoring._base import (
     Accumulator,
+    Handler,
     HookRunner,
     RawScores,
     Scorer,
@@ -89,7 +90,7 @@ class Attribution(Scorer):
         return RawScores(acc.mean("score"), acc.consistency())
 
 
-def _both(grab, value):  # type: ignore[no-untyped-def]
+def _both(grab: Handler, value: Handler | None) -> Handler:
     """Run the graph capture first (it may swap in a grad-requiring leaf), then the value one."""
 
     def h(t: torch.Tensor) -> torch.Tensor | None:
