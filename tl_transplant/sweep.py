@@ -434,13 +434,24 @@ class SweepResult:
         axes[0].legend(fontsize="small")
         return fig
 
-    def save(self, directory: str | Path) -> Path:
-        """Write ``results.json``, ``sweep.csv`` and ``sweep.png`` under ``directory``."""
+    def save(self, directory: str | Path, *, report: bool = False, **report_kwargs: Any) -> Path:
+        """Write ``results.json``, ``sweep.csv`` and ``sweep.png`` under ``directory``.
+
+        ``report=True`` also writes the self-contained ``report.html``; keyword
+        arguments (``pair=``, ``task=``, ``scores=``, ...) go to
+        :func:`tl_transplant.report.write_report`.
+        """
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         (d / "results.json").write_text(json.dumps(self.to_dict(), indent=2, default=str))
         self.to_frame().to_csv(d / "sweep.csv", index=False)
         self.plot().savefig(d / "sweep.png", dpi=120)
+        if report:
+            from tl_transplant.report import write_report
+
+            write_report(d / "report.html", sweep_result=self, **report_kwargs)
+        elif report_kwargs:
+            raise TypeError(f"unexpected arguments without report=True: {sorted(report_kwargs)}")
         return d
 
 
