@@ -182,6 +182,8 @@ def run(
             plan = plan_transplant(pair, best.units)
             results["fraction_params"] = plan.n_params / max(1, _block_params(pair))
 
+            if report:  # before the permanent edit: the report compares against the target
+                _write_report(pair, res, scores, dev, results, tmp)
             manifest = apply_transplant(pair, best.units, best.alpha)
             manifest.extra.update(method=best.method, k=best.k, task=dev.name,
                                   dev_metric=best.metric, test_recovery=m.recovery)
@@ -193,10 +195,10 @@ def run(
         assert tuple(results) == RESULT_KEYS, tuple(results)
         (tmp / "results.json").write_text(json.dumps(results, indent=2, default=str))
         (tmp / "config.json").write_text(cfg.model_dump_json(indent=2))
+        if report and best is None:
+            _write_report(pair, res, scores, dev, results, tmp)
         result = RunResult(results=results, out_dir=out, sweep=res, scores=scores, pair=pair,
                            manifest=manifest, config=cfg)
-        if report:
-            _write_report(result, tmp, dev)
         commit_out_dir(tmp, out)
         return result
     except BaseException:
@@ -204,14 +206,13 @@ def run(
         raise
 
 
-def _write_report(result: RunResult, tmp: Path, dev: Task) -> None:
-    """report.html, when the visual layer is installed (it ships with this package)."""
-    try:
-        from tl_transplant.report import write_report
-    except ImportError:  # pragma: no cover - the visual layer is part of the package
-        return
-    write_report(tmp / "report.html", pair=result.pair, task=dev, sweep_result=result.sweep,
-                 scores=result.scores, results=result.results)
+def _write_report(pair: Any, res: Any, scores: dict[str, Any], dev: Task,
+                  results: dict[str, Any], tmp: Path) -> None:
+    """report.html: one self-contained page (CircuitsVis inlined, figures embedded)."""
+    from tl_transplant.report import write_report
+
+    write_report(tmp / "report.html", sweep_result=res, pair=pair, task=dev, scores=scores,
+                 extra={"Run summary": format_table(results, res)})
 
 
 def _fmt(v: Any, nd: int = 3) -> str:
@@ -280,7 +281,7 @@ def demo_config(pair_name: str = "cross_generation", *, export: bool = True) -> 
         "selection": {"methods": ["attribution", "activation_patch", "activation_diff",
                                   "weight_diff"],
                       "units": ["head", "neuron"], "controls": ["random"]},
-        "sweep": {"k": [2, 4, 8, 16, 24, 32, 40], "alpha": [0.5, 0.75, 1.0],
+        "sweep": {"k": [1, 2, 4, 8, 16, 24, 32, 39], "alpha": [0.25, 0.5, 0.75, 1.0],
                   "max_retention_drop": 0.05},
         "seed": 0,
         "export": export,

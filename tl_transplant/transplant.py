@@ -18,11 +18,12 @@ import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from jaxtyping import Bool
+from jaxtyping import Bool, Int
 
 from tl_transplant.layouts import TensorSlice
 from tl_transplant.pair import ModelPair
@@ -67,14 +68,34 @@ def blend_values(
     return out.to(t_vals.dtype)
 
 
+def _flat_index(shape: tuple[int, ...], s: TensorSlice) -> Int[torch.Tensor, " n"]:
+    """Row-major flat indices of ``s`` in a contiguous tensor of ``shape`` (O(slice) memory)."""
+    idx = torch.zeros((), dtype=torch.long)
+    stride = 1
+    strides = []
+    for n in reversed(shape):
+        strides.append(stride)
+        stride *= n
+    for d, (n, st) in enumerate(zip(shape, reversed(strides))):
+        r = torch.arange(s.start, s.stop) if d == s.dim else torch.arange(n)
+        idx = idx.unsqueeze(-1) + r * st
+    return idx.reshape(-1)
+
+
 @dataclass(frozen=True)
 class Plan:
-    """Units resolved to HF tensor masks; what a transplant will touch."""
+    """Units resolved to flat indices into HF tensors: what a transplant will touch.
+
+    ``index[name]`` holds the sorted, distinct flat (row-major) positions of
+    ``name`` that some unit covers, so apply/revert cost grows with the weights
+    moved, not with the size of the tensors they live in.
+    """
 
     requested: tuple[Unit, ...]
     kv_added: tuple[KVHead, ...]
     slices: dict[Unit, tuple[TensorSlice, ...]]
-    masks: dict[str, Bool[torch.Tensor, "..."]]
+    index: dict[str, Int[torch.Tensor, " n"]]
+    shapes: dict[str, tuple[int, ...]]
 
     @property
     def units(self) -> tuple[Unit, ...]:
@@ -83,13 +104,23 @@ class Plan:
     @property
     def n_params(self) -> int:
         """Distinct scalar weights touched (overlaps counted once)."""
-        return int(sum(int(m.sum()) for m in self.masks.values()))
+        return int(sum(len(i) for i in self.index.values()))
+
+    @cached_property
+    def masks(self) -> dict[str, Bool[torch.Tensor, "..."]]:
+        """Boolean masks of the touched elements (built on demand, for inspection)."""
+        out = {}
+        for name, idx in self.index.items():
+            m = torch.zeros(self.shapes[name], dtype=torch.bool)
+            m.view(-1)[idx] = True
+            out[name] = m
+        return out
 
 
 def plan_transplant(
     pair: ModelPair, units: Iterable[Unit | str] | str | Unit, kv: KVMode = "group"
 ) -> Plan:
-    """Resolve units (adding KV groups of query heads when ``kv="group"``) to tensor masks."""
+    """Resolve units (adding KV groups of query heads when ``kv="group"``) to flat indices."""
     if kv not in ("group", "none"):
         raise TransplantError(f"kv must be 'group' or 'none', got {kv!r}")
     requested = tuple(dict.fromkeys(pair.validate(u) for u in parse_units(units)))
@@ -103,15 +134,15 @@ def plan_transplant(
                     have.add(g)
                     kv_added.append(g)
     slices = {u: pair.layout.slices(u) for u in (*requested, *kv_added)}
-    masks: dict[str, torch.Tensor] = {}
+    parts: dict[str, list[torch.Tensor]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     for sl in slices.values():
         for s in sl:
-            if s.param not in masks:
-                t = pair.target.params[s.param]
-                masks[s.param] = torch.zeros(t.shape, dtype=torch.bool, device=t.device)
-            masks[s.param].narrow(s.dim, s.start, s.size).fill_(True)
+            shapes[s.param] = tuple(pair.target.params[s.param].shape)
+            parts.setdefault(s.param, []).append(_flat_index(shapes[s.param], s))
+    index = {n: (p[0] if len(p) == 1 else torch.unique(torch.cat(p))) for n, p in parts.items()}
     for side in (pair.target, pair.source):
-        off = [n for n in masks if side.params[n].device.type == "meta"]
+        off = [n for n in index if side.params[n].device.type == "meta"]
         if off:
             raise TransplantError(
                 f"{side.name!r} holds {off[0]} (and {len(off) - 1} more of the tensors to "
@@ -119,7 +150,14 @@ def plan_transplant(
                 "edited in memory. Map those layers to accelerators (no 'cpu'/'disk' entries "
                 "next to GPUs), or apply the manifest with apply_manifest_out_of_core."
             )
-    return Plan(requested, tuple(kv_added), slices, masks)
+    return Plan(requested, tuple(kv_added), slices, index, shapes)
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """A flat view of a parameter's data (HF parameters are contiguous)."""
+    if not t.is_contiguous():
+        raise TransplantError("cannot edit a non-contiguous parameter in place")
+    return t.data.view(-1)
 
 
 def _identity(side: Any) -> dict[str, Any]:
@@ -235,11 +273,11 @@ class transplant:  # noqa: N801 - used as a context manager, reads like a functi
     # -- mechanics ---------------------------------------------------------------------
     @torch.no_grad()
     def _blend_values(self, name: str) -> torch.Tensor:
-        mask = self.plan.masks[name]
-        t = self.pair.target.params[name]
-        s = self.pair.source.params[name]
-        s_vals = s.detach()[mask.to(s.device)].to(device=t.device)
-        return blend_values(name, t.detach()[mask], s_vals, self.alpha)
+        idx = self.plan.index[name]
+        t = _flat(self.pair.target.params[name])
+        s = _flat(self.pair.source.params[name])
+        s_vals = s.index_select(0, idx.to(s.device)).to(device=t.device)
+        return blend_values(name, t.index_select(0, idx.to(t.device)), s_vals, self.alpha)
 
     @torch.no_grad()
     def apply(self) -> transplant:
@@ -247,13 +285,14 @@ class transplant:  # noqa: N801 - used as a context manager, reads like a functi
         if self._saved is not None:
             raise TransplantError("this transplant is already applied")
         # Compute every new value first, so a refusal leaves the model untouched.
-        new = {name: self._blend_values(name) for name in self.plan.masks}
+        new = {name: self._blend_values(name) for name in self.plan.index}
         saved: dict[str, torch.Tensor] = {}
         params = self.pair.target.params
         for name, vals in new.items():
-            mask = self.plan.masks[name]
-            saved[name] = params[name].detach()[mask].clone()
-            params[name].data[mask] = vals
+            flat = _flat(params[name])
+            idx = self.plan.index[name].to(flat.device)
+            saved[name] = flat.index_select(0, idx)
+            flat.index_copy_(0, idx, vals)
         self._saved = saved
         self.pair.target.refresh_mirrors(new.keys())
         self.pair.active.append(self)
@@ -266,7 +305,8 @@ class transplant:  # noqa: N801 - used as a context manager, reads like a functi
             return
         params = self.pair.target.params
         for name, vals in self._saved.items():
-            params[name].data[self.plan.masks[name]] = vals
+            flat = _flat(params[name])
+            flat.index_copy_(0, self.plan.index[name].to(flat.device), vals)
         self.pair.target.refresh_mirrors(self._saved.keys())
         self._saved = None
         if self in self.pair.active:
@@ -283,20 +323,20 @@ class transplant:  # noqa: N801 - used as a context manager, reads like a functi
         """Describe this transplant (hashes are of the tensors as they are now)."""
         params = self.pair.target.params
         tensors = []
-        for name, mask in sorted(self.plan.masks.items()):
+        for name, idx in sorted(self.plan.index.items()):
             t = params[name]
             row: dict[str, Any] = {
                 "name": name,
                 "shape": list(t.shape),
                 "dtype": str(t.dtype).replace("torch.", ""),
-                "n_changed": int(mask.sum()),
+                "n_changed": len(idx),
             }
             if with_hashes:
                 row["sha256"] = tensor_sha256(t)
                 if self._saved is not None:
-                    orig = t.detach().clone()
-                    orig[mask] = self._saved[name]
-                    row["sha256_before"] = tensor_sha256(orig)
+                    orig = t.detach().clone().reshape(-1)
+                    orig.index_copy_(0, idx.to(orig.device), self._saved[name])
+                    row["sha256_before"] = tensor_sha256(orig.view(t.shape))
             tensors.append(row)
         by_kind: dict[str, int] = {}
         for u in self.plan.units:

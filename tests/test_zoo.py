@@ -1,0 +1,49 @@
+"""The embedded pairs: real capability gaps from training alone, and a retrain that reproduces one."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tl_transplant import evaluate, zoo
+from tl_transplant.zoo.train import train_pair
+
+
+@pytest.mark.parametrize("name", zoo.PAIR_NAMES)
+def test_shipped_pair_has_a_gap_and_shared_retention(name):
+    pair = zoo.load_pair(name)
+    tasks = zoo.load_tasks(name)
+    cap = tasks["task"].test
+    ret = tasks["retention"].test
+    src = evaluate(pair.source, cap, progress=False).mean
+    tgt = evaluate(pair.target, cap, progress=False).mean
+    assert src - tgt >= 0.5, (src, tgt)
+    for side in (pair.source, pair.target):
+        assert evaluate(side, ret, progress=False).mean >= 0.9
+    info = zoo.pair_info(name)
+    assert info["pair"] == name and not info["fast"]
+
+
+def test_dev_and_test_prompts_are_disjoint():
+    for name in zoo.PAIR_NAMES:
+        for kind, sp in zoo.task_paths(name).items():
+            dev = {json.loads(line)["prompt"] for line in sp.dev.read_text().splitlines()}
+            test = {json.loads(line)["prompt"] for line in sp.test.read_text().splitlines()}
+            assert dev and test and not dev & test, (name, kind)
+
+
+def test_unknown_pair():
+    with pytest.raises(ValueError, match="unknown zoo pair 'gpt5'; available: cross_generation"):
+        zoo.load_pair("gpt5")
+
+
+@pytest.mark.slow
+def test_fast_retrain_reproduces_the_gap(tmp_path):
+    """Retraining (smaller, fewer steps) from the script gives a newer model that forgot addition."""
+    info = train_pair("cross_generation", tmp_path / "p", tmp_path / "t", fast=True,
+                      log=lambda *_: None)
+    acc = info["probe_accuracy"]
+    assert acc["gen1"]["add"] - acc["gen2"]["add"] >= 0.4, acc
+    assert acc["gen2"]["copy"] >= 0.8 and acc["gen2"]["max"] >= 0.8, acc
+    assert (tmp_path / "p" / "gen2" / "model.safetensors").exists()
