@@ -535,11 +535,37 @@ def neuron_compare(
 # ---- matplotlib figures --------------------------------------------------------------------
 
 
-def _figure(figsize: tuple[float, float]) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+@functools.lru_cache(maxsize=1)
+def _notebook_figure_class() -> type:
+    """``matplotlib.figure.Figure`` plus ``_repr_png_``.
+
+    A Figure made without pyplot displays in Jupyter only as ``<Figure ...>``
+    unless the inline backend has registered its formatter (which happens when
+    pyplot is imported); ``_repr_png_`` makes ours display as images either way.
+    """
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=figsize, layout="constrained")
+    class NotebookFigure(Figure):
+        def _repr_png_(self) -> bytes:
+            return figure_png(self)
+
+    return NotebookFigure
+
+
+def notebook_figure(fig: Any) -> Any:
+    """Make a matplotlib Figure display as a PNG in notebooks (adds ``_repr_png_`` only)."""
+    from matplotlib.figure import Figure
+
+    cls = _notebook_figure_class()
+    if type(fig) is Figure:
+        fig.__class__ = cls  # same layout; the subclass only adds a display method
+    return fig
+
+
+def _figure(figsize: tuple[float, float]) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = _notebook_figure_class()(figsize=figsize, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
@@ -617,7 +643,7 @@ def score_heatmap(
         fig = _figure((max(4.5, w), max(2.6, h)))
         ax = fig.add_subplot()
     else:
-        fig = ax.figure
+        fig = notebook_figure(ax.figure)
     data = grid.numpy()
     im = ax.imshow(data, cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
     ax.set_yticks(range(n_layers), [str(i) for i in range(n_layers)])
@@ -668,7 +694,7 @@ def sweep_plot(result: Any, *, pareto: bool | None = None) -> Any:
     if pareto is None:
         pareto = has_controls
     if not pareto:
-        return result.plot()
+        return notebook_figure(result.plot())
     fig = _figure((10.5, 3.9))
     ax0, ax1 = fig.subplots(1, 2)
     result.plot(ax=ax0)
@@ -722,6 +748,7 @@ __all__ = [
     "circuitsvis_bundle_path",
     "figure_png",
     "neuron_compare",
+    "notebook_figure",
     "score_heatmap",
     "str_tokens",
     "sweep_plot",
