@@ -40,7 +40,7 @@ from tl_transplant.tokens import encode, resolve_prepend_bos
 from tl_transplant.units import Head, Neuron, Unit, parse_units
 
 SIDES = ("source", "target", "transplanted")
-SEPARATOR = "  ⏐  "  # between prompts in one ColoredTokens panel (value 0)
+SEPARATOR = "  |  "  # between prompts in one ColoredTokens panel (value 0)
 
 
 # ---- CircuitsVis, self-contained ----------------------------------------------------------
