@@ -21,6 +21,7 @@ from tl_transplant.pair import (
     ModelSide,
     NonFiniteWeightsError,
 )
+from tl_transplant.patching import PatchError, patch_activations
 from tl_transplant.pipeline import RunResult, run
 from tl_transplant.scoring import Scores, available_methods, score
 from tl_transplant.sweep import SweepResult, sweep
@@ -46,6 +47,8 @@ from tl_transplant.units import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "PatchError",
+    "patch_activations",
     "ConfigError",
     "RunResult",
     "Scores",

@@ -281,7 +281,11 @@ def _generation_config(gen: Any, tokenizer: Any, max_new_tokens: int, pad: int) 
     if eos is None:
         eos = tokenizer.eos_token_id
     # Explicit greedy settings so the model's own generation_config (repetition
-    # penalty, sampling) cannot leak in.
+    # penalty, sampling) cannot leak in. use_cache=False: under transformer-lens 4.3
+    # with transformers 5.x the bridge's attention never fills the KV cache that
+    # generate() passes (as ``cache=``), so cached decoding sees only the newest token
+    # and silently produces wrong multi-token outputs. Recomputing the prefix each
+    # step is exact; tests compare against a plain HF greedy loop.
     return GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=False,
@@ -290,7 +294,7 @@ def _generation_config(gen: Any, tokenizer: Any, max_new_tokens: int, pad: int) 
         no_repeat_ngram_size=0,
         pad_token_id=pad,
         eos_token_id=eos,
-        use_cache=True,
+        use_cache=False,
     )
 
 
