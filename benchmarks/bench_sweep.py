@@ -40,10 +40,12 @@ together.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import math
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -85,7 +87,9 @@ def _setup(a: dict[str, Any]) -> dict[str, Any]:
     from tl_transplant.tasks import builtin_task
     from tl_transplant.testing import perturbed_copy, tiny_model, word_tokenizer
 
-    tok = word_tokenizer(tempfile.mkdtemp(prefix="tl_transplant_bench_tok_"))
+    tok_dir = tempfile.mkdtemp(prefix="tl_transplant_bench_tok_")
+    atexit.register(shutil.rmtree, tok_dir, ignore_errors=True)
+    tok = word_tokenizer(tok_dir)
     target = tiny_model(
         "llama",
         seed=0,
