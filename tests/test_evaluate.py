@@ -24,7 +24,7 @@ from tl_transplant.evaluate import (
     transplant_metrics,
 )
 from tl_transplant.tasks import Task, builtin_task
-from tl_transplant.testing import tiny_model, word_tokenizer
+from tl_transplant.testing import same_state, snapshot_side, tiny_model, word_tokenizer
 
 V = 96  # vocab of the tiny models / word tokenizer (4 specials + w0..w91)
 TRUE_UNITS = ["L1.mlp.down_proj", "L1.attn.o_proj"]  # the units where source != target
@@ -91,14 +91,8 @@ def eng(tok):
     return engineered(tok)
 
 
-def _snapshot(side: ModelSide) -> dict[str, torch.Tensor]:
-    snap = {f"p:{k}": v.detach().clone() for k, v in side.params.items()}
-    snap.update({f"b:{k}": v.detach().clone() for k, v in side.bridge.state_dict().items()})
-    return snap
-
-
-def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+_snapshot = snapshot_side
+_same = same_state
 
 
 # ---- metrics on hand-made logits ----------------------------------------------------------

@@ -15,7 +15,7 @@ from tl_transplant import ModelPair, ModelSide
 from tl_transplant.evaluate import UndefinedMetricWarning
 from tl_transplant.sweep import RankedUnits, SweepRow, choose_best, pareto_front, sweep
 from tl_transplant.tasks import Task
-from tl_transplant.testing import tiny_model, word_tokenizer
+from tl_transplant.testing import same_state, snapshot_side, tiny_model, word_tokenizer
 
 TRUE_UNITS = ["L1.mlp.down_proj", "L1.attn.o_proj"]  # where source != target
 DECOYS = ["L0.attn.q_proj", "L0.mlp.up_proj", "L1.attn.q_proj"]  # identical in both: no-ops
@@ -64,14 +64,8 @@ def eng(tmp_path_factory: pytest.TempPathFactory):
     return pair, src, ctl, nogap
 
 
-def _snapshot(side: ModelSide) -> dict[str, torch.Tensor]:
-    snap = {f"p:{k}": v.detach().clone() for k, v in side.params.items()}
-    snap.update({f"b:{k}": v.detach().clone() for k, v in side.bridge.state_dict().items()})
-    return snap
-
-
-def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+_snapshot = snapshot_side
+_same = same_state
 
 
 def _rule(rows):

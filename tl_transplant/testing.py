@@ -134,3 +134,15 @@ def tiny_pair_dirs(family: str, root: str | Path, seed: int = 0) -> tuple[Path, 
     target = tiny_model(family, seed=seed)
     source = perturbed_copy(target, scale=0.2, seed=seed + 1)
     return save_tiny(source, tok, root / "source"), save_tiny(target, tok, root / "target")
+
+
+def snapshot_side(side: Any) -> dict[str, torch.Tensor]:
+    """Clones of a side's HF tensors and its bridge's state (to prove bit-exact restores)."""
+    snap = {f"p:{k}": v.detach().clone() for k, v in side.params.items()}
+    snap.update({f"b:{k}": v.detach().clone() for k, v in side.bridge.state_dict().items()})
+    return snap
+
+
+def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """True when two snapshots hold the same names and bit-identical tensors."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
