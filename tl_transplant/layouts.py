@@ -30,6 +30,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+from jaxtyping import Float
+
 from tl_transplant.units import (
     Head,
     KVHead,
@@ -96,6 +99,22 @@ class FamilyLayout:
     #: ``blocks.{layer}.``) whose outputs, taken together, are that linear's output
     #: (a fused qkv is the bridge's split q, k and v). Scorers read activations here.
     bridge_hooks: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    #: Overrides of :data:`DEFAULT_HOOK_POINTS` for this family's bridge.
+    hook_points: Mapping[str, str] = field(default_factory=dict)
+
+
+#: Bridge hook points every unit kind reads or writes, relative to ``blocks.{layer}.``.
+#: A family whose bridge names them differently overrides entries in ``hook_points``.
+DEFAULT_HOOK_POINTS: Mapping[str, str] = {
+    "head": "attn.hook_z",  # [batch, pos, H, dh]: each query head's value-weighted mix
+    "kv_k": "attn.hook_k",  # [batch, pos, KV, dh]
+    "kv_v": "attn.hook_v",  # [batch, pos, KV, dh]
+    "pattern": "attn.hook_pattern",  # [batch, H, q_pos, k_pos]
+    "attn_out": "attn.o.hook_out",  # the output projection's output (heads write here)
+    "neuron": "mlp.hook_post",  # [batch, pos, I]: the MLP's hidden activation
+    "mlp_out": "mlp.out.hook_out",  # the down projection's output (neurons write here)
+    "resid_post": "hook_resid_post",  # the block's output residual stream
+}
 
 
 def _w(name: str, dim: int, start: str, size: str) -> Piece:
@@ -471,6 +490,27 @@ class ModelLayout:
             )
         return u
 
+    def hook(self, point: str, layer: int) -> str:
+        """Full bridge hook name of a named point (see :data:`DEFAULT_HOOK_POINTS`) in a layer,
+        e.g. ``hook("head", 3) == "blocks.3.attn.hook_z"``."""
+        rel = self.family.hook_points.get(point) or DEFAULT_HOOK_POINTS.get(point)
+        if rel is None:
+            raise LayoutMismatchError(
+                f"unknown hook point {point!r}; known: {', '.join(DEFAULT_HOOK_POINTS)}"
+            )
+        return f"blocks.{layer}.{rel}"
+
+    def output_block(
+        self, weight: torch.Tensor, s: TensorSlice
+    ) -> Float[torch.Tensor, "size D"]:
+        """A unit's block of its output projection as ``[size, D]`` (one write vector a row).
+
+        ``s`` slices the projection's *input* dim; the other dim is the model dim, so
+        moving the sliced dim first serves ``nn.Linear`` (``[D, in]``) and GPT-2's
+        ``Conv1D`` (``[in, D]``) alike.
+        """
+        return weight.narrow(s.dim, s.start, s.size).movedim(s.dim, 0)
+
     def linear_hooks(self, unit: Linear) -> tuple[str, ...]:
         """Bridge hook names (``blocks.3.attn.q.hook_out``, ...) that together are its output."""
         u = self.validate(unit)
@@ -626,6 +666,7 @@ def describe_families() -> list[dict[str, Any]]:
 
 
 __all__ = [
+    "DEFAULT_HOOK_POINTS",
     "FAMILIES",
     "Dims",
     "FamilyLayout",
