@@ -22,6 +22,13 @@ transposed (``[in, out]``), which is why its head columns are on dim 1.
 fused HF tensor (GPT-NeoX splits ``query_key_value`` into separate q/k/v
 weights). After every weight edit those copies are re-derived from the HF
 tensor, so the hooked forward, ``generate`` and the export all see one truth.
+
+A family also names its bridge hooks, the other spellings its checkpoints use
+(``checkpoint_aliases``) and a tiny config per model type for the test suite
+(``tiny``), so adding an architecture is one table entry: append it to
+:data:`FAMILIES` or call :func:`register_family` (see
+``docs/adding_an_architecture.md``). :func:`check_bridge` checks a table
+against the booted TransformerLens bridge so a wrong entry fails at load.
 """
 
 from __future__ import annotations
@@ -73,13 +80,37 @@ class Piece:
 @dataclass(frozen=True)
 class Mirror:
     """A bridge-owned copy: ``path`` (relative to the layer) is the concatenation
-    over ``h in range(H)`` of ``source[start:start+size]`` along ``dim``."""
+    over ``h in range(H)`` of ``source[start:start+size]`` along ``dim``.
+
+    ``aliases`` are other paths (relative to the layer) under which the bridge
+    exposes the same copy (GPT-NeoX's ``attention.q.weight`` is also ``attn.q.weight``).
+    """
 
     path: str
     source: str
     dim: int
     start: str
     size: str
+    aliases: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CheckpointAlias:
+    """Another spelling of HF model names in saved checkpoints (as mergekit's ``aliases``).
+
+    A stored name ``stored_prefix + rest`` is the model's ``model_prefix + rest``;
+    e.g. GPT-2 checkpoints saved from the base ``GPT2Model`` store ``h.0.attn...``
+    for ``transformer.h.0.attn...`` (``CheckpointAlias("transformer.", "")``).
+    """
+
+    model_prefix: str
+    stored_prefix: str = ""
+
+    def model_name(self, stored: str) -> str | None:
+        """The model name a stored name stands for, or None when it does not match."""
+        if not stored.startswith(self.stored_prefix):
+            return None
+        return self.model_prefix + stored[len(self.stored_prefix) :]
 
 
 @dataclass(frozen=True)
@@ -101,6 +132,14 @@ class FamilyLayout:
     bridge_hooks: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     #: Overrides of :data:`DEFAULT_HOOK_POINTS` for this family's bridge.
     hook_points: Mapping[str, str] = field(default_factory=dict)
+    #: Other spellings of the model's tensor names in saved checkpoints, tried in order
+    #: after the canonical names (see :func:`bind_checkpoint_layout`).
+    checkpoint_aliases: tuple[CheckpointAlias, ...] = ()
+    #: For each model type: keyword arguments of a tiny (2-layer) HF config of it, built
+    #: with ``AutoConfig.for_model(model_type, **kwargs)`` by ``tl_transplant.testing``.
+    #: Vocabulary and special-token ids are added there. Every model type needs one, so
+    #: the test suite runs over every table entry.
+    tiny: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 #: Bridge hook points every unit kind reads or writes, relative to ``blocks.{layer}.``.
@@ -171,6 +210,17 @@ _LLAMA_HOOKS = {
     "mlp.down_proj": ("mlp.out.hook_out",),
 }
 
+#: Tiny 2-layer dims: 4 query heads, 2 KV heads where the architecture has GQA.
+_TINY_MHA: Mapping[str, Any] = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 48,
+    "max_position_embeddings": 64,
+}
+_TINY_GQA: Mapping[str, Any] = {**_TINY_MHA, "num_key_value_heads": 2}
+
+#: The built-in families. Add one here (or at runtime with :func:`register_family`).
 FAMILIES: tuple[FamilyLayout, ...] = (
     FamilyLayout(
         family="gpt2",
@@ -206,6 +256,9 @@ FAMILIES: tuple[FamilyLayout, ...] = (
             "mlp.c_fc": ("mlp.in.hook_out",),
             "mlp.c_proj": ("mlp.out.hook_out",),
         },
+        # Hub GPT-2 checkpoints are saved from the base GPT2Model: h.0.attn..., wte, ln_f.
+        checkpoint_aliases=(CheckpointAlias("transformer.", ""),),
+        tiny={"gpt2": {"n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 4, "n_inner": 48}},
     ),
     FamilyLayout(
         family="gpt_neox",
@@ -234,13 +287,18 @@ FAMILIES: tuple[FamilyLayout, ...] = (
             _b("mlp.dense_h_to_4h", "i", "1"),
             _w("mlp.dense_4h_to_h", 1, "i", "1"),
         ),
-        mirrors=(
-            Mirror("attention.q.weight", "attn.query_key_value.weight", 0, "h*3*dh", "dh"),
-            Mirror("attention.k.weight", "attn.query_key_value.weight", 0, "h*3*dh + dh", "dh"),
-            Mirror("attention.v.weight", "attn.query_key_value.weight", 0, "h*3*dh + 2*dh", "dh"),
-            Mirror("attention.q.bias", "attn.query_key_value.bias", 0, "h*3*dh", "dh"),
-            Mirror("attention.k.bias", "attn.query_key_value.bias", 0, "h*3*dh + dh", "dh"),
-            Mirror("attention.v.bias", "attn.query_key_value.bias", 0, "h*3*dh + 2*dh", "dh"),
+        # The bridge's split q/k/v copies, exposed both as attention.* and attn.*.
+        mirrors=tuple(
+            Mirror(
+                f"attention.{x}.{leaf}",
+                f"attn.query_key_value.{leaf}",
+                0,
+                f"h*3*dh + {j}*dh",
+                "dh",
+                aliases=(f"attn.{x}.{leaf}",),
+            )
+            for leaf in ("weight", "bias")
+            for j, x in enumerate("qkv")
         ),
         notes="per-head interleaved fused query_key_value; bridge copies q/k/v",
         bridge_hooks={
@@ -249,6 +307,7 @@ FAMILIES: tuple[FamilyLayout, ...] = (
             "mlp.dense_h_to_4h": ("mlp.in.hook_out",),
             "mlp.dense_4h_to_h": ("mlp.out.hook_out",),
         },
+        tiny={"gpt_neox": _TINY_MHA},
     ),
     FamilyLayout(
         family="llama",
@@ -260,6 +319,13 @@ FAMILIES: tuple[FamilyLayout, ...] = (
         neuron=_gated_neuron(),
         notes="separate q/k/v/o with GQA; gated MLP",
         bridge_hooks=_LLAMA_HOOKS,
+        tiny={
+            "llama": _TINY_GQA,
+            "mistral": _TINY_GQA,
+            "qwen2": _TINY_GQA,
+            "gemma": {**_TINY_GQA, "head_dim": 8},
+            "gemma2": {**_TINY_GQA, "head_dim": 8},
+        },
     ),
     FamilyLayout(
         family="phi3",
@@ -293,6 +359,7 @@ FAMILIES: tuple[FamilyLayout, ...] = (
             "mlp.gate_up_proj": ("mlp.gate.hook_out", "mlp.in.hook_out"),
             "mlp.down_proj": ("mlp.out.hook_out",),
         },
+        tiny={"phi3": _TINY_GQA},
     ),
     FamilyLayout(
         family="phi",
@@ -326,10 +393,110 @@ FAMILIES: tuple[FamilyLayout, ...] = (
             "mlp.fc1": ("mlp.in.hook_out",),
             "mlp.fc2": ("mlp.out.hook_out",),
         },
+        tiny={"phi": _TINY_MHA},
     ),
 )
 
-_BY_MODEL_TYPE: dict[str, FamilyLayout] = {mt: fam for fam in FAMILIES for mt in fam.model_types}
+_REGISTRY: dict[str, FamilyLayout] = {}
+_BY_MODEL_TYPE: dict[str, FamilyLayout] = {}
+
+_PIECE_KINDS = ("head", "kv_head", "neuron")
+
+
+def _check_table(fam: FamilyLayout) -> None:
+    """Self-consistency of one table entry, so a typo fails when it is registered."""
+    where = f"FamilyLayout(family={fam.family!r})"
+    if not fam.model_types:
+        raise LayoutMismatchError(f"{where} has no model_types; list the HF model_type values")
+    if "{layer}" not in fam.layer_prefix:
+        raise LayoutMismatchError(
+            f"{where}: layer_prefix {fam.layer_prefix!r} has no '{{layer}}' placeholder"
+        )
+    for kind in _PIECE_KINDS:
+        for p in getattr(fam, kind):
+            lin = p.tensor.rpartition(".")[0]
+            if lin not in fam.linears:
+                raise LayoutMismatchError(
+                    f"{where}: a {kind} piece slices {p.tensor!r}, but {lin!r} is not one of its "
+                    f"linears ({', '.join(fam.linears)}); add it to linears or fix the piece"
+                )
+    for m in fam.mirrors:
+        if m.source.rpartition(".")[0] not in fam.linears:
+            raise LayoutMismatchError(
+                f"{where}: mirror {m.path!r} copies {m.source!r}, which is not one of its linears"
+            )
+    for name in fam.bridge_hooks:
+        if name not in fam.linears:
+            raise LayoutMismatchError(
+                f"{where}: bridge_hooks names {name!r}, which is not one of its linears"
+            )
+    unhooked = [n for n in fam.linears if not fam.bridge_hooks.get(n)]
+    if unhooked:
+        raise LayoutMismatchError(
+            f"{where}: no bridge_hooks for linear(s) {', '.join(unhooked)}; map each to the "
+            "bridge hook(s) whose outputs are its output, e.g. ('attn.o.hook_out',)"
+        )
+    missing = [mt for mt in fam.model_types if mt not in fam.tiny]
+    if missing:
+        raise LayoutMismatchError(
+            f"{where}: no tiny config for model type(s) {', '.join(missing)}; add "
+            "tiny={model_type: {config kwargs}} (2 layers, small widths) so the test suite "
+            "covers it"
+        )
+    extra = sorted(set(fam.tiny) - set(fam.model_types))
+    if extra:
+        raise LayoutMismatchError(
+            f"{where}: tiny config(s) for {', '.join(extra)}, which are not in its model_types"
+        )
+
+
+def register_family(layout: FamilyLayout, *, replace: bool = False) -> FamilyLayout:
+    """Add a family table at runtime (what a :data:`FAMILIES` entry does at import).
+
+    Its model types must not already belong to another family unless ``replace``
+    (which first drops the family of the same name). Returns ``layout``.
+    """
+    _check_table(layout)
+    if replace and layout.family in _REGISTRY:
+        unregister_family(layout.family)
+    if layout.family in _REGISTRY:
+        raise LayoutMismatchError(
+            f"a family named {layout.family!r} is already registered; pass replace=True to "
+            "swap it, or pick another name"
+        )
+    taken = {mt: _BY_MODEL_TYPE[mt].family for mt in layout.model_types if mt in _BY_MODEL_TYPE}
+    if taken:
+        shown = ", ".join(f"{mt} (family {f})" for mt, f in sorted(taken.items()))
+        raise LayoutMismatchError(
+            f"model type(s) already have a layout: {shown}; unregister_family() that family "
+            "first, or register with replace=True under its name"
+        )
+    _REGISTRY[layout.family] = layout
+    for mt in layout.model_types:
+        _BY_MODEL_TYPE[mt] = layout
+    return layout
+
+
+def unregister_family(family: str) -> FamilyLayout:
+    """Remove a registered family (by its ``family`` name) and return it."""
+    try:
+        fam = _REGISTRY.pop(family)
+    except KeyError:
+        raise UnsupportedArchitectureError(
+            f"no family named {family!r}; registered: {', '.join(_REGISTRY)}"
+        ) from None
+    for mt in fam.model_types:
+        _BY_MODEL_TYPE.pop(mt, None)
+    return fam
+
+
+def registered_families() -> list[FamilyLayout]:
+    """Every family table now registered (built-ins first)."""
+    return list(_REGISTRY.values())
+
+
+for _fam in FAMILIES:
+    register_family(_fam)
 
 
 def supported_model_types() -> list[str]:
@@ -345,8 +512,13 @@ def family_for(model_type: str) -> FamilyLayout:
         raise UnsupportedArchitectureError(
             f"architecture {model_type!r} is not supported. Supported model types: "
             f"{', '.join(supported_model_types())}. To add one, write a FamilyLayout "
-            "table in tl_transplant/layouts.py."
+            "table in tl_transplant/layouts.py (see docs/adding_an_architecture.md)."
         ) from None
+
+
+def tiny_config_kwargs(model_type: str) -> Mapping[str, Any]:
+    """The table's tiny-config keyword arguments for a model type (see ``FamilyLayout.tiny``)."""
+    return family_for(model_type).tiny[model_type]
 
 
 @dataclass(frozen=True)
@@ -511,6 +683,46 @@ class ModelLayout:
         """
         return weight.narrow(s.dim, s.start, s.size).movedim(s.dim, 0)
 
+    def output_blocks(
+        self, weight: torch.Tensor, kind: UnitKind, layer: int
+    ) -> Float[torch.Tensor, "n size D"]:
+        """Every head's (``kind="head"``) or neuron's output block in ``layer``, as
+        ``[n, size, D]``: row ``r`` of block ``u`` is what unit ``u``'s ``r``-th input
+        feature writes into the residual stream.
+
+        ``weight`` is the output projection's HF tensor,
+        ``self.param_name(layer, self.output_linear(kind) + ".weight")``. Its dtype is
+        kept (callers promote). The blocks are one ``index_select`` when the table's
+        slices are evenly spaced (every shipped layout), and the orientation is the
+        same ``movedim`` as :meth:`output_block`, so ``Conv1D`` needs no special case.
+        """
+        if kind not in ("head", "neuron"):
+            raise UnitError(f"output_blocks: kind must be 'head' or 'neuron', not {kind!r}")
+        cls = Head if kind == "head" else Neuron
+        n = self.count(kind)
+        first = self.output_slice(cls(layer, 0))
+        expect = self.shapes.get(first.param)
+        if expect is not None and tuple(weight.shape) != tuple(expect):
+            raise LayoutMismatchError(
+                f"output_blocks: weight has shape {tuple(weight.shape)}, but {first.param} "
+                f"has shape {tuple(expect)}; pass the tensor named "
+                "param_name(layer, output_linear(kind) + '.weight')"
+            )
+        size = first.size
+        if n > 1:
+            step = self.output_slice(cls(layer, 1)).start - first.start
+            last = self.output_slice(cls(layer, n - 1))
+            affine = last.start == first.start + (n - 1) * step and last.size == size
+        else:
+            step, affine = size, True
+        if affine:
+            starts = first.start + step * torch.arange(n)
+        else:  # pragma: no cover - every shipped layout is affine
+            starts = torch.tensor([self.output_slice(cls(layer, i)).start for i in range(n)])
+        idx = (starts[:, None] + torch.arange(size)[None, :]).reshape(-1).to(weight.device)
+        rows = weight.index_select(first.dim, idx).movedim(first.dim, 0)
+        return rows.reshape(n, size, -1)
+
     def linear_hooks(self, unit: Linear) -> tuple[str, ...]:
         """Bridge hook names (``blocks.3.attn.q.hook_out``, ...) that together are its output."""
         u = self.validate(unit)
@@ -618,7 +830,11 @@ class ModelLayout:
         return names
 
     def mirror_slices(self, layer: int) -> list[tuple[str, list[TensorSlice]]]:
-        """For each bridge copy in ``layer``: its path and the HF slices it concatenates."""
+        """For each bridge copy in ``layer``: its path and the HF slices it concatenates.
+
+        A copy the bridge exposes under several names appears once per name
+        (its ``path``, then each of its ``aliases``), with the same slices.
+        """
         out = []
         for m in self.family.mirrors:
             src = self.param_name(layer, m.source)
@@ -629,7 +845,8 @@ class ModelLayout:
                 env = {**self.dims.env(), "h": h}
                 start = _eval(m.start, env)
                 parts.append(TensorSlice(src, m.dim, start, start + _eval(m.size, env)))
-            out.append((self.prefix(layer) + m.path, parts))
+            for path in (m.path, *m.aliases):
+                out.append((self.prefix(layer) + path, parts))
         return out
 
 
@@ -652,6 +869,104 @@ def bind_layout(config: Any, shapes: Mapping[str, tuple[int, ...]]) -> ModelLayo
     return layout
 
 
+def bind_checkpoint_layout(
+    config: Any, shapes: Mapping[str, tuple[int, ...]]
+) -> tuple[ModelLayout, dict[str, str]]:
+    """Bind the layout to a saved checkpoint's stored tensor names and shapes.
+
+    Tries the canonical HF model names, then each of the family's
+    ``checkpoint_aliases`` in order. Returns the layout (over HF *model* names)
+    and a map model name -> stored name (the identity for canonical checkpoints).
+    """
+    model_type = getattr(config, "model_type", None) or ""
+    fam = family_for(model_type)
+    try:
+        return bind_layout(config, shapes), {n: n for n in shapes}
+    except LayoutMismatchError as e:
+        first = e
+    tried: list[str] = []
+    for alias in fam.checkpoint_aliases:
+        if alias.model_prefix and any(n.startswith(alias.model_prefix) for n in shapes):
+            continue  # already spelled canonically: this alias is not what differs
+        rename: dict[str, str] = {}
+        for stored in shapes:
+            model = alias.model_name(stored)
+            if model is not None:
+                rename[model] = stored
+        tried.append(f"{alias.stored_prefix!r} for {alias.model_prefix!r}")
+        if not rename:
+            continue
+        try:
+            layout = bind_layout(config, {m: shapes[st] for m, st in rename.items()})
+        except LayoutMismatchError:
+            continue
+        return layout, rename
+    how = (
+        f"also tried the stored-name aliases {', '.join(tried)}"
+        if tried
+        else f"the {fam.family} family declares no checkpoint_aliases"
+    )
+    raise LayoutMismatchError(
+        f"{first} ({how}; if this checkpoint spells its tensor names differently, add a "
+        f"CheckpointAlias to the {fam.family} FamilyLayout's checkpoint_aliases)"
+    ) from first
+
+
+def check_bridge(layout: ModelLayout, bridge: Any) -> None:
+    """Check a family table against a booted TransformerLens bridge, without a forward pass.
+
+    * every hook the table names (``bridge_hooks`` and every hook point) exists in
+      ``bridge.hook_dict`` for every layer;
+    * every linear read through a single ``<component>.hook_out`` is the HF module
+      the adapter's ``component_mapping`` maps that component to, so scores and
+      edits address the same weights.
+
+    Raises :class:`LayoutMismatchError` naming the table entry and the fix.
+    """
+    fam = layout.family
+    where = f"the {fam.family} FamilyLayout (tl_transplant/layouts.py)"
+    hooks = set(getattr(bridge, "hook_dict", {}) or {})
+    points = {**DEFAULT_HOOK_POINTS, **fam.hook_points}
+    for layer in range(layout.n_layers):
+        have = sorted(h for h in hooks if h.startswith(f"blocks.{layer}."))
+        for point in points:
+            name = layout.hook(point, layer)
+            if name not in hooks:
+                raise LayoutMismatchError(
+                    f"{where}: hook point {point!r} is {name!r}, which this TransformerBridge "
+                    f"does not have; set hook_points[{point!r}] to one of its hooks "
+                    f"({', '.join(have[:12])}, ...)"
+                )
+        for lin in fam.linears:
+            for name in layout.linear_hooks(Linear(layer, lin)):
+                if name not in hooks:
+                    raise LayoutMismatchError(
+                        f"{where}: bridge_hooks[{lin!r}] names {name!r}, which this "
+                        "TransformerBridge does not have; use the hook_out of the bridge "
+                        f"component wrapping {layout.module_path(Linear(layer, lin))!r}"
+                    )
+    translate = getattr(getattr(bridge, "adapter", None), "translate_transformer_lens_path", None)
+    if translate is None:
+        return
+    for lin, rel in fam.bridge_hooks.items():
+        if len(rel) != 1 or not rel[0].endswith(".hook_out"):
+            continue  # fused: the bridge splits it into several components
+        comp = rel[0].removesuffix(".hook_out")
+        for layer in range(layout.n_layers):
+            ours = layout.module_path(Linear(layer, lin))
+            try:
+                theirs = translate(f"blocks.{layer}.{comp}")
+            except (ValueError, KeyError, AttributeError):
+                continue  # the adapter builds this component outside its mapping
+            if theirs != ours:
+                raise LayoutMismatchError(
+                    f"{where}: linears[{lin!r}] is {ours!r}, but the TransformerLens adapter "
+                    f"maps the bridge component blocks.{layer}.{comp} (whose hook is "
+                    f"bridge_hooks[{lin!r}]) to {theirs!r}; fix linears[{lin!r}] or "
+                    "its bridge_hooks entry"
+                )
+
+
 def describe_families() -> list[dict[str, Any]]:
     """Supported families as rows (for docs and ``tl-transplant --help``)."""
     return [
@@ -661,13 +976,14 @@ def describe_families() -> list[dict[str, Any]]:
             "linears": list(f.linears),
             "notes": f.notes,
         }
-        for f in FAMILIES
+        for f in registered_families()
     ]
 
 
 __all__ = [
     "DEFAULT_HOOK_POINTS",
     "FAMILIES",
+    "CheckpointAlias",
     "Dims",
     "FamilyLayout",
     "LayoutMismatchError",
@@ -676,9 +992,15 @@ __all__ = [
     "Piece",
     "TensorSlice",
     "UnsupportedArchitectureError",
+    "bind_checkpoint_layout",
     "bind_layout",
+    "check_bridge",
     "describe_families",
     "dims_from_config",
     "family_for",
+    "register_family",
+    "registered_families",
     "supported_model_types",
+    "tiny_config_kwargs",
+    "unregister_family",
 ]

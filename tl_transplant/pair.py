@@ -29,7 +29,13 @@ from typing import Any
 
 import torch
 
-from tl_transplant.layouts import LayoutMismatchError, ModelLayout, TensorSlice, bind_layout
+from tl_transplant.layouts import (
+    LayoutMismatchError,
+    ModelLayout,
+    TensorSlice,
+    bind_layout,
+    check_bridge,
+)
 from tl_transplant.units import Unit
 
 log = logging.getLogger(__name__)
@@ -199,6 +205,7 @@ class ModelSide:
             layout=layout,
             identity=identity,
         )
+        check_bridge(layout, bridge)
         side._find_mirrors()
         return side
 
@@ -219,16 +226,13 @@ class ModelSide:
                 # objects; there is no data here to keep in sync.
                 continue
             clean = _strip(raw)
-            parts = declared.get(clean)
-            if parts is None:
-                # The bridge may expose one copy under two names (attention.q / attn.q).
-                alt = clean.replace(".attn.", ".attention.")
-                parts = declared.get(alt)
+            parts = declared.get(clean)  # a Mirror's path or one of its aliases
             if parts is None:
                 raise LayoutMismatchError(
                     f"the TransformerBridge holds its own copy of {clean!r}, which the "
                     f"{self.layout.family.family} layout does not declare as a mirror, so edits "
-                    "could not be kept in sync with it. Add a Mirror entry in layouts.py."
+                    "could not be kept in sync with it. Add a Mirror entry (or an alias of one) "
+                    "to its FamilyLayout in layouts.py."
                 )
             if any(self.params[x.param].device.type == "meta" for x in parts):
                 # Its HF tensor was offloaded by a device_map (cpu/disk offload): transplants

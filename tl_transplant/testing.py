@@ -13,7 +13,20 @@ from typing import Any
 
 import torch
 
-TINY_FAMILIES = ("gpt2", "gpt_neox", "llama", "qwen2", "mistral", "gemma", "gemma2", "phi3", "phi")
+from tl_transplant.layouts import (
+    UnsupportedArchitectureError,
+    supported_model_types,
+    tiny_config_kwargs,
+)
+
+#: Every supported HF model type: each has a tiny config in its FamilyLayout's ``tiny``.
+#: Derived from the layout table at import; :func:`tiny_model_types` sees later registrations.
+TINY_FAMILIES: tuple[str, ...] = tuple(supported_model_types())
+
+
+def tiny_model_types() -> list[str]:
+    """Every model type with a layout table (and so a tiny config), now."""
+    return supported_model_types()
 
 
 def word_tokenizer(path: str | Path, words: list[str] | None = None, n_words: int = 92) -> Any:
@@ -47,48 +60,18 @@ def word_tokenizer(path: str | Path, words: list[str] | None = None, n_words: in
 
 
 def tiny_config(family: str, vocab_size: int = 96, **overrides: Any) -> Any:
-    """A 2-layer config of the given family (GQA with 4 query / 2 KV heads where supported)."""
-    import transformers as tf
+    """A 2-layer config of an HF model type, from its layout table's ``tiny`` entry
+    (GQA with 4 query / 2 KV heads where the architecture supports it)."""
+    from transformers import AutoConfig
 
+    try:
+        kwargs = dict(tiny_config_kwargs(family))
+    except UnsupportedArchitectureError:
+        raise ValueError(
+            f"no tiny config for {family!r}; choose from {', '.join(tiny_model_types())}"
+        ) from None
     common = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    gqa = dict(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=48,
-        max_position_embeddings=64,
-    )
-    builders = {
-        "gpt2": lambda: tf.GPT2Config(
-            n_positions=64, n_embd=32, n_layer=2, n_head=4, n_inner=48, **common
-        ),
-        "gpt_neox": lambda: tf.GPTNeoXConfig(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=48,
-            max_position_embeddings=64,
-            **common,
-        ),
-        "llama": lambda: tf.LlamaConfig(**gqa, **common),
-        "qwen2": lambda: tf.Qwen2Config(**gqa, **common),
-        "mistral": lambda: tf.MistralConfig(**gqa, **common),
-        "gemma": lambda: tf.GemmaConfig(**gqa, head_dim=8, **common),
-        "gemma2": lambda: tf.Gemma2Config(**gqa, head_dim=8, **common),
-        "phi3": lambda: tf.Phi3Config(**gqa, **common),
-        "phi": lambda: tf.PhiConfig(
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=48,
-            max_position_embeddings=64,
-            **common,
-        ),
-    }
-    if family not in builders:
-        raise ValueError(f"no tiny config for {family!r}; choose from {', '.join(builders)}")
-    cfg = builders[family]()
+    cfg = AutoConfig.for_model(family, **{**common, **kwargs})
     for k, v in overrides.items():
         setattr(cfg, k, v)
     return cfg
