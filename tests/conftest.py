@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny offline models of every supported family."""
+"""Shared fixtures: tiny offline models of every model type in the layout table."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from tl_transplant.testing import TINY_FAMILIES, tiny_pair_dirs, word_tokenizer  # noqa: E402
+from tl_transplant.layouts import supported_model_types  # noqa: E402
+from tl_transplant.testing import tiny_pair_dirs, word_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +39,8 @@ def pair_dirs(tiny_root: Path):
     return get
 
 
-@pytest.fixture(params=TINY_FAMILIES)
+@pytest.fixture(params=supported_model_types())
 def family(request: pytest.FixtureRequest) -> str:
+    """Every model type in the layout table: a new FamilyLayout entry is tested with no
+    other change (its tiny config comes from the entry's ``tiny``)."""
     return request.param

@@ -129,3 +129,70 @@ def snapshot_side(side: Any) -> dict[str, torch.Tensor]:
 def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     """True when two snapshots hold the same names and bit-identical tensors."""
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def check_family(model_type: str, tokenizer: Any) -> None:
+    """The per-family checks, runnable on any registered model type (e.g. a new table entry).
+
+    Builds two tiny models of ``model_type`` that differ only inside unit slices,
+    loads them as a pair (which checks the table against the booted bridge and
+    its mirrors), then checks that every head/KV/neuron unit covers only its own
+    weights: moving all of them with alpha 1 turns the target's logits into the
+    source's, alpha 0 changes nothing, the revert is bit-exact, and together
+    the units cover every element of every linear (but the output projections'
+    biases, which belong to no head or neuron). Raises
+    ``AssertionError`` (or the loader's clear error) naming what does not hold.
+    """
+    from tl_transplant.pair import ModelPair
+    from tl_transplant.transplant import transplant
+
+    kinds = ("head", "kv_head", "neuron")
+    pair = ModelPair.load(
+        (tiny_model(model_type, seed=3), tokenizer), (tiny_model(model_type, seed=3), tokenizer)
+    )
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for u in pair.units(kinds):
+            for s in pair.layout.slices(u):
+                view = pair.source.params[s.param].narrow(s.dim, s.start, s.size)
+                view.add_(0.3 * torch.randn(view.shape, generator=gen))
+    pair.source.refresh_mirrors()
+    _check_coverage(pair.layout, pair.units(kinds), model_type)
+    ids = torch.tensor([[1, 5, 9, 14, 20, 7, 33, 41]])
+
+    def logits(side: Any) -> torch.Tensor:
+        with torch.no_grad():
+            return side.bridge(ids, return_type="logits")
+
+    base, src = logits(pair.target), logits(pair.source)
+    snap = snapshot_side(pair.target)
+    assert (base - src).abs().max() > 1e-2, f"{model_type}: perturbing the units changed nothing"
+    with transplant(pair, pair.units(kinds), alpha=0.0):
+        assert torch.equal(logits(pair.target), base), f"{model_type}: alpha=0 changed logits"
+    with transplant(pair, pair.units(kinds), alpha=1.0):
+        got = logits(pair.target)
+        assert torch.allclose(got, src, atol=1e-5, rtol=1e-5), (
+            f"{model_type}: moving every unit did not give the source's logits (max diff "
+            f"{(got - src).abs().max():.2e}); some weight a unit should cover is missing "
+            "from its table pieces"
+        )
+    assert same_state(snap, snapshot_side(pair.target)), f"{model_type}: revert was not exact"
+
+
+def _check_coverage(layout: Any, units: list[Any], model_type: str) -> None:
+    """Every element of every unit tensor lies in some unit's slice (output biases aside)."""
+    exempt = {
+        layout.param_name(layer, layout.output_linear(k) + ".bias")
+        for layer in range(layout.n_layers)
+        for k in ("head", "neuron")
+    }
+    masks = {n: torch.zeros(layout.shapes[n], dtype=torch.bool) for n in layout.unit_tensors()}
+    for u in units:
+        for s in layout.slices(u):
+            masks[s.param].narrow(s.dim, s.start, s.size).fill_(True)
+    for n, m in masks.items():
+        if n not in exempt and not bool(m.all()):
+            raise AssertionError(
+                f"{model_type}: {int((~m).sum())} element(s) of {n} belong to no head, KV "
+                "group or neuron; a piece is missing from the family's table"
+            )
