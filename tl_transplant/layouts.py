@@ -737,7 +737,10 @@ class ModelLayout:
 
     def output_linear(self, kind: UnitKind) -> str:
         """The linear that heads (``attn.o``) or neurons (``mlp.out``) write through."""
-        want = {"head": ("attn.o.hook_out",), "neuron": ("mlp.out.hook_out",)}.get(kind)
+        point = {"head": "attn_out", "neuron": "mlp_out"}.get(kind)
+        want = None
+        if point is not None:
+            want = (self.family.hook_points.get(point) or DEFAULT_HOOK_POINTS[point],)
         for name, hooks in self.family.bridge_hooks.items():
             if want is not None and tuple(hooks) == want:
                 return name
@@ -928,10 +931,10 @@ def check_bridge(layout: ModelLayout, bridge: Any) -> None:
     hooks = set(getattr(bridge, "hook_dict", {}) or {})
     points = {**DEFAULT_HOOK_POINTS, **fam.hook_points}
     for layer in range(layout.n_layers):
-        have = sorted(h for h in hooks if h.startswith(f"blocks.{layer}."))
         for point in points:
             name = layout.hook(point, layer)
             if name not in hooks:
+                have = sorted(h for h in hooks if h.startswith(f"blocks.{layer}."))
                 raise LayoutMismatchError(
                     f"{where}: hook point {point!r} is {name!r}, which this TransformerBridge "
                     f"does not have; set hook_points[{point!r}] to one of its hooks "
