@@ -9,12 +9,13 @@ No weight changes. While the context is active, *every* forward of the target
 (``bridge(...)``, ``run_with_cache``, ``run_with_hooks``, the HF module's own
 forward and ``hf.generate``) first runs the source on exactly the same inputs
 (same ids, attention mask, positions) and records the activations of the
-patched units; the target's TransformerLens hooks then substitute them:
+patched units; the target's TransformerLens hooks then substitute them (hook
+names from :mod:`tl_transplant.hooks`, i.e. the layout's named points):
 
-* head ``Lℓ.Hh``: ``blocks.ℓ.attn.hook_z[:, :, h]``;
-* KV group ``Lℓ.KVg``: ``blocks.ℓ.attn.hook_k`` / ``hook_v`` ``[:, :, g]``;
-* neuron ``Lℓ.Ni``: ``blocks.ℓ.mlp.hook_post[:, :, i]``;
-* whole linear: its output hook(s) (e.g. ``blocks.ℓ.attn.q.hook_out``).
+* head ``Lℓ.Hh``: layer ℓ's ``attn.hook_z[:, :, h]``;
+* KV group ``Lℓ.KVg``: layer ℓ's ``attn.hook_k`` / ``hook_v`` ``[:, :, g]``;
+* neuron ``Lℓ.Ni``: layer ℓ's ``mlp.hook_post[:, :, i]``;
+* whole linear: its output hook(s) (e.g. ``attn.q.hook_out``).
 
 With ``alpha`` the patched value is ``(1 - alpha) * target + alpha * source``.
 
@@ -49,7 +50,17 @@ from typing import Any, Literal
 import torch
 from jaxtyping import Float
 
-from tl_transplant.units import Head, KVHead, Linear, Neuron, Unit, parse_units, unit_sort_key
+from tl_transplant.hooks import kind_hooks, require_hooks
+from tl_transplant.units import (
+    Head,
+    KVHead,
+    Linear,
+    Neuron,
+    Unit,
+    UnitKind,
+    parse_units,
+    unit_sort_key,
+)
 
 PatchMode = Literal["activation", "output"]
 _CACHE_KEYS = ("cache", "past_key_values")
@@ -63,26 +74,6 @@ class _StopSource(Exception):
     """Raised from a source hook once every activation needed has been recorded."""
 
 
-def _hook_z(layer: int) -> str:
-    return f"blocks.{layer}.attn.hook_z"
-
-
-def _hook_kv(layer: int) -> tuple[str, str]:
-    return f"blocks.{layer}.attn.hook_k", f"blocks.{layer}.attn.hook_v"
-
-
-def _hook_post(layer: int) -> str:
-    return f"blocks.{layer}.mlp.hook_post"
-
-
-def _attn_out(layer: int) -> str:
-    return f"blocks.{layer}.attn.o.hook_out"
-
-
-def _mlp_out(layer: int) -> str:
-    return f"blocks.{layer}.mlp.out.hook_out"
-
-
 def _out_rows(side: Any, layout: Any, unit: Head | Neuron) -> Float[torch.Tensor, "size D"]:
     """The unit's block of its output projection as ``[size, D]`` (float32 or wider)."""
     s = layout.output_slice(unit)
@@ -91,8 +82,7 @@ def _out_rows(side: Any, layout: Any, unit: Head | Neuron) -> Float[torch.Tensor
         raise PatchError(
             f"{side.name}: {s.param} is offloaded by a device_map; mode='output' needs it in memory"
         )
-    block = w.narrow(s.dim, s.start, s.size)
-    block = block.T if s.dim == 1 else block  # nn.Linear [D, in] vs Conv1D [in, D]
+    block = layout.output_block(w, s)
     return block.to(torch.promote_types(block.dtype, torch.float32))
 
 
@@ -163,22 +153,30 @@ class patch_activations:  # noqa: N801 - a context manager that reads like a fun
         # source hook -> index (None = the whole tensor) along the unit axis
         subst: dict[str, list[int] | None] = {}
         for layer, g in groups.items():
-            for n in _hook_kv(layer):
+            for n in kind_hooks(self.pair.layout, "kv_head", layer):
                 subst[n] = sorted(g)
         for n in self._linear_hooks:
             subst[n] = None
         if self.mode == "activation":
             for layer, h in heads.items():
-                subst[_hook_z(layer)] = sorted(h)
+                subst[self._act("head", layer)] = sorted(h)
             for layer, i in neurons.items():
-                subst[_hook_post(layer)] = sorted(i)
+                subst[self._act("neuron", layer)] = sorted(i)
         self._subst = subst
         self._capture = list(subst)
         if self.mode == "output":
-            self._capture += [_hook_z(layer) for layer in heads]
-            self._capture += [_hook_post(layer) for layer in neurons]
-        layers = [int(n.split(".")[1]) for n in self._capture]
-        self._last_layer = max(layers) if layers else -1
+            self._capture += [self._act("head", layer) for layer in heads]
+            self._capture += [self._act("neuron", layer) for layer in neurons]
+        # every unit's hooks sit in its own layer, so the source may stop after the last one
+        self._last_layer = max((u.layer for u in self.units), default=-1)
+
+    def _act(self, kind: UnitKind, layer: int) -> str:
+        """The hook carrying a head's (``hook_z``) or neuron's (``hook_post``) activation."""
+        return kind_hooks(self.pair.layout, kind, layer)[0]
+
+    def _write(self, kind: UnitKind, layer: int) -> str:
+        """The hook where a head's (o-projection) or neuron's (down projection) write lands."""
+        return kind_hooks(self.pair.layout, kind, layer, write=True)[0]
 
     def _output_weights(self) -> None:
         """Per layer, the patched units' output-projection blocks of both models."""
@@ -246,9 +244,9 @@ class patch_activations:  # noqa: N801 - a context manager that reads like a fun
 
         return hook
 
-    def _writer(self, kind: str, layer: int) -> Any:
+    def _writer(self, kind: UnitKind, layer: int) -> Any:
         """Output mode: add alpha * (source write - live target write) of the layer's units."""
-        act = _hook_z(layer) if kind == "head" else _hook_post(layer)
+        act = self._act(kind, layer)
         idx = sorted(self._heads[layer] if kind == "head" else self._neurons[layer])
 
         def hook(t: torch.Tensor, hook: Any = None) -> torch.Tensor:
@@ -316,30 +314,25 @@ class patch_activations:  # noqa: N801 - a context manager that reads like a fun
         pair = self.pair
         names = set(self._capture) | set(self._subst)
         if self.mode == "output":
-            names |= {_attn_out(layer) for layer in self._heads}
-            names |= {_mlp_out(layer) for layer in self._neurons}
+            names |= {self._write("head", layer) for layer in self._heads}
+            names |= {self._write("neuron", layer) for layer in self._neurons}
         for side in pair.sides():
-            missing = sorted(n for n in names if n not in side.bridge.hook_dict)
-            if missing:
-                raise PatchError(
-                    f"{side.name}: the TransformerBridge has no hook point {missing[0]!r}"
-                )
+            require_hooks(side, names, why="patch_activations", error=PatchError)
         if self.mode == "output":
             self._output_weights()
         src_hooks = [(n, self._recorder(n)) for n in self._capture]
-        stop = f"blocks.{self._last_layer}.hook_resid_post"
+        stop = pair.layout.hook("resid_post", self._last_layer)
         if self._last_layer < pair.layout.n_layers - 1 and stop in pair.source.bridge.hook_dict:
             src_hooks.append((stop, self._stopper))
         tgt_hooks: list[tuple[str, Any]] = [
             (n, self._substituter(n, idx)) for n, idx in self._subst.items()
         ]
         if self.mode == "output":
-            for layer in self._heads:
-                tgt_hooks.append((_hook_z(layer), self._live_recorder(_hook_z(layer))))
-                tgt_hooks.append((_attn_out(layer), self._writer("head", layer)))
-            for layer in self._neurons:
-                tgt_hooks.append((_hook_post(layer), self._live_recorder(_hook_post(layer))))
-                tgt_hooks.append((_mlp_out(layer), self._writer("neuron", layer)))
+            for kind, layers in (("head", self._heads), ("neuron", self._neurons)):
+                for layer in layers:
+                    act = self._act(kind, layer)
+                    tgt_hooks.append((act, self._live_recorder(act)))
+                    tgt_hooks.append((self._write(kind, layer), self._writer(kind, layer)))
         stack = contextlib.ExitStack()
         try:
             stack.enter_context(pair.source.bridge.hooks(fwd_hooks=src_hooks))

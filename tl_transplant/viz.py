@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from jaxtyping import Float
 
+from tl_transplant.hooks import capture
 from tl_transplant.tokens import encode, resolve_prepend_bos
 from tl_transplant.units import Head, Neuron, Unit, parse_units
 
@@ -306,23 +307,8 @@ def _edit_context(pair: Any, transplant: Any, default_units: list[Unit], alpha: 
 
 
 def _capture(side: Any, ids: torch.Tensor, names: Iterable[str]) -> dict[str, torch.Tensor]:
-    """One forward of the side's bridge, recording the given hook points."""
-    store: dict[str, torch.Tensor] = {}
-
-    def rec(name: str) -> Any:  # by our name: TL may report an alias's canonical name
-        def hook(t: torch.Tensor, hook: Any = None) -> torch.Tensor:
-            store[name] = t.detach().float().cpu()
-            return t
-
-        return hook
-
-    names = list(dict.fromkeys(names))
-    with torch.inference_mode(), side.bridge.hooks(fwd_hooks=[(n, rec(n)) for n in names]):
-        side.bridge(ids.to(side.device), return_type="logits")
-    missing = [n for n in names if n not in store]
-    if missing:
-        raise RuntimeError(f"{side.name}: hook {missing[0]} did not fire")
-    return store
+    """One forward of the side's bridge, recording the given hook points (float32, CPU)."""
+    return capture(side, ids, names, transform=lambda t: t.float().cpu())
 
 
 def _three_runs(pair: Any, ids: torch.Tensor, names: list[str], edit: Any
@@ -374,7 +360,7 @@ def attention_compare(
     ids = enc.input_ids
     tokens = str_tokens(tok, ids[0].tolist())
     layers = sorted({h.layer for h in head_list})
-    names = [f"blocks.{layer}.attn.hook_pattern" for layer in layers]
+    names = [pair.layout.hook("pattern", layer) for layer in layers]
     edit, label = (None, "") if transplant is False else _edit_context(
         pair, transplant, list(head_list), alpha, kv
     )
@@ -382,7 +368,7 @@ def attention_compare(
     patterns: dict[str, Float[torch.Tensor, "head q k"]] = {}
     for side, cache in runs.items():
         patterns[side] = torch.stack(
-            [cache[f"blocks.{h.layer}.attn.hook_pattern"][0, h.head] for h in head_list]
+            [cache[pair.layout.hook("pattern", h.layer)][0, h.head] for h in head_list]
         )
     head_names = [str(h) for h in head_list]
     titles = _side_titles(pair, label)
@@ -459,7 +445,7 @@ def neuron_compare(
     enc = encode(tok, prompt_list, None, prepend_bos=resolve_prepend_bos(pair, prepend_bos))
     lens = enc.prompt_len.tolist()
     tokens = [str_tokens(tok, enc.input_ids[i, : lens[i]].tolist()) for i in range(len(lens))]
-    names = [f"blocks.{layer}.mlp.hook_post" for layer in sorted({u.layer for u in units})]
+    names = [pair.layout.hook("neuron", layer) for layer in sorted({u.layer for u in units})]
     edit, label = (None, "") if transplant is False else _edit_context(
         pair, transplant, list(units), alpha, kv
     )
@@ -467,7 +453,7 @@ def neuron_compare(
     acts: dict[str, list[Float[torch.Tensor, "tokens neuron"]]] = {}
     for side, cache in runs.items():
         per = torch.stack(
-            [cache[f"blocks.{u.layer}.mlp.hook_post"][:, :, u.index] for u in units], dim=-1
+            [cache[pair.layout.hook("neuron", u.layer)][:, :, u.index] for u in units], dim=-1
         )  # [batch, seq, k]
         acts[side] = [per[i, : lens[i]] for i in range(len(lens))]
     labels = _side_titles(pair, label)

@@ -13,7 +13,13 @@ Methods (one module each in this package, registered by name):
   unit's source activation into the target (signed);
 * ``activation_patch``: the exact patching effect, one unit at a time (signed);
 * ``weight_diff``: ``||W_source - W_target||`` over the unit's slices (no data);
-* ``random``: seeded random control (no data); see also :meth:`Scores.bottom`.
+* ``random``: seeded random control (no data; ``seed=``); see also :meth:`Scores.bottom`.
+
+Adding a scorer (``docs/adding_a_scorer.md``): subclass :class:`Scorer`, declare
+typed ``Options``, implement ``run`` with the kit exported here (data batching,
+:class:`UnitTable`/:class:`Accumulator`, :mod:`tl_transplant.hooks`), and
+``@register`` it; a package can ship one through the ``tl_transplant.scorers``
+entry point group.
 
 Retention-aware scoring: ``contrast=other_task`` scores ``score_task - lam *
 score_contrast`` with the same method, favouring units that carry the missing
@@ -33,19 +39,31 @@ import pkgutil
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from tl_transplant.scoring._base import (
+from tl_transplant.hooks import Handler, HookRunner, capturer
+from tl_transplant.scoring.accumulate import Accumulator, UnitTable, unit_index
+from tl_transplant.scoring.data import Context, MetricFn, ScoringData
+from tl_transplant.scoring.effects import Delta, Effects
+from tl_transplant.scoring.registry import (
+    ENTRY_POINT_GROUP,
     SCORERS,
-    Context,
-    MetricFn,
     RawScores,
     Scorer,
-    ScoringData,
+    ScorerOptions,
     ScoringError,
+    available_methods,
     check_options,
     get_scorer,
+    option_help,
     register,
 )
 from tl_transplant.scoring.scores import Scores
+from tl_transplant.scoring.tensors import (
+    loaded_param,
+    out_weight,
+    output_blocks,
+    take_positions,
+    work,
+)
 from tl_transplant.tokens import resolve_prepend_bos
 from tl_transplant.units import (
     UNIT_KINDS,
@@ -59,20 +77,18 @@ from tl_transplant.units import (
     parse_unit,
 )
 
+#: Modules of this package that are the scorer kit, not scorers.
+_KIT = frozenset({"accumulate", "data", "effects", "registry", "scores", "tensors"})
+
 # Import every scorer module so that each registers itself (a new scorer is one new file).
 for _mod in pkgutil.iter_modules(__path__):
-    if not _mod.name.startswith("_") and _mod.name != "scores":
+    if not _mod.name.startswith("_") and _mod.name not in _KIT:
         importlib.import_module(f"{__name__}.{_mod.name}")
 
 _UNITS_HELP = (
     "'head', 'kv_head', 'neuron', 'linear', a tuple of these (e.g. ('head', 'neuron')), "
     "or explicit units such as ['L1.H2', 'L0.N7', 'L3.attn.q_proj']"
 )
-
-
-def available_methods() -> list[str]:
-    """Names of the registered scoring methods."""
-    return sorted(SCORERS)
 
 
 def _unit_items(units: Any) -> list[Any]:
@@ -166,6 +182,7 @@ def score(
     lam: float = 1.0,
     metric: MetricFn | None = None,
     prepend_bos: bool | str = "auto",
+    seed: int = 0,
     **options: Any,
 ) -> Scores:
     """Score units of ``pair`` on a task (or plain prompts) with one method.
@@ -175,14 +192,18 @@ def score(
     ``contrast``/``lam``: retention-aware scoring, ``score - lam * score_on_contrast``.
     ``metric``: ``f(logits, encoded) -> [batch]`` for attribution/activation_patch
     (default: summed answer log-prob). ``prepend_bos`` applies to plain prompts (a
-    Task carries its own). Method options go in ``**options`` (e.g.
-    ``positions="answer"``, ``decode_steps=8``, ``seed=1``, ``alpha=0.5``).
+    Task carries its own). ``seed``: the run's seed, given to every method (the
+    ``random`` control draws from it; the others ignore it). Method options go in
+    ``**options``, validated against the method's ``Options`` before any model
+    runs (e.g. ``positions="answer"``, ``decode_steps=8``, ``alpha=0.5``).
     Scores do not depend on ``batch_size`` (up to float rounding).
     """
     cls = get_scorer(method)
     opts = check_options(cls, options)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ScoringError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ScoringError(f"seed must be an int, got {seed!r}")
     unit_list, unit_desc = _resolve_units(pair, units, cls)
     data = _as_data(pair, task_or_prompts, prepend_bos, cls)
     cdata = None
@@ -197,9 +218,8 @@ def score(
         cdata = _as_data(pair, contrast, prepend_bos, cls, role="contrast")
     if metric is not None and not callable(metric):
         raise ScoringError("metric must be a callable f(logits, encoded) -> per-example tensor")
-    ctx = Context(pair=pair, batch_size=batch_size, progress=progress, options=opts,
-                  metric=metric)
-    scorer = cls(ctx)
+    ctx = Context(pair=pair, batch_size=batch_size, progress=progress, metric=metric, seed=seed)
+    scorer = cls(ctx, opts)
     scorer.check()
     raw: RawScores = scorer.run(unit_list, data)
     if cdata is not None:
@@ -208,12 +228,13 @@ def score(
     meta: dict[str, Any] = {
         "method": method,
         "signed": cls.signed,
-        "options": opts,
+        "options": opts.model_dump(),
         "units": unit_desc,
         "task": None if data is None else data.name,
         "n_prompts": None if data is None else len(data),
         "prepend_bos": None if data is None else data.prepend_bos,
         "batch_size": batch_size,
+        "seed": seed,
         "metric": None if not cls.needs_answers else getattr(metric, "__name__", "answer_logprob"),
         "contrast": None if cdata is None else cdata.name,
         "lam": None if cdata is None else float(lam),
@@ -230,13 +251,33 @@ def score(
 
 
 __all__ = [
+    "ENTRY_POINT_GROUP",
     "SCORERS",
+    "Accumulator",
+    "Context",
+    "Delta",
+    "Effects",
+    "Handler",
+    "HookRunner",
+    "MetricFn",
     "RawScores",
     "Scorer",
+    "ScorerOptions",
     "Scores",
+    "ScoringData",
     "ScoringError",
+    "UnitTable",
     "available_methods",
+    "capturer",
+    "check_options",
     "get_scorer",
+    "loaded_param",
+    "option_help",
+    "out_weight",
+    "output_blocks",
     "register",
     "score",
+    "take_positions",
+    "unit_index",
+    "work",
 ]

@@ -16,40 +16,32 @@ Positions (``positions=``): ``"last"`` (the last prompt token, the default),
 ``"answer"`` (the positions that predict answer tokens; needs answers) or
 ``"all"`` (every real token of prompt and answer).
 
-Consistency: see :class:`tl_transplant.scoring._base.Accumulator`.
+Consistency: see :class:`tl_transplant.scoring.accumulate.Accumulator`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from jaxtyping import Float
 
-from tl_transplant.scoring._base import (
-    Accumulator,
-    HookRunner,
+from tl_transplant.hooks import capturer
+from tl_transplant.scoring.accumulate import Accumulator, UnitTable
+from tl_transplant.scoring.data import ScoringData
+from tl_transplant.scoring.registry import (
     RawScores,
     Scorer,
-    ScoringData,
+    ScorerOptions,
     ScoringError,
-    UnitTable,
-    capturer,
-    head_z,
-    kv_k,
-    kv_v,
-    linear_hooks_for,
-    mlp_post,
-    out_weight,
     register,
-    take_positions,
-    value_hooks,
-    work,
 )
+from tl_transplant.scoring.tensors import out_weight, take_positions, work
 from tl_transplant.tokens import Encoded
 from tl_transplant.units import Unit
 
-POSITIONS = ("last", "answer", "all")
+Positions = Literal["last", "answer", "all"]
+POSITIONS: tuple[str, ...] = get_args(Positions)
 
 
 def position_mask(enc: Encoded, positions: str) -> Float[torch.Tensor, "batch seq"]:
@@ -92,26 +84,22 @@ class ActivationDiff(Scorer):
 
     name = "activation_diff"
     default_kinds = ("head", "neuron")
-    options = {"positions": "last"}
 
-    def check(self) -> None:
-        if self.opts["positions"] not in POSITIONS:
-            raise ScoringError(
-                f"activation_diff: positions must be one of {', '.join(POSITIONS)}; "
-                f"got {self.opts['positions']!r}"
-            )
+    class Options(ScorerOptions):
+        #: Which positions are compared (see the module docstring).
+        positions: Positions = "last"
 
     def run(self, units: list[Unit], data: ScoringData | None) -> RawScores:
         assert data is not None
         pair, layout = self.ctx.pair, self.ctx.layout
-        positions: str = self.opts["positions"]
+        positions: str = self.opts.positions
         if positions == "answer" and data.answers is None:
             raise ScoringError(
                 "activation_diff with positions='answer' needs answers; pass a Task"
             )
         table = UnitTable(units, layout)
         acc = Accumulator(table)
-        names = value_hooks(table, layout)
+        names = table.value_hooks()
         stop = table.max_layer()
         state: dict[str, Any] = {}
 
@@ -120,7 +108,7 @@ class ActivationDiff(Scorer):
                 return take_positions(t, state["last"])
             return t  # all positions; masked at reduction time
 
-        with HookRunner(pair, names) as runner:
+        with self.ctx.hooks(names) as runner:
             # "all" covers the answer tokens too when there are answers.
             answers = positions == "answer" or (positions == "all" and data.answers is not None)
             for enc, _ in self.ctx.batches(data, answers=answers, desc="activation_diff"):
@@ -156,6 +144,7 @@ class ActivationDiff(Scorer):
               tgt: dict[str, torch.Tensor], per: torch.Tensor, reduce: Any) -> None:
         pair = self.ctx.pair
         dev = pair.target.device
+        hook = layout.hook
 
         def s(name: str) -> torch.Tensor:
             return work(src[name].to(dev))
@@ -166,20 +155,23 @@ class ActivationDiff(Scorer):
         for layer in table.layers("head"):
             w_s = out_weight(pair.source, layout, "head", layer).to(dev)
             w_t = out_weight(pair.target, layout, "head", layer).to(dev)
-            dist = head_distance(s(head_z(layer)), t(head_z(layer)), w_s, w_t)
+            z = hook("head", layer)
+            dist = head_distance(s(z), t(z), w_s, w_t)
             table.put(per, "head", layer, reduce(dist))
         for layer in table.layers("kv_head"):
-            dk = s(kv_k(layer)) - t(kv_k(layer))
-            dv = s(kv_v(layer)) - t(kv_v(layer))
+            k, v = hook("kv_k", layer), hook("kv_v", layer)
+            dk = s(k) - t(k)
+            dv = s(v) - t(v)
             dist = (dk.pow(2).sum(-1) + dv.pow(2).sum(-1)).sqrt()
             table.put(per, "kv_head", layer, reduce(dist))
         for layer in table.layers("neuron"):
-            dist = (s(mlp_post(layer)) - t(mlp_post(layer))).abs()
+            post = hook("neuron", layer)
+            dist = (s(post) - t(post)).abs()
             table.put(per, "neuron", layer, reduce(dist))
         for layer in table.layers("linear"):
             names = layout.linear_names()
             vals = torch.zeros(per.shape[0], len(names), device=dev, dtype=torch.float64)
-            for lin, hooks in linear_hooks_for(table, layout, layer).items():
+            for lin, hooks in table.linear_hooks(layer).items():
                 sq = sum((s(h) - t(h)).flatten(2).pow(2).sum(-1) for h in hooks)
                 vals[:, names.index(lin)] = reduce(sq.sqrt()[:, :, None])[:, 0]
             table.put(per, "linear", layer, vals)

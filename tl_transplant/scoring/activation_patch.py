@@ -1,7 +1,7 @@
 """``activation_patch``: the exact effect on the metric of patching each unit, one at a time.
 
 ``score_u = mean over prompts of metric(target with alpha * delta_u added) - metric(target)``,
-with ``delta_u`` as in :mod:`tl_transplant.scoring._effects` (the source's
+with ``delta_u`` as in :mod:`tl_transplant.scoring.effects` (the source's
 activation of the unit put into the target, at every position). It is the
 ground truth that ``attribution`` approximates to first order; as ``alpha -> 0``
 ``score / alpha`` tends to the attribution score.
@@ -14,25 +14,16 @@ Cost: per batch, one clean forward of each model, then one forward per unit;
 
 from __future__ import annotations
 
-import math
+from typing import Annotated
 
 import torch
+from pydantic import Field
 
-from tl_transplant.scoring._base import (
-    Accumulator,
-    Handler,
-    HookRunner,
-    RawScores,
-    Scorer,
-    ScoringData,
-    ScoringError,
-    UnitTable,
-    capturer,
-    register,
-    value_hooks,
-    write_hooks,
-)
-from tl_transplant.scoring._effects import Delta, Effects, units_in_order
+from tl_transplant.hooks import Handler, HookRunner, capturer
+from tl_transplant.scoring.accumulate import Accumulator, UnitTable
+from tl_transplant.scoring.data import ScoringData
+from tl_transplant.scoring.effects import Delta, Effects, units_in_order
+from tl_transplant.scoring.registry import RawScores, Scorer, ScorerOptions, register
 from tl_transplant.tokens import Encoded
 from tl_transplant.units import Unit
 
@@ -45,28 +36,25 @@ class ActivationPatch(Scorer):
     default_kinds = ("head",)
     needs_answers = True
     signed = True
-    options = {"alpha": 1.0, "units_per_pass": 8}
 
-    def check(self) -> None:
-        a = self.opts["alpha"]
-        if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a):
-            raise ScoringError(f"activation_patch: alpha must be a finite number, got {a!r}")
-        u = self.opts["units_per_pass"]
-        if isinstance(u, bool) or not isinstance(u, int) or u < 1:
-            raise ScoringError(f"activation_patch: units_per_pass must be an int >= 1, got {u!r}")
+    class Options(ScorerOptions):
+        #: Patch strength: ``alpha * delta_u`` is added.
+        alpha: Annotated[float, Field(allow_inf_nan=False)] = 1.0
+        #: Units patched in one forward (the batch is replicated this many times).
+        units_per_pass: Annotated[int, Field(ge=1)] = 8
 
     def run(self, units: list[Unit], data: ScoringData | None) -> RawScores:
         assert data is not None
         pair, layout = self.ctx.pair, self.ctx.layout
-        alpha = float(self.opts["alpha"])
-        per_pass = int(self.opts["units_per_pass"])
+        alpha = float(self.opts.alpha)
+        per_pass = int(self.opts.units_per_pass)
         table = UnitTable(units, layout)
         acc = Accumulator(table)
-        vals, writes = value_hooks(table, layout), write_hooks(table, layout)
+        vals, writes = table.value_hooks(), table.write_hooks()
         names = list(dict.fromkeys(vals + writes))
         metric_fn = self.ctx.metric_fn()
         order = units_in_order(table)
-        with HookRunner(pair, names) as runner, torch.no_grad():
+        with self.ctx.hooks(names) as runner, torch.no_grad():
             for enc, _ in self.ctx.batches(data, answers=True, desc="activation_patch"):
                 b = len(enc)
                 src: dict[str, torch.Tensor] = {}

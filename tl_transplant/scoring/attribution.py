@@ -3,7 +3,7 @@
 ``score_u = mean over prompts of sum over positions <grad_target(metric), delta_u>``,
 where ``delta_u`` is the change that putting the source's activation of the unit
 into the target makes at the hook points where the unit writes (see
-:mod:`tl_transplant.scoring._effects`; for a KV group the gradients at
+:mod:`tl_transplant.scoring.effects`; for a KV group the gradients at
 ``hook_k``/``hook_v`` of its group, so GQA is handled exactly). Signed:
 positive means the transplant should raise the metric.
 
@@ -18,21 +18,11 @@ from __future__ import annotations
 
 import torch
 
-from tl_transplant.scoring._base import (
-    Accumulator,
-    Handler,
-    HookRunner,
-    RawScores,
-    Scorer,
-    ScoringData,
-    ScoringError,
-    UnitTable,
-    capturer,
-    register,
-    value_hooks,
-    write_hooks,
-)
-from tl_transplant.scoring._effects import Effects
+from tl_transplant.hooks import Handler, capturer
+from tl_transplant.scoring.accumulate import Accumulator, UnitTable
+from tl_transplant.scoring.data import ScoringData
+from tl_transplant.scoring.effects import Effects
+from tl_transplant.scoring.registry import RawScores, Scorer, ScoringError, register
 from tl_transplant.units import Unit
 
 
@@ -50,10 +40,10 @@ class Attribution(Scorer):
         pair, layout = self.ctx.pair, self.ctx.layout
         table = UnitTable(units, layout)
         acc = Accumulator(table)
-        vals, writes = value_hooks(table, layout), write_hooks(table, layout)
+        vals, writes = table.value_hooks(), table.write_hooks()
         names = list(dict.fromkeys(vals + writes))
         metric_fn = self.ctx.metric_fn()
-        with HookRunner(pair, names) as runner:
+        with self.ctx.hooks(names) as runner:
             for enc, _ in self.ctx.batches(data, answers=True, desc="attribution"):
                 b = len(enc)
                 src: dict[str, torch.Tensor] = {}

@@ -18,24 +18,16 @@ per-prompt ``|l1_source - l1_target|``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from pydantic import Field
 
-from tl_transplant.scoring._base import (
-    Accumulator,
-    HookRunner,
-    RawScores,
-    Scorer,
-    ScoringData,
-    ScoringError,
-    UnitTable,
-    linear_hooks_for,
-    register,
-    take_positions,
-    value_hooks,
-    work,
-)
+from tl_transplant.hooks import HookRunner
+from tl_transplant.scoring.accumulate import Accumulator, UnitTable
+from tl_transplant.scoring.data import ScoringData
+from tl_transplant.scoring.registry import RawScores, Scorer, ScorerOptions, register
+from tl_transplant.scoring.tensors import take_positions, work
 from tl_transplant.tokens import Encoded
 from tl_transplant.units import Unit
 
@@ -47,23 +39,23 @@ class PaperL1(Scorer):
     name = "paper_l1"
     kinds = ("linear",)
     default_kinds = ("linear",)
-    options = {"decode_steps": 0, "per_feature": False}
 
-    def check(self) -> None:
-        steps = self.opts["decode_steps"]
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
-            raise ScoringError(f"paper_l1: decode_steps must be an int >= 0, got {steps!r}")
+    class Options(ScorerOptions):
+        #: Greedy decode steps to average over (0: the last prompt position only).
+        decode_steps: Annotated[int, Field(ge=0)] = 0
+        #: Mean absolute value instead of the L1 sum.
+        per_feature: bool = False
 
     def run(self, units: list[Unit], data: ScoringData | None) -> RawScores:
         assert data is not None
         pair, layout = self.ctx.pair, self.ctx.layout
         table = UnitTable(units, layout)
         acc = Accumulator(table)
-        names = value_hooks(table, layout)
-        steps = max(1, self.opts["decode_steps"])
-        per_feature = bool(self.opts["per_feature"])
+        names = table.value_hooks()
+        steps = max(1, self.opts.decode_steps)
+        per_feature = self.opts.per_feature
 
-        with HookRunner(pair, names) as runner:
+        with self.ctx.hooks(names) as runner:
             for enc, _ in self.ctx.batches(data, answers=False, desc="paper_l1"):
                 b = len(enc)
                 with torch.no_grad():
@@ -78,7 +70,7 @@ class PaperL1(Scorer):
             (src - tgt).abs(),
             acc.consistency(),
             {"source_l1": src, "target_l1": tgt},
-            meta={"decode_steps": self.opts["decode_steps"], "per_feature": per_feature},
+            meta={"decode_steps": self.opts.decode_steps, "per_feature": per_feature},
         )
 
     def _l1(self, runner: HookRunner, side: Any, enc: Encoded, table: UnitTable,
@@ -112,7 +104,7 @@ class PaperL1(Scorer):
             lin_names = layout.linear_names()
             for layer in table.layers("linear"):
                 vals = torch.zeros(b, len(lin_names), dtype=torch.float64)
-                for lin, hooks in linear_hooks_for(table, layout, layer).items():
+                for lin, hooks in table.linear_hooks(layer).items():
                     if per_feature:
                         feats = torch.cat([store[h] for h in hooks], dim=-1)
                         vals[:, lin_names.index(lin)] = feats.mean(-1).double().cpu()

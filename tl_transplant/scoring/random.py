@@ -1,15 +1,17 @@
 """``random``: a seeded random ranking, the control every selection must beat.
 
 Scores are i.i.d. uniform in [0, 1) from a ``torch.Generator`` seeded with
-``seed``, drawn over the requested units in their canonical order, so the
-same seed and units always give the same ranking.
+the run's seed (``score(..., seed=3)``, read here as ``ctx.seed``), drawn
+over the requested units in their canonical order, so the same seed and units
+always give the same ranking.
 """
 
 from __future__ import annotations
 
 import torch
 
-from tl_transplant.scoring._base import RawScores, Scorer, ScoringData, ScoringError, register
+from tl_transplant.scoring.data import ScoringData
+from tl_transplant.scoring.registry import RawScores, Scorer, register
 from tl_transplant.units import Unit
 
 
@@ -20,13 +22,8 @@ class RandomScores(Scorer):
     name = "random"
     default_kinds = ("head", "neuron")
     needs_data = False
-    options = {"seed": 0}
-
-    def check(self) -> None:
-        if not isinstance(self.opts["seed"], int) or isinstance(self.opts["seed"], bool):
-            raise ScoringError(f"random: seed must be an int, got {self.opts['seed']!r}")
 
     def run(self, units: list[Unit], data: ScoringData | None) -> RawScores:
-        gen = torch.Generator().manual_seed(self.opts["seed"])
+        gen = torch.Generator().manual_seed(self.ctx.seed)
         values = torch.rand(len(units), generator=gen, dtype=torch.float64)
-        return RawScores(values, None, meta={"seed": self.opts["seed"]})
+        return RawScores(values, None, meta={"seed": self.ctx.seed})

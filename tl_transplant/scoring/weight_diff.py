@@ -13,15 +13,10 @@ from typing import Any
 import torch
 from jaxtyping import Float
 
-from tl_transplant.scoring._base import (
-    RawScores,
-    Scorer,
-    ScoringData,
-    ScoringError,
-    UnitTable,
-    _require_loaded,
-    register,
-)
+from tl_transplant.scoring.accumulate import UnitTable
+from tl_transplant.scoring.data import ScoringData
+from tl_transplant.scoring.registry import RawScores, Scorer, ScorerOptions, register
+from tl_transplant.scoring.tensors import loaded_param
 from tl_transplant.units import Head, KVHead, Linear, Neuron, Unit
 
 _CLS = {"head": Head, "kv_head": KVHead, "neuron": Neuron}
@@ -61,11 +56,10 @@ class WeightDiff(Scorer):
     name = "weight_diff"
     default_kinds = ("head", "neuron")
     needs_data = False
-    options = {"relative": False}
 
-    def check(self) -> None:
-        if not isinstance(self.opts["relative"], bool):
-            raise ScoringError("weight_diff: relative must be True or False")
+    class Options(ScorerOptions):
+        #: Divide by the target's norm over the same slices.
+        relative: bool = False
 
     def run(self, units: list[Unit], data: ScoringData | None) -> RawScores:
         pair, layout = self.ctx.pair, self.ctx.layout
@@ -77,8 +71,8 @@ class WeightDiff(Scorer):
         def profiles(param: str, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
             """Squared diff and squared target summed over every dim except ``dim``."""
             if (param, dim) not in cache:
-                s = _require_loaded(pair.source, param, "weight_diff").detach()
-                t = _require_loaded(pair.target, param, "weight_diff").detach()
+                s = loaded_param(pair.source, param, "weight_diff").detach()
+                t = loaded_param(pair.target, param, "weight_diff").detach()
                 d = s.to(t.device, torch.float64) - t.to(torch.float64)
                 other = [i for i in range(d.dim()) if i != dim]
                 sq = d.pow(2).sum(other) if other else d.pow(2)
@@ -111,6 +105,6 @@ class WeightDiff(Scorer):
                 table.put(tgt_sq, kind, layer, t_vals)
         values: Float[torch.Tensor, " n"] = diff_sq[0].sqrt()
         target_norm = tgt_sq[0].sqrt()
-        if self.opts["relative"]:
+        if self.opts.relative:
             values = values / target_norm.clamp_min(torch.finfo(torch.float64).tiny)
         return RawScores(values, None, {"target_norm": target_norm})

@@ -14,6 +14,10 @@ an additive change ``delta_u`` at the hook points where the unit writes:
 The source and target values are the clean activations of the same batch, at
 every position. Patching with strength ``alpha`` adds ``alpha * delta_u``; the
 first-order estimate of its effect on the metric is ``alpha * <grad, delta_u>``.
+
+Hook names come from the layout (:meth:`ModelLayout.hook`): ``"head"`` is
+``hook_z``, ``"attn_out"`` the o-projection output, ``"neuron"``/``"mlp_out"``
+the MLP's hidden activation and down-projection output.
 """
 
 from __future__ import annotations
@@ -23,19 +27,8 @@ from typing import Any
 import torch
 from jaxtyping import Float
 
-from tl_transplant.scoring._base import (
-    UnitTable,
-    attn_out,
-    head_z,
-    kv_k,
-    kv_v,
-    linear_hooks_for,
-    mlp_out,
-    mlp_post,
-    out_weight,
-    unit_index,
-    work,
-)
+from tl_transplant.scoring.accumulate import UnitTable, unit_index
+from tl_transplant.scoring.tensors import out_weight, work
 from tl_transplant.units import Head, KVHead, Linear, Neuron, Unit
 
 #: (hook name, index into the activation after the batch axis, tensor to add)
@@ -74,9 +67,10 @@ class Effects:
                     per: Float[torch.Tensor, "batch n"]) -> None:
         """Write ``<grad, delta_u>`` (summed over positions) for every unit into ``per``."""
         table, layout = self.table, self.layout
+        hook = layout.hook
         for layer in table.layers("head"):
-            g = work(grads[attn_out(layer)])
-            z_s, z_t = self.s(head_z(layer)), self.t(head_z(layer))
+            g = work(grads[hook("attn_out", layer)])
+            z_s, z_t = self.s(hook("head", layer)), self.t(hook("head", layer))
             u_s = torch.einsum("bpD,hdD->bphd", g, self.weight("source", "head", layer))
             u_t = torch.einsum("bpD,hdD->bphd", g, self.weight("target", "head", layer))
             vals = (u_s * z_s).sum((1, 3)) - (u_t * z_t).sum((1, 3))
@@ -84,12 +78,12 @@ class Effects:
         for layer in table.layers("kv_head"):
             vals = sum(
                 (work(grads[n]) * (self.s(n) - self.t(n))).sum((1, 3))
-                for n in (kv_k(layer), kv_v(layer))
+                for n in (hook("kv_k", layer), hook("kv_v", layer))
             )
             table.put(per, "kv_head", layer, vals)
         for layer in table.layers("neuron"):
-            g = work(grads[mlp_out(layer)])
-            p_s, p_t = self.s(mlp_post(layer)), self.t(mlp_post(layer))
+            g = work(grads[hook("mlp_out", layer)])
+            p_s, p_t = self.s(hook("neuron", layer)), self.t(hook("neuron", layer))
             w_s = self.weight("source", "neuron", layer)[:, 0, :]
             w_t = self.weight("target", "neuron", layer)[:, 0, :]
             vals = ((g @ w_s.T) * p_s).sum(1) - ((g @ w_t.T) * p_t).sum(1)
@@ -97,7 +91,7 @@ class Effects:
         for layer in table.layers("linear"):
             names = layout.linear_names()
             vals = torch.zeros(per.shape[0], len(names), device=self.dev, dtype=torch.float64)
-            for lin, hooks in linear_hooks_for(table, layout, layer).items():
+            for lin, hooks in table.linear_hooks(layer).items():
                 vals[:, names.index(lin)] = sum(
                     (work(grads[h]) * (self.s(h) - self.t(h))).flatten(1).sum(1) for h in hooks
                 )
@@ -106,27 +100,29 @@ class Effects:
     # ---- exact patches ------------------------------------------------------------------
     def delta(self, u: Unit) -> Delta:
         """The additive patch of unit ``u`` (alpha = 1)."""
-        layer = u.layer
+        layer, hook = u.layer, self.layout.hook
         if isinstance(u, Head):
             h = u.head
-            z_s, z_t = self.s(head_z(layer))[:, :, h], self.t(head_z(layer))[:, :, h]
+            z = hook("head", layer)
+            z_s, z_t = self.s(z)[:, :, h], self.t(z)[:, :, h]
             d = z_s @ self.weight("source", "head", layer)[h] - z_t @ self.weight(
                 "target", "head", layer
             )[h]
-            return [(attn_out(layer), (), d)]
+            return [(hook("attn_out", layer), (), d)]
         if isinstance(u, KVHead):
             g = u.group
             return [
                 (n, (slice(None), g), self.s(n)[:, :, g] - self.t(n)[:, :, g])
-                for n in (kv_k(layer), kv_v(layer))
+                for n in (hook("kv_k", layer), hook("kv_v", layer))
             ]
         if isinstance(u, Neuron):
             i = u.index
-            p_s = self.s(mlp_post(layer))[:, :, i : i + 1]
-            p_t = self.t(mlp_post(layer))[:, :, i : i + 1]
+            post = hook("neuron", layer)
+            p_s = self.s(post)[:, :, i : i + 1]
+            p_t = self.t(post)[:, :, i : i + 1]
             w_s = self.weight("source", "neuron", layer)[i, 0]
             w_t = self.weight("target", "neuron", layer)[i, 0]
-            return [(mlp_out(layer), (), p_s * w_s - p_t * w_t)]
+            return [(hook("mlp_out", layer), (), p_s * w_s - p_t * w_t)]
         assert isinstance(u, Linear)
         hooks = self.layout.linear_hooks(u)
         return [(h, (), self.s(h) - self.t(h)) for h in hooks]
@@ -140,3 +136,6 @@ def units_in_order(table: UnitTable) -> list[tuple[int, Unit]]:
                        unit_index(table.units[i], table.layout)),
     )
     return [(i, table.units[i]) for i in order]
+
+
+__all__ = ["Delta", "Effects", "units_in_order"]

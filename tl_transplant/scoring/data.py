@@ -1,0 +1,88 @@
+"""What a scorer run sees: its data (:class:`ScoringData`) and its :class:`Context`.
+
+Streaming: prompts are tokenized batch by batch (the shared rule of
+:mod:`tl_transplant.tokens`) by :meth:`Context.batches`, and hooks are installed
+once per bridge for the whole stream by :meth:`Context.hooks`, so peak memory
+depends on the batch size and model, not on the number of prompts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from tqdm.auto import tqdm
+
+from tl_transplant.hooks import HookRunner
+from tl_transplant.scoring.registry import ScoringError
+from tl_transplant.tokens import Encoded, answer_logprobs, encode
+
+#: ``f(logits, encoded batch) -> per-example metric``, differentiable in the logits.
+MetricFn = Callable[
+    [Float[torch.Tensor, "batch seq vocab"], Encoded], Float[torch.Tensor, " batch"]
+]
+
+
+@dataclass
+class ScoringData:
+    """Prompts (and answers, if any) with the resolved BOS rule."""
+
+    name: str
+    prompts: list[str]
+    answers: list[str] | None
+    prepend_bos: bool
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+@dataclass
+class Context:
+    """Everything a scorer run needs besides its units, data and options.
+
+    ``seed`` is the run's seed, given to every scorer: random ones draw from it
+    (``torch.Generator().manual_seed(ctx.seed)``), the others ignore it.
+    """
+
+    pair: Any
+    batch_size: int
+    progress: bool
+    metric: MetricFn | None = None
+    seed: int = 0
+
+    @property
+    def layout(self) -> Any:
+        return self.pair.layout
+
+    def batches(
+        self, data: ScoringData, *, answers: bool, desc: str
+    ) -> Iterator[tuple[Encoded, int]]:
+        """Yield ``(encoded batch, start index)``, tokenized lazily, with a progress bar."""
+        if answers and data.answers is None:
+            raise ScoringError(f"{desc} needs answers; pass a Task rather than plain prompts")
+        n = len(data)
+        tok = self.pair.target.tokenizer
+        bar = tqdm(total=n, desc=f"{desc} [{data.name}]", unit="prompt",
+                   disable=not self.progress, leave=False)
+        try:
+            for i in range(0, n, self.batch_size):
+                j = min(n, i + self.batch_size)
+                ans = data.answers[i:j] if answers and data.answers is not None else None
+                yield encode(tok, data.prompts[i:j], ans, prepend_bos=data.prepend_bos), i
+                bar.update(j - i)
+        finally:
+            bar.close()
+
+    def hooks(self, names: Iterable[str]) -> HookRunner:
+        """A :class:`~tl_transplant.hooks.HookRunner` on both models for these hook names."""
+        return HookRunner(self.pair, names, error=ScoringError)
+
+    def metric_fn(self) -> MetricFn:
+        """The differentiable per-example task metric (default: answer log-prob)."""
+        return self.metric or answer_logprobs
+
+
+__all__ = ["Context", "MetricFn", "ScoringData"]

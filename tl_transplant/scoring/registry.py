@@ -1,0 +1,240 @@
+"""The scorer registry: the :class:`Scorer` base class, typed options, and plugin loading.
+
+A scorer subclasses :class:`Scorer`, declares its keyword options as a nested
+``Options`` model (a :class:`ScorerOptions` subclass, i.e. pydantic), implements
+:meth:`Scorer.run` and is decorated with :func:`register`. Built-in scorers are
+the modules of this package; third-party ones are found through the entry point
+group :data:`ENTRY_POINT_GROUP` (``tl_transplant.scorers``; entry point name =
+method name, value = the module that registers it or the class itself), loaded
+only when asked for by name.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as _md
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import annotated_types
+import torch
+from jaxtyping import Float
+from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic.fields import FieldInfo
+
+from tl_transplant.units import UNIT_KINDS, Unit, UnitKind
+
+if TYPE_CHECKING:
+    from tl_transplant.scoring.data import Context, ScoringData
+
+#: Entry point group through which installed packages add scorers.
+ENTRY_POINT_GROUP = "tl_transplant.scorers"
+
+
+class ScoringError(ValueError):
+    """A scoring request that cannot be carried out (bad method, units, data or option)."""
+
+
+class ScorerOptions(BaseModel):
+    """Base of every scorer's ``Options``: strict types, unknown names rejected, immutable.
+
+    Strict means no silent coercion: ``"3"`` or ``True`` is not an int.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+@dataclass
+class RawScores:
+    """What a scorer returns: one value per unit, in the order of the units it was given."""
+
+    values: Float[torch.Tensor, " n"]
+    consistency: Float[torch.Tensor, " n"] | None = None
+    columns: dict[str, Float[torch.Tensor, " n"]] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class Scorer:
+    """Base class. Subclasses set the class attributes and implement :meth:`run`.
+
+    ``self.ctx`` is the run's :class:`~tl_transplant.scoring.data.Context` (pair,
+    batching, hooks, metric, ``seed``); ``self.opts`` the validated ``Options``.
+    """
+
+    name: ClassVar[str] = ""
+    #: Unit kinds this scorer can score, and the ones it scores when ``units=None``.
+    kinds: ClassVar[tuple[UnitKind, ...]] = UNIT_KINDS
+    default_kinds: ClassVar[tuple[UnitKind, ...]] = ("head", "neuron")
+    needs_data: ClassVar[bool] = True
+    needs_answers: ClassVar[bool] = False
+    #: Signed scores (positive = the transplant should help) vs magnitudes.
+    signed: ClassVar[bool] = False
+    #: The scorer's keyword options (a :class:`ScorerOptions` subclass); none by default.
+    Options: ClassVar[type[BaseModel]] = ScorerOptions
+    #: Option name -> default, filled in by :func:`register` (read-only introspection).
+    options: ClassVar[Mapping[str, Any]] = types.MappingProxyType({})
+
+    def __init__(self, ctx: Context, opts: BaseModel | None = None) -> None:
+        self.ctx = ctx
+        self.opts: Any = opts if opts is not None else self.Options()
+
+    def check(self) -> None:
+        """Cross-option checks before any model runs (single options are typed in ``Options``)."""
+
+    def run(self, units: list[Unit], data: ScoringData | None) -> RawScores:
+        raise NotImplementedError
+
+    def combine(self, task: RawScores, contrast: RawScores, lam: float) -> RawScores:
+        """Retention-aware score: ``task - lam * contrast`` (consistency from the task)."""
+        cols = {f"{k}_task": v for k, v in task.columns.items()}
+        cols.update({f"{k}_contrast": v for k, v in contrast.columns.items()})
+        cols["score_task"] = task.values
+        cols["score_contrast"] = contrast.values
+        return RawScores(task.values - lam * contrast.values, task.consistency, cols, task.meta)
+
+
+# ---- registry -------------------------------------------------------------------------
+
+SCORERS: dict[str, type[Scorer]] = {}
+
+
+def register(cls: type[Scorer]) -> type[Scorer]:
+    """Class decorator: make a scorer available to :func:`~tl_transplant.scoring.score`."""
+    if not getattr(cls, "name", ""):
+        raise TypeError(f"{cls.__name__} needs a non-empty `name`")
+    if SCORERS.get(cls.name, cls) is not cls:
+        raise TypeError(f"two scorers are named {cls.name!r}")
+    opts = getattr(cls, "Options", None)
+    if not (isinstance(opts, type) and issubclass(opts, BaseModel)):
+        raise TypeError(f"{cls.__name__}.Options must be a pydantic model (subclass ScorerOptions)")
+    try:
+        defaults = opts()
+    except ValidationError as e:
+        raise TypeError(f"{cls.__name__}.Options needs a default for every option: {e}") from None
+    cls.options = types.MappingProxyType(dict(defaults))
+    SCORERS[cls.name] = cls
+    return cls
+
+
+def _plugins() -> dict[str, _md.EntryPoint]:
+    """Installed scorer entry points by name (re-read each call: cheap, and sys.path may change)."""
+    return {ep.name: ep for ep in _md.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def _load_plugin(ep: _md.EntryPoint) -> None:
+    dist = getattr(getattr(ep, "dist", None), "name", None) or "an installed package"
+    where = f"scorer plugin {ep.name!r} (entry point {ep.value!r} of {dist})"
+    try:
+        obj = ep.load()
+        if isinstance(obj, type) and issubclass(obj, Scorer) and obj.name == ep.name:
+            register(obj)
+    except Exception as e:
+        raise ScoringError(f"{where} failed to load: {type(e).__name__}: {e}") from e
+    if ep.name not in SCORERS:
+        raise ScoringError(
+            f"{where} loaded but registered no scorer named {ep.name!r}; its entry point must "
+            "name a module that @register-s it, or the Scorer class itself"
+        )
+
+
+def available_methods() -> list[str]:
+    """Names of the registered scoring methods, including installed (not yet loaded) plugins."""
+    return sorted(set(SCORERS) | set(_plugins()))
+
+
+def get_scorer(method: str) -> type[Scorer]:
+    """The scorer class registered as ``method`` (loading its plugin), or a clear error."""
+    if isinstance(method, str) and method not in SCORERS:
+        ep = _plugins().get(method)
+        if ep is not None:
+            _load_plugin(ep)
+    if not isinstance(method, str) or method not in SCORERS:
+        raise ScoringError(
+            f"unknown scoring method {method!r}; valid methods are: "
+            + ", ".join(available_methods())
+        )
+    return SCORERS[method]
+
+
+# ---- options --------------------------------------------------------------------------
+
+
+def _type_text(tp: Any) -> str:
+    if typing.get_origin(tp) is typing.Literal:
+        return "one of " + ", ".join(str(a) for a in typing.get_args(tp))
+    if tp is bool:
+        return "True or False"
+    if tp is int:
+        return "an int"
+    if tp is float:
+        return "a number"
+    if tp is str:
+        return "a string"
+    args = typing.get_args(tp)
+    if args and typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_text(a) for a in args)
+    return getattr(tp, "__name__", repr(tp))
+
+
+def describe_option(info: FieldInfo) -> str:
+    """What an option allows, in words (``"an int >= 0"``, ``"one of last, answer, all"``)."""
+    text = _type_text(info.annotation)
+    for m in info.metadata:
+        for attr, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            if isinstance(m, getattr(annotated_types, attr.capitalize())):
+                text += f" {op} {getattr(m, attr)}"
+        if getattr(m, "allow_inf_nan", None) is False:
+            text = text.replace("a number", "a finite number")
+    return text
+
+
+def option_help(scorer: type[Scorer]) -> str:
+    """``name (allowed, default ...)`` for each option of ``scorer``, or ``none``."""
+    fields = scorer.Options.model_fields
+    if not fields:
+        return "none"
+    return "; ".join(
+        f"{n} ({describe_option(f)}, default {f.default!r})" for n, f in sorted(fields.items())
+    )
+
+
+def check_options(scorer: type[Scorer], options: Mapping[str, Any]) -> BaseModel:
+    """Validate user options against ``scorer.Options``: a ScoringError names what is wrong."""
+    fields = scorer.Options.model_fields
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        raise ScoringError(
+            f"{scorer.name} does not take option(s) {', '.join(map(repr, unknown))}; "
+            f"its options are: {', '.join(sorted(fields)) or 'none'}"
+            + (f" [{option_help(scorer)}]" if fields else "")
+            + " (batch_size, seed, metric, contrast, lam, prepend_bos and progress are "
+            "arguments of score() itself)"
+        )
+    try:
+        return scorer.Options(**options)
+    except ValidationError as e:
+        err = e.errors()[0]
+        name = str(err["loc"][0]) if err.get("loc") else "?"
+        allowed = describe_option(fields[name]) if name in fields else option_help(scorer)
+        raise ScoringError(
+            f"{scorer.name}: option {name}={options.get(name)!r} is invalid ({err['msg']}); "
+            f"{name} must be {allowed}"
+        ) from None
+
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "SCORERS",
+    "RawScores",
+    "Scorer",
+    "ScorerOptions",
+    "ScoringError",
+    "available_methods",
+    "check_options",
+    "describe_option",
+    "get_scorer",
+    "option_help",
+    "register",
+]
