@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tl_transplant import ModelPair, ModelSide
-from tl_transplant.evaluate import UndefinedMetricWarning
+from tl_transplant.stats import UndefinedMetricWarning
 from tl_transplant.sweep import RankedUnits, SweepRow, choose_best, pareto_front, sweep
 from tl_transplant.tasks import Task
 from tl_transplant.testing import same_state, snapshot_side, tiny_model, word_tokenizer

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from tl_transplant.config import RunConfig, TaskConfig, load_config
-from tl_transplant.export import MANIFEST_NAME, commit_out_dir, export_hf, prepare_out_dir
+from tl_transplant.export import commit_out_dir, export_hf, prepare_out_dir
+from tl_transplant.manifest import MANIFEST_NAME, write_manifest
+from tl_transplant.stats import paired_diff_ci
 from tl_transplant.tasks import Task
 
 RESULT_KEYS = ("baselines", "best", "test", "controls", "retention", "fraction_units",
@@ -64,19 +64,13 @@ def _seeded(method: str, seed: int) -> dict[str, Any]:
     return {"seed": seed} if "seed" in get_scorer(method).options else {}
 
 
+def _as_list(ci: tuple[float, float] | None) -> list[float] | None:
+    return None if ci is None else list(ci)
+
+
 def _block_params(pair: Any) -> int:
     prefixes = tuple(pair.layout.prefix(layer) for layer in range(pair.layout.n_layers))
     return int(sum(t.numel() for n, t in pair.target.params.items() if n.startswith(prefixes)))
-
-
-def _diff_ci(a: np.ndarray, b: np.ndarray, seed: int, n_boot: int = 2000,
-             level: float = 0.95) -> list[float]:
-    """Paired bootstrap CI of mean(a - b) over the same examples."""
-    from tl_transplant.evaluate import bootstrap_means
-
-    d = bootstrap_means([np.asarray(a, float) - np.asarray(b, float)], n_boot=n_boot, seed=seed)
-    lo, hi = np.quantile(d[:, 0], [(1 - level) / 2, 1 - (1 - level) / 2])
-    return [float(lo), float(hi)]
 
 
 def run(
@@ -170,8 +164,8 @@ def run(
                     "test": crep.transplanted.mean,
                     "recovery": crep.metrics.recovery,
                     "best_minus_control": rep.transplanted.mean - crep.transplanted.mean,
-                    "best_minus_control_ci": _diff_ci(rep.transplanted.scores,
-                                                      crep.transplanted.scores, cfg.seed),
+                    "best_minus_control_ci": _as_list(paired_diff_ci(
+                        rep.transplanted.scores, crep.transplanted.scores, seed=cfg.seed)),
                 }
             results["controls"] = ctrl
             results["retention"] = [
@@ -187,8 +181,7 @@ def run(
             manifest = apply_transplant(pair, best.units, best.alpha)
             manifest.extra.update(method=best.method, k=best.k, task=dev.name,
                                   dev_metric=best.metric, test_recovery=m.recovery)
-            (tmp / MANIFEST_NAME).write_text(
-                json.dumps({"transplants": [manifest.to_dict()]}, indent=2, default=str))
+            write_manifest(tmp / MANIFEST_NAME, manifest)
             if cfg.export:
                 log("exporting the transplanted target to model/")
                 export_hf(pair, tmp / "model", manifest=manifest)

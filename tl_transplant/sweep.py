@@ -36,14 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tl_transplant.evaluate import (
+from tl_transplant.evaluate import EvalResult, TransplantReport, evaluate, evaluate_transplant
+from tl_transplant.stats import (
     DEFAULT_GAP_TOL,
     DEFAULT_N_BOOT,
-    EvalResult,
-    TransplantReport,
     UndefinedMetricWarning,
-    evaluate,
-    evaluate_transplant,
     recovery,
     tir,
 )
