@@ -19,6 +19,7 @@ from tl_transplant.config import RunConfig, TaskConfig, load_config
 from tl_transplant.export import commit_out_dir, export_hf, prepare_out_dir
 from tl_transplant.manifest import MANIFEST_NAME, write_manifest
 from tl_transplant.stats import paired_diff_ci
+from tl_transplant.summary import format_table
 from tl_transplant.tasks import Task
 
 RESULT_KEYS = ("baselines", "best", "test", "controls", "retention", "fraction_units",
@@ -206,54 +207,6 @@ def _write_report(pair: Any, res: Any, scores: dict[str, Any], dev: Task,
 
     write_report(tmp / "report.html", sweep_result=res, pair=pair, task=dev, scores=scores,
                  extra={"Run summary": format_table(results, res)})
-
-
-def _fmt(v: Any, nd: int = 3) -> str:
-    if v is None:
-        return "n/a"
-    if isinstance(v, (list, tuple)) and len(v) == 2:
-        return f"[{_fmt(v[0], nd)}, {_fmt(v[1], nd)}]"
-    return f"{v:.{nd}f}" if isinstance(v, float) else str(v)
-
-
-def format_table(results: dict[str, Any], sweep_result: Any = None) -> str:
-    """Baselines; best K and alpha per method; test TIR, recovery with CI, and retention."""
-    b = results["baselines"]
-    lines = [
-        "baselines           dev      test",
-        f"  source        {_fmt(b['source']['dev']):>8}  {_fmt(b['source']['test']):>8}",
-        f"  target        {_fmt(b['target']['dev']):>8}  {_fmt(b['target']['test']):>8}",
-    ]
-    if sweep_result is not None and sweep_result.best_by_method:
-        lines.append("best per method (chosen on dev)     K  alpha   dev    test  recovery")
-        for meth, r in sweep_result.best_by_method.items():
-            t = r.test.metrics if r.test is not None else None
-            lines.append(
-                f"  {meth:<30} {r.k:>4}  {r.alpha:>5.2f}  {r.metric:.3f}  "
-                f"{_fmt(t.transplanted if t else None)}  {_fmt(t.recovery if t else None)}"
-            )
-    best = results.get("best")
-    if not best:
-        lines.append("no configuration met the retention constraint")
-        return "\n".join(lines)
-    t = results["test"]
-    ci = t["ci"]
-    lines += [
-        f"chosen: {best['method']}  K={best['k']}  alpha={best['alpha']:g}  "
-        f"({results['fraction_units']:.1%} of units searched, "
-        f"{results['fraction_params']:.2%} of block parameters)",
-        f"test: transplanted {_fmt(t['transplanted'])}  TIR {_fmt(t['tir'])} "
-        f"{_fmt(ci.get('tir'))}  recovery {_fmt(t['recovery'])} {_fmt(ci.get('recovery'))}",
-    ]
-    for name, c in results["controls"].items():
-        lines.append(
-            f"control {name:<10} test {_fmt(c['test'])}  recovery {_fmt(c['recovery'])}  "
-            f"best-control {_fmt(c['best_minus_control'])} CI {_fmt(c['best_minus_control_ci'])}"
-        )
-    for r in results["retention"]:
-        lines.append(f"retention {r['task']}: {_fmt(r['before'])} -> {_fmt(r['after'])} "
-                     f"(drop {_fmt(r['drop'])})")
-    return "\n".join(lines)
 
 
 def demo_config(pair_name: str = "cross_generation", *, export: bool = True) -> dict[str, Any]:
