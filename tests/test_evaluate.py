@@ -14,15 +14,12 @@ import torch
 from tl_transplant import ModelPair, ModelSide, transplant
 from tl_transplant.evaluate import (
     EvalResult,
-    UndefinedMetricWarning,
-    bootstrap_means,
     evaluate,
     evaluate_transplant,
-    recovery,
     retention,
-    tir,
     transplant_metrics,
 )
+from tl_transplant.stats import UndefinedMetricWarning, bootstrap_means, recovery, tir
 from tl_transplant.tasks import Task, builtin_task
 from tl_transplant.testing import same_state, snapshot_side, tiny_model, word_tokenizer
 

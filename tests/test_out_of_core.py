@@ -26,13 +26,9 @@ from tl_transplant import (
     out_of_core,
     transplant,
 )
+from tl_transplant.cli import add_apply_command, main
 from tl_transplant.export import MANIFEST_NAME, ExportError
-from tl_transplant.out_of_core import (
-    OutOfCoreError,
-    add_apply_command,
-    apply_manifest_out_of_core,
-    main,
-)
+from tl_transplant.out_of_core import OutOfCoreError, apply_manifest_out_of_core
 from tl_transplant.testing import TINY_FAMILIES, perturbed_copy, tiny_model, word_tokenizer
 
 SHARD = "20KB"

@@ -223,3 +223,34 @@ def test_every_subcommand_has_help(cmd, capsys):
         main([cmd, "--help"])
     assert e.value.code == 0
     assert "usage: tl-transplant" in capsys.readouterr().out
+
+
+def test_run_table_from_results_dict():
+    """The CLI's table (tl_transplant.summary.format_table) is built from results.json alone."""
+    from tl_transplant.pipeline import format_table
+    from tl_transplant.summary import NO_CHOICE
+
+    base = {"source": {"dev": 0.8, "test": 0.75}, "target": {"dev": 0.2, "test": None}}
+    lines = format_table({"baselines": base, "best": None}).splitlines()
+    assert lines == [
+        "baselines           dev      test",
+        "  source           0.800     0.750",
+        "  target           0.200       n/a",
+        NO_CHOICE,
+    ]
+    results = {
+        "baselines": base,
+        "best": {"method": "attribution", "k": 4, "alpha": 0.5},
+        "test": {"transplanted": 0.6, "tir": 3.0, "recovery": 0.7,
+                 "ci": {"tir": [2.5, 3.5], "recovery": None}},
+        "controls": {"random": {"test": 0.3, "recovery": 0.1, "best_minus_control": 0.3,
+                                "best_minus_control_ci": [0.1, 0.5]}},
+        "retention": [{"task": "ret", "before": 0.9, "after": 0.85, "drop": 0.05}],
+        "fraction_units": 0.25,
+        "fraction_params": 0.0123,
+    }
+    text = format_table(results)
+    assert "chosen: attribution  K=4  alpha=0.5  (25.0% of units searched, 1.23% of block" in text
+    assert "TIR 3.000 [2.500, 3.500]  recovery 0.700 n/a" in text
+    assert "best-control 0.300 CI [0.100, 0.500]" in text
+    assert text.endswith("retention ret: 0.900 -> 0.850 (drop 0.050)")

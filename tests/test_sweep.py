@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import warnings
 from pathlib import Path
@@ -12,10 +13,12 @@ import pytest
 import torch
 
 from tl_transplant import ModelPair, ModelSide
-from tl_transplant.evaluate import UndefinedMetricWarning
+from tl_transplant.stats import UndefinedMetricWarning
 from tl_transplant.sweep import RankedUnits, SweepRow, choose_best, pareto_front, sweep
 from tl_transplant.tasks import Task
 from tl_transplant.testing import same_state, snapshot_side, tiny_model, word_tokenizer
+
+sweep_mod = importlib.import_module("tl_transplant.sweep")  # the package exports sweep()
 
 TRUE_UNITS = ["L1.mlp.down_proj", "L1.attn.o_proj"]  # where source != target
 DECOYS = ["L0.attn.q_proj", "L0.mlp.up_proj", "L1.attn.q_proj"]  # identical in both: no-ops
@@ -205,7 +208,7 @@ class FakeScores:
         return [str(u) for u in self.ranked.top(k, kinds)]
 
 
-def test_methods_side_by_side_and_save(eng, tmp_path: Path):
+def test_methods_side_by_side_and_save(eng, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     pair, src, ctl, _ = eng
     fake = FakeScores(["L0.H1", *RANKING])
     scores = {"oracle": RANKING, "reverse": list(reversed(RANKING)), "fake": fake}
@@ -235,6 +238,15 @@ def test_methods_side_by_side_and_save(eng, tmp_path: Path):
     assert (out / "sweep.csv").read_text().count("\n") == 7
     assert (out / "sweep.png").stat().st_size > 1000
     json.dumps(res.to_dict(), allow_nan=False)
+    # report=True goes through the writer tl_transplant.report registered (sweep never imports it)
+    calls = []
+    monkeypatch.setitem(sweep_mod._REPORT_WRITER, "write", lambda p, **kw: calls.append((p, kw)))
+    res.save(tmp_path / "rep", report=True, title="t")
+    assert calls == [(tmp_path / "rep" / "report.html", {"sweep_result": res, "title": "t"})]
+    monkeypatch.delitem(sweep_mod._REPORT_WRITER, "write")
+    with pytest.raises(RuntimeError, match="import tl_transplant.report"):
+        res.save(tmp_path / "rep2", report=True)
+    assert not (tmp_path / "rep2").exists()
 
 
 def test_bad_arguments(eng):

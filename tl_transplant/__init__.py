@@ -14,6 +14,7 @@ from tl_transplant.layouts import (
     UnsupportedArchitectureError,
     supported_model_types,
 )
+from tl_transplant.manifest import Manifest, read_manifest, write_manifest
 from tl_transplant.pair import (
     IncompatiblePairError,
     ModelLoadError,
@@ -23,11 +24,11 @@ from tl_transplant.pair import (
 )
 from tl_transplant.patching import PatchError, patch_activations
 from tl_transplant.pipeline import RunResult, run
+from tl_transplant.report import write_report  # also registers SweepResult.save(report=True)
 from tl_transplant.scoring import Scores, available_methods, score
 from tl_transplant.sweep import SweepResult, sweep
 from tl_transplant.tasks import Task, builtin_task
 from tl_transplant.transplant import (
-    Manifest,
     TransplantError,
     apply_transplant,
     plan_transplant,
@@ -85,6 +86,9 @@ __all__ = [
     "parse_unit",
     "parse_units",
     "plan_transplant",
+    "read_manifest",
     "supported_model_types",
     "transplant",
+    "write_manifest",
+    "write_report",
 ]

@@ -115,10 +115,106 @@ def cmd_pairs(args: argparse.Namespace) -> int:
     return 0
 
 
+_APPLY_HELP = "apply a transplant manifest to checkpoints on disk, without loading the models"
+_APPLY_DESCRIPTION = """\
+Apply a saved transplant manifest (transplant_manifest.json, as export_hf
+writes it) to a source and a target checkpoint on disk, tensor by tensor.
+Neither model is loaded: memory stays at a few MB of rows beyond the Python
+and torch runtime, so a multi-billion-parameter pair can be transplanted on
+any CPU box. Shards that
+no unit touches are copied byte for byte; the output keeps the target's shard
+layout, config and tokenizer, and matches the in-memory transplant bit for bit.
+
+example:
+  tl-transplant apply --source big-source/ --target big-target/ \\
+      --manifest run/transplant_manifest.json --out transplanted/
+"""
+
+
+def add_apply_command(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``apply`` on an argparse subparsers object; returns its parser."""
+    p = subparsers.add_parser(
+        "apply",
+        help=_APPLY_HELP,
+        description=_APPLY_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--source",
+        required=True,
+        metavar="DIR_OR_ID",
+        help="source model: a local HF directory or a hub id (read from the cache "
+        "when HF_HUB_OFFLINE=1)",
+    )
+    p.add_argument(
+        "--target",
+        required=True,
+        metavar="DIR_OR_ID",
+        help="target model, the one whose weights are edited (same forms as --source)",
+    )
+    p.add_argument(
+        "--manifest",
+        required=True,
+        metavar="JSON",
+        help="transplant_manifest.json (or a directory holding one); every "
+        "transplant in it is applied, in order",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="output directory; written via a temporary sibling and renamed into place",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace --out if it exists and is not empty"
+    )
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="accept PyTorch .bin (pickle) checkpoints; unpickling can execute code, "
+        "so only use this for files you trust (the output is safetensors)",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="fail (instead of warning) when the blended tensors do not match the "
+        "manifest's sha256 hashes, i.e. the checkpoints are not the ones it was "
+        "made from",
+    )
+    p.set_defaults(func=main_apply)
+    return p
+
+
+def main_apply(args: argparse.Namespace) -> int:
+    """Run ``apply`` from parsed arguments; returns the exit status."""
+    from tl_transplant.out_of_core import apply_out_of_core
+
+    try:
+        out, stats = apply_out_of_core(
+            args.source,
+            args.target,
+            args.manifest,
+            args.out,
+            overwrite=args.overwrite,
+            allow_pickle=args.allow_pickle,
+            strict=getattr(args, "strict", False),
+            revision=None,
+            local_files_only=None,
+            cache_dir=None,
+        )
+    except ValueError as e:  # OutOfCoreError, TransplantError, UnitError, ExportError
+        print(f"tl-transplant apply: error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"wrote {out}: {stats['tensors_blended']} tensors blended in "
+        f"{stats['shards_rewritten']} of {stats['shards']} shards; the rest copied byte for byte"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tl_transplant import __version__
     from tl_transplant.layouts import supported_model_types
-    from tl_transplant.out_of_core import add_apply_command
 
     p = argparse.ArgumentParser(
         prog="tl-transplant",
@@ -197,8 +293,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     if args.cmd == "apply":
-        from tl_transplant.out_of_core import main_apply
-
         return main_apply(args)
     try:
         return int(args.func(args) or 0)

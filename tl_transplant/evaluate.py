@@ -9,27 +9,14 @@
 * :func:`retention` reports a control task's metric before and after.
 * :func:`evaluate_transplant` does all of it for one (units, alpha).
 
-Definitions (``s``, ``t``, ``x``: mean metric of source, target, transplanted
-target on the *same* examples):
-
-* ``delta = x - t``;
-* ``TIR = x / t``: only for 0/1 metrics (``next_token_acc``, ``exact_match``),
-  ``None`` when ``t == 0``;
-* ``recovery = (x - t) / (s - t)``: ``None`` (with an
-  :class:`UndefinedMetricWarning`) when ``|s - t| < gap_tol`` (default 1e-3);
-* CIs: paired percentile bootstrap. One index vector of size n is drawn with
-  replacement per replicate (``numpy.random.default_rng(seed)``) and applied to
-  all three score vectors; the statistic is recomputed from the resampled
-  means; replicates where it is undefined (``t* == 0`` for TIR,
-  ``|s* - t*| < gap_tol`` for recovery) are dropped and counted, and the CI is
-  ``None`` when more than half are dropped or the point value is undefined.
+The definitions of TIR, recovery and the paired bootstrap CIs are in
+:mod:`tl_transplant.stats` (pure numpy); this module runs the models and hands
+their per-example scores to it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,7 +25,19 @@ import numpy as np
 import torch
 from jaxtyping import Float, Int
 
-from tl_transplant.tasks import ACCURACY_METRICS, Task
+from tl_transplant.stats import (
+    ACCURACY_METRICS,
+    DEFAULT_GAP_TOL,
+    DEFAULT_N_BOOT,
+    TransplantMetrics,
+    UndefinedMetricWarning,
+    bootstrap_means,
+    paired_diff_ci,
+    paired_metrics,
+    recovery,
+    tir,
+)
+from tl_transplant.tasks import Task
 from tl_transplant.tokens import (
     Encoded,
     answer_logprobs,
@@ -47,14 +46,6 @@ from tl_transplant.tokens import (
     last_prompt_logits,
     resolve_prepend_bos,
 )
-
-DEFAULT_GAP_TOL = 1e-3
-DEFAULT_N_BOOT = 2000
-
-
-class UndefinedMetricWarning(UserWarning):
-    """A ratio metric (TIR or recovery) is undefined for these scores and is reported as None."""
-
 
 # ---- model resolution ------------------------------------------------------------------
 
@@ -436,128 +427,6 @@ def evaluate(
 # ---- transplant metrics ----------------------------------------------------------------
 
 
-def _warn(msg: str, notes: list[str] | None, warn: bool) -> None:
-    if notes is not None:
-        notes.append(msg)
-    if warn:
-        warnings.warn(msg, UndefinedMetricWarning, stacklevel=3)
-
-
-def tir(
-    transplanted: float,
-    target: float,
-    *,
-    metric: str = "next_token_acc",
-    warn: bool = True,
-    notes: list[str] | None = None,
-) -> float | None:
-    """TIR = transplanted / target for 0/1 metrics; None when target is 0 (or not an accuracy)."""
-    if metric not in ACCURACY_METRICS:
-        if notes is not None:
-            notes.append(f"TIR not reported: {metric} is not an accuracy")
-        return None
-    if target == 0:
-        _warn("TIR undefined: the target's accuracy is 0", notes, warn)
-        return None
-    return float(transplanted / target)
-
-
-def recovery(
-    transplanted: float,
-    target: float,
-    source: float,
-    *,
-    gap_tol: float = DEFAULT_GAP_TOL,
-    warn: bool = True,
-    notes: list[str] | None = None,
-) -> float | None:
-    """(transplanted - target) / (source - target); None + warning when |gap| < gap_tol."""
-    gap = source - target
-    if not math.isfinite(gap) or abs(gap) < gap_tol:
-        _warn(
-            f"recovery undefined: |source - target| = {abs(gap):.3g} is below the tolerance "
-            f"{gap_tol:g}; there is no gap to recover",
-            notes,
-            warn,
-        )
-        return None
-    return float((transplanted - target) / gap)
-
-
-def bootstrap_means(
-    arrays: Sequence[np.ndarray], *, n_boot: int = DEFAULT_N_BOOT, seed: int = 0
-) -> Float[np.ndarray, "n_boot n_arrays"]:
-    """Means of paired resamples: one index draw per replicate, shared by all arrays."""
-    arrs = [np.asarray(a, dtype=np.float64) for a in arrays]
-    n = len(arrs[0])
-    if any(len(a) != n for a in arrs):
-        raise ValueError(f"paired bootstrap needs equal lengths, got {[len(a) for a in arrs]}")
-    if n == 0:
-        raise ValueError("cannot bootstrap zero examples")
-    rng = np.random.default_rng(seed)
-    out = np.empty((n_boot, len(arrs)))
-    chunk = max(1, 1_000_000 // n)
-    for lo in range(0, n_boot, chunk):
-        m = min(chunk, n_boot - lo)
-        idx = rng.integers(0, n, size=(m, n))
-        for j, a in enumerate(arrs):
-            out[lo : lo + m, j] = a[idx].mean(axis=1)
-    return out
-
-
-def _ci(
-    values: np.ndarray, valid: np.ndarray, level: float
-) -> tuple[tuple[float, float] | None, int]:
-    n_ok = int(valid.sum())
-    if n_ok == 0 or n_ok < 0.5 * len(values):
-        return None, n_ok
-    lo, hi = np.quantile(values[valid], [(1 - level) / 2, 1 - (1 - level) / 2])
-    return (float(lo), float(hi)), n_ok
-
-
-@dataclass
-class TransplantMetrics:
-    """Point estimates and paired bootstrap CIs for one transplanted model."""
-
-    metric: str
-    n: int
-    source: float | None
-    target: float
-    transplanted: float
-    delta: float
-    tir: float | None
-    recovery: float | None
-    ci: dict[str, tuple[float, float] | None]
-    n_valid: dict[str, int]
-    level: float
-    n_boot: int
-    seed: int
-    gap_tol: float
-    notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "metric": self.metric,
-            "n": self.n,
-            "source": self.source,
-            "target": self.target,
-            "transplanted": self.transplanted,
-            "delta": self.delta,
-            "tir": self.tir,
-            "recovery": self.recovery,
-            "ci": {k: (list(v) if v is not None else None) for k, v in self.ci.items()},
-            "bootstrap": {
-                "kind": "paired percentile",
-                "level": self.level,
-                "n_boot": self.n_boot,
-                "seed": self.seed,
-                "n_valid": self.n_valid,
-            },
-            "gap_tol": self.gap_tol,
-            "notes": list(self.notes),
-        }
-
-
 def _scores(x: EvalResult | np.ndarray | Sequence[float]) -> np.ndarray:
     return x.scores if isinstance(x, EvalResult) else np.asarray(x, dtype=np.float64)
 
@@ -574,9 +443,10 @@ def transplant_metrics(
     gap_tol: float = DEFAULT_GAP_TOL,
     warn: bool = True,
 ) -> TransplantMetrics:
-    """Delta, TIR and recovery with paired bootstrap CIs (see the module docstring).
+    """Delta, TIR and recovery with paired bootstrap CIs (see :mod:`tl_transplant.stats`).
 
-    Scores must be paired: example i is the same prompt in every array.
+    Scores must be paired: example i is the same prompt in every array; EvalResults
+    must be on the same task with the same n. ``metric`` defaults to theirs.
     """
     if metric is None:
         metric = next(
@@ -589,56 +459,16 @@ def transplant_metrics(
             "transplant_metrics needs paired scores on the same task; got "
             + ", ".join(f"{r.model}: {r.task} (n={r.n})" for r in results)
         )
-    t, x = _scores(target), _scores(transplanted)
-    s = None if source is None else _scores(source)
-    arrays = [t, x] + ([s] if s is not None else [])
-    notes: list[str] = []
-    mt, mx = float(t.mean()), float(x.mean())
-    ms = None if s is None else float(s.mean())
-    point_tir = tir(mx, mt, metric=metric, warn=warn, notes=notes)
-    point_rec = (
-        None if ms is None else recovery(mx, mt, ms, gap_tol=gap_tol, warn=warn, notes=notes)
-    )
-    boot = bootstrap_means(arrays, n_boot=n_boot, seed=seed)
-    bt, bx = boot[:, 0], boot[:, 1]
-    ci: dict[str, tuple[float, float] | None] = {}
-    n_valid: dict[str, int] = {}
-    ci["delta"], n_valid["delta"] = _ci(bx - bt, np.ones(n_boot, dtype=bool), level)
-    if point_tir is not None:
-        ok = bt != 0
-        ci["tir"], n_valid["tir"] = _ci(np.where(ok, bx / np.where(ok, bt, 1), 0), ok, level)
-    else:
-        ci["tir"], n_valid["tir"] = None, 0
-    if point_rec is not None:
-        gap = boot[:, 2] - bt
-        ok = np.abs(gap) >= gap_tol
-        ci["recovery"], n_valid["recovery"] = _ci(
-            np.where(ok, (bx - bt) / np.where(ok, gap, 1), 0), ok, level
-        )
-    else:
-        ci["recovery"], n_valid["recovery"] = None, 0
-    for k, point in (("tir", point_tir), ("recovery", point_rec)):
-        if point is not None and n_valid[k] < n_boot:
-            notes.append(
-                f"{k} CI: {n_boot - n_valid[k]} of {n_boot} bootstrap replicates were undefined "
-                "and dropped" + ("" if ci[k] is not None else "; too many, so no CI")
-            )
-    return TransplantMetrics(
+    return paired_metrics(
+        _scores(target),
+        _scores(transplanted),
+        None if source is None else _scores(source),
         metric=metric,
-        n=len(t),
-        source=ms,
-        target=mt,
-        transplanted=mx,
-        delta=mx - mt,
-        tir=point_tir,
-        recovery=point_rec,
-        ci=ci,
-        n_valid=n_valid,
-        level=level,
         n_boot=n_boot,
+        level=level,
         seed=seed,
         gap_tol=gap_tol,
-        notes=notes,
+        warn=warn,
     )
 
 
@@ -685,8 +515,7 @@ def retention(
             f"retention needs the same control task before and after; got {before.task!r} "
             f"(n={before.n}) and {after.task!r} (n={after.n})"
         )
-    boot = bootstrap_means([before.scores, after.scores], n_boot=n_boot, seed=seed)
-    ci, _ = _ci(boot[:, 0] - boot[:, 1], np.ones(n_boot, dtype=bool), level)
+    ci = paired_diff_ci(before.scores, after.scores, n_boot=n_boot, level=level, seed=seed)
     rel = (
         after.mean / before.mean if before.metric in ACCURACY_METRICS and before.mean > 0 else None
     )
@@ -823,3 +652,22 @@ def evaluate_transplant(
         retention=ret,
         meta={"kv": kv},
     )
+
+
+# The statistics live in tl_transplant.stats; they stay importable from here.
+__all__ = [
+    "DEFAULT_GAP_TOL",
+    "DEFAULT_N_BOOT",
+    "EvalResult",
+    "Retention",
+    "TransplantMetrics",
+    "TransplantReport",
+    "UndefinedMetricWarning",
+    "bootstrap_means",
+    "evaluate",
+    "evaluate_transplant",
+    "recovery",
+    "retention",
+    "tir",
+    "transplant_metrics",
+]

@@ -20,10 +20,9 @@ from typing import Any
 
 import torch
 
+from tl_transplant.manifest import MANIFEST_NAME as MANIFEST_NAME  # re-exported
+from tl_transplant.manifest import Manifest, write_manifest
 from tl_transplant.pair import ModelPair, ModelSide
-from tl_transplant.transplant import Manifest
-
-MANIFEST_NAME = "transplant_manifest.json"
 
 
 class ExportError(ValueError):
@@ -122,9 +121,7 @@ def export_hf(
             except (ValueError, OSError):  # invalid generation flags on tiny configs
                 pass
         side.tokenizer.save_pretrained(tmp)
-        (tmp / MANIFEST_NAME).write_text(
-            json.dumps(_manifest_record(pair_or_side, manifest), indent=2, default=str)
-        )
+        write_manifest(tmp / MANIFEST_NAME, _manifest_record(pair_or_side, manifest))
         commit_out_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -132,11 +129,10 @@ def export_hf(
     return out
 
 
-def _manifest_record(obj: Any, manifest: Manifest | dict[str, Any] | None) -> dict[str, Any]:
-    if isinstance(manifest, Manifest):
-        return {"transplants": [manifest.to_dict()]}
-    if isinstance(manifest, dict):
-        return manifest if "transplants" in manifest else {"transplants": [manifest]}
+def _manifest_record(obj: Any, manifest: Manifest | dict[str, Any] | None) -> Any:
+    """The given manifest, else the pair's applied (and active) transplants, in order."""
+    if manifest is not None:
+        return manifest
     if not isinstance(obj, ModelPair):
         return {"transplants": []}
     records = [m.to_dict() for m in obj.applied]

@@ -24,28 +24,37 @@ The result is bit-identical to ``apply_transplant`` + ``export_hf`` on the same
 checkpoints (tensor by tensor; shard boundaries follow the target).
 PyTorch ``.bin`` pickles are refused unless ``allow_pickle=True`` (loading a
 pickle can run code); they are then converted to safetensors shards.
+
+Reading and writing the checkpoints is :mod:`tl_transplant.checkpoint`; reading
+and writing the manifest is :mod:`tl_transplant.manifest`. This module binds the
+layout to the checkpoints, plans each record, and blends.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
 import logging
-import math
 import os
 import shutil
-import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from tl_transplant.export import MANIFEST_NAME, commit_out_dir, prepare_out_dir
+from tl_transplant.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    copy_other_files,
+    resolve_checkpoint,
+    tensor_bytes,
+    write_pickle_shards,
+    write_safetensors_shards,
+)
+from tl_transplant.export import commit_out_dir, prepare_out_dir
 from tl_transplant.layouts import (
     LayoutMismatchError,
     ModelLayout,
@@ -54,355 +63,22 @@ from tl_transplant.layouts import (
     bind_layout,
     family_for,
 )
-from tl_transplant.transplant import MANIFEST_FORMAT, Manifest, blend_values
+from tl_transplant.manifest import (
+    MANIFEST_NAME,
+    ManifestDoc,
+    ManifestError,
+    ManifestLike,
+    read_manifest,
+    write_manifest,
+)
+from tl_transplant.transplant import blend_values
 from tl_transplant.units import Head, KVHead, Neuron, UnitError
 
 log = logging.getLogger(__name__)
 
-ST_INDEX = "model.safetensors.index.json"
-PT_INDEX = "pytorch_model.bin.index.json"
 
-# safetensors dtype codes -> bytes per element
-_ST_ITEMSIZE: dict[str, int] = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U64": 8,
-    "U32": 4,
-    "U16": 2,
-    "U8": 1,
-    "BOOL": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-}
-_ST_DTYPE_NAMES: dict[str, str] = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U8": "uint8",
-    "BOOL": "bool",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
-}
-# Weight files of any format: never copied as "other files" (they are the weights, or stale
-# copies of them in another format, e.g. original/consolidated.pth).
-_WEIGHT_SUFFIXES = (
-    ".safetensors",
-    ".bin",
-    ".pth",
-    ".pt",
-    ".ckpt",
-    ".h5",
-    ".msgpack",
-    ".gguf",
-    ".pkl",
-    ".npz",
-    ".onnx",
-    ".ot",
-)
-_MAX_HEADER = 100 * 1024 * 1024
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja", "*.py"]
-
-
-ManifestLike = str | os.PathLike | Manifest | dict | Sequence[Any]
-
-
-class OutOfCoreError(ValueError):
+class OutOfCoreError(CheckpointError):
     """The checkpoints or the manifest do not allow an out-of-core transplant."""
-
-
-# ---- checkpoints on disk ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    """Where one stored tensor lives: file, dtype, shape and (safetensors) byte range."""
-
-    name: str
-    file: str
-    dtype: str
-    shape: tuple[int, ...]
-    start: int = -1  # absolute byte offsets in the file (safetensors only)
-    stop: int = -1
-
-
-@dataclass
-class Checkpoint:
-    """A model directory read from headers only: weight files, tensor entries, config."""
-
-    root: Path
-    role: str
-    format: Literal["safetensors", "pickle"]
-    files: list[str]
-    entries: dict[str, TensorEntry]
-    index: dict[str, Any] | None
-    config: dict[str, Any]
-    _pickle_cache: tuple[str, dict[str, Any]] | None = field(default=None, repr=False)
-
-    @property
-    def where(self) -> str:
-        return f"{self.role} checkpoint {self.root}"
-
-    @classmethod
-    def open(cls, root: str | Path, role: str, *, allow_pickle: bool = False) -> Checkpoint:
-        """Read the weight index and every shard header; raise clear errors for bad files."""
-        root = Path(root)
-        where = f"{role} checkpoint {root}"
-        cfg_path = root / "config.json"
-        if not cfg_path.is_file():
-            raise OutOfCoreError(
-                f"{where} has no config.json; is it a Hugging Face model directory?"
-            )
-        try:
-            config = json.loads(cfg_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise OutOfCoreError(f"{where}: config.json is not valid JSON ({e})") from e
-        names = {p.name for p in root.iterdir() if p.is_file()}
-        if (
-            ST_INDEX in names
-            or "model.safetensors" in names
-            or any(n.endswith(".safetensors") for n in names)
-        ):
-            return cls._open_safetensors(root, role, names, config)
-        if PT_INDEX in names or any(n.endswith(".bin") for n in names):
-            if not allow_pickle:
-                raise OutOfCoreError(
-                    f"{where} holds PyTorch pickle weights (.bin), not safetensors. Unpickling "
-                    "can execute arbitrary code, so they are refused. Convert the checkpoint to "
-                    "safetensors, or pass allow_pickle=True (--allow-pickle) if you trust its "
-                    "origin."
-                )
-            warnings.warn(
-                f"{where}: loading PyTorch pickle weights (.bin). Unpickling a file can execute "
-                "arbitrary code; only do this for checkpoints you trust. The output is written "
-                "as safetensors.",
-                UserWarning,
-                stacklevel=3,
-            )
-            return cls._open_pickle(root, role, names, config)
-        raise OutOfCoreError(
-            f"{where} has no weights: no {ST_INDEX}, model.safetensors or pytorch_model*.bin "
-            f"(files: {', '.join(sorted(names)) or 'none'})"
-        )
-
-    @classmethod
-    def _read_index(cls, path: Path, where: str) -> dict[str, Any]:
-        try:
-            index = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise OutOfCoreError(f"{where}: {path.name} is not valid JSON ({e})") from e
-        wm = index.get("weight_map") if isinstance(index, dict) else None
-        if not isinstance(wm, dict) or not wm:
-            raise OutOfCoreError(f"{where}: {path.name} has no weight_map")
-        return index
-
-    @classmethod
-    def _check_shards(cls, root: Path, files: list[str], index_name: str, where: str) -> None:
-        missing = [f for f in files if not (root / f).is_file()]
-        if missing:
-            raise OutOfCoreError(
-                f"{where} is missing {len(missing)} of the {len(files)} shards that {index_name} "
-                f"names: {', '.join(missing)}. Re-download or re-save the checkpoint."
-            )
-
-    @classmethod
-    def _open_safetensors(
-        cls, root: Path, role: str, names: set[str], config: dict[str, Any]
-    ) -> Checkpoint:
-        where = f"{role} checkpoint {root}"
-        index = None
-        if ST_INDEX in names:
-            index = cls._read_index(root / ST_INDEX, where)
-            wm: dict[str, str] = index["weight_map"]
-            files = list(dict.fromkeys(wm.values()))
-            cls._check_shards(root, files, ST_INDEX, where)
-        elif "model.safetensors" in names:
-            files, wm = ["model.safetensors"], {}
-        else:
-            st = sorted(n for n in names if n.endswith(".safetensors"))
-            if len(st) != 1:
-                raise OutOfCoreError(
-                    f"{where} has {len(st)} safetensors files ({', '.join(st)}) but no {ST_INDEX} "
-                    "saying which tensor is in which"
-                )
-            files, wm = st, {}
-        entries: dict[str, TensorEntry] = {}
-        for f in files:
-            for e in _read_st_header(root / f, where):
-                if not wm or wm.get(e.name) == f:
-                    entries[e.name] = e
-        lost = [n for n, f in wm.items() if n not in entries]
-        if lost:
-            raise OutOfCoreError(
-                f"{where}: {ST_INDEX} puts {lost[0]!r} (and {len(lost) - 1} more) in "
-                f"{wm[lost[0]]}, but that shard does not hold it; the index and shards disagree "
-                "(corrupt or mixed-up download?)"
-            )
-        return cls(root, role, "safetensors", files, entries, index, config)
-
-    @classmethod
-    def _open_pickle(
-        cls, root: Path, role: str, names: set[str], config: dict[str, Any]
-    ) -> Checkpoint:
-        where = f"{role} checkpoint {root}"
-        index = None
-        if PT_INDEX in names:
-            index = cls._read_index(root / PT_INDEX, where)
-            wm: dict[str, str] = index["weight_map"]
-            files = list(dict.fromkeys(wm.values()))
-            cls._check_shards(root, files, PT_INDEX, where)
-        elif "pytorch_model.bin" in names:
-            files, wm = ["pytorch_model.bin"], {}
-        else:
-            raise OutOfCoreError(f"{where} has .bin files but no pytorch_model.bin or {PT_INDEX}")
-        ck = cls(root, role, "pickle", files, {}, index, config)
-        for f in files:
-            for n, t in ck._pickle_shard(f).items():
-                if isinstance(t, torch.Tensor) and (not wm or wm.get(n) == f):
-                    dtype = str(t.dtype).replace("torch.", "")
-                    ck.entries[n] = TensorEntry(n, f, dtype, tuple(t.shape))
-        lost = [n for n in wm if n not in ck.entries]
-        if lost:
-            raise OutOfCoreError(
-                f"{where}: {PT_INDEX} puts {lost[0]!r} in {wm[lost[0]]}, which does not hold it"
-            )
-        return ck
-
-    def _pickle_shard(self, file: str) -> dict[str, Any]:
-        if self._pickle_cache is not None and self._pickle_cache[0] == file:
-            return self._pickle_cache[1]
-        self._pickle_cache = None
-        path = self.root / file
-        try:
-            try:
-                sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-            except RuntimeError as e:  # legacy (non-zip) format cannot be memory-mapped
-                if "mmap" not in str(e):
-                    raise
-                sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - unpickling fails in many ways; all mean "bad shard"
-            raise OutOfCoreError(
-                f"{self.where}: cannot read {file}: {type(e).__name__}: {e}"
-            ) from e
-        if not isinstance(sd, dict):
-            raise OutOfCoreError(f"{self.where}: {file} does not hold a state dict")
-        self._pickle_cache = (file, sd)
-        return sd
-
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {n: e.shape for n, e in self.entries.items()}
-
-    def dtype_name(self, name: str) -> str:
-        e = self.entries[name]
-        return _ST_DTYPE_NAMES.get(e.dtype, e.dtype)
-
-    def read_rows(self, name: str, r0: int, r1: int) -> torch.Tensor:
-        """Rows ``r0:r1`` (along dim 0) of one tensor, read through a memory map.
-
-        The file is mapped only for this read, so resident memory stays at the
-        rows asked for, whatever the tensor's size.
-        """
-        e = self.entries[name]
-        if self.format == "pickle":
-            return self._pickle_shard(e.file)[name][r0:r1].detach().clone()
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(str(self.root / e.file), framework="pt", device="cpu") as f:
-                return f.get_slice(name)[r0:r1]
-        except (SafetensorError, OSError) as err:
-            raise OutOfCoreError(f"{self.where}: cannot read {name} from {e.file}: {err}") from err
-
-
-def _read_st_header(path: Path, where: str) -> list[TensorEntry]:
-    """Parse and check a safetensors header: every tensor's bytes must lie inside the file."""
-
-    def corrupt(why: str) -> OutOfCoreError:
-        return OutOfCoreError(
-            f"{where}: shard {path.name} is corrupt or truncated: {why}. Re-download or re-save it."
-        )
-
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise corrupt(f"the file has {size} bytes, less than the 8-byte header length")
-        n = int.from_bytes(head, "little")
-        if n > size - 8 or n > _MAX_HEADER:
-            raise corrupt(f"header length {n} does not fit in the {size}-byte file")
-        raw = fh.read(n)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise corrupt(f"the header is not valid JSON ({e})") from e
-    if not isinstance(header, dict):
-        raise corrupt("the header is not a JSON object")
-    base = 8 + n
-    out: list[TensorEntry] = []
-    end = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape = str(info["dtype"]), tuple(int(x) for x in info["shape"])
-            b, e = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise corrupt(f"the header entry for {name!r} is malformed") from err
-        if dtype not in _ST_ITEMSIZE:
-            raise corrupt(f"{name!r} has unknown dtype {dtype!r}")
-        nbytes = math.prod(shape) * _ST_ITEMSIZE[dtype]
-        if b < 0 or e - b != nbytes:
-            raise corrupt(f"{name!r} spans bytes {b}:{e}, which does not fit {dtype}{list(shape)}")
-        if base + e > size:
-            raise corrupt(f"{name!r} ends at byte {base + e}, past the end of the {size}-byte file")
-        end = max(end, e)
-        out.append(TensorEntry(name, path.name, dtype, shape, base + b, base + e))
-    if base + end != size:
-        raise corrupt(f"{size - base - end} bytes follow the last tensor")
-    return out
-
-
-def resolve_checkpoint(
-    spec: str | os.PathLike[str],
-    role: str = "model",
-    *,
-    revision: str | None = None,
-    local_files_only: bool | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
-    allow_pickle: bool = False,
-) -> Path:
-    """A local directory as is, or a hub id resolved to its snapshot (weights + small files)."""
-    p = Path(spec).expanduser()
-    if p.is_dir():
-        return p.resolve()
-    text = str(spec)
-    if isinstance(spec, os.PathLike) or text.startswith((".", "/", "~")) or p.exists():
-        raise OutOfCoreError(f"{role}: {text!r} is not a model directory")
-    from huggingface_hub import snapshot_download
-
-    kwargs: dict[str, Any] = {"revision": revision, "cache_dir": cache_dir}
-    if local_files_only is not None:
-        kwargs["local_files_only"] = local_files_only
-    try:
-        path = Path(snapshot_download(text, allow_patterns=_HUB_PATTERNS, **kwargs))
-        if allow_pickle and not any(path.glob("*.safetensors")):
-            path = Path(snapshot_download(text, allow_patterns=["*.bin", "*.json"], **kwargs))
-    except Exception as e:  # noqa: BLE001 - hub errors are many; report which spec failed
-        raise OutOfCoreError(
-            f"{role}: {text!r} is not a local directory, and the hub (or its cache, when offline) "
-            f"could not provide it: {type(e).__name__}: {e}"
-        ) from e
-    return path
 
 
 # ---- binding the manifest to the checkpoints --------------------------------------------
@@ -494,56 +170,26 @@ class _RecordPlan:
     rows: dict[str, dict[str, Any]]  # model tensor name -> the manifest's tensor row
 
 
-def load_manifest_records(
-    manifest: ManifestLike,
-) -> list[dict[str, Any]]:
-    """Manifest records from a file, a :class:`Manifest`, a dict or a list (applied in order).
 
-    A file may hold one manifest or ``{"transplants": [...]}`` as ``export_hf`` writes it.
-    """
-    data: Any = manifest
-    label = "manifest"
-    if isinstance(manifest, (str, os.PathLike)):
-        path = Path(manifest).expanduser()
-        label = f"manifest {path}"
-        if path.is_dir():
-            path = path / MANIFEST_NAME
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise OutOfCoreError(f"{label} does not exist") from None
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise OutOfCoreError(f"{label} is not valid JSON ({e})") from e
-    if isinstance(data, Manifest):
-        data = data.to_dict()
-    if isinstance(data, dict) and "transplants" in data:
-        data = data["transplants"]
-    items = data if isinstance(data, (list, tuple)) else [data]
-    records = [m.to_dict() if isinstance(m, Manifest) else m for m in items]
-    if not records:
-        raise OutOfCoreError(f"{label} holds no transplants")
-    for i, r in enumerate(records):
-        if not isinstance(r, dict):
-            raise OutOfCoreError(f"{label}: transplant #{i} is a {type(r).__name__}, not an object")
-        if r.get("format") != MANIFEST_FORMAT:
-            raise OutOfCoreError(
-                f"{label}: transplant #{i} is not a tl_transplant manifest (format="
-                f"{r.get('format')!r}, expected {MANIFEST_FORMAT!r})"
-            )
-        missing = [k for k in ("units", "alpha") if k not in r]
-        if missing:
-            raise OutOfCoreError(f"{label}: transplant #{i} lacks {', '.join(missing)}")
-        if not isinstance(r["units"], list) or not all(isinstance(u, str) for u in r["units"]):
-            raise OutOfCoreError(f"{label}: transplant #{i}: units must be a list of strings")
-        try:
-            alpha = float(r["alpha"])
-        except (TypeError, ValueError):
-            raise OutOfCoreError(
-                f"{label}: transplant #{i}: alpha {r['alpha']!r} is not a number"
-            ) from None
-        if not math.isfinite(alpha):
-            raise OutOfCoreError(f"{label}: transplant #{i}: alpha must be finite, got {alpha}")
-    return [dict(r) for r in records]
+
+def _records(manifest: ManifestLike) -> list[dict[str, Any]]:
+    """The manifest's records, checked, in the order they are applied."""
+    try:
+        return read_manifest(manifest, allow_empty=False).transplants
+    except ManifestError as e:
+        raise OutOfCoreError(str(e)) from e
+
+
+def _prior_records(tgt: Checkpoint) -> list[Any]:
+    """The target's own manifest records (history first), if it was itself transplanted."""
+    p = tgt.root / MANIFEST_NAME
+    if not p.is_file():
+        return []
+    try:
+        doc = read_manifest(p, check=False)
+    except ManifestError:
+        return []
+    return doc.history + doc.transplants
 
 
 def _plan_record(
@@ -643,10 +289,6 @@ def _chunk_mask(parts: list[TensorSlice], shape: tuple[int, ...], r0: int, r1: i
     return m
 
 
-def _tensor_bytes(t: torch.Tensor) -> Any:
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy()
-
-
 @dataclass
 class _Blender:
     """Blends target tensors with the source, a chunk of rows at a time, checking hashes."""
@@ -695,7 +337,7 @@ class _Blender:
             s_rows: torch.Tensor | None = None
             for p in plans:
                 if (h := hashers.get((p.number, "sha256_before"))) is not None:
-                    h.update(_tensor_bytes(t))
+                    h.update(tensor_bytes(t))
                 mask = _chunk_mask(p.slices[name], tuple(t.shape), r0, r1)
                 if mask.any():
                     if s_rows is None:
@@ -705,7 +347,7 @@ class _Blender:
                     else:
                         t[mask] = blend_values(name, t[mask], s_rows[mask], p.alpha)
                 if (h := hashers.get((p.number, "sha256"))) is not None:
-                    h.update(_tensor_bytes(t))
+                    h.update(tensor_bytes(t))
             write_rows(r0, t)
         for (number, when), h in hashers.items():
             plan = next(p for p in plans if p.number == number)
@@ -715,137 +357,6 @@ class _Blender:
                     f"manifest's {when}"
                 )
 
-
-# ---- writing ----------------------------------------------------------------------------
-
-
-def _write_safetensors_shards(
-    tgt: Checkpoint, touched: dict[str, str], blend: _Blender, tmp: Path
-) -> dict[str, int]:
-    """Copy each shard; rewrite touched tensors' bytes in place (header unchanged)."""
-    by_file: dict[str, list[str]] = {}
-    for model_name, stored in touched.items():
-        by_file.setdefault(tgt.entries[stored].file, []).append(model_name)
-    for f in tgt.files:
-        shutil.copyfile(tgt.root / f, tmp / f)
-        names = by_file.get(f, [])
-        if not names:
-            continue
-        with open(tmp / f, "r+b") as fh:
-            for model_name in names:
-                e = tgt.entries[touched[model_name]]
-                row_bytes = (e.stop - e.start) // max(1, e.shape[0]) if e.shape else 0
-
-                def write(r0: int, chunk: torch.Tensor, e: TensorEntry = e, rb: int = row_bytes):
-                    data = _tensor_bytes(chunk)
-                    if data.nbytes != chunk.shape[0] * rb:  # the blend keeps dtype and shape
-                        raise OutOfCoreError(f"internal: {e.name} changed size while blending")
-                    fh.seek(e.start + r0 * rb)
-                    fh.write(memoryview(data))
-
-                blend.blend(
-                    model_name,
-                    e.shape,
-                    tgt.dtype_name(e.name),
-                    row_bytes,
-                    lambda r0, r1, n=e.name: tgt.read_rows(n, r0, r1),
-                    write,
-                )
-    if tgt.index is not None:
-        index = dict(tgt.index)
-        meta = dict(index.get("metadata") or {})
-        meta["total_size"] = sum(e.stop - e.start for e in tgt.entries.values())
-        index["metadata"] = meta
-        (tmp / ST_INDEX).write_text(json.dumps(index, indent=2))
-    return {"shards": len(tgt.files), "shards_rewritten": len(by_file)}
-
-
-def _st_name(pickle_file: str) -> str:
-    stem = pickle_file[: -len(".bin")] if pickle_file.endswith(".bin") else pickle_file
-    return stem.replace("pytorch_model", "model", 1) + ".safetensors"
-
-
-def _write_pickle_shards(
-    tgt: Checkpoint, touched: dict[str, str], blend: _Blender, tmp: Path
-) -> dict[str, int]:
-    """Convert each .bin shard to a safetensors shard, blending touched tensors."""
-    from safetensors.torch import save_file
-
-    stored_to_model = {v: k for k, v in touched.items()}
-    weight_map: dict[str, str] = {}
-    total = 0
-    for f in tgt.files:
-        sd = tgt._pickle_shard(f)
-        out: dict[str, torch.Tensor] = {}
-        seen: dict[tuple[Any, ...], str] = {}
-        storages: set[int] = set()
-        for n, e in tgt.entries.items():
-            if e.file != f:
-                continue
-            t = sd[n]
-            key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
-            if key in seen:  # tied weights: keep the first name, as the in-memory path does
-                continue
-            seen[key] = n
-            if n in stored_to_model:
-                t = t.detach().contiguous().clone()
-                row_bytes = t[0].numel() * t.element_size() if t.dim() else 0
-                blend.blend(
-                    stored_to_model[n],
-                    tuple(t.shape),
-                    e.dtype,
-                    row_bytes,
-                    lambda r0, r1, t=t: t[r0:r1],
-                    lambda r0, chunk: None,
-                )
-            elif t.untyped_storage().data_ptr() in storages or not t.is_contiguous():
-                t = t.contiguous().clone()
-            storages.add(t.untyped_storage().data_ptr())
-            out[n] = t
-        name = _st_name(f)
-        save_file(out, str(tmp / name), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(out, name))
-        total += sum(t.numel() * t.element_size() for t in out.values())
-        del out, sd
-    tgt._pickle_cache = None
-    if len(tgt.files) > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (tmp / ST_INDEX).write_text(json.dumps(index, indent=2))
-    return {
-        "shards": len(tgt.files),
-        "shards_rewritten": len(tgt.files),
-        "converted_from_pickle": 1,
-    }
-
-
-def _copy_other_files(tgt: Checkpoint, tmp: Path) -> list[str]:
-    """Copy config, tokenizer and other small top-level files; returns what was skipped."""
-    skipped = []
-    for p in sorted(tgt.root.iterdir()):
-        name = p.name
-        if name.startswith("."):
-            continue
-        if not p.is_file():
-            skipped.append(name + "/")
-            continue
-        if name == MANIFEST_NAME or name.endswith(_WEIGHT_SUFFIXES) or name.endswith(".index.json"):
-            if name not in tgt.files and name not in (ST_INDEX, PT_INDEX, MANIFEST_NAME):
-                skipped.append(name)
-            continue
-        shutil.copyfile(p, tmp / name)
-    return skipped
-
-
-def _prior_records(tgt: Checkpoint) -> list[Any]:
-    p = tgt.root / MANIFEST_NAME
-    if not p.is_file():
-        return []
-    try:
-        data = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return []
-    prior = list(data.get("history", [])) if isinstance(data, dict) else []
-    return prior + (list(data.get("transplants", [])) if isinstance(data, dict) else [])
 
 
 # ---- the entry point --------------------------------------------------------------------
@@ -876,7 +387,7 @@ def apply_manifest_out_of_core(
     Returns the output directory. The output's tensors are bit-identical to
     ``apply_transplant`` + ``export_hf`` on the same checkpoints.
     """
-    out, _stats = _apply(
+    out, _stats = apply_out_of_core(
         source,
         target,
         manifest,
@@ -889,6 +400,39 @@ def apply_manifest_out_of_core(
         cache_dir=cache_dir,
     )
     return out
+
+
+def apply_out_of_core(
+    source: Any,
+    target: Any,
+    manifest: Any,
+    out_dir: Any,
+    *,
+    overwrite: bool,
+    allow_pickle: bool,
+    strict: bool,
+    revision: str | None,
+    local_files_only: bool | None,
+    cache_dir: Any,
+) -> tuple[Path, dict[str, Any]]:
+    """:func:`apply_manifest_out_of_core`, also returning the write statistics (for the CLI)."""
+    try:
+        return _apply(
+            source,
+            target,
+            manifest,
+            out_dir,
+            overwrite=overwrite,
+            allow_pickle=allow_pickle,
+            strict=strict,
+            revision=revision,
+            local_files_only=local_files_only,
+            cache_dir=cache_dir,
+        )
+    except CheckpointError as e:
+        if isinstance(e, OutOfCoreError):
+            raise
+        raise OutOfCoreError(str(e)) from e
 
 
 def _apply(
@@ -904,7 +448,7 @@ def _apply(
     local_files_only: bool | None,
     cache_dir: Any,
 ) -> tuple[Path, dict[str, Any]]:
-    records = load_manifest_records(manifest)
+    records = _records(manifest)
     hub = dict(
         revision=revision,
         local_files_only=local_files_only,
@@ -930,8 +474,8 @@ def _apply(
 
     out, tmp = prepare_out_dir(out_dir, overwrite)
     try:
-        writer = _write_pickle_shards if tgt.format == "pickle" else _write_safetensors_shards
-        stats = writer(tgt, touched, blend, tmp)
+        writer = write_pickle_shards if tgt.format == "pickle" else write_safetensors_shards
+        stats = writer(tgt, touched, blend.blend, tmp)
         if blend.mismatches:
             msg = (
                 f"the blended tensors do not match the manifest's hashes "
@@ -941,8 +485,8 @@ def _apply(
             )
             if strict:
                 raise OutOfCoreError(msg + " Refusing because strict=True.")
-            warnings.warn(msg, UserWarning, stacklevel=3)
-        skipped = _copy_other_files(tgt, tmp)
+            warnings.warn(msg, UserWarning, stacklevel=4)  # past apply_out_of_core
+        skipped = copy_other_files(tgt, tmp)
         stats.update(
             tensors_blended=len(touched), skipped_files=skipped, hash_notes=list(blend.mismatches)
         )
@@ -952,11 +496,7 @@ def _apply(
             extra = dict(r.get("extra") or {})
             extra["out_of_core"] = info
             out_records.append({**r, "extra": extra})
-        doc: dict[str, Any] = {"transplants": out_records}
-        prior = _prior_records(tgt)
-        if prior:
-            doc["history"] = prior
-        (tmp / MANIFEST_NAME).write_text(json.dumps(doc, indent=2, default=str))
+        write_manifest(tmp / MANIFEST_NAME, ManifestDoc(out_records, _prior_records(tgt)))
         commit_out_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -970,112 +510,3 @@ def _apply(
     )
     return out, stats
 
-
-# ---- command line -----------------------------------------------------------------------
-
-_APPLY_HELP = "apply a transplant manifest to checkpoints on disk, without loading the models"
-_APPLY_DESCRIPTION = """\
-Apply a saved transplant manifest (transplant_manifest.json, as export_hf
-writes it) to a source and a target checkpoint on disk, tensor by tensor.
-Neither model is loaded: memory stays at a few MB of rows beyond the Python
-and torch runtime, so a multi-billion-parameter pair can be transplanted on
-any CPU box. Shards that
-no unit touches are copied byte for byte; the output keeps the target's shard
-layout, config and tokenizer, and matches the in-memory transplant bit for bit.
-
-example:
-  tl-transplant apply --source big-source/ --target big-target/ \\
-      --manifest run/transplant_manifest.json --out transplanted/
-"""
-
-
-def add_apply_command(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``apply`` on an argparse subparsers object; returns its parser."""
-    p = subparsers.add_parser(
-        "apply",
-        help=_APPLY_HELP,
-        description=_APPLY_DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument(
-        "--source",
-        required=True,
-        metavar="DIR_OR_ID",
-        help="source model: a local HF directory or a hub id (read from the cache "
-        "when HF_HUB_OFFLINE=1)",
-    )
-    p.add_argument(
-        "--target",
-        required=True,
-        metavar="DIR_OR_ID",
-        help="target model, the one whose weights are edited (same forms as --source)",
-    )
-    p.add_argument(
-        "--manifest",
-        required=True,
-        metavar="JSON",
-        help="transplant_manifest.json (or a directory holding one); every "
-        "transplant in it is applied, in order",
-    )
-    p.add_argument(
-        "--out",
-        required=True,
-        metavar="DIR",
-        help="output directory; written via a temporary sibling and renamed into place",
-    )
-    p.add_argument(
-        "--overwrite", action="store_true", help="replace --out if it exists and is not empty"
-    )
-    p.add_argument(
-        "--allow-pickle",
-        action="store_true",
-        help="accept PyTorch .bin (pickle) checkpoints; unpickling can execute code, "
-        "so only use this for files you trust (the output is safetensors)",
-    )
-    p.add_argument(
-        "--strict",
-        action="store_true",
-        help="fail (instead of warning) when the blended tensors do not match the "
-        "manifest's sha256 hashes, i.e. the checkpoints are not the ones it was "
-        "made from",
-    )
-    p.set_defaults(func=main_apply)
-    return p
-
-
-def main_apply(args: argparse.Namespace) -> int:
-    """Run ``apply`` from parsed arguments; returns the exit status."""
-    try:
-        out, stats = _apply(
-            args.source,
-            args.target,
-            args.manifest,
-            args.out,
-            overwrite=args.overwrite,
-            allow_pickle=args.allow_pickle,
-            strict=getattr(args, "strict", False),
-            revision=None,
-            local_files_only=None,
-            cache_dir=None,
-        )
-    except ValueError as e:  # OutOfCoreError, TransplantError, UnitError, ExportError
-        print(f"tl-transplant apply: error: {e}", file=sys.stderr)
-        return 2
-    print(
-        f"wrote {out}: {stats['tensors_blended']} tensors blended in "
-        f"{stats['shards_rewritten']} of {stats['shards']} shards; the rest copied byte for byte"
-    )
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m tl_transplant.out_of_core apply ...`` (until the main CLI wires it in)."""
-    parser = argparse.ArgumentParser(prog="tl-transplant")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_apply_command(sub)
-    args = parser.parse_args(argv)
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

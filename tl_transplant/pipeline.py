@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from tl_transplant.config import RunConfig, TaskConfig, load_config
-from tl_transplant.export import MANIFEST_NAME, commit_out_dir, export_hf, prepare_out_dir
+from tl_transplant.export import commit_out_dir, export_hf, prepare_out_dir
+from tl_transplant.manifest import MANIFEST_NAME, write_manifest
+from tl_transplant.stats import paired_diff_ci
+from tl_transplant.summary import format_table
 from tl_transplant.tasks import Task
 
 RESULT_KEYS = ("baselines", "best", "test", "controls", "retention", "fraction_units",
@@ -64,19 +65,13 @@ def _seeded(method: str, seed: int) -> dict[str, Any]:
     return {"seed": seed} if "seed" in get_scorer(method).options else {}
 
 
+def _as_list(ci: tuple[float, float] | None) -> list[float] | None:
+    return None if ci is None else list(ci)
+
+
 def _block_params(pair: Any) -> int:
     prefixes = tuple(pair.layout.prefix(layer) for layer in range(pair.layout.n_layers))
     return int(sum(t.numel() for n, t in pair.target.params.items() if n.startswith(prefixes)))
-
-
-def _diff_ci(a: np.ndarray, b: np.ndarray, seed: int, n_boot: int = 2000,
-             level: float = 0.95) -> list[float]:
-    """Paired bootstrap CI of mean(a - b) over the same examples."""
-    from tl_transplant.evaluate import bootstrap_means
-
-    d = bootstrap_means([np.asarray(a, float) - np.asarray(b, float)], n_boot=n_boot, seed=seed)
-    lo, hi = np.quantile(d[:, 0], [(1 - level) / 2, 1 - (1 - level) / 2])
-    return [float(lo), float(hi)]
 
 
 def run(
@@ -170,8 +165,8 @@ def run(
                     "test": crep.transplanted.mean,
                     "recovery": crep.metrics.recovery,
                     "best_minus_control": rep.transplanted.mean - crep.transplanted.mean,
-                    "best_minus_control_ci": _diff_ci(rep.transplanted.scores,
-                                                      crep.transplanted.scores, cfg.seed),
+                    "best_minus_control_ci": _as_list(paired_diff_ci(
+                        rep.transplanted.scores, crep.transplanted.scores, seed=cfg.seed)),
                 }
             results["controls"] = ctrl
             results["retention"] = [
@@ -187,8 +182,7 @@ def run(
             manifest = apply_transplant(pair, best.units, best.alpha)
             manifest.extra.update(method=best.method, k=best.k, task=dev.name,
                                   dev_metric=best.metric, test_recovery=m.recovery)
-            (tmp / MANIFEST_NAME).write_text(
-                json.dumps({"transplants": [manifest.to_dict()]}, indent=2, default=str))
+            write_manifest(tmp / MANIFEST_NAME, manifest)
             if cfg.export:
                 log("exporting the transplanted target to model/")
                 export_hf(pair, tmp / "model", manifest=manifest)
@@ -213,54 +207,6 @@ def _write_report(pair: Any, res: Any, scores: dict[str, Any], dev: Task,
 
     write_report(tmp / "report.html", sweep_result=res, pair=pair, task=dev, scores=scores,
                  extra={"Run summary": format_table(results, res)})
-
-
-def _fmt(v: Any, nd: int = 3) -> str:
-    if v is None:
-        return "n/a"
-    if isinstance(v, (list, tuple)) and len(v) == 2:
-        return f"[{_fmt(v[0], nd)}, {_fmt(v[1], nd)}]"
-    return f"{v:.{nd}f}" if isinstance(v, float) else str(v)
-
-
-def format_table(results: dict[str, Any], sweep_result: Any = None) -> str:
-    """Baselines; best K and alpha per method; test TIR, recovery with CI, and retention."""
-    b = results["baselines"]
-    lines = [
-        "baselines           dev      test",
-        f"  source        {_fmt(b['source']['dev']):>8}  {_fmt(b['source']['test']):>8}",
-        f"  target        {_fmt(b['target']['dev']):>8}  {_fmt(b['target']['test']):>8}",
-    ]
-    if sweep_result is not None and sweep_result.best_by_method:
-        lines.append("best per method (chosen on dev)     K  alpha   dev    test  recovery")
-        for meth, r in sweep_result.best_by_method.items():
-            t = r.test.metrics if r.test is not None else None
-            lines.append(
-                f"  {meth:<30} {r.k:>4}  {r.alpha:>5.2f}  {r.metric:.3f}  "
-                f"{_fmt(t.transplanted if t else None)}  {_fmt(t.recovery if t else None)}"
-            )
-    best = results.get("best")
-    if not best:
-        lines.append("no configuration met the retention constraint")
-        return "\n".join(lines)
-    t = results["test"]
-    ci = t["ci"]
-    lines += [
-        f"chosen: {best['method']}  K={best['k']}  alpha={best['alpha']:g}  "
-        f"({results['fraction_units']:.1%} of units searched, "
-        f"{results['fraction_params']:.2%} of block parameters)",
-        f"test: transplanted {_fmt(t['transplanted'])}  TIR {_fmt(t['tir'])} "
-        f"{_fmt(ci.get('tir'))}  recovery {_fmt(t['recovery'])} {_fmt(ci.get('recovery'))}",
-    ]
-    for name, c in results["controls"].items():
-        lines.append(
-            f"control {name:<10} test {_fmt(c['test'])}  recovery {_fmt(c['recovery'])}  "
-            f"best-control {_fmt(c['best_minus_control'])} CI {_fmt(c['best_minus_control_ci'])}"
-        )
-    for r in results["retention"]:
-        lines.append(f"retention {r['task']}: {_fmt(r['before'])} -> {_fmt(r['after'])} "
-                     f"(drop {_fmt(r['drop'])})")
-    return "\n".join(lines)
 
 
 def demo_config(pair_name: str = "cross_generation", *, export: bool = True) -> dict[str, Any]:

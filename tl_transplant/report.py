@@ -9,7 +9,9 @@ comparisons for the top units, and the retention table. It needs nothing but
 the file: figures are PNG data URIs, the CircuitsVis bundle from the installed
 ``circuitsvis`` package is inlined once (see :mod:`tl_transplant.viz`), there
 are no links, fonts or stylesheets to fetch. ``SweepResult.save(dir,
-report=True, pair=..., scores=...)`` and the CLI call :func:`write_report`.
+report=True, pair=..., scores=...)`` and the CLI call :func:`write_report`
+(this module registers it with the sweep on import, so the sweep never imports
+the report).
 Sections that need the models (attention, neurons) or scores are skipped,
 with a note, when those are not given.
 """
@@ -25,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from tl_transplant.sweep import register_report_writer
 from tl_transplant.units import Head, Neuron, Unit, parse_units
 from tl_transplant.viz import (
     CircuitsVisView,
@@ -411,5 +414,8 @@ def write_report(
         path.write_text("".join(page), encoding="utf-8")
     return path
 
+
+
+register_report_writer(write_report)  # SweepResult.save(report=True) calls it; see sweep.save
 
 __all__ = ["write_report"]

@@ -36,17 +36,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tl_transplant.evaluate import (
+from tl_transplant.evaluate import EvalResult, TransplantReport, evaluate, evaluate_transplant
+from tl_transplant.stats import (
     DEFAULT_GAP_TOL,
     DEFAULT_N_BOOT,
-    EvalResult,
-    TransplantReport,
     UndefinedMetricWarning,
-    evaluate,
-    evaluate_transplant,
     recovery,
     tir,
 )
+from tl_transplant.summary import format_sweep_summary
 from tl_transplant.tasks import Task
 from tl_transplant.tokens import resolve_prepend_bos
 from tl_transplant.units import Unit, normalize_kinds, parse_units
@@ -268,38 +266,8 @@ class SweepResult:
         )
 
     def summary(self) -> str:
-        """A few human-readable lines: baselines, the choice on dev, and its test numbers."""
-        d, t = self.baselines["dev"], self.baselines.get("test", {})
-        lines = [
-            f"task {self.task.get('name')!r} ({self.metric}), prepend_bos="
-            f"{self.config.get('prepend_bos')}: dev n={self.config.get('n_dev')}, "
-            f"test n={self.config.get('n_test')}",
-            f"dev: source {d['source'].mean:.4g}, target {d['target'].mean:.4g}",
-        ]
-        if self.best is None:
-            lines.append("no configuration met the retention constraint")
-            return "\n".join(lines)
-        b = self.best
-        lines.append(
-            f"best on dev: {b.method} K={b.k} alpha={b.alpha:g} -> {b.metric:.4g} "
-            f"(max control drop {b.max_drop:.3g})"
-        )
-        if b.test is not None and t:
-            m = b.test.metrics
-
-            def fmt(v: float | None, ci: Any) -> str:
-                if v is None:
-                    return "undefined"
-                return f"{v:.3g}" + (f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else "")
-
-            lines.append(
-                f"test: source {m.source:.4g}, target {m.target:.4g}, transplanted "
-                f"{m.transplanted:.4g}; delta {fmt(m.delta, m.ci.get('delta'))}, TIR "
-                f"{fmt(m.tir, m.ci.get('tir'))}, recovery {fmt(m.recovery, m.ci.get('recovery'))}"
-            )
-            for r in b.test.retention:
-                lines.append(f"  retention {r.task}: {r.before:.4g} -> {r.after:.4g}")
-        return "\n".join(lines)
+        """A few human-readable lines (:func:`tl_transplant.summary.format_sweep_summary`)."""
+        return format_sweep_summary(self)
 
     # ---- tables ---------------------------------------------------------------------
     def to_frame(self) -> Any:
@@ -377,7 +345,9 @@ class SweepResult:
         """Dev metric vs K, one line per alpha (one panel per method), with baselines.
 
         Uses matplotlib's object API with the Agg canvas (no pyplot, no global
-        backend change). Returns the Figure.
+        backend change). Returns the Figure. Kept here because it imports only
+        matplotlib (nothing above the sweep); :func:`tl_transplant.viz.sweep_plot`
+        builds the report's figure on it.
         """
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -439,20 +409,38 @@ class SweepResult:
 
         ``report=True`` also writes the self-contained ``report.html``; keyword
         arguments (``pair=``, ``task=``, ``scores=``, ...) go to
-        :func:`tl_transplant.report.write_report`.
+        :func:`tl_transplant.report.write_report`. This module does not import the
+        report (it sits above the sweep): ``tl_transplant.report`` registers itself
+        with :func:`register_report_writer`, and the package imports it.
         """
+        if report_kwargs and not report:
+            raise TypeError(f"unexpected arguments without report=True: {sorted(report_kwargs)}")
+        writer = _REPORT_WRITER.get("write")
+        if report and writer is None:
+            raise RuntimeError(
+                "SweepResult.save(report=True) needs tl_transplant.report, which registers the "
+                "report writer when imported; `import tl_transplant.report` first"
+            )
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         (d / "results.json").write_text(json.dumps(self.to_dict(), indent=2, default=str))
         self.to_frame().to_csv(d / "sweep.csv", index=False)
         self.plot().savefig(d / "sweep.png", dpi=120)
-        if report:
-            from tl_transplant.report import write_report
-
-            write_report(d / "report.html", sweep_result=self, **report_kwargs)
-        elif report_kwargs:
-            raise TypeError(f"unexpected arguments without report=True: {sorted(report_kwargs)}")
+        if report and writer is not None:
+            writer(d / "report.html", sweep_result=self, **report_kwargs)
         return d
+
+
+_REPORT_WRITER: dict[str, Callable[..., Any]] = {}
+
+
+def register_report_writer(write: Callable[..., Any]) -> None:
+    """Set what ``SweepResult.save(report=True)`` calls: ``write(path, sweep_result=..., **kw)``.
+
+    :mod:`tl_transplant.report` registers :func:`~tl_transplant.report.write_report`
+    when it is imported, so the call goes report -> sweep, never sweep -> report.
+    """
+    _REPORT_WRITER["write"] = write
 
 
 def sweep(
@@ -684,5 +672,6 @@ __all__ = [
     "SweepRow",
     "choose_best",
     "pareto_front",
+    "register_report_writer",
     "sweep",
 ]

@@ -13,24 +13,22 @@ TransformerLens bridge holds, so the hooked forward, ``generate`` and
 
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
-import json
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from jaxtyping import Bool, Int
 
 from tl_transplant.layouts import TensorSlice
+from tl_transplant.manifest import MANIFEST_FORMAT as MANIFEST_FORMAT  # re-exported
+from tl_transplant.manifest import Manifest
 from tl_transplant.pair import ModelPair
 from tl_transplant.units import Head, KVHead, Unit, parse_units, unit_sort_key
 
 KVMode = Literal["group", "none"]
-MANIFEST_FORMAT = "tl_transplant.manifest/1"
 
 
 class TransplantError(ValueError):
@@ -162,79 +160,6 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 
 def _identity(side: Any) -> dict[str, Any]:
     return dict(side.identity)
-
-
-@dataclass
-class Manifest:
-    """What a transplant changed: units, alpha, model identities, and tensor hashes."""
-
-    units: list[str]
-    kv_added: list[str]
-    alpha: float
-    kv: str
-    source: dict[str, Any]
-    target: dict[str, Any]
-    tensors: list[dict[str, Any]]
-    n_params_moved: int
-    n_params_target: int
-    n_units_by_kind: dict[str, int]
-    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat())
-    format: str = MANIFEST_FORMAT
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def fraction_params(self) -> float:
-        return self.n_params_moved / max(1, self.n_params_target)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "format": self.format,
-            "created": self.created,
-            "alpha": self.alpha,
-            "kv": self.kv,
-            "units": self.units,
-            "kv_added": self.kv_added,
-            "n_units_by_kind": self.n_units_by_kind,
-            "n_params_moved": self.n_params_moved,
-            "n_params_target": self.n_params_target,
-            "fraction_params": self.fraction_params,
-            "source": self.source,
-            "target": self.target,
-            "tensors": self.tensors,
-            "extra": self.extra,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Manifest:
-        if d.get("format") != MANIFEST_FORMAT:
-            raise TransplantError(
-                f"not a tl_transplant manifest (format={d.get('format')!r}, expected "
-                f"{MANIFEST_FORMAT!r})"
-            )
-        keys = (
-            "units",
-            "kv_added",
-            "alpha",
-            "kv",
-            "source",
-            "target",
-            "tensors",
-            "n_params_moved",
-            "n_params_target",
-            "n_units_by_kind",
-            "created",
-            "extra",
-        )
-        return cls(**{k: d[k] for k in keys if k in d})
-
-    def save(self, path: str | Path) -> Path:
-        p = Path(path)
-        p.write_text(json.dumps(self.to_dict(), indent=2, default=str))
-        return p
-
-    @classmethod
-    def load(cls, path: str | Path) -> Manifest:
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
 
 class transplant:  # noqa: N801 - used as a context manager, reads like a function
