@@ -60,7 +60,7 @@ from tl_transplant.layouts import (
     ModelLayout,
     TensorSlice,
     UnsupportedArchitectureError,
-    bind_layout,
+    bind_checkpoint_layout,
     family_for,
 )
 from tl_transplant.manifest import (
@@ -121,15 +121,7 @@ def _check_dims(layout: ModelLayout) -> None:
 def _bind_with(
     config: Any, shapes: dict[str, tuple[int, ...]]
 ) -> tuple[ModelLayout, dict[str, str]]:
-    try:
-        layout, rename = bind_layout(config, shapes), {n: n for n in shapes}
-    except LayoutMismatchError:
-        # Checkpoints saved from the base model lack its prefix (GPT-2's h.0... on the hub).
-        prefix = family_for(config.model_type).layer_prefix.split(".")[0] + "."
-        if any(n.startswith(prefix) for n in shapes):
-            raise
-        layout = bind_layout(config, {prefix + n: s for n, s in shapes.items()})
-        rename = {prefix + n: n for n in shapes}
+    layout, rename = bind_checkpoint_layout(config, shapes)
     _check_dims(layout)
     return layout, rename
 

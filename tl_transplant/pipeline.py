@@ -58,13 +58,6 @@ def load_task_splits(tc: TaskConfig, seed: int, default_name: str) -> tuple[Task
     return full.split(tc.dev_fraction, seed)
 
 
-def _seeded(method: str, seed: int) -> dict[str, Any]:
-    """Pass the run's seed to scorers that take one (the random control)."""
-    from tl_transplant.scoring import get_scorer
-
-    return {"seed": seed} if "seed" in get_scorer(method).options else {}
-
-
 def _as_list(ci: tuple[float, float] | None) -> list[float] | None:
     return None if ci is None else list(ci)
 
@@ -116,7 +109,7 @@ def run(
         for m in cfg.selection.methods:
             log(f"scoring {m} on dev ({len(dev)} examples, units {','.join(kinds)})")
             scores[m] = score(pair, dev, method=m, units=kinds, progress=progress,
-                              batch_size=cfg.batch_size, **_seeded(m, cfg.seed),
+                              batch_size=cfg.batch_size, seed=cfg.seed,
                               **({"contrast": contrast, "lam": cfg.selection.contrast_lambda}
                                  if contrast is not None else {}))
             scores[m].save(tmp / f"scores_{m}.json")
@@ -154,7 +147,7 @@ def run(
             for c in cfg.selection.controls:
                 log(f"control {c} at K={best.k}, alpha={best.alpha:g} on test")
                 cs = score(pair, dev, method=c, units=kinds, progress=False,
-                           **_seeded(c, cfg.seed))
+                           seed=cfg.seed)
                 cunits = cs.top(best.k, kinds=kinds)
                 crep = evaluate_transplant(
                     pair, test, cunits, best.alpha, baselines={"source": rep.source,

@@ -60,7 +60,6 @@ from tl_transplant.scoring.scores import Scores
 from tl_transplant.scoring.tensors import (
     loaded_param,
     out_weight,
-    output_blocks,
     take_positions,
     work,
 )
@@ -274,7 +273,6 @@ __all__ = [
     "loaded_param",
     "option_help",
     "out_weight",
-    "output_blocks",
     "register",
     "score",
     "take_positions",

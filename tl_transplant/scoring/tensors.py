@@ -34,40 +34,11 @@ def loaded_param(side: Any, name: str, why: str) -> torch.Tensor:
     return t
 
 
-# TODO(lead): use layout.output_blocks
-def output_blocks(
-    weight: torch.Tensor, layout: Any, kind: str, layer: int
-) -> Float[torch.Tensor, "n size D"]:
-    """Every head's (or neuron's) block of a layer's output projection ``weight``, ``[n, size, D]``.
-
-    The slices index the projection's *input* dim; moving it first serves
-    ``nn.Linear`` (``[D, in]``) and ``Conv1D`` (``[in, D]``) alike, as
-    :meth:`ModelLayout.output_block` does for one unit.
-    """
-    cls = Head if kind == "head" else Neuron
-    n = layout.dims.H if kind == "head" else layout.dims.I
-    first = layout.output_slice(cls(layer, 0))
-    size = first.size
-    if n > 1:
-        step = layout.output_slice(cls(layer, 1)).start - first.start
-        last = layout.output_slice(cls(layer, n - 1))
-        affine = last.start == first.start + (n - 1) * step and last.size == size
-    else:
-        step, affine = size, True
-    if affine:
-        starts = first.start + step * torch.arange(n)
-    else:  # pragma: no cover - every shipped layout is affine
-        starts = torch.tensor([layout.output_slice(cls(layer, i)).start for i in range(n)])
-    idx = (starts[:, None] + torch.arange(size)[None, :]).reshape(-1).to(weight.device)
-    cols = weight.index_select(first.dim, idx).movedim(first.dim, 0)  # [n * size, D]
-    return cols.reshape(n, size, -1)
-
-
 def out_weight(side: Any, layout: Any, kind: str, layer: int) -> Float[torch.Tensor, "n size D"]:
-    """:func:`output_blocks` of one model's loaded weight, in working precision."""
+    """:meth:`ModelLayout.output_blocks` of one model's loaded weight, in working precision."""
     param = layout.output_slice((Head if kind == "head" else Neuron)(layer, 0)).param
     w = loaded_param(side, param, "this scorer").detach()
-    return work(output_blocks(w, layout, kind, layer))
+    return work(layout.output_blocks(w, kind, layer))
 
 
-__all__ = ["loaded_param", "out_weight", "output_blocks", "take_positions", "work"]
+__all__ = ["loaded_param", "out_weight", "take_positions", "work"]
