@@ -126,13 +126,13 @@ def _last_boxed(text: str) -> str | None:
 def normalize_answer(text: str) -> str:
     """Canonical form for comparing math answers (used with ``boxed``/``last_number``).
 
-    Removes all whitespace, surrounding ``$`` (money or inline math), ``\\!`` and
+    Removes all whitespace, surrounding ``$``/``\\$`` (money or inline math), ``\\!`` and
     ``\\,`` spacing, ``\\left``/``\\right``, a trailing ``.``, thousands commas in a
     plain number, and a redundant outer ``{...}``; ``\\dfrac``/``\\tfrac`` become
     ``\\frac``. Nothing mathematical (no ``0.5 == 1/2``): only spelling differences.
     """
     t = re.sub(r"\s+", "", text)
-    t = re.sub(r"\\[!,;:]", "", t)
+    t = re.sub(r"\\[!,;:]", "", t).replace("\\$", "$")
     t = t.replace("\\left", "").replace("\\right", "")
     t = t.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     prev = None
