@@ -147,12 +147,32 @@ def test_hub_task_names_are_not_made_paths(tmp_path: Path) -> None:
     assert kw["prompt_field"] == "problem" and kw["choices_field"] == "choices"
 
 
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        ({"task": {"path": ""}}, r"task\.path: give a local file, a dataset folder or a hub "
+                                 r"dataset name \(got ''\)"),
+        ({"task": {"path": "a\x00b"}}, r"task\.path: give a local file"),
+        ({"task": {"path": "~nobody_zz/t.jsonl"}}, r"task\.path: cannot expand "
+                                                  r"'~nobody_zz/t\.jsonl': no such user"),
+        ({"control_tasks": [{"path": "x.csv", "test_path": "~nobody_zz/y.csv"}]},
+         r"control_tasks\.0\.test_path: cannot expand"),
+        ({"source": "~nobody_zz/m"}, r"source: cannot expand"),
+    ],
+)
+def test_bad_paths_refused(change: dict[str, Any], needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        load_config(_cfg(**change))
+
+
 # ---- fuzz: load_config raises only ConfigError ------------------------------------------
 
 _scalars = st.one_of(
     st.none(), st.booleans(), st.integers(-5, 50), st.floats(allow_nan=True),
     st.text(max_size=8), st.sampled_from(["head", "linear", "paper_l1", "cpu", "cuda", "auto",
-                                          "exact_match", "boxed", "t.jsonl", "random"]),
+                                          "exact_match", "boxed", "t.jsonl", "random",
+                                          "~nobody_zz/t.jsonl", "~nobody_zz", "a\x00b", ".",
+                                          "org/name", "cuda:7", "mc_logprob"]),
 )
 _values = st.recursive(
     _scalars,

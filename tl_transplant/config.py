@@ -127,6 +127,19 @@ class TaskConfig(_Strict):
             raise ValueError(f"must be one of {', '.join(METRICS)} (got {v!r})")
         return v
 
+    @field_validator("path", "test_path", mode="before")
+    @classmethod
+    def _path(cls, v: Any) -> Any:
+        if v is None:
+            return v
+        if isinstance(v, Path):
+            v = str(v)
+        if not isinstance(v, str) or not v.strip() or "\x00" in v:
+            raise ValueError(
+                f"give a local file, a dataset folder or a hub dataset name (got {v!r:.80})"
+            )
+        return v
+
     @field_validator("extract", mode="before")
     @classmethod
     def _extract(cls, v: Any) -> Any:
@@ -274,11 +287,17 @@ class RunConfig(_Strict):
     def resolve_paths(self, base: Path) -> RunConfig:
         """Make relative task paths relative to the config file's folder."""
 
-        def fix(p: str | None) -> str | None:
+        def fix(p: str | None, key: str) -> str | None:
             """Local paths become absolute; a hub dataset name (``org/name``) stays as is."""
             if p is None:
                 return None
-            q = Path(p).expanduser()
+            try:
+                q = Path(p).expanduser()
+            except RuntimeError:  # "~user" for a user this machine does not know
+                raise ConfigError(
+                    f"invalid config: {key}: cannot expand {p!r}: no such user's home "
+                    "directory; give an absolute path"
+                ) from None
             if q.is_absolute():
                 return str(q)
             local = (
@@ -288,18 +307,23 @@ class RunConfig(_Strict):
             )
             return str(base / q) if local else p
 
-        def fix_task(t: TaskConfig) -> TaskConfig:
-            return t.model_copy(update={"path": fix(t.path), "test_path": fix(t.test_path)})
+        def fix_task(t: TaskConfig, key: str) -> TaskConfig:
+            return t.model_copy(update={
+                "path": fix(t.path, f"{key}.path"),
+                "test_path": fix(t.test_path, f"{key}.test_path"),
+            })
 
         local = {}
         for key in ("source", "target"):
             v = getattr(self, key)
             if v.startswith((".", "~")) or (base / v).is_dir():
-                local[key] = fix(v)
+                local[key] = fix(v, key)
         return self.model_copy(update={
             **local,
-            "task": fix_task(self.task),
-            "control_tasks": [fix_task(t) for t in self.control_tasks],
+            "task": fix_task(self.task, "task"),
+            "control_tasks": [
+                fix_task(t, f"control_tasks.{i}") for i, t in enumerate(self.control_tasks)
+            ],
         })
 
 
