@@ -285,3 +285,21 @@ def test_check_context_names_task_line_and_limit(tok, tmp_path: Path) -> None:
               choices=[["x", "y"], ["x y x", "y"]])
     with pytest.raises(ValueError, match=r"task 'mc': example 1 needs 8 tokens"):
         mc.check_context(mc.encode_choices(tok, prepend_bos=True), 7)
+
+
+def test_check_fits_encodes_as_the_metric_will(tok) -> None:
+    from transformers import GPT2Config
+
+    cfg = GPT2Config(n_positions=6)
+    t = Task("g", ["q x y"], ["x"], metric="exact_match", max_new_tokens=2)
+    t.check_fits(tok, True, cfg)  # 1 BOS + 3 prompt + 2 generated = 6
+    with pytest.raises(ValueError, match=r"needs 7 tokens \(4 prompt \+ 0 answer \+ 3 to "
+                                         r"generate\), more than the model's context of 6"):
+        t.replace(max_new_tokens=3).check_fits(tok, True, cfg)
+    mc = Task("mc", ["q x"], ["x"], metric="mc_logprob", choices=[["x", "y x y x"]])
+    with pytest.raises(ValueError, match=r"task 'mc': example 0 needs 7 tokens"):
+        mc.check_fits(tok, True, cfg)
+    mc.check_fits(tok, True, {"hidden_size": 4})  # no declared limit: nothing to check
+    Task("l", ["q x y x"], ["y"], metric="answer_logprob").check_fits(tok, True, cfg)
+    with pytest.raises(ValueError, match="needs 7 tokens"):
+        Task("l", ["q x y x"], ["y y"], metric="answer_logprob").check_fits(tok, True, cfg)

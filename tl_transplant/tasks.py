@@ -59,6 +59,7 @@ from tl_transplant.tokens import (
     Encoded,
     PrependBos,
     check_context,
+    context_limit,
     encode,
     encode_choices,
 )
@@ -402,6 +403,26 @@ class Task:
                           rows=enc.example.tolist())
         else:
             check_context(enc, limit, self.name, label=self.row_label, extra=extra)
+
+    def check_fits(self, tokenizer: Any, prepend_bos: bool, hf_config: Any) -> None:
+        """Raise before any forward if an example is longer than the model's context.
+
+        Encodes as the metric will (choices for ``mc_logprob``; the prompt plus
+        ``max_new_tokens`` for ``exact_match``; prompt + answer otherwise) and checks
+        against :func:`~tl_transplant.tokens.context_limit` of ``hf_config`` (no limit
+        declared: nothing to check). The error names the task, example, source line
+        and the limit.
+        """
+        limit = context_limit(hf_config)
+        if limit is None:
+            return
+        if self.metric == "mc_logprob":
+            self.check_context(self.encode_choices(tokenizer, prepend_bos), limit)
+        elif self.metric == "exact_match":
+            enc = encode(tokenizer, self.prompts, None, prepend_bos=prepend_bos)
+            self.check_context(enc, limit, extra=self.max_new_tokens)
+        else:
+            self.check_context(self.encode(tokenizer, prepend_bos), limit)
 
     # ---- derived tasks ----------------------------------------------------------------
     def replace(self, **changes: Any) -> Task:

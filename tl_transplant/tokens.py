@@ -258,14 +258,17 @@ def choice_logprobs(
 ) -> Float[torch.Tensor, " rows"]:
     """Total teacher-forced log-prob of each row's choice (:func:`answer_logprobs`), float64.
 
-    ``logits_fn(input_ids)`` is the model's forward; rows are run ``batch_size`` at a
-    time, each batch cut to its longest row.
+    ``logits_fn(input_ids)`` is the model's forward (wrap any per-batch intervention
+    in it); rows are run longest first, ``batch_size`` at a time, each batch cut to
+    its longest row, so padding never changes a result (see the module docstring).
     """
     enc = batch.enc
     need = enc.prompt_len + enc.answer_len
+    order = sorted(range(len(enc)), key=lambda r: (-int(need[r]), r))
     out = torch.zeros(len(enc), dtype=torch.float64)
-    for lo in range(0, len(enc), max(1, int(batch_size))):
-        idx = torch.arange(lo, min(lo + int(batch_size), len(enc)))
+    size = max(1, int(batch_size))
+    for lo in range(0, len(order), size):
+        idx = torch.tensor(order[lo : lo + size], dtype=torch.long)
         width = int(need[idx].max())
         sub = Encoded(enc.input_ids[idx, :width], enc.prompt_len[idx], enc.answer_len[idx],
                       enc.pad_id)
