@@ -109,7 +109,7 @@ class TaskConfig(_Strict):
     answer_field: str = "answer"
     metric: str = "next_token_acc"
     max_new_tokens: StrictInt = Field(16, ge=1, le=4096)
-    prepend_bos: StrictBool | Literal["auto"] = "auto"
+    prepend_bos: bool | Literal["auto"] = "auto"
     test_path: str | None = None
     dev_fraction: StrictFloat = Field(0.5, gt=0.0, lt=1.0)
     name: str | None = None
@@ -125,6 +125,13 @@ class TaskConfig(_Strict):
     def _metric(cls, v: Any) -> Any:
         if not isinstance(v, str) or v not in METRICS:
             raise ValueError(f"must be one of {', '.join(METRICS)} (got {v!r})")
+        return v
+
+    @field_validator("prepend_bos", mode="before")
+    @classmethod
+    def _bos(cls, v: Any) -> Any:
+        if not (isinstance(v, bool) or v == "auto"):
+            raise ValueError(f"must be true, false or 'auto' (got {v!r:.80})")
         return v
 
     @field_validator("path", "test_path", mode="before")
