@@ -1,17 +1,33 @@
 """The run configuration (``tl-transplant run CONFIG.yaml``), validated with pydantic.
 
-Every error names the key and what is allowed, e.g.
-``sweep.alpha: each alpha must be in [0, 1] (got 1.5)``.
+Every error names the key, the bad value and what is allowed, e.g.
+``sweep.alpha: each alpha must be in [0, 1] (got 1.5)``. Everything that can be
+checked without loading a model is checked here, so a bad config fails in
+seconds rather than after the first scorer ran: booleans are refused where numbers
+are expected (YAML's ``yes``/``true`` would otherwise become 1), every scoring
+method and control must be able to score at least one of ``selection.units``
+(each then scores the kinds it supports among them, see
+:meth:`SelectionConfig.kinds_for`), and ``device`` must name a device this machine
+has. :func:`load_config` raises only :class:`ConfigError`.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from tl_transplant.tasks import METRICS
+from tl_transplant.tasks import _FORMATS, EXTRACTORS, METRICS
 from tl_transplant.units import normalize_kinds
 
 
@@ -23,29 +39,136 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _strict_int(v: Any) -> Any:
+    """Refuse booleans and non-integers before pydantic's lax coercion turns ``true`` into 1."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"must be an integer (got {v!r})")
+    return v
+
+
+def _strict_float(v: Any) -> Any:
+    """Refuse booleans and strings; ints such as ``1`` are fine."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"must be a number (got {v!r})")
+    return float(v)
+
+
+def _strict_bool(v: Any) -> Any:
+    if not isinstance(v, bool):
+        raise ValueError(f"must be true or false (got {v!r})")
+    return v
+
+
+StrictInt = Annotated[int, BeforeValidator(_strict_int)]
+StrictFloat = Annotated[float, BeforeValidator(_strict_float)]
+StrictBool = Annotated[bool, BeforeValidator(_strict_bool)]
+
+#: Device strings ``ModelPair.load`` accepts (passed on to torch unchanged).
+DEVICE_FORMS = "cpu, cuda, cuda:N (N = 0, 1, ...), mps"
+_DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
+
+
+def check_device(device: str) -> str:
+    """Validate a device string and that this machine has it; ``ValueError`` names the fix."""
+    if not isinstance(device, str) or not _DEVICE.match(device.strip().lower()):
+        raise ValueError(f"unknown device {device!r}; valid forms: {DEVICE_FORMS}")
+    dev = device.strip().lower()
+    import torch
+
+    if dev.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"{device!r}: CUDA is not available on this machine; use device: cpu"
+            )
+        if ":" in dev:
+            idx, count = int(dev.split(":")[1]), torch.cuda.device_count()
+            if idx >= count:
+                raise ValueError(
+                    f"{device!r}: this machine has {count} CUDA device(s) "
+                    f"(cuda:0..cuda:{count - 1}); pick one of those or use device: cuda"
+                )
+    elif dev == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ValueError(f"{device!r}: MPS is not available on this machine; use device: cpu")
+    return dev
+
+
 class TaskConfig(_Strict):
-    """A task from a local JSONL/CSV/parquet file (read with ``datasets``)."""
+    """A task: a local JSONL/CSV/TSV/parquet file, a ``datasets.save_to_disk`` folder,
+    a folder of data files, or a hub dataset name (see :meth:`Task.from_dataset`).
+
+    ``split`` and ``config_name`` are ``load_dataset``'s split and second argument
+    (a hub dataset's subset); ``extract`` names the answer extractor for
+    ``exact_match`` (``boxed`` for MATH-style answers); ``choices_field`` holds the
+    options for ``mc_logprob``.
+    """
 
     path: str
     prompt_field: str = "prompt"
     answer_field: str = "answer"
-    metric: Literal["next_token_acc", "answer_logprob", "logit_diff", "exact_match"] = (
-        "next_token_acc"
-    )
-    max_new_tokens: int = Field(16, ge=1, le=4096)
+    metric: str = "next_token_acc"
+    max_new_tokens: StrictInt = Field(16, ge=1, le=4096)
     prepend_bos: bool | Literal["auto"] = "auto"
     test_path: str | None = None
-    dev_fraction: float = Field(0.5, gt=0.0, lt=1.0)
+    dev_fraction: StrictFloat = Field(0.5, gt=0.0, lt=1.0)
     name: str | None = None
     wrong_field: str = "wrong_answers"
-    limit: int | None = Field(None, ge=1)
+    choices_field: str = "choices"
+    limit: StrictInt | None = Field(None, ge=1)
+    split: str = "train"
+    config_name: str | None = None
+    extract: str | None = None
 
     @field_validator("metric", mode="before")
     @classmethod
     def _metric(cls, v: Any) -> Any:
-        if v not in METRICS:
+        if not isinstance(v, str) or v not in METRICS:
             raise ValueError(f"must be one of {', '.join(METRICS)} (got {v!r})")
         return v
+
+    @field_validator("prepend_bos", mode="before")
+    @classmethod
+    def _bos(cls, v: Any) -> Any:
+        if not (isinstance(v, bool) or v == "auto"):
+            raise ValueError(f"must be true, false or 'auto' (got {v!r:.80})")
+        return v
+
+    @field_validator("path", "test_path", mode="before")
+    @classmethod
+    def _path(cls, v: Any) -> Any:
+        if v is None:
+            return v
+        if isinstance(v, Path):
+            v = str(v)
+        if not isinstance(v, str) or not v.strip() or "\x00" in v:
+            raise ValueError(
+                f"give a local file, a dataset folder or a hub dataset name (got {v!r:.80})"
+            )
+        return v
+
+    @field_validator("extract", mode="before")
+    @classmethod
+    def _extract(cls, v: Any) -> Any:
+        if v is not None and (not isinstance(v, str) or v not in EXTRACTORS):
+            raise ValueError(f"must be one of {', '.join(EXTRACTORS)} (got {v!r})")
+        return v
+
+    def task_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :meth:`Task.from_dataset` (everything but path and name)."""
+        return dict(
+            prompt_field=self.prompt_field,
+            answer_field=self.answer_field,
+            wrong_field=self.wrong_field,
+            choices_field=self.choices_field,
+            limit=self.limit,
+            split=self.split,
+            config_name=self.config_name,
+            metric=self.metric,
+            max_new_tokens=self.max_new_tokens,
+            prepend_bos=self.prepend_bos,
+            extract=self.extract,
+        )
 
 
 class SelectionConfig(_Strict):
@@ -54,27 +177,34 @@ class SelectionConfig(_Strict):
     methods: list[str] = Field(default_factory=lambda: ["attribution", "activation_diff"])
     units: list[str] = Field(default_factory=lambda: ["head", "neuron"])
     controls: list[str] = Field(default_factory=lambda: ["random"])
-    contrast_lambda: float | None = Field(
+    contrast_lambda: StrictFloat | None = Field(
         None, description="retention-aware scoring: penalise by lam x score on the first control"
     )
 
-    @field_validator("methods", "controls")
+    @field_validator("methods", "controls", mode="before")
     @classmethod
-    def _methods(cls, v: list[str]) -> list[str]:
+    def _methods(cls, v: Any) -> list[str]:
         from tl_transplant.scoring import available_methods
 
         ok = available_methods()
-        for m in v:
-            if m not in ok:
+        items = [v] if isinstance(v, str) else v
+        if not isinstance(items, (list, tuple)):
+            raise ValueError(f"give a list of scoring methods (got {v!r}); valid: {', '.join(ok)}")
+        for m in items:
+            if not isinstance(m, str) or m not in ok:
                 raise ValueError(f"unknown scoring method {m!r}; valid: {', '.join(ok)}")
-        return v
+        return list(items)
 
     @field_validator("units", mode="before")
     @classmethod
     def _units(cls, v: Any) -> list[str]:
-        items = [v] if isinstance(v, str) else list(v)
+        items = [v] if isinstance(v, str) else v
+        if not isinstance(items, (list, tuple)) or not items:
+            raise ValueError(
+                f"give at least one unit kind: head, kv_head, neuron, linear (got {v!r})"
+            )
         try:
-            return list(normalize_kinds(items))
+            return list(normalize_kinds([str(x) for x in items]))
         except ValueError as e:
             raise ValueError(str(e)) from None
 
@@ -82,7 +212,29 @@ class SelectionConfig(_Strict):
     def _nonempty(self) -> SelectionConfig:
         if not self.methods:
             raise ValueError("methods: give at least one scoring method")
+        for key in ("methods", "controls"):
+            for m in getattr(self, key):
+                if not self.kinds_for(m):
+                    from tl_transplant.scoring import get_scorer
+
+                    can = ", ".join(get_scorer(m).kinds)
+                    raise ValueError(
+                        f"{key}: {m!r} scores only {can} units, none of selection.units "
+                        f"({', '.join(self.units)}); add one of {can} to units or drop {m!r}"
+                    )
         return self
+
+    def kinds_for(self, method: str) -> list[str]:
+        """The listed unit kinds that ``method`` can score, in ``units`` order.
+
+        A method scores the intersection of ``units`` with its declared kinds
+        (``get_scorer(method).kinds``): ``paper_l1`` with ``units: [head, linear]``
+        scores linears only. Validation refuses a method whose intersection is empty.
+        """
+        from tl_transplant.scoring import get_scorer
+
+        kinds = get_scorer(method).kinds
+        return [k for k in self.units if k in kinds]
 
 
 class SweepConfig(_Strict):
@@ -90,24 +242,32 @@ class SweepConfig(_Strict):
 
     k: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
     alpha: list[float] = Field(default_factory=lambda: [0.5, 1.0])
-    max_retention_drop: float | None = Field(None, ge=0.0, le=1.0)
+    max_retention_drop: StrictFloat | None = Field(None, ge=0.0, le=1.0)
 
-    @field_validator("k")
+    @field_validator("k", mode="before")
     @classmethod
-    def _k(cls, v: list[int]) -> list[int]:
-        if not v or any(x < 1 for x in v):
-            raise ValueError(f"give a non-empty list of K >= 1 (got {v})")
+    def _k(cls, v: Any) -> list[int]:
+        if not isinstance(v, (list, tuple)) or not v:
+            raise ValueError(f"give a non-empty list of K >= 1 (got {v!r})")
+        for x in v:
+            if isinstance(x, bool) or not isinstance(x, int) or x < 1:
+                raise ValueError(
+                    f"give a non-empty list of K >= 1; each K must be an integer >= 1 "
+                    f"(got {x!r})"
+                )
         return sorted(set(v))
 
-    @field_validator("alpha")
+    @field_validator("alpha", mode="before")
     @classmethod
-    def _alpha(cls, v: list[float]) -> list[float]:
-        if not v:
-            raise ValueError("give a non-empty list of alphas")
+    def _alpha(cls, v: Any) -> list[float]:
+        if not isinstance(v, (list, tuple)) or not v:
+            raise ValueError(f"give a non-empty list of alphas in [0, 1] (got {v!r})")
         for a in v:
+            if isinstance(a, bool) or not isinstance(a, (int, float)):
+                raise ValueError(f"each alpha must be a number in [0, 1] (got {a!r})")
             if not 0.0 <= a <= 1.0:
                 raise ValueError(f"each alpha must be in [0, 1] (got {a})")
-        return sorted(set(v))
+        return sorted({float(a) for a in v})
 
 
 class RunConfig(_Strict):
@@ -119,34 +279,58 @@ class RunConfig(_Strict):
     control_tasks: list[TaskConfig] = Field(default_factory=list)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
-    seed: int = 0
-    export: bool = True
+    seed: StrictInt = 0
+    export: StrictBool = True
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16", "auto"] | None = None
-    batch_size: int = Field(16, ge=1)
+    batch_size: StrictInt = Field(16, ge=1)
     name: str | None = None
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device(cls, v: Any) -> str:
+        return check_device(v)
 
     def resolve_paths(self, base: Path) -> RunConfig:
         """Make relative task paths relative to the config file's folder."""
 
-        def fix(p: str | None) -> str | None:
+        def fix(p: str | None, key: str) -> str | None:
+            """Local paths become absolute; a hub dataset name (``org/name``) stays as is."""
             if p is None:
                 return None
-            q = Path(p).expanduser()
-            return str(q if q.is_absolute() else (base / q))
+            try:
+                q = Path(p).expanduser()
+            except RuntimeError:  # "~user" for a user this machine does not know
+                raise ConfigError(
+                    f"invalid config: {key}: cannot expand {p!r}: no such user's home "
+                    "directory; give an absolute path"
+                ) from None
+            if q.is_absolute():
+                return str(q)
+            local = (
+                p.startswith((".", "~"))
+                or (base / q).exists()
+                or q.suffix.lower() in _FORMATS
+            )
+            return str(base / q) if local else p
 
-        def fix_task(t: TaskConfig) -> TaskConfig:
-            return t.model_copy(update={"path": fix(t.path), "test_path": fix(t.test_path)})
+        def fix_task(t: TaskConfig, key: str) -> TaskConfig:
+            return t.model_copy(update={
+                "path": fix(t.path, f"{key}.path"),
+                "test_path": fix(t.test_path, f"{key}.test_path"),
+            })
 
         local = {}
         for key in ("source", "target"):
             v = getattr(self, key)
             if v.startswith((".", "~")) or (base / v).is_dir():
-                local[key] = fix(v)
+                local[key] = fix(v, key)
         return self.model_copy(update={
             **local,
-            "task": fix_task(self.task),
-            "control_tasks": [fix_task(t) for t in self.control_tasks],
+            "task": fix_task(self.task, "task"),
+            "control_tasks": [
+                fix_task(t, f"control_tasks.{i}") for i, t in enumerate(self.control_tasks)
+            ],
         })
 
 
@@ -155,6 +339,8 @@ def _format(e: ValidationError) -> str:
     for err in e.errors():
         loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")
+        if not err["msg"].startswith("Value error, ") and "input" in err:
+            msg = f"{msg} (got {err['input']!r:.80})"
         if err["type"] == "extra_forbidden":
             msg = "unknown key; check the spelling (see the config reference in README.md)"
         elif err["type"] == "missing":
@@ -174,10 +360,20 @@ def load_config(cfg: str | Path | dict[str, Any] | RunConfig) -> RunConfig:
         path = Path(cfg).expanduser()
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
+        raw = path.read_bytes()
         try:
-            data = yaml.safe_load(path.read_text())
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].count(b"\n") + 1
+            raise ConfigError(
+                f"{path}:{line}: not UTF-8 text (byte {e.start}); save the file as UTF-8"
+            ) from None
+        try:
+            data = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+            raise ConfigError(_yaml_message(path, e)) from None
+        except RecursionError:
+            raise ConfigError(f"{path} is not valid YAML: nested too deeply") from None
         base = path.resolve().parent
     else:
         data = cfg
@@ -188,3 +384,15 @@ def load_config(cfg: str | Path | dict[str, Any] | RunConfig) -> RunConfig:
     except ValidationError as e:
         raise ConfigError(_format(e)) from None
     return rc.resolve_paths(base)
+
+
+def _yaml_message(path: Path, e: Exception) -> str:
+    """``config.yaml:3:7: is not valid YAML: <problem> (<context>)`` with 1-based line:column."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(e, "problem", None)
+    context = getattr(e, "context", None)
+    detail = problem or str(e)
+    if context:
+        detail = f"{detail} ({context})"
+    return f"{where}: is not valid YAML: {detail}"

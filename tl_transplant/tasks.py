@@ -3,7 +3,10 @@
 Contract used by scoring and evaluation (extend, don't break):
 
 * ``Task.prompts`` / ``Task.answers``: parallel lists of strings;
-* ``Task.metric``: ``next_token_acc`` | ``answer_logprob`` | ``logit_diff`` | ``exact_match``;
+* ``Task.metric``: ``next_token_acc`` | ``answer_logprob`` | ``logit_diff`` | ``exact_match``
+  | ``mc_logprob``;
+* ``Task.choices``: for ``mc_logprob``, one list of option strings per example; the
+  answer is then the correct option's text (an integer answer field is its index);
 * ``Task.prepend_bos``: ``"auto"`` | True | False, resolved per pair by
   :func:`tl_transplant.tokens.resolve_prepend_bos`;
 * ``Task.encode(tokenizer, prepend_bos)`` -> :class:`tl_transplant.tokens.Encoded`.
@@ -19,7 +22,13 @@ Metrics (per example; the task score is their mean, higher is better):
   position;
 * ``exact_match``: greedy generation (KV cache, at most ``max_new_tokens``,
   stops at EOS), decoded without special tokens, passed through ``extract``
-  (default: strip whitespace) and compared to ``answer.strip()``.
+  (default: strip whitespace) and compared to ``answer.strip()``; with
+  ``extract="boxed"`` or ``"last_number"`` both sides are normalised first
+  (:func:`normalize_answer`, see :meth:`Task.matches`);
+* ``mc_logprob``: 1.0 if the correct choice has the strictly highest *total*
+  (not length-normalised) teacher-forced log-prob among the example's choices,
+  each choice tokenized on its own after the prompt exactly as ``answer_logprob``
+  tokenizes an answer (:func:`tl_transplant.tokens.encode_choices`); ties score 0.
 
 Tokenization and BOS (one rule for both models of a pair): the prompt and the
 answer are tokenized *separately* without special tokens and concatenated;
@@ -35,6 +44,7 @@ The resolved value is recorded in every result.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -44,11 +54,19 @@ from typing import Any
 
 import numpy as np
 
-from tl_transplant.tokens import Encoded, PrependBos, encode
+from tl_transplant.tokens import (
+    ChoiceBatch,
+    Encoded,
+    PrependBos,
+    check_context,
+    context_limit,
+    encode,
+    encode_choices,
+)
 
-METRICS = ("next_token_acc", "answer_logprob", "logit_diff", "exact_match")
+METRICS = ("next_token_acc", "answer_logprob", "logit_diff", "exact_match", "mc_logprob")
 #: Metrics whose per-example scores are 0/1 (TIR is defined for these only).
-ACCURACY_METRICS = ("next_token_acc", "exact_match")
+ACCURACY_METRICS = ("next_token_acc", "exact_match", "mc_logprob")
 
 
 # ---- answer extraction (exact_match) -------------------------------------------------
@@ -73,13 +91,67 @@ def extract_first_line(text: str) -> str:
     return ""
 
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+# Thousands groups only (1,000 / 12,345,678), so "1,2" stays two numbers; "-.5" is -0.5.
+_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")
 
 
 def extract_last_number(text: str) -> str:
-    """The last number in the generation, thousands separators removed ('' if none)."""
+    """The last number in the generation, thousands separators removed ('' if none).
+
+    ``"costs $1,000."`` -> ``"1000"``, ``"-3.5 degrees"`` -> ``"-3.5"``, ``"$5"`` -> ``"5"``.
+    """
     found = _NUMBER.findall(text)
     return found[-1].replace(",", "") if found else ""
+
+
+def _last_boxed(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` (or ``\\fbox{...}``), nested braces matched."""
+    starts = [m.end() for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)]
+    for start in reversed(starts):
+        depth, i = 1, start
+        while i < len(text):
+            c = text[i]
+            if c == "\\" and i + 1 < len(text) and text[i + 1] in "{}":
+                i += 2  # an escaped brace does not count
+                continue
+            if c == "{":
+                depth += 1
+            elif c == "}":
+                depth -= 1
+                if depth == 0:
+                    return text[start:i]
+            i += 1
+    return None  # no complete box (e.g. generation cut off by max_new_tokens)
+
+
+def normalize_answer(text: str) -> str:
+    """Canonical form for comparing math answers (used with ``boxed``/``last_number``).
+
+    Removes all whitespace, surrounding ``$``/``\\$`` (money or inline math), ``\\!`` and
+    ``\\,`` spacing, ``\\left``/``\\right``, a trailing ``.``, thousands commas in a
+    plain number, and a redundant outer ``{...}``; ``\\dfrac``/``\\tfrac`` become
+    ``\\frac``. Nothing mathematical (no ``0.5 == 1/2``): only spelling differences.
+    """
+    t = re.sub(r"\s+", "", text)
+    t = re.sub(r"\\[!,;:]", "", t).replace("\\$", "$")
+    t = t.replace("\\left", "").replace("\\right", "")
+    t = t.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    prev = None
+    while prev != t:
+        prev = t
+        t = t.strip("$").rstrip(".")
+        if t.startswith("{") and t.endswith("}") and _last_boxed("\\boxed" + t) == t[1:-1]:
+            t = t[1:-1]
+    if re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?", t):
+        t = t.replace(",", "")
+    return t
+
+
+def extract_boxed(text: str) -> str:
+    """The last ``\\boxed{...}`` content (``\\boxed{\\frac{1}{2}}`` -> ``\\frac{1}{2}``),
+    else the last number, normalised by :func:`normalize_answer` ('' if neither)."""
+    boxed = _last_boxed(text)
+    return normalize_answer(boxed if boxed is not None else extract_last_number(text))
 
 
 EXTRACTORS: dict[str, Callable[[str], str]] = {
@@ -87,11 +159,15 @@ EXTRACTORS: dict[str, Callable[[str], str]] = {
     "first_word": extract_first_word,
     "first_line": extract_first_line,
     "last_number": extract_last_number,
+    "boxed": extract_boxed,
 }
+
+#: Extractors whose comparisons normalise both sides with :func:`normalize_answer`.
+NORMALIZED_EXTRACTORS = ("boxed", "last_number")
 
 
 def resolve_extract(extract: Callable[[str], str] | str | None) -> Callable[[str], str]:
-    """A callable, or a named extractor: strip, first_word, first_line, last_number."""
+    """A callable, or a named extractor: strip, first_word, first_line, last_number, boxed."""
     if extract is None:
         return extract_strip
     if isinstance(extract, str):
@@ -131,6 +207,37 @@ def _as_text(value: Any, where: str, field_name: str) -> str:
     return text
 
 
+def _choice_answer(
+    rec: Mapping[str, Any], where: str, answer_field: str, choices_field: str
+) -> tuple[list[str], str]:
+    """(choices, correct choice text) of one ``mc_logprob`` record; an int answer is an index."""
+    if choices_field not in rec:
+        raise ValueError(
+            f"{where}: no field {choices_field!r} (fields: {', '.join(map(str, rec)) or 'none'}); "
+            "metric 'mc_logprob' needs a list of choices per example"
+        )
+    raw = rec[choices_field]
+    if isinstance(raw, (str, bytes)) or not isinstance(raw, Sequence) or len(raw) < 2:
+        raise ValueError(
+            f"{where}: field {choices_field!r} must be a list of 2+ strings, got {raw!r:.80}"
+        )
+    cs = [_as_text(c, where, f"{choices_field}[{j}]") for j, c in enumerate(raw)]
+    a = rec[answer_field]
+    if isinstance(a, (int, np.integer)) and not isinstance(a, bool):
+        if not 0 <= int(a) < len(cs):
+            raise ValueError(
+                f"{where}: answer index {int(a)} is out of range for {len(cs)} choices"
+            )
+        return cs, cs[int(a)]
+    text = _as_text(a, where, answer_field)
+    if text not in cs:
+        raise ValueError(
+            f"{where}: answer {text!r:.40} is neither one of the choices {cs!r:.80} nor an "
+            "integer index into them"
+        )
+    return cs, text
+
+
 def _as_text_list(value: Any, where: str, field_name: str) -> list[str]:
     if isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return [_as_text(value, where, field_name)]
@@ -159,6 +266,7 @@ class Task:
     extract: Callable[[str], str] | str | None = None
     prepend_bos: PrependBos = "auto"
     meta: dict[str, Any] = field(default_factory=dict)
+    choices: list[list[str]] | None = None
 
     def __post_init__(self) -> None:
         self.prompts = list(self.prompts)
@@ -192,6 +300,27 @@ class Task:
                         f"task {self.name!r}: example {i}: wrong_answers must be a non-empty "
                         f"list of non-empty strings, got {ws!r:.80}"
                     )
+        if self.choices is not None:
+            self.choices = [list(c) for c in self.choices]
+            if len(self.choices) != len(self.prompts):
+                raise ValueError(
+                    f"task {self.name!r}: {len(self.prompts)} prompts but "
+                    f"{len(self.choices)} choice lists"
+                )
+            for i, (cs, a) in enumerate(zip(self.choices, self.answers)):
+                where = f"task {self.name!r}: {self.row_label(i)}"
+                if len(cs) < 2 or not all(isinstance(c, str) and c.strip() for c in cs):
+                    raise ValueError(
+                        f"{where}: choices must be a list of 2+ non-empty strings, got {cs!r:.80}"
+                    )
+                if a not in cs:
+                    raise ValueError(
+                        f"{where}: the answer {a!r:.40} is not one of its choices {cs!r:.80}"
+                    )
+        if self.metric == "mc_logprob" and self.choices is None:
+            raise ValueError(
+                f"task {self.name!r}: metric 'mc_logprob' needs choices, one list per example"
+            )
         if self.metric == "logit_diff" and self.wrong_answers is None:
             raise ValueError(
                 f"task {self.name!r}: metric 'logit_diff' needs wrong_answers, one list per example"
@@ -222,9 +351,78 @@ class Task:
         """The answer-extraction function used by ``exact_match``."""
         return resolve_extract(self.extract)
 
+    def matches(self, pred: str, answer: str) -> bool:
+        """Whether an extracted prediction counts as ``answer`` under ``exact_match``.
+
+        With ``extract`` ``boxed``/``last_number`` both sides go through
+        :func:`normalize_answer` (``"$1,000"`` == ``"1000"``, ``"\\dfrac12"`` spellings);
+        otherwise ``pred == answer.strip()`` as before.
+        """
+        if isinstance(self.extract, str) and self.extract in NORMALIZED_EXTRACTORS:
+            return normalize_answer(pred) == normalize_answer(answer)
+        return pred == answer.strip()
+
+    @property
+    def correct_choice(self) -> list[int]:
+        """For ``mc_logprob``: the index of the correct choice of each example."""
+        if self.choices is None:
+            raise ValueError(f"task {self.name!r} has no choices")
+        return [cs.index(a) for cs, a in zip(self.choices, self.answers)]
+
+    def row_label(self, i: int) -> str:
+        """Where example ``i`` came from: ``"example 3 (line 5)"`` for files, else ``"example 3"``.
+        """
+        labels = self.meta.get("row_labels")
+        root = self.meta.get("indices")
+        j = root[i] if root is not None else i
+        if labels is not None and 0 <= j < len(labels):
+            return f"example {i} ({labels[j]})"
+        return f"example {i}"
+
     def encode(self, tokenizer: Any, prepend_bos: bool) -> Encoded:
         """Teacher-forced batch of ``[BOS] prompt answer`` for all examples."""
         return encode(tokenizer, self.prompts, self.answers, prepend_bos=prepend_bos)
+
+    def encode_choices(self, tokenizer: Any, prepend_bos: bool) -> ChoiceBatch:
+        """For ``mc_logprob``: one ``[BOS] prompt choice`` row per (example, choice)."""
+        if self.choices is None:
+            raise ValueError(f"task {self.name!r} has no choices")
+        return encode_choices(tokenizer, self.prompts, self.choices, prepend_bos=prepend_bos)
+
+    def check_context(
+        self, enc: Encoded | ChoiceBatch, limit: int | None, extra: int = 0
+    ) -> None:
+        """Raise naming the example and its source row if any row exceeds ``limit`` tokens.
+
+        ``enc``: this task's :meth:`encode` or :meth:`encode_choices`; ``extra``: tokens
+        still to come (``max_new_tokens`` for generation). ``limit`` is
+        :func:`tl_transplant.tokens.context_limit` of the model's config.
+        """
+        if isinstance(enc, ChoiceBatch):
+            check_context(enc.enc, limit, self.name, label=self.row_label, extra=extra,
+                          rows=enc.example.tolist())
+        else:
+            check_context(enc, limit, self.name, label=self.row_label, extra=extra)
+
+    def check_fits(self, tokenizer: Any, prepend_bos: bool, hf_config: Any) -> None:
+        """Raise before any forward if an example is longer than the model's context.
+
+        Encodes as the metric will (choices for ``mc_logprob``; the prompt plus
+        ``max_new_tokens`` for ``exact_match``; prompt + answer otherwise) and checks
+        against :func:`~tl_transplant.tokens.context_limit` of ``hf_config`` (no limit
+        declared: nothing to check). The error names the task, example, source line
+        and the limit.
+        """
+        limit = context_limit(hf_config)
+        if limit is None:
+            return
+        if self.metric == "mc_logprob":
+            self.check_context(self.encode_choices(tokenizer, prepend_bos), limit)
+        elif self.metric == "exact_match":
+            enc = encode(tokenizer, self.prompts, None, prepend_bos=prepend_bos)
+            self.check_context(enc, limit, extra=self.max_new_tokens)
+        else:
+            self.check_context(self.encode(tokenizer, prepend_bos), limit)
 
     # ---- derived tasks ----------------------------------------------------------------
     def replace(self, **changes: Any) -> Task:
@@ -241,6 +439,7 @@ class Task:
             extract=self.extract,
             prepend_bos=self.prepend_bos,
             meta=dict(self.meta),
+            choices=None if self.choices is None else [list(c) for c in self.choices],
         )
         kw.update(changes)
         return Task(**kw)
@@ -261,6 +460,7 @@ class Task:
             wrong_answers=None
             if self.wrong_answers is None
             else [list(self.wrong_answers[i]) for i in idx],
+            choices=None if self.choices is None else [list(self.choices[i]) for i in idx],
             meta=meta,
         )
 
@@ -293,12 +493,14 @@ class Task:
             rec: dict[str, Any] = {"prompt": p, "answer": a}
             if self.wrong_answers is not None:
                 rec["wrong_answers"] = list(self.wrong_answers[i])
+            if self.choices is not None:
+                rec["choices"] = list(self.choices[i])
             out.append(rec)
         return out
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able summary (no examples)."""
-        meta = {k: v for k, v in self.meta.items() if k != "indices"}
+        meta = {k: v for k, v in self.meta.items() if k not in ("indices", "row_labels")}
         return {
             "name": self.name,
             "n": len(self),
@@ -319,20 +521,27 @@ class Task:
         prompt_field: str = "prompt",
         answer_field: str = "answer",
         wrong_field: str | None = "wrong_answers",
+        choices_field: str = "choices",
         row_label: Callable[[int], str] | None = None,
         **kwargs: Any,
     ) -> Task:
         """Build a task from dicts; a malformed record raises naming its row and field.
 
         ``wrong_field`` is read when present (a string or a list of strings) and is
-        required for ``metric="logit_diff"``. Numbers are accepted as text. Other
-        keyword arguments go to :class:`Task` (``metric``, ``max_new_tokens``, ...).
+        required for ``metric="logit_diff"``. For ``metric="mc_logprob"`` each record
+        needs ``choices_field`` (a list of strings) and its answer is the correct
+        choice's text or, when the answer is an integer, its 0-based index. Numbers are
+        accepted as text. Other keyword arguments go to :class:`Task` (``metric``,
+        ``max_new_tokens``, ...). ``row_label`` (e.g. ``"line 7"``) is kept in
+        ``meta["row_labels"]`` so later errors (:meth:`check_context`) name the source row.
         """
         label = row_label or (lambda i: f"record {i}")
         metric = kwargs.get("metric", "next_token_acc")
         prompts: list[str] = []
         answers: list[str] = []
         wrongs: list[list[str]] = []
+        choices: list[list[str]] = []
+        labels: list[str] = []
         any_wrong = False
         for i, rec in enumerate(records):
             where = f"task {name!r}: {label(i)}"
@@ -344,7 +553,13 @@ class Task:
                         f"{where}: no field {f!r} (fields: {', '.join(map(str, rec)) or 'none'})"
                     )
             prompts.append(_as_text(rec[prompt_field], where, prompt_field))
-            answers.append(_as_text(rec[answer_field], where, answer_field))
+            if metric == "mc_logprob":
+                cs, a = _choice_answer(rec, where, answer_field, choices_field)
+                choices.append(cs)
+                answers.append(a)
+            else:
+                answers.append(_as_text(rec[answer_field], where, answer_field))
+            labels.append(label(i))
             w = rec.get(wrong_field) if wrong_field else None
             if w is None:
                 if metric == "logit_diff":
@@ -360,8 +575,15 @@ class Task:
             raise ValueError(f"task {name!r}: no records")
         # Wrong answers are kept only when every record has them (logit_diff requires that).
         wrong_answers = wrongs if any_wrong and all(wrongs) else None
+        if row_label is not None:
+            kwargs["meta"] = {**dict(kwargs.get("meta") or {}), "row_labels": labels}
         return cls(
-            name=name, prompts=prompts, answers=answers, wrong_answers=wrong_answers, **kwargs
+            name=name,
+            prompts=prompts,
+            answers=answers,
+            wrong_answers=wrong_answers,
+            choices=choices if metric == "mc_logprob" else None,
+            **kwargs,
         )
 
     @classmethod
@@ -372,51 +594,77 @@ class Task:
         answer_field: str = "answer",
         *,
         split: str = "train",
+        config_name: str | None = None,
         name: str | None = None,
         wrong_field: str | None = "wrong_answers",
+        choices_field: str = "choices",
         limit: int | None = None,
         **kwargs: Any,
     ) -> Task:
-        """Build a task from a ``datasets.Dataset``/``DatasetDict`` or a local file.
+        """Build a task from a ``datasets.Dataset``/``DatasetDict``, a local file or
+        folder, or a hub dataset name.
 
-        Local ``.jsonl``/``.json``/``.csv``/``.tsv``/``.parquet`` files are read with
-        ``datasets.load_dataset`` (the single file is its ``"train"`` split; slices
-        such as ``"train[:50]"`` work). Errors name the JSONL line, or the row for
-        other formats. ``limit`` keeps the first N rows.
+        A string or path is resolved in this order:
+
+        1. an existing file: by suffix, ``.jsonl``/``.json``/``.csv``/``.tsv``/``.parquet``
+           read with ``datasets.load_dataset`` (the single file is its ``"train"``
+           split; slices such as ``"train[:50]"`` work). Errors name the JSONL line,
+           or the row for other formats; a file that is not UTF-8 names its byte/line;
+        2. an existing folder written by ``save_to_disk`` (``dataset_info.json`` +
+           ``state.json``, or a ``DatasetDict``'s ``dataset_dict.json``): read with
+           ``datasets.load_from_disk``; ``split`` picks a DatasetDict's split;
+        3. any other existing folder (data files, or a hub repo laid out locally,
+           e.g. ``data/test-00000-of-00001.parquet``): ``datasets.load_dataset(folder,
+           config_name, split=split)``;
+        4. otherwise a hub name (``HuggingFaceH4/MATH-500``):
+           ``datasets.load_dataset(name, config_name, split=split)``, an error saying
+           to download it first when that fails (offline, unknown name).
+
+        ``config_name`` is ``load_dataset``'s second argument (a dataset's subset).
+        ``limit`` keeps the first N rows.
         """
         import datasets
 
         label: Callable[[int], str] = lambda i: f"row {i}"  # noqa: E731
+        source = "datasets"
         if isinstance(data, (str, Path)):
             path = Path(data).expanduser()
-            if not path.exists():
+            source = str(data)
+            if path.is_file():
+                name = name or path.stem
+                try:
+                    ds, label = _load_local(path, split)
+                except _JsonlLoadError as e:
+                    # datasets could not build a table; our own per-line check names the culprit.
+                    bad_lines = e.lines
+                    cls.from_records(
+                        e.records,
+                        name=name,
+                        prompt_field=prompt_field,
+                        answer_field=answer_field,
+                        wrong_field=wrong_field,
+                        choices_field=choices_field,
+                        row_label=lambda i: f"line {bad_lines[i]}",
+                        **{k: v for k, v in kwargs.items() if k != "meta"},
+                    )
+                    raise ValueError(str(e)) from e.__cause__
+            elif path.is_dir():
+                name = name or path.name
+                ds = _load_folder(path, split, config_name)
+            elif path.suffix.lower() in _FORMATS or isinstance(data, Path) or path.is_absolute():
                 raise FileNotFoundError(f"no such dataset file: {path}")
-            name = name or path.stem
-            try:
-                ds, label = _load_local(path, split)
-            except _JsonlLoadError as e:
-                # datasets could not build a table; our own per-line check names the culprit.
-                bad_lines = e.lines
-                cls.from_records(
-                    e.records,
-                    name=name,
-                    prompt_field=prompt_field,
-                    answer_field=answer_field,
-                    wrong_field=wrong_field,
-                    row_label=lambda i: f"line {bad_lines[i]}",
-                    **{k: v for k, v in kwargs.items() if k != "meta"},
-                )
-                raise ValueError(str(e)) from e.__cause__
+            else:
+                name = name or str(data).rstrip("/").split("/")[-1]
+                ds = _load_hub(str(data), split, config_name)
         elif isinstance(data, datasets.DatasetDict):
-            if split not in data:
-                raise ValueError(f"dataset has no split {split!r} (splits: {', '.join(data)})")
-            ds = data[split]
+            ds = _pick_split(data, split, "dataset")
         elif isinstance(data, datasets.Dataset):
             ds = data
         else:
             raise TypeError(
-                "from_dataset takes a datasets.Dataset/DatasetDict or a path to a local "
-                f".jsonl/.json/.csv/.tsv/.parquet file, got {type(data).__name__}"
+                "from_dataset takes a datasets.Dataset/DatasetDict, a path to a local "
+                ".jsonl/.json/.csv/.tsv/.parquet file or dataset folder, or a hub dataset name, "
+                f"got {type(data).__name__}"
             )
         name = name or "dataset"
         cols = list(ds.column_names)
@@ -435,14 +683,26 @@ class Task:
         if limit is not None:
             ds = ds.select(range(min(int(limit), len(ds))))
         meta = dict(kwargs.pop("meta", {}) or {})
-        meta.setdefault("source", str(data) if isinstance(data, (str, Path)) else "datasets")
+        meta.setdefault("source", source)
+        if isinstance(data, (str, Path)) and not Path(data).expanduser().is_file():
+            meta.setdefault("split", split)
+            if config_name is not None:
+                meta.setdefault("config_name", config_name)
         meta.setdefault("fields", {"prompt": prompt_field, "answer": answer_field})
+        if kwargs.get("metric") == "mc_logprob":
+            meta["fields"]["choices"] = choices_field
+            if choices_field not in cols:
+                raise ValueError(
+                    f"task {name!r}: metric 'mc_logprob' needs a choices field, but the dataset "
+                    f"has no field {choices_field!r} (fields: {', '.join(cols)})"
+                )
         return cls.from_records(
             iter(ds),
             name=name,
             prompt_field=prompt_field,
             answer_field=answer_field,
             wrong_field=wrong_field,
+            choices_field=choices_field,
             row_label=label,
             meta=meta,
             **kwargs,
@@ -461,12 +721,71 @@ class _JsonlLoadError(ValueError):
         self.lines = lines
 
 
+def _check_utf8(path: Path) -> str:
+    """The file's text; a non-UTF-8 file raises naming its byte offset and line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ValueError(
+            f"{path}: line {line}: not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r}); "
+            "save the file as UTF-8"
+        ) from None
+
+
+def _pick_split(dd: Any, split: str, what: str) -> Any:
+    if split not in dd:
+        raise ValueError(f"{what} has no split {split!r} (splits: {', '.join(dd)})")
+    return dd[split]
+
+
+def _load_folder(path: Path, split: str, config_name: str | None) -> Any:
+    """A ``save_to_disk`` folder (Dataset or DatasetDict), else a folder of data files."""
+    import datasets
+
+    if (path / "dataset_dict.json").is_file() or (
+        (path / "dataset_info.json").is_file() and (path / "state.json").is_file()
+    ):
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except Exception as e:  # datasets raises many types; name the folder
+            raise ValueError(f"{path}: could not read the save_to_disk folder: {e}") from e
+        if isinstance(loaded, datasets.DatasetDict):
+            return _pick_split(loaded, split, f"{path}")
+        return loaded
+    try:
+        ds = datasets.load_dataset(str(path), config_name, split=split)
+    except Exception as e:
+        raise ValueError(
+            f"{path}: could not load the folder with datasets.load_dataset (split {split!r}"
+            f"{'' if config_name is None else f', config {config_name!r}'}): {e}"
+        ) from e
+    return ds
+
+
+def _load_hub(name: str, split: str, config_name: str | None) -> Any:
+    """``datasets.load_dataset(name, config_name, split=split)`` with an actionable error."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, config_name, split=split)
+    except Exception as e:  # offline, unknown name, bad split: all name the dataset
+        raise ValueError(
+            f"{name!r} is not a local file or folder, and could not load dataset {name!r} "
+            f"from the hub (split {split!r}"
+            f"{'' if config_name is None else f', config {config_name!r}'}): "
+            f"{type(e).__name__}: {e}; download it first (datasets.load_dataset(...)"
+            ".save_to_disk(DIR)) or pass a local path"
+        ) from e
+
+
 def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[int], bool]:
     """Records, their 1-based line numbers, and whether blank lines were skipped."""
     records: list[dict[str, Any]] = []
     lines: list[int] = []
     blank = False
-    with path.open(encoding="utf-8") as fh:
+    with io.StringIO(_check_utf8(path), newline=None) as fh:  # lines as open() splits them
         for n, line in enumerate(fh, start=1):
             if not line.strip():
                 blank = True
@@ -496,6 +815,8 @@ def _load_local(path: Path, split: str) -> tuple[Any, Callable[[int], str]]:
             f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(_FORMATS)}"
         )
     extra: dict[str, Any] = {"delimiter": "\t"} if suffix == ".tsv" else {}
+    if fmt in ("csv", "json"):
+        _check_utf8(path)
     if suffix != ".jsonl":
         try:
             ds = datasets.load_dataset(fmt, data_files=str(path), split=split, **extra)

@@ -16,7 +16,7 @@ to the padding after them, so no attention mask is needed and positions stay
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -151,3 +151,150 @@ def first_answer_token(enc: Encoded) -> Int[torch.Tensor, " batch"]:
     if bool((enc.answer_len == 0).any()):
         raise ValueError("some examples have an empty answer after tokenization")
     return enc.input_ids[torch.arange(len(enc)), enc.prompt_len]
+
+
+# ---- context length -------------------------------------------------------------------
+
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length")
+
+
+def context_limit(hf_config: Any) -> int | None:
+    """The model's context length from its HF config (``max_position_embeddings``,
+    ``n_positions``, ...), or None when it declares none (treated as unlimited)."""
+    for cfg in (hf_config, getattr(hf_config, "text_config", None)):
+        for key in _CONTEXT_KEYS:
+            v = cfg.get(key) if isinstance(cfg, dict) else getattr(cfg, key, None)
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v
+    return None
+
+
+def check_context(
+    enc: Encoded,
+    limit: int | None,
+    task_name: str,
+    label: Callable[[int], str] | None = None,
+    extra: int = 0,
+    rows: Sequence[int] | None = None,
+) -> None:
+    """Raise ``ValueError`` naming the first example longer than the model's context.
+
+    A row needs ``prompt_len + answer_len + extra`` positions (``extra``: tokens still
+    to generate). ``label(i)`` names example ``i`` (default ``"example i"``); ``rows``
+    maps encoded rows to example indices (for :class:`ChoiceBatch`, ``.example``).
+    ``limit=None`` means unlimited.
+    """
+    if limit is None:
+        return
+    need = enc.prompt_len + enc.answer_len + int(extra)
+    over = (need > int(limit)).nonzero().flatten().tolist()
+    if not over:
+        return
+    r = int(over[0])
+    i = int(rows[r]) if rows is not None else r
+    where = label(i) if label is not None else f"example {i}"
+    parts = f"{int(enc.prompt_len[r])} prompt + {int(enc.answer_len[r])} answer"
+    if extra:
+        parts += f" + {int(extra)} to generate"
+    n_bad = len({int(rows[x]) for x in over} if rows is not None else over)
+    raise ValueError(
+        f"task {task_name!r}: {where} needs {int(need[r])} tokens ({parts}), more than the "
+        f"model's context of {int(limit)}; {n_bad} example(s) are too long: shorten or drop "
+        "them (or lower max_new_tokens)"
+    )
+
+
+# ---- multiple choice (mc_logprob) ----------------------------------------------------
+
+
+@dataclass
+class ChoiceBatch:
+    """One ``[BOS] prompt choice`` row per (example, choice), for ``mc_logprob``.
+
+    ``enc`` is encoded exactly like an ``answer_logprob`` task whose answers are the
+    choices (each tokenized on its own, after the prompt); ``example[r]`` and
+    ``choice[r]`` say which example and which of its choices row ``r`` is.
+    """
+
+    enc: Encoded
+    example: Int[torch.Tensor, " rows"]
+    choice: Int[torch.Tensor, " rows"]
+    n_examples: int
+
+
+def encode_choices(
+    tokenizer: Any,
+    prompts: Sequence[str],
+    choices: Sequence[Sequence[str]],
+    *,
+    prepend_bos: bool,
+) -> ChoiceBatch:
+    """Flatten (prompt, choice) pairs into rows encoded by :func:`encode`."""
+    if len(choices) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(choices)} choice lists")
+    flat_p: list[str] = []
+    flat_c: list[str] = []
+    ex: list[int] = []
+    ch: list[int] = []
+    for i, (p, cs) in enumerate(zip(prompts, choices)):
+        if not cs:
+            raise ValueError(f"example {i} has no choices")
+        for j, c in enumerate(cs):
+            flat_p.append(p)
+            flat_c.append(c)
+            ex.append(i)
+            ch.append(j)
+    enc = encode(tokenizer, flat_p, flat_c, prepend_bos=prepend_bos)
+    if bool((enc.answer_len == 0).any()):
+        r = int((enc.answer_len == 0).nonzero()[0])
+        raise ValueError(f"example {ex[r]}: choice {ch[r]} is empty after tokenization")
+    return ChoiceBatch(enc, torch.tensor(ex), torch.tensor(ch), len(prompts))
+
+
+def choice_logprobs(
+    logits_fn: Callable[[Int[torch.Tensor, "batch seq"]], Float[torch.Tensor, "batch seq vocab"]],
+    batch: ChoiceBatch,
+    batch_size: int = 16,
+) -> Float[torch.Tensor, " rows"]:
+    """Total teacher-forced log-prob of each row's choice (:func:`answer_logprobs`), float64.
+
+    ``logits_fn(input_ids)`` is the model's forward (wrap any per-batch intervention
+    in it); rows are run longest first, ``batch_size`` at a time, each batch cut to
+    its longest row, so padding never changes a result (see the module docstring).
+    """
+    enc = batch.enc
+    need = enc.prompt_len + enc.answer_len
+    order = sorted(range(len(enc)), key=lambda r: (-int(need[r]), r))
+    out = torch.zeros(len(enc), dtype=torch.float64)
+    size = max(1, int(batch_size))
+    for lo in range(0, len(order), size):
+        idx = torch.tensor(order[lo : lo + size], dtype=torch.long)
+        width = int(need[idx].max())
+        sub = Encoded(enc.input_ids[idx, :width], enc.prompt_len[idx], enc.answer_len[idx],
+                      enc.pad_id)
+        logits = logits_fn(sub.input_ids)
+        out[idx] = answer_logprobs(logits, sub.to(logits.device)).double().cpu()
+    return out
+
+
+def mc_scores(
+    row_logprobs: Float[torch.Tensor, " rows"], batch: ChoiceBatch, correct: Sequence[int]
+) -> Float[torch.Tensor, " batch"]:
+    """Per example 1.0 if its correct choice has the strictly highest total log-prob, else 0.0.
+
+    Ties (e.g. a model indifferent between choices) score 0, so a constant model gets
+    no credit for whichever choice happens to come first.
+    """
+    if len(correct) != batch.n_examples:
+        raise ValueError(f"{batch.n_examples} examples but {len(correct)} correct indices")
+    lp = row_logprobs.detach().double().cpu()
+    out = torch.zeros(batch.n_examples, dtype=torch.float64)
+    for i in range(batch.n_examples):
+        rows = (batch.example == i).nonzero().flatten()
+        vals = lp[rows]
+        right = vals[batch.choice[rows] == int(correct[i])]
+        if len(right) != 1:
+            raise ValueError(f"example {i}: correct index {correct[i]} is not one of its choices")
+        others = vals[batch.choice[rows] != int(correct[i])]
+        out[i] = float(bool((right[0] > others).all()))
+    return out
