@@ -88,7 +88,7 @@ _UNREACHABLE_HINTS = (
 
 
 def real_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """The cache root: ``cache_dir``, else ``$TL_TRANSPLANT_CACHE``, else ~/.cache/tl_transplant/real."""
+    """The cache root: ``cache_dir``, else ``$TL_TRANSPLANT_CACHE``, else the user cache."""
     if cache_dir is not None:
         return Path(cache_dir).expanduser()
     env = os.environ.get(CACHE_ENV)

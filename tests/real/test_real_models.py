@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 import torch
 
-from .conftest import load_plain, prompt_ids
 from tl_transplant import ModelLoadError, ModelPair, apply_transplant, export_hf, transplant
 from tl_transplant.testing import same_state, snapshot_side
+
+from .conftest import load_plain, prompt_ids
 
 # Measured on this converted checkpoint (float32, eager, CPU): the bridge's forward equals the
 # HF forward exactly (max |diff| 0.0); the bound leaves room for other BLAS builds.
