@@ -191,9 +191,7 @@ def fetch_gguf(name: RealModelName, cache_dir: str | os.PathLike[str] | None = N
     return out
 
 
-def fetch_real_model(
-    name: RealModelName, cache_dir: str | os.PathLike[str] | None = None
-) -> Path:
+def fetch_real_model(name: RealModelName, cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """A local HF directory (float32 safetensors + tokenizer) of a real model, built once.
 
     ``name``: ``"smollm2-135m-instruct"`` or ``"gemma3-270m"``. The cache root

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from tl_transplant import ModelLoadError, ModelPair, apply_transplant, export_hf, transplant
+from tl_transplant import ModelLoadError, ModelSide, export_hf, transplant
 from tl_transplant.testing import same_state, snapshot_side
 
 from .conftest import load_plain, prompt_ids
@@ -86,12 +86,12 @@ def test_alpha0_and_self_transplant_change_nothing(smol_pair: Any, smol_ids: tor
     units = ["L3.H2", "L10.N5", "L20.N700", "L29.KV1", "L15.mlp.down_proj"]
     base = bridge_logits(smol_pair.target, smol_ids)
     snap = snapshot_side(smol_pair.target)
-    with transplant(smol_pair, units, alpha=0.0):
-        assert same_state(snap, snapshot_side(smol_pair.target))
+    with transplant(smol_pair, units, alpha=0.0) as t:
+        touched = {n: smol_pair.target.params[n].detach().clone() for n in t.plan.index}
         assert torch.equal(bridge_logits(smol_pair.target, smol_ids), base)
     # Source and target are the same checkpoint, so alpha=1 copies identical values.
     with transplant(smol_pair, units, alpha=1.0):
-        assert same_state(snap, snapshot_side(smol_pair.target))
+        assert all(torch.equal(smol_pair.target.params[n], v) for n, v in touched.items())
         assert torch.equal(bridge_logits(smol_pair.target, smol_ids), base)
     assert same_state(snap, snapshot_side(smol_pair.target))
 
@@ -130,17 +130,13 @@ def test_apply_and_revert_is_bit_exact(smol_other: Any, smol_ids: torch.Tensor) 
 
 
 def test_export_reload_matches_and_keeps_embeddings_tied(
-    smol_dir: Path, smol_ids: torch.Tensor, tmp_path: Path
+    smol_other: Any, smol_ids: torch.Tensor, tmp_path: Path
 ) -> None:
-    # A pair of its own: the permanent transplant must not leak into the shared session pair.
-    pair = ModelPair.load(smol_dir, smol_dir)
-    with torch.no_grad():
-        w = pair.source.params["model.layers.4.mlp.up_proj.weight"]
-        w.mul_(1.5)
-    pair.source.refresh_mirrors(["model.layers.4.mlp.up_proj.weight"])
-    apply_transplant(pair, ["L4.N3", "L4.N9"], alpha=1.0)
-    bridged = bridge_logits(pair.target, smol_ids)
-    out = export_hf(pair, tmp_path / "export")
+    pair = smol_other
+    with transplant(pair, ["L4.H1", "L4.N3", "L4.N9"], alpha=1.0):
+        bridged = bridge_logits(pair.target, smol_ids)
+        out = export_hf(pair, tmp_path / "export")  # exports the live (transplanted) weights
+        embed = pair.target.params["model.embed_tokens.weight"].detach().clone()
     re = load_plain(out)
     with torch.no_grad():
         diff = (re(smol_ids).logits - bridged).abs().max().item()
@@ -148,11 +144,11 @@ def test_export_reload_matches_and_keeps_embeddings_tied(
     assert diff <= 1e-5
     assert re.config.tie_word_embeddings
     assert re.lm_head.weight.data_ptr() == re.model.embed_tokens.weight.data_ptr()
-    assert torch.equal(re.model.embed_tokens.weight, pair.target.params["model.embed_tokens.weight"])
+    assert torch.equal(re.model.embed_tokens.weight, embed)
 
 
-def test_pair_loads_straight_from_the_gguf(
-    smol_dir: Path, smol_ids: torch.Tensor, smol_ref_logits: torch.Tensor
+def test_side_loads_straight_from_the_gguf(
+    smol_dir: Path, smol_hf: Any, smol_ids: torch.Tensor, smol_ref_logits: torch.Tensor
 ) -> None:
     from tl_transplant.gguf import is_gguf, load_gguf
     from tl_transplant.real_models import fetch_gguf
@@ -163,10 +159,12 @@ def test_pair_loads_straight_from_the_gguf(
     assert ident["source"] == "gguf" and ident["gguf_quantization"] == "Q4_1"
     assert Path(tok.name_or_path).is_dir()
     assert next(model.parameters()).dtype == torch.float32
-    pair = ModelPair.load((model, tok), smol_dir)
+    side = ModelSide.load((model, tok), role="source")
+    assert side.layout.family.family == "llama"
     # The in-memory dequantization and the cached conversion are the same weights.
-    assert torch.equal(bridge_logits(pair.source, smol_ids), bridge_logits(pair.target, smol_ids))
-    assert (bridge_logits(pair.source, smol_ids) - smol_ref_logits).abs().max() <= BRIDGE_ATOL
+    plain = smol_hf.state_dict()
+    assert all(torch.equal(v, plain[k]) for k, v in side.params.items())
+    assert (bridge_logits(side, smol_ids) - smol_ref_logits).abs().max() <= BRIDGE_ATOL
 
 
 def test_load_gguf_errors(tmp_path: Path) -> None:
