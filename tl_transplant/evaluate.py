@@ -41,9 +41,11 @@ from tl_transplant.tasks import Task
 from tl_transplant.tokens import (
     Encoded,
     answer_logprobs,
+    choice_logprobs,
     encode,
     first_answer_token,
     last_prompt_logits,
+    mc_scores,
     resolve_prepend_bos,
 )
 
@@ -227,9 +229,27 @@ def _wrong_first_tokens(
     return ids, mask
 
 
+def _mc_scores(
+    runner: _Runner, task: Task, bos: bool, batch_size: int, intervention: Any, bar: Any
+) -> np.ndarray:
+    """``mc_logprob``: 1.0 where the correct choice has the strictly highest total log-prob."""
+    cb = task.encode_choices(runner.tokenizer, bos)
+
+    def fwd(ids: torch.Tensor) -> torch.Tensor:
+        ids = ids.to(runner.device)
+        with _per_batch(intervention, ids):
+            return runner.forward(ids)
+
+    row_lp = choice_logprobs(fwd, cb, batch_size)
+    bar.update(len(task))
+    return mc_scores(row_lp, cb, task.correct_choice).numpy()
+
+
 def _logit_scores(
     runner: _Runner, task: Task, bos: bool, batch_size: int, intervention: Any, bar: Any
 ) -> np.ndarray:
+    if task.metric == "mc_logprob":
+        return _mc_scores(runner, task, bos, batch_size, intervention, bar)
     enc = encode(runner.tokenizer, task.prompts, task.answers, prepend_bos=bos)
     if bool((enc.answer_len == 0).any()):
         i = int((enc.answer_len == 0).nonzero()[0])
@@ -346,7 +366,7 @@ def _generate(
     fn = task.extract_fn
     preds = [fn(t) for t in texts]
     scores = np.array(
-        [float(p == a.strip()) for p, a in zip(preds, task.answers)], dtype=np.float64
+        [float(task.matches(p, a)) for p, a in zip(preds, task.answers)], dtype=np.float64
     )
     return scores, texts, preds
 

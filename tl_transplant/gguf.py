@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from tl_transplant.pair import ModelLoadError
+from tl_transplant.errors import ModelLoadError
 
 GGUF_MAGIC = b"GGUF"
 

@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from tl_transplant.errors import IncompatiblePairError, ModelLoadError, NonFiniteWeightsError
+from tl_transplant.gguf import is_gguf, load_gguf
 from tl_transplant.layouts import (
     LayoutMismatchError,
     ModelLayout,
@@ -41,18 +43,6 @@ from tl_transplant.units import Unit
 log = logging.getLogger(__name__)
 
 ModelSpec = Any  # str | os.PathLike | PreTrainedModel | (PreTrainedModel, tokenizer) | ModelSide
-
-
-class IncompatiblePairError(ValueError):
-    """Source and target cannot be transplanted between (different family, shapes or vocab)."""
-
-
-class ModelLoadError(ValueError):
-    """A model or tokenizer could not be loaded as asked."""
-
-
-class NonFiniteWeightsError(ValueError):
-    """A model holds NaN or inf weights where a transplant would read them."""
 
 
 def _quiet_imports() -> None:
@@ -114,11 +104,25 @@ class ModelSide:
         check_finite: bool = True,
         role: str = "model",
     ) -> ModelSide:
-        """Load ``spec`` (hub id, local dir, in-memory model, or ``(model, tokenizer)``)."""
+        """Load ``spec``: hub id, local dir, ``.gguf`` file (dequantized to ``dtype``, default
+        float32, tokenizer from the same file), in-memory model, or ``(model, tokenizer)``."""
         if isinstance(spec, ModelSide):
             return spec
         if isinstance(spec, tuple) and len(spec) == 2:
             spec, tokenizer = spec
+        gguf_identity: dict[str, Any] | None = None
+        if is_gguf(spec):
+            if device_map is not None:
+                raise ModelLoadError(
+                    f"{role}: device_map is not supported for .gguf files; convert it once with "
+                    "export_hf (or save_pretrained) and load that directory with device_map"
+                )
+            want = _resolve_dtype(dtype)
+            spec, gguf_tok, gguf_identity = load_gguf(
+                spec, dtype=torch.float32 if want == "auto" else want
+            )
+            tokenizer = gguf_tok if tokenizer is None else tokenizer
+            dtype = None
         hf, name, identity = _load_hf(
             spec,
             device=device,
@@ -130,6 +134,8 @@ class ModelSide:
             role=role,
         )
         tok = _load_tokenizer(spec, hf, tokenizer, trust_remote_code, revision, role)
+        if gguf_identity is not None:
+            identity, name = gguf_identity, gguf_identity["name"]
         return cls.from_hf(
             hf,
             tok,

@@ -21,6 +21,7 @@ from tl_transplant.manifest import MANIFEST_NAME, write_manifest
 from tl_transplant.stats import paired_diff_ci
 from tl_transplant.summary import format_table
 from tl_transplant.tasks import Task
+from tl_transplant.tokens import resolve_prepend_bos
 
 RESULT_KEYS = ("baselines", "best", "test", "controls", "retention", "fraction_units",
                "fraction_params")
@@ -46,9 +47,7 @@ class RunResult:
 
 def load_task_splits(tc: TaskConfig, seed: int, default_name: str) -> tuple[Task, Task]:
     """(dev, test) from a task entry: a separate ``test_path``, or a seeded split."""
-    kw = dict(prompt_field=tc.prompt_field, answer_field=tc.answer_field,
-              wrong_field=tc.wrong_field, limit=tc.limit, metric=tc.metric,
-              max_new_tokens=tc.max_new_tokens, prepend_bos=tc.prepend_bos)
+    kw = tc.task_kwargs()
     name = tc.name or default_name
     if tc.test_path:
         dev = Task.from_dataset(tc.path, name=f"{name}:dev", **kw)
@@ -100,6 +99,9 @@ def run(
         dev, test = load_task_splits(cfg.task, cfg.seed, "task")
         controls = [load_task_splits(c, cfg.seed, f"control{i}")
                     for i, c in enumerate(cfg.control_tasks)]
+        for t in (dev, test, *(x for split in controls for x in split)):
+            t.check_fits(pair.target.tokenizer, resolve_prepend_bos(pair, t.prepend_bos),
+                         pair.target.config)
         kinds = normalize_kinds(cfg.selection.units)
         n_search = len(pair.units(kinds))
         ks = [k for k in cfg.sweep.k if k <= n_search] or [n_search]
@@ -108,8 +110,8 @@ def run(
         contrast = controls[0][0] if (controls and cfg.selection.contrast_lambda) else None
         for m in cfg.selection.methods:
             log(f"scoring {m} on dev ({len(dev)} examples, units {','.join(kinds)})")
-            scores[m] = score(pair, dev, method=m, units=kinds, progress=progress,
-                              batch_size=cfg.batch_size, seed=cfg.seed,
+            scores[m] = score(pair, dev, method=m, units=cfg.selection.kinds_for(m),
+                              progress=progress, batch_size=cfg.batch_size, seed=cfg.seed,
                               **({"contrast": contrast, "lam": cfg.selection.contrast_lambda}
                                  if contrast is not None else {}))
             scores[m].save(tmp / f"scores_{m}.json")
@@ -146,7 +148,7 @@ def run(
             ctrl: dict[str, Any] = {}
             for c in cfg.selection.controls:
                 log(f"control {c} at K={best.k}, alpha={best.alpha:g} on test")
-                cs = score(pair, dev, method=c, units=kinds, progress=False,
+                cs = score(pair, dev, method=c, units=cfg.selection.kinds_for(c), progress=False,
                            seed=cfg.seed)
                 cunits = cs.top(best.k, kinds=kinds)
                 crep = evaluate_transplant(
