@@ -114,7 +114,7 @@ def _setup(a: dict[str, Any]) -> dict[str, Any]:
 def _digest(side: Any) -> str:
     import hashlib
 
-    from tl_transplant.transplant import tensor_sha256
+    from tl_transplant.edits import tensor_sha256
 
     h = hashlib.sha256()
     for k in sorted(side.params):
@@ -129,8 +129,8 @@ def _naive_config(pair: Any, dev: Any, units: list[Any], alpha: float) -> tuple[
     import copy
 
     from tl_transplant import ModelPair
-    from tl_transplant.evaluate import evaluate
-    from tl_transplant.transplant import transplant
+    from tl_transplant.edits import transplant
+    from tl_transplant.evaluation import evaluate
 
     t0 = time.perf_counter()
     side = copy.deepcopy(pair.target)
@@ -147,9 +147,9 @@ def child_reversible(a: dict[str, Any]) -> dict[str, Any]:
     import gc
     import warnings
 
-    from tl_transplant.evaluate import evaluate
-    from tl_transplant.sweep import RankedUnits, sweep
-    from tl_transplant.transplant import transplant
+    from tl_transplant.edits import transplant
+    from tl_transplant.evaluation import evaluate
+    from tl_transplant.sweeps import RankedUnits, sweep
 
     s = _setup(a)
     pair, dev, ranking = s["pair"], s["dev"], s["ranking"]
@@ -224,7 +224,7 @@ def child_naive(a: dict[str, Any]) -> dict[str, Any]:
     """The naive way over all configurations, for its peak RSS."""
     import gc
 
-    from tl_transplant.evaluate import evaluate
+    from tl_transplant.evaluation import evaluate
 
     s = _setup(a)
     pair, dev, ranking = s["pair"], s["dev"], s["ranking"]

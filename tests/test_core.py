@@ -143,7 +143,7 @@ def test_bridge_hf_and_export_agree_after_transplant(family, tok, tmp_path):
     # The manifest hashes are the hashes of the tensors that were written.
     from safetensors.torch import load_file
 
-    from tl_transplant.transplant import tensor_sha256
+    from tl_transplant.edits import tensor_sha256
 
     written = {}
     for f in out.glob("*.safetensors"):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tl_transplant import ModelPair, ModelSide, transplant
-from tl_transplant.evaluate import (
+from tl_transplant.evaluation import (
     EvalResult,
     evaluate,
     evaluate_transplant,

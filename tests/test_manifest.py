@@ -21,7 +21,7 @@ from tl_transplant.manifest import (
 
 # The package exports functions named like some modules (transplant), so import by name.
 export_mod = importlib.import_module("tl_transplant.export")
-transplant_mod = importlib.import_module("tl_transplant.transplant")
+transplant_mod = importlib.import_module("tl_transplant.edits")
 
 
 def _manifest(units: list[str] | None = None, alpha: float = 0.5) -> Manifest:

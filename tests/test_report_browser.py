@@ -292,7 +292,7 @@ def report(pair_dirs, tmp_path_factory: pytest.TempPathFactory):
     target gets right, two score methods, a sweep with a retention limit."""
     from tl_transplant import ModelPair
     from tl_transplant.scoring import score
-    from tl_transplant.sweep import sweep
+    from tl_transplant.sweeps import sweep
     from tl_transplant.tasks import builtin_task
 
     pair = ModelPair.load(*pair_dirs("llama"))

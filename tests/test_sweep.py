@@ -14,11 +14,11 @@ import torch
 
 from tl_transplant import ModelPair, ModelSide
 from tl_transplant.stats import UndefinedMetricWarning
-from tl_transplant.sweep import RankedUnits, SweepRow, choose_best, pareto_front, sweep
+from tl_transplant.sweeps import RankedUnits, SweepRow, choose_best, pareto_front, sweep
 from tl_transplant.tasks import Task
 from tl_transplant.testing import same_state, snapshot_side, tiny_model, word_tokenizer
 
-sweep_mod = importlib.import_module("tl_transplant.sweep")  # the package exports sweep()
+sweep_mod = importlib.import_module("tl_transplant.sweeps")  # the package exports sweep()
 
 TRUE_UNITS = ["L1.mlp.down_proj", "L1.attn.o_proj"]  # where source != target
 DECOYS = ["L0.attn.q_proj", "L0.mlp.up_proj", "L1.attn.q_proj"]  # identical in both: no-ops

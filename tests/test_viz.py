@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from tl_transplant import ModelPair
+from tl_transplant.edits import plan_transplant
 from tl_transplant.report import write_report
 from tl_transplant.scoring import Scores
-from tl_transplant.sweep import sweep
+from tl_transplant.sweeps import sweep
 from tl_transplant.tasks import Task, builtin_task
 from tl_transplant.testing import tiny_model, word_tokenizer
 from tl_transplant.tokens import encode
-from tl_transplant.transplant import plan_transplant
 from tl_transplant.viz import (
     CircuitsVisView,
     CVPanel,
@@ -29,7 +29,7 @@ from tl_transplant.viz import (
     sweep_plot,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore::tl_transplant.evaluate.UndefinedMetricWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::tl_transplant.evaluation.UndefinedMetricWarning")
 
 CHANGED = ["L0.H1", "L1.N3"]  # the only units where source and target differ
 

@@ -7,7 +7,13 @@ Public API (the CLI and notebooks use exactly these)::
 """
 
 from tl_transplant.config import ConfigError, load_config
-from tl_transplant.evaluate import evaluate, evaluate_transplant, transplant_metrics
+from tl_transplant.edits import (
+    TransplantError,
+    apply_transplant,
+    plan_transplant,
+    transplant,
+)
+from tl_transplant.evaluation import evaluate, evaluate_transplant, transplant_metrics
 from tl_transplant.export import ExportError, export_hf
 from tl_transplant.layouts import (
     LayoutMismatchError,
@@ -26,14 +32,8 @@ from tl_transplant.patching import PatchError, patch_activations
 from tl_transplant.pipeline import RunResult, run
 from tl_transplant.report import write_report  # also registers SweepResult.save(report=True)
 from tl_transplant.scoring import Scores, available_methods, score
-from tl_transplant.sweep import SweepResult, sweep
+from tl_transplant.sweeps import SweepResult, sweep
 from tl_transplant.tasks import Task, builtin_task
-from tl_transplant.transplant import (
-    TransplantError,
-    apply_transplant,
-    plan_transplant,
-    transplant,
-)
 from tl_transplant.units import (
     Head,
     KVHead,

@@ -90,9 +90,9 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from tl_transplant.edits import apply_transplant
     from tl_transplant.export import export_hf
     from tl_transplant.pair import ModelPair
-    from tl_transplant.transplant import apply_transplant
     from tl_transplant.units import parse_units
 
     pair = ModelPair.load(args.source, args.target, device=args.device)

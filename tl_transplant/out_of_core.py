@@ -10,7 +10,7 @@ safetensors headers alone), and then walks the target's shards:
   read through a memory map a few rows at a time (``CHUNK_BYTES``), blended
   with the same rows of the matching source tensor (the only source tensors
   ever read) by the rule of the in-memory path
-  (:func:`tl_transplant.transplant.blend_values`), and written back in place.
+  (:func:`tl_transplant.edits.blend_values`), and written back in place.
   Blending keeps dtype and shape, so the shard's header, and the index json,
   keep the target's layout exactly.
 
@@ -54,6 +54,7 @@ from tl_transplant.checkpoint import (
     write_pickle_shards,
     write_safetensors_shards,
 )
+from tl_transplant.edits import blend_values
 from tl_transplant.export import commit_out_dir, prepare_out_dir
 from tl_transplant.layouts import (
     LayoutMismatchError,
@@ -71,7 +72,6 @@ from tl_transplant.manifest import (
     read_manifest,
     write_manifest,
 )
-from tl_transplant.transplant import blend_values
 from tl_transplant.units import Head, KVHead, Neuron, UnitError
 
 log = logging.getLogger(__name__)

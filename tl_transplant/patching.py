@@ -32,7 +32,7 @@ Why it works with ``evaluate`` and ``sweep``: the source run is triggered by a
 forward pre-hook on the target's HF module, through which the bridge forward
 and HF generation both pass, so the context needs no batch up front; pass it as
 ``intervention=`` (entered once) or use ``edit=patch_activations`` in
-:func:`~tl_transplant.sweep.sweep` (called as ``edit(pair, units, alpha)``).
+:func:`~tl_transplant.sweeps.sweep` (called as ``edit(pair, units, alpha)``).
 
 Generation: TransformerLens hooks fire inside ``hf.generate`` (checked in the
 tests): the prefill step sees the whole prompt, each decode step only the new

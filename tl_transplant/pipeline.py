@@ -83,11 +83,11 @@ def run(
     ``export``) and ``report.html``. Written to a temporary sibling first and
     renamed into place, so a failed run leaves nothing half-written.
     """
-    from tl_transplant.evaluate import evaluate_transplant
+    from tl_transplant.edits import apply_transplant, plan_transplant
+    from tl_transplant.evaluation import evaluate_transplant
     from tl_transplant.pair import ModelPair
     from tl_transplant.scoring import score
-    from tl_transplant.sweep import sweep
-    from tl_transplant.transplant import apply_transplant, plan_transplant
+    from tl_transplant.sweeps import sweep
     from tl_transplant.units import normalize_kinds
 
     cfg = load_config(config)

@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tl_transplant.sweep import register_report_writer
+from tl_transplant.sweeps import register_report_writer
 from tl_transplant.units import Head, Neuron, Unit, parse_units
 from tl_transplant.viz import (
     CircuitsVisView,
@@ -179,7 +179,7 @@ def write_report(
     """Write one self-contained ``report.html``; returns its path.
 
     ``out``: a directory (the file is ``out/report.html``) or a path ending in
-    ``.html``. ``sweep_result``: a :class:`~tl_transplant.sweep.SweepResult`.
+    ``.html``. ``sweep_result``: a :class:`~tl_transplant.sweeps.SweepResult`.
     ``pair`` (the ModelPair the sweep ran on, target restored) enables the
     attention and neuron comparisons, which show the chosen transplant
     (``best.units`` at ``best.alpha``) on ``prompt`` (default: the first test

@@ -1,7 +1,7 @@
 """Statistics of paired per-example scores: TIR, recovery, paired bootstrap CIs.
 
-Pure numpy: no models, no torch. :mod:`tl_transplant.evaluate` (per-example
-scores of models), :mod:`tl_transplant.sweep` (dev numbers per configuration)
+Pure numpy: no models, no torch. :mod:`tl_transplant.evaluation` (per-example
+scores of models), :mod:`tl_transplant.sweeps` (dev numbers per configuration)
 and :mod:`tl_transplant.pipeline` (best vs control) all compute their numbers
 here.
 

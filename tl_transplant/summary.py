@@ -6,7 +6,7 @@
   ``demo`` print): the run's ``results.json`` as a table, with each method's best.
 
 Both read their inputs by attribute/key only (no imports from the rest of the
-package), so :mod:`tl_transplant.sweep` and :mod:`tl_transplant.pipeline` use
+package), so :mod:`tl_transplant.sweeps` and :mod:`tl_transplant.pipeline` use
 them without importing each other or the report.
 """
 

@@ -143,8 +143,8 @@ def check_family(model_type: str, tokenizer: Any) -> None:
     biases, which belong to no head or neuron). Raises
     ``AssertionError`` (or the loader's clear error) naming what does not hold.
     """
+    from tl_transplant.edits import transplant
     from tl_transplant.pair import ModelPair
-    from tl_transplant.transplant import transplant
 
     kinds = ("head", "kv_head", "neuron")
     pair = ModelPair.load(

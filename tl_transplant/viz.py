@@ -285,8 +285,8 @@ def _as_units(units: Any, what: str) -> list[Unit]:
 def _edit_context(pair: Any, transplant: Any, default_units: list[Unit], alpha: float,
                   kv: str) -> tuple[Any, str]:
     """The context that makes the 'transplanted' model, and a label for it."""
+    from tl_transplant.edits import transplant as weight_transplant
     from tl_transplant.patching import patch_activations
-    from tl_transplant.transplant import transplant as weight_transplant
 
     if transplant is None or transplant is True:
         units = default_units

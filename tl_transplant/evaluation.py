@@ -619,7 +619,7 @@ def evaluate_transplant(
     (by task name) reuse earlier results. ``edit(pair, units, alpha)`` may
     replace the weight transplant by any other reversible context manager.
     """
-    from tl_transplant.transplant import transplant
+    from tl_transplant.edits import transplant
     from tl_transplant.units import parse_units
 
     unit_list = parse_units(units)

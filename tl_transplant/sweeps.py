@@ -11,7 +11,7 @@ Protocol:
    ``dev_fraction`` and ``seed`` (the split depends on indices only, never labels).
 2. Source and target are evaluated on dev; controls on the target's dev split.
 3. For each method, K and alpha, the top-K units are transplanted with the
-   reversible :func:`~tl_transplant.transplant.transplant` (no copies, no
+   reversible :func:`~tl_transplant.edits.transplant` (no copies, no
    reloads; bit-exact restore) and dev task + dev controls are evaluated.
    K = 0 or alpha = 0 is the target itself and reuses its baseline; identical
    (unit set, alpha) configurations are evaluated once.
@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tl_transplant.evaluate import EvalResult, TransplantReport, evaluate, evaluate_transplant
+from tl_transplant.evaluation import EvalResult, TransplantReport, evaluate, evaluate_transplant
 from tl_transplant.stats import (
     DEFAULT_GAP_TOL,
     DEFAULT_N_BOOT,
@@ -483,7 +483,7 @@ def sweep(
     """
     from tqdm.auto import tqdm
 
-    from tl_transplant.transplant import transplant
+    from tl_transplant.edits import transplant
 
     methods = _methods(scores)
     ks = [int(k) for k in ks]
