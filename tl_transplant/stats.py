@@ -34,9 +34,8 @@ from jaxtyping import Float
 
 DEFAULT_GAP_TOL = 1e-3
 DEFAULT_N_BOOT = 2000
-# The 0/1 metrics, for which TIR is defined (the same as tl_transplant.tasks.ACCURACY_METRICS;
-# a test keeps the two equal).
-ACCURACY_METRICS = ("next_token_acc", "exact_match")
+#: The 0/1 metrics, for which TIR is defined (tl_transplant.tasks re-exports this tuple).
+ACCURACY_METRICS = ("next_token_acc", "exact_match", "mc_logprob")
 
 
 class UndefinedMetricWarning(UserWarning):

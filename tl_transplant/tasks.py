@@ -54,6 +54,7 @@ from typing import Any
 
 import numpy as np
 
+from tl_transplant.stats import ACCURACY_METRICS as ACCURACY_METRICS  # re-exported
 from tl_transplant.tokens import (
     ChoiceBatch,
     Encoded,
@@ -65,8 +66,6 @@ from tl_transplant.tokens import (
 )
 
 METRICS = ("next_token_acc", "answer_logprob", "logit_diff", "exact_match", "mc_logprob")
-#: Metrics whose per-example scores are 0/1 (TIR is defined for these only).
-ACCURACY_METRICS = ("next_token_acc", "exact_match", "mc_logprob")
 
 
 # ---- answer extraction (exact_match) -------------------------------------------------
