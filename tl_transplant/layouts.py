@@ -29,6 +29,11 @@ A family also names its bridge hooks, the other spellings its checkpoints use
 :data:`FAMILIES` or call :func:`register_family` (see
 ``docs/adding_an_architecture.md``). :func:`check_bridge` checks a table
 against the booted TransformerLens bridge so a wrong entry fails at load.
+
+Norm weights (layer norms, q/k norms) belong to no unit and are never
+transplanted. Where a q/k norm spans all heads of a layer at once (OLMo 2),
+``joint_norms`` says so: units are still exact weight slices, but moving one
+rescales its neighbours' normalised activations.
 """
 
 from __future__ import annotations
