@@ -345,9 +345,10 @@ FAMILIES: tuple[FamilyLayout, ...] = (
         ),
         **_LLAMA_LAYOUT,
         notes=(
-            "separate q/k/v/o with GQA; gated MLP. qwen3 and gemma3_text also have q_norm/k_norm, "
-            "RMSNorms of weight [head_dim] shared by every head of a layer: like the layer norms "
-            "they are no unit's weights and are never transplanted (only linears are)"
+            "separate q/k/v/o with GQA; gated MLP. qwen3 and gemma3_text also have q_norm/k_norm: "
+            "RMSNorms over each head's q (k) separately, one weight [head_dim] shared by the "
+            "layer's heads; like the layer norms they are no unit's weights and are never "
+            "transplanted (only linears are), and heads stay isolated"
         ),
         tiny={
             "llama": _TINY_GQA,
