@@ -71,6 +71,10 @@ def test_every_supported_model_type_has_a_tiny_config():
         cfg = tiny_config(mt)
         assert cfg.model_type == mt
         assert cfg.vocab_size == 96
+        # TransformerLens picks its adapter by config.architectures, which only
+        # save_pretrained would otherwise fill in (gemma3_text/olmo2/granite need it)
+        model = tiny_model(mt)
+        assert model.config.architectures == [type(model).__name__]
     with pytest.raises(ValueError, match="no tiny config for 'nope'"):
         tiny_config("nope")
 
@@ -225,6 +229,11 @@ def test_mirror_aliases_are_table_data(tok, restore_registry):
             r"hook point 'head' is 'blocks.0.attn.hook_zz'.*set hook_points\['head'\]",
         ),
         (
+            "olmo2",
+            lambda f: {"joint_norms": {**f.joint_norms, "head": "attn.q_nrm.hook_out"}},
+            r"joint_norms\['head'\] is 'attn.q_nrm.hook_out'.*no hook blocks.0.attn.q_nrm",
+        ),
+        (
             # q and o are both [32, 32] in the tiny llama, so only the adapter check can tell
             "llama",
             lambda f: {
@@ -254,19 +263,21 @@ def test_register_family_refuses_bad_entries(restore_registry):
         register_family(dataclasses.replace(llama, family="llama_copy"))
     with pytest.raises(LayoutMismatchError, match="already registered"):
         register_family(llama)
-    with pytest.raises(LayoutMismatchError, match="no tiny config for model type.*qwen3"):
-        register_family(
-            dataclasses.replace(llama, family="x", model_types=("qwen3",), tiny={})
-        )
+    with pytest.raises(LayoutMismatchError, match="no tiny config for model type.*olmo"):
+        register_family(dataclasses.replace(llama, family="x", model_types=("olmo",), tiny={}))
     with pytest.raises(LayoutMismatchError, match="'attn.nope' is not one of its linears"):
         register_family(
             dataclasses.replace(
                 llama,
                 family="x",
-                model_types=("qwen3",),
-                tiny={"qwen3": llama.tiny["llama"]},
+                model_types=("olmo",),
+                tiny={"olmo": llama.tiny["llama"]},
                 head=(dataclasses.replace(llama.head[0], tensor="attn.nope.weight"),),
             )
+        )
+    with pytest.raises(LayoutMismatchError, match="joint_norms keys must be.*not neuron"):
+        register_family(
+            dataclasses.replace(llama, joint_norms={"neuron": "mlp.hook_post"}), replace=True
         )
     with pytest.raises(LayoutMismatchError, match="no bridge_hooks for linear.*mlp.up_proj"):
         hooks = {k: v for k, v in llama.bridge_hooks.items() if k != "mlp.up_proj"}
@@ -293,11 +304,11 @@ def test_adding_an_architecture_doc_runs(tmp_path, restore_registry):
     text = DOC.read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     assert len(blocks) == 3, "the doc's python blocks changed; keep this test in step"
-    assert "qwen3" not in supported_model_types() and "starcoder2" not in supported_model_types()
+    assert "olmo" not in supported_model_types() and "starcoder2" not in supported_model_types()
     env: dict = {"workdir": tmp_path}
     for code in blocks:
         exec(compile(code, str(DOC), "exec"), env)  # noqa: S102 - our own doc
-    assert family_for("qwen3").family == "llama"
+    assert family_for("olmo").family == "llama"
     assert family_for("starcoder2").family == "starcoder2"
     pair = ModelPair.load(
         (tiny_model("starcoder2", seed=1), env["word_tokenizer"](tmp_path / "t2")),

@@ -115,6 +115,7 @@ def _cache(side, ids, layer, ablate=None):
         f"blocks.{layer}.mlp.hook_post",
         f"blocks.{layer}.mlp.hook_out",
     }
+    names |= {f"blocks.{layer}.{rel}" for rel in side.layout.family.joint_norms.values()}
     store = {}
 
     def saver(name):
@@ -134,10 +135,25 @@ def _differs(a, b, dim):
     return set(torch.nonzero(d > 1e-6).flatten().tolist())
 
 
+def _check_joint_norm(before, after, n_units: int, moved: int) -> None:
+    """A norm shared by the layer's units (``FamilyLayout.joint_norms``): moving unit
+    ``moved`` changes its own normalised slice, and every other unit's slice by one
+    common factor per position (the shared RMS), not by nothing and not arbitrarily."""
+    b = before.reshape(*before.shape[:2], n_units, -1)  # [batch, pos, unit, d]
+    a = after.reshape(*after.shape[:2], n_units, -1)
+    assert (a[:, :, moved] - b[:, :, moved]).abs().max() > 1e-4
+    others = [u for u in range(n_units) if u != moved]
+    bo, ao = b[:, :, others].flatten(2), a[:, :, others].flatten(2)
+    scale = ao.norm(dim=-1, keepdim=True) / bo.norm(dim=-1, keepdim=True)  # [batch, pos, 1]
+    assert (scale - 1).abs().max() > 1e-6, "the table declares a joint norm, but none couples"
+    torch.testing.assert_close(ao, scale * bo, atol=1e-5, rtol=1e-5)
+
+
 def test_head_slices_are_that_head(family, tokenizer_dir):
     from transformers import AutoTokenizer
 
     pair = _random_pair(family, AutoTokenizer.from_pretrained(tokenizer_dir))
+    joint = pair.layout.family.joint_norms.get("head")
     ids = torch.tensor([[1, 5, 9, 14, 20, 7, 33]])
     layer, h = 1, 2
     before = _cache(pair.target, ids, layer)
@@ -152,6 +168,13 @@ def test_head_slices_are_that_head(family, tokenizer_dir):
         assert _differs(before[n], after[n], 2) == set()
     out = f"blocks.{layer}.attn.hook_out"
     assert (before[out] - after[out]).abs().max() > 1e-4
+    if joint is not None:
+        # Head h's q rows change the shared q norm, so every head's normalised q (and so
+        # the other heads' z) moves: what holds is the common rescale, checked here.
+        n = f"blocks.{layer}.{joint}"
+        _check_joint_norm(before[n], after[n], pair.layout.dims.H, h)
+        assert (abl_before[out] - abl_after[out]).abs().max() > 0
+        return
     # With head h's z zeroed, nothing else in the attention output may differ: the o-columns
     # we moved are exactly head h's.
     torch.testing.assert_close(abl_before[out], abl_after[out], atol=1e-5, rtol=1e-5)
@@ -161,6 +184,7 @@ def test_kv_and_neuron_slices_are_that_unit(family, tokenizer_dir):
     from transformers import AutoTokenizer
 
     pair = _random_pair(family, AutoTokenizer.from_pretrained(tokenizer_dir))
+    joint = pair.layout.family.joint_norms.get("kv_head")
     ids = torch.tensor([[1, 5, 9, 14, 20, 7, 33]])
     layer = 0
     g = pair.layout.dims.KV - 1
@@ -177,6 +201,9 @@ def test_kv_and_neuron_slices_are_that_unit(family, tokenizer_dir):
     assert _differs(
         before[f"blocks.{layer}.attn.hook_v"], after[f"blocks.{layer}.attn.hook_v"], 2
     ) == {g}
+    if joint is not None:  # the k rows of group g change the k norm every group shares
+        n = f"blocks.{layer}.{joint}"
+        _check_joint_norm(before[n], after[n], pair.layout.dims.KV, g)
 
     i = 7
     post = f"blocks.{layer}.mlp.hook_post"
@@ -187,3 +214,18 @@ def test_kv_and_neuron_slices_are_that_unit(family, tokenizer_dir):
     assert _differs(before[post], after[post], 2) == {i}
     out = f"blocks.{layer}.mlp.hook_out"
     torch.testing.assert_close(abl_before[out], abl_after[out], atol=1e-5, rtol=1e-5)
+
+
+def test_joint_norms_are_declared_where_norms_span_units(family):
+    """A q/k norm whose weight spans more than one head is joint: the table must say so
+    (``joint_norms``), or the isolation tests above would pass on pre-norm hooks only."""
+    model = tiny_model(family)
+    layout = bind_layout(model.config, {k: tuple(v.shape) for k, v in model.state_dict().items()})
+    joint = layout.family.joint_norms
+    for kind, norm in (("head", "q_norm"), ("kv_head", "k_norm")):
+        name = layout.prefix(0) + f"self_attn.{norm}.weight"
+        if name not in layout.shapes:
+            assert kind not in joint, f"{family}: joint_norms[{kind!r}] but no {norm}"
+            continue
+        spans = layout.shapes[name][0] > layout.dims.dh
+        assert spans == (kind in joint), f"{family}: {name} {layout.shapes[name]} vs joint_norms"

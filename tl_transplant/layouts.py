@@ -29,6 +29,11 @@ A family also names its bridge hooks, the other spellings its checkpoints use
 :data:`FAMILIES` or call :func:`register_family` (see
 ``docs/adding_an_architecture.md``). :func:`check_bridge` checks a table
 against the booted TransformerLens bridge so a wrong entry fails at load.
+
+Norm weights (layer norms, q/k norms) belong to no unit and are never
+transplanted. Where a q/k norm spans all heads of a layer at once (OLMo 2),
+``joint_norms`` says so: units are still exact weight slices, but moving one
+rescales its neighbours' normalised activations.
 """
 
 from __future__ import annotations
@@ -140,6 +145,12 @@ class FamilyLayout:
     #: Vocabulary and special-token ids are added there. Every model type needs one, so
     #: the test suite runs over every table entry.
     tiny: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    #: Unit kinds (``head``, ``kv_head``) whose units share one normalisation across the
+    #: layer (OLMo 2's q_norm over all heads' q at once), each mapped to the bridge hook
+    #: (relative to ``blocks.{layer}.``) of that norm's output. Moving one such unit's
+    #: weights rescales every unit's normalised activations in the layer: units stay exact
+    #: weight slices but are not isolated in activations. Empty: every unit is isolated.
+    joint_norms: Mapping[str, str] = field(default_factory=dict)
 
 
 #: Bridge hook points every unit kind reads or writes, relative to ``blocks.{layer}.``.
@@ -208,6 +219,16 @@ _LLAMA_HOOKS = {
     "mlp.gate_proj": ("mlp.gate.hook_out",),
     "mlp.up_proj": ("mlp.in.hook_out",),
     "mlp.down_proj": ("mlp.out.hook_out",),
+}
+
+#: Llama's layout (separate q/k/v/o, gated MLP), shared by the families that store it.
+_LLAMA_LAYOUT: Mapping[str, Any] = {
+    "layer_prefix": "model.layers.{layer}.",
+    "linears": _LLAMA_LINEARS,
+    "head": _LLAMA_HEAD,
+    "kv_head": _LLAMA_KV,
+    "neuron": _gated_neuron(),
+    "bridge_hooks": _LLAMA_HOOKS,
 }
 
 #: Tiny 2-layer dims: 4 query heads, 2 KV heads where the architecture has GQA.
@@ -311,21 +332,63 @@ FAMILIES: tuple[FamilyLayout, ...] = (
     ),
     FamilyLayout(
         family="llama",
-        model_types=("llama", "mistral", "qwen2", "gemma", "gemma2"),
-        layer_prefix="model.layers.{layer}.",
-        linears=_LLAMA_LINEARS,
-        head=_LLAMA_HEAD,
-        kv_head=_LLAMA_KV,
-        neuron=_gated_neuron(),
-        notes="separate q/k/v/o with GQA; gated MLP",
-        bridge_hooks=_LLAMA_HOOKS,
+        model_types=(
+            "llama",
+            "mistral",
+            "qwen2",
+            "gemma",
+            "gemma2",
+            "qwen3",
+            "gemma3_text",
+            "smollm3",
+            "granite",
+        ),
+        **_LLAMA_LAYOUT,
+        notes=(
+            "separate q/k/v/o with GQA; gated MLP. qwen3 and gemma3_text also have q_norm/k_norm: "
+            "RMSNorms over each head's q (k) separately, one weight [head_dim] shared by the "
+            "layer's heads; like the layer norms they are no unit's weights and are never "
+            "transplanted (only linears are), and heads stay isolated"
+        ),
         tiny={
             "llama": _TINY_GQA,
             "mistral": _TINY_GQA,
             "qwen2": _TINY_GQA,
             "gemma": {**_TINY_GQA, "head_dim": 8},
             "gemma2": {**_TINY_GQA, "head_dim": 8},
+            "qwen3": {**_TINY_GQA, "head_dim": 16},
+            # one sliding-window (4 < the tests' 8 tokens) and one global layer
+            "gemma3_text": {
+                **_TINY_GQA,
+                "head_dim": 16,
+                "sliding_window": 4,
+                "layer_types": ["sliding_attention", "full_attention"],
+            },
+            # layer 1 has no rotary embedding (NoPE), as every 4th SmolLM3 layer
+            "smollm3": {**_TINY_GQA, "no_rope_layers": [1, 0]},
+            # Granite's embedding/residual/attention/logit multipliers, away from 1
+            "granite": {
+                **_TINY_GQA,
+                "embedding_multiplier": 12.0,
+                "residual_multiplier": 0.22,
+                "attention_multiplier": 0.125,
+                "logits_scaling": 8.0,
+            },
         },
+    ),
+    FamilyLayout(
+        family="olmo2",
+        model_types=("olmo2",),
+        **_LLAMA_LAYOUT,
+        notes=(
+            "llama's linears, post-norm. q_norm/k_norm are RMSNorms over the whole q and k "
+            "projections (weights [H*dh] and [KV*dh]), not per head; they are not transplanted. "
+            "Because the norm is joint, moving one head's q rows (one KV group's k rows) rescales "
+            "every head's normalised queries (keys) in that layer: units are exact weight slices "
+            "but not isolated in activations"
+        ),
+        joint_norms={"head": "attn.q_norm.hook_out", "kv_head": "attn.k_norm.hook_out"},
+        tiny={"olmo2": _TINY_GQA},
     ),
     FamilyLayout(
         family="phi3",
@@ -430,6 +493,11 @@ def _check_table(fam: FamilyLayout) -> None:
             raise LayoutMismatchError(
                 f"{where}: bridge_hooks names {name!r}, which is not one of its linears"
             )
+    bad = sorted(set(fam.joint_norms) - {"head", "kv_head"})
+    if bad:
+        raise LayoutMismatchError(
+            f"{where}: joint_norms keys must be 'head' or 'kv_head', not {', '.join(bad)}"
+        )
     unhooked = [n for n in fam.linears if not fam.bridge_hooks.get(n)]
     if unhooked:
         raise LayoutMismatchError(
@@ -940,6 +1008,12 @@ def check_bridge(layout: ModelLayout, bridge: Any) -> None:
                     f"does not have; set hook_points[{point!r}] to one of its hooks "
                     f"({', '.join(have[:12])}, ...)"
                 )
+        for kind, rel in fam.joint_norms.items():
+            if f"blocks.{layer}.{rel}" not in hooks:
+                raise LayoutMismatchError(
+                    f"{where}: joint_norms[{kind!r}] is {rel!r}, but this TransformerBridge "
+                    f"has no hook blocks.{layer}.{rel}; name the hook_out of the shared norm"
+                )
         for lin in fam.linears:
             for name in layout.linear_hooks(Linear(layer, lin)):
                 if name not in hooks:
@@ -977,6 +1051,7 @@ def describe_families() -> list[dict[str, Any]]:
             "family": f.family,
             "model_types": list(f.model_types),
             "linears": list(f.linears),
+            "joint_norms": dict(f.joint_norms),
             "notes": f.notes,
         }
         for f in registered_families()

@@ -84,6 +84,10 @@ def tiny_model(family: str, seed: int = 0, **overrides: Any) -> Any:
     torch.manual_seed(seed)
     cfg = tiny_config(family, **overrides)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
+    # What save_pretrained records, and what TransformerLens picks its adapter by: without
+    # it, model types missing from TL's model_type fallback (gemma3_text, olmo2, granite)
+    # fail to boot from an in-memory model.
+    model.config.architectures = model.config.architectures or [type(model).__name__]
     # Random biases / norm weights so that every tensor matters in equality tests.
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -96,3 +96,39 @@ def smol_pair(smol_dir: Path) -> Any:
 @pytest.fixture(scope="session")
 def gemma_dir() -> Path:
     return fetch_or_skip("gemma3-270m")
+
+
+# Gemma 3's 262k vocabulary makes logits big: 2 prompts x 8 tokens keep each forward cheap.
+GEMMA_PROMPTS, GEMMA_SEQ = 2, 8
+
+
+@pytest.fixture(scope="session")
+def gemma_hf(gemma_dir: Path) -> Any:
+    """A plain HF Gemma 3 (never wrapped by a bridge): the reference forward."""
+    return load_plain(gemma_dir)
+
+
+@pytest.fixture(scope="session")
+def gemma_tok(gemma_dir: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(gemma_dir)
+
+
+@pytest.fixture(scope="session")
+def gemma_ids(gemma_tok: Any) -> torch.Tensor:
+    return prompt_ids(gemma_tok, n=GEMMA_PROMPTS, seq=GEMMA_SEQ)
+
+
+@pytest.fixture(scope="session")
+def gemma_ref_logits(gemma_hf: Any, gemma_ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return gemma_hf(gemma_ids).logits
+
+
+@pytest.fixture(scope="session")
+def gemma_pair(gemma_dir: Path) -> Any:
+    """Source and target both the converted Gemma 3 270M (a self pair): loaded once."""
+    from tl_transplant import ModelPair
+
+    return ModelPair.load(gemma_dir, gemma_dir)

@@ -5,12 +5,15 @@ The models come from GGUF files inside PyPI wheels, dequantized to float32
 every check the tiny models run: bridge = HF forward, alpha=0 and
 self-transplants are no-ops, apply/revert is bit-exact, export reloads to the
 same logits with tied embeddings kept tied, and the .gguf loads directly.
-Gemma 3 has no layout yet: only the layout-independent checks run for it.
+Gemma 3 270M (``gemma3_text``, llama family: 1 KV head, head_dim 256, q/k norms)
+gets the same transplant checks on 2 prompts x 8 tokens.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -96,25 +99,35 @@ def test_alpha0_and_self_transplant_change_nothing(smol_pair: Any, smol_ids: tor
     assert same_state(snap, snapshot_side(smol_pair.target))
 
 
-@pytest.fixture
-def smol_other(smol_pair: Any) -> Any:
-    """The pair with the source's unit tensors nudged, so transplants really change weights.
+@contextmanager
+def nudged_source(pair: Any, names: list[str]) -> Iterator[Any]:
+    """The pair with some source unit tensors nudged, so transplants really change weights.
 
     Restores the source afterwards (the session's pair is shared).
     """
-    src = smol_pair.source
-    names = ["model.layers.4.self_attn.q_proj.weight", "model.layers.4.mlp.up_proj.weight"]
+    src = pair.source
     saved = {n: src.params[n].detach().clone() for n in names}
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for n in names:
             src.params[n].add_(0.05 * torch.randn(src.params[n].shape, generator=gen))
     src.refresh_mirrors(names)
-    yield smol_pair
-    with torch.no_grad():
-        for n in names:
-            src.params[n].copy_(saved[n])
-    src.refresh_mirrors(names)
+    try:
+        yield pair
+    finally:
+        with torch.no_grad():
+            for n in names:
+                src.params[n].copy_(saved[n])
+        src.refresh_mirrors(names)
+
+
+LAYER4 = ["model.layers.4.self_attn.q_proj.weight", "model.layers.4.mlp.up_proj.weight"]
+
+
+@pytest.fixture
+def smol_other(smol_pair: Any) -> Any:
+    with nudged_source(smol_pair, LAYER4) as pair:
+        yield pair
 
 
 def test_apply_and_revert_is_bit_exact(smol_other: Any, smol_ids: torch.Tensor) -> None:
@@ -180,34 +193,99 @@ def test_load_gguf_errors(tmp_path: Path) -> None:
     assert not is_gguf(tmp_path / "model.safetensors") and not is_gguf(123)
 
 
-# ---- Gemma 3 270M (no layout yet: layout-independent checks) -------------------------------
+# ---- Gemma 3 270M (gemma3_text: the llama family's layout) -------------------------------
 
 
-@pytest.fixture(scope="session")
-def gemma_hf(gemma_dir: Path) -> Any:
-    return load_plain(gemma_dir)
-
-
-def test_gemma3_loads_and_forwards(gemma_dir: Path, gemma_hf: Any) -> None:
-    from transformers import AutoTokenizer
-
+def test_gemma3_loads_and_forwards(gemma_dir: Path, gemma_hf: Any, gemma_tok: Any) -> None:
     cfg = gemma_hf.config
     assert cfg.model_type == "gemma3_text"
     assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads) == (18, 4, 1)
     assert cfg.head_dim == 256 and cfg.intermediate_size == 2048
     names = dict(gemma_hf.named_parameters())
     assert "model.layers.0.self_attn.q_norm.weight" in names
-    tok = AutoTokenizer.from_pretrained(gemma_dir)
     text = "The capital of France is Paris."
-    ids = tok(text).input_ids
-    assert ids[0] == tok.bos_token_id and tok.decode(ids[1:]) == text
-    x = prompt_ids(tok, n=2, seq=8)
+    ids = gemma_tok(text).input_ids
+    assert ids[0] == gemma_tok.bos_token_id and gemma_tok.decode(ids[1:]) == text
+    x = prompt_ids(gemma_tok, n=2, seq=8)
     with torch.no_grad():
         logits = gemma_hf(x).logits
     assert logits.shape == (2, 8, cfg.vocab_size) and torch.isfinite(logits).all()
     # A pretrained model, not noise: the next token after a plain sentence start is likely.
     probs = logits[:, -1].softmax(-1).max(-1).values
     assert (probs > 0.05).all()
+
+
+def test_gemma3_pair_loads_with_llama_layout(gemma_pair: Any) -> None:
+    lay = gemma_pair.layout
+    d = lay.dims
+    assert lay.model_type == "gemma3_text" and lay.family.family == "llama"
+    assert (d.n_layers, d.H, d.KV, d.dh, d.D, d.I) == (18, 4, 1, 256, 640, 2048)
+    assert len(gemma_pair.units("head")) == 18 * 4 and len(gemma_pair.units("kv_head")) == 18
+    assert gemma_pair.target.mirrors == []  # the bridge makes no copies of Gemma's linears
+    # q_norm/k_norm ([head_dim], shared by the heads) belong to no unit
+    touched = {s.param for u in gemma_pair.units(("head", "kv_head")) for s in lay.slices(u)}
+    assert not any("norm" in n for n in touched)
+
+
+def test_gemma3_bridge_logits_equal_hf_logits(
+    gemma_pair: Any, gemma_ids: torch.Tensor, gemma_ref_logits: torch.Tensor
+) -> None:
+    got = bridge_logits(gemma_pair.target, gemma_ids)
+    assert torch.isfinite(got).all()
+    diff = (got - gemma_ref_logits).abs().max().item()
+    print(f"Gemma 3 bridge vs HF max|logit diff|: {diff:.2e}")
+    assert diff <= BRIDGE_ATOL
+
+
+def test_gemma3_alpha0_and_self_transplant_change_nothing(
+    gemma_pair: Any, gemma_ids: torch.Tensor
+) -> None:
+    units = ["L3.H2", "L10.N5", "L17.N2000", "L5.KV0", "L15.mlp.down_proj"]
+    base = bridge_logits(gemma_pair.target, gemma_ids)
+    snap = snapshot_side(gemma_pair.target)
+    with transplant(gemma_pair, units, alpha=0.0) as t:
+        touched = {n: gemma_pair.target.params[n].detach().clone() for n in t.plan.index}
+        assert torch.equal(bridge_logits(gemma_pair.target, gemma_ids), base)
+    with transplant(gemma_pair, units, alpha=1.0):  # a self pair: alpha=1 copies equal values
+        assert all(torch.equal(gemma_pair.target.params[n], v) for n, v in touched.items())
+        assert torch.equal(bridge_logits(gemma_pair.target, gemma_ids), base)
+    assert same_state(snap, snapshot_side(gemma_pair.target))
+
+
+@pytest.fixture
+def gemma_other(gemma_pair: Any) -> Any:
+    with nudged_source(gemma_pair, LAYER4) as pair:
+        yield pair
+
+
+def test_gemma3_apply_and_revert_is_bit_exact(gemma_other: Any, gemma_ids: torch.Tensor) -> None:
+    pair = gemma_other
+    base = bridge_logits(pair.target, gemma_ids)
+    snap = snapshot_side(pair.target)
+    with transplant(pair, ["L4.H1", "L4.N3", "L4.N1000"], alpha=0.7):
+        changed = bridge_logits(pair.target, gemma_ids)
+        assert (changed - base).abs().max() > 1e-4
+        assert not same_state(snap, snapshot_side(pair.target))
+    assert same_state(snap, snapshot_side(pair.target))
+    assert torch.equal(bridge_logits(pair.target, gemma_ids), base)
+
+
+def test_gemma3_export_reload_matches_and_keeps_embeddings_tied(
+    gemma_other: Any, gemma_ids: torch.Tensor, tmp_path: Path
+) -> None:
+    pair = gemma_other
+    with transplant(pair, ["L4.H1", "L4.N3", "L4.N9"], alpha=1.0):
+        bridged = bridge_logits(pair.target, gemma_ids)
+        out = export_hf(pair, tmp_path / "export")  # exports the live (transplanted) weights
+        embed = pair.target.params["model.embed_tokens.weight"].detach().clone()
+    re = load_plain(out)
+    with torch.no_grad():
+        diff = (re(gemma_ids).logits - bridged).abs().max().item()
+    print(f"Gemma 3 export reload max|logit diff|: {diff:.2e}")
+    assert diff <= 1e-5
+    assert re.config.model_type == "gemma3_text" and re.config.tie_word_embeddings
+    assert re.lm_head.weight.data_ptr() == re.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(re.model.embed_tokens.weight, embed)
 
 
 # ---- fetch/convert mechanics (no network, no real weights) -------------------------------
