@@ -154,9 +154,9 @@ def test_batched_generation_equals_one_by_one(tok, family):
         " ".join(f"w{i}" for i in rng.integers(0, 92, size=n)) for n in [1, 5, 3, 8, 2, 5, 7, 3, 1]
     ]
     t = Task("gen", prompts, [" w0"] * len(prompts), metric="exact_match", max_new_tokens=6)
-    one = evaluate(side, t, batch_size=1, progress=False)
+    probe = evaluate(side, t, batch_size=len(prompts), progress=False)  # generations only
     # Make half the answers right, so the scores themselves are not all zero.
-    answers = [g if i % 2 and g.strip() else " w0" for i, g in enumerate(one.generations or [])]
+    answers = [g if i % 2 and g.strip() else " w0" for i, g in enumerate(probe.generations or [])]
     t = t.replace(answers=answers)
     one = evaluate(side, t, batch_size=1, progress=False)
     left = evaluate(side, t, batch_size=4, progress=False)
