@@ -45,34 +45,20 @@ def tok(tmp_path_factory: pytest.TempPathFactory):
     return word_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
-def _labels(side: ModelSide, prompts: list[str]) -> list[str]:
+def _labels(side: ModelSide, prompts: list[str], next_ids) -> list[str]:
     """The side's argmax word after each ``<bos> prompt``."""
-    out = []
-    for p in prompts:
-        ids = [side.tokenizer.bos_token_id] + side.tokenizer(p, add_special_tokens=False)[
-            "input_ids"
-        ]
-        with torch.inference_mode():
-            out.append(int(side.bridge(torch.tensor([ids]))[0, -1].argmax()))
+    out = next_ids(side, prompts)
     return [side.tokenizer.convert_ids_to_tokens(i) if i >= 4 else "" for i in out]
 
 
-def engineered(tok, n: int = 40):
-    """A llama pair equal except TRUE_UNITS, a task the source solves and one the target solves."""
-    target = tiny_model("llama", seed=0)
-    source = copy.deepcopy(target)
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        layer = source.model.layers[1]
-        for mod in (layer.mlp.down_proj, layer.self_attn.o_proj):
-            mod.weight.copy_(0.5 * torch.randn(mod.weight.shape, generator=g))
-    pair = ModelPair.load((source, tok), (target, tok))
+def engineered(pair: ModelPair, next_ids, n: int = 40):
+    """Tasks on the shared pair (equal except TRUE_UNITS): one the source solves, one the target."""
     rng = np.random.default_rng(0)
     pool = [
         " ".join(f"w{i}" for i in rng.integers(0, 92, size=int(rng.integers(2, 7))))
         for _ in range(3 * n)
     ]
-    ls, lt = _labels(pair.source, pool), _labels(pair.target, pool)
+    ls, lt = _labels(pair.source, pool, next_ids), _labels(pair.target, pool, next_ids)
     keep = [i for i in range(len(pool)) if ls[i] and lt[i]][: 2 * n]
     src = Task(
         "src", [pool[i] for i in keep[:n]], [" " + ls[i] for i in keep[:n]], prepend_bos=True
@@ -84,8 +70,8 @@ def engineered(tok, n: int = 40):
 
 
 @pytest.fixture(scope="module")
-def eng(tok):
-    return engineered(tok)
+def eng(engineered_pair, next_ids):
+    return engineered(engineered_pair[0], next_ids)
 
 
 _snapshot = snapshot_side
@@ -168,9 +154,9 @@ def test_batched_generation_equals_one_by_one(tok, family):
         " ".join(f"w{i}" for i in rng.integers(0, 92, size=n)) for n in [1, 5, 3, 8, 2, 5, 7, 3, 1]
     ]
     t = Task("gen", prompts, [" w0"] * len(prompts), metric="exact_match", max_new_tokens=6)
-    one = evaluate(side, t, batch_size=1, progress=False)
+    probe = evaluate(side, t, batch_size=len(prompts), progress=False)  # generations only
     # Make half the answers right, so the scores themselves are not all zero.
-    answers = [g if i % 2 and g.strip() else " w0" for i, g in enumerate(one.generations or [])]
+    answers = [g if i % 2 and g.strip() else " w0" for i, g in enumerate(probe.generations or [])]
     t = t.replace(answers=answers)
     one = evaluate(side, t, batch_size=1, progress=False)
     left = evaluate(side, t, batch_size=4, progress=False)
@@ -362,7 +348,6 @@ def test_every_family_forward_paths_agree(tok, family):
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
 def test_multi_token_generation_matches_a_plain_greedy_loop(family, tmp_path):
     """exact_match decodes several tokens exactly as an un-hooked HF model's greedy loop."""
-    import copy
 
     from tl_transplant import ModelPair, Task, evaluate
     from tl_transplant.testing import tiny_model, word_tokenizer

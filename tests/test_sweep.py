@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import importlib
 import json
 import warnings
@@ -10,13 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from tl_transplant import ModelPair, ModelSide
 from tl_transplant.stats import UndefinedMetricWarning
 from tl_transplant.sweeps import RankedUnits, SweepRow, choose_best, pareto_front, sweep
 from tl_transplant.tasks import Task
-from tl_transplant.testing import same_state, snapshot_side, tiny_model, word_tokenizer
+from tl_transplant.testing import same_state, snapshot_side
 
 sweep_mod = importlib.import_module("tl_transplant.sweeps")  # the package exports sweep()
 
@@ -25,33 +22,16 @@ DECOYS = ["L0.attn.q_proj", "L0.mlp.up_proj", "L1.attn.q_proj"]  # identical in 
 RANKING = [DECOYS[0], *TRUE_UNITS, DECOYS[1], DECOYS[2]]
 
 
-def _labels(side: ModelSide, prompts: list[str]) -> list[int]:
-    out = []
-    for p in prompts:
-        ids = [1] + side.tokenizer(p, add_special_tokens=False)["input_ids"]
-        with torch.inference_mode():
-            out.append(int(side.bridge(torch.tensor([ids]))[0, -1].argmax()))
-    return out
-
-
 @pytest.fixture(scope="module")
-def eng(tmp_path_factory: pytest.TempPathFactory):
-    """A llama pair equal except TRUE_UNITS; tasks labelled by the source / by the target."""
-    tok = word_tokenizer(tmp_path_factory.mktemp("tok"))
-    target = tiny_model("llama", seed=0)
-    source = copy.deepcopy(target)
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        layer = source.model.layers[1]
-        for mod in (layer.mlp.down_proj, layer.self_attn.o_proj):
-            mod.weight.copy_(0.5 * torch.randn(mod.weight.shape, generator=g))
-    pair = ModelPair.load((source, tok), (target, tok))
+def eng(engineered_pair, next_ids):
+    """The shared llama pair equal except TRUE_UNITS; tasks labelled by the source / by the target."""
+    pair, tok = engineered_pair
     rng = np.random.default_rng(0)
     pool = [
         " ".join(f"w{i}" for i in rng.integers(0, 92, size=int(rng.integers(2, 7))))
         for _ in range(150)
     ]
-    ls, lt = _labels(pair.source, pool), _labels(pair.target, pool)
+    ls, lt = next_ids(pair.source, pool), next_ids(pair.target, pool)
     keep = [i for i in range(len(pool)) if ls[i] >= 4 and lt[i] >= 4]
     word = tok.convert_ids_to_tokens
 

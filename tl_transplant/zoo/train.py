@@ -1,4 +1,4 @@
-"""Train the embedded model pairs: ``python -m tl_transplant.zoo.train [--pair NAME] [--fast]``.
+"""Train the embedded model pairs: ``python -m tl_transplant.zoo.train [--pair NAME] [--preset P]``.
 
 Two pairs, each with a real capability gap, deterministic from the seed and
 small enough to train on two CPU cores in a few minutes:
@@ -15,16 +15,22 @@ The second stage of each pair trains only the transformer blocks' linear
 layers (embeddings, unembedding and norms are frozen), as transplants never
 move those: the gap then lives in units a transplant can reach. Every answer
 is a single token; training loss is on the answer token only.
+
+Presets (:data:`PRESETS`) change only sizes: model width and depth, step budget, eval cadence,
+probe size, threads. ``full`` made the shipped pairs, ``fast`` is a smaller retrain, ``smoke``
+is the test suite's: the same recipe (task mixes, learning rates, freezing, weight decay, stop
+rules) in seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,16 +110,59 @@ class Stage:
     weight_decay: float = 0.0
 
 
+@dataclass(frozen=True)
+class Preset:
+    """Sizes of one training run; the recipe itself (mixes, rates, stop rules) is fixed."""
+
+    d_model: int
+    n_layers: int
+    d_mlp: int
+    max_steps: int  # per stage
+    n_eval: int  # retention dev/test split size
+    n_probe: int  # examples per probe task, scored every ``eval_every`` steps
+    eval_every: int = 100
+    threads: int | None = None  # torch intra-op threads while training (None: leave as is)
+
+
+PRESETS: dict[str, Preset] = {
+    "full": Preset(64, 3, 128, max_steps=6000, n_eval=200, n_probe=150),
+    "fast": Preset(48, 2, 96, max_steps=1500, n_eval=100, n_probe=150),
+    # Tiny matmuls: one thread avoids thread hand-off costs, which dominate on a busy machine.
+    "smoke": Preset(48, 2, 96, max_steps=1200, n_eval=100, n_probe=100, eval_every=50,
+                    threads=1),
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+@contextlib.contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    """Run with ``n`` torch threads, restoring the previous count after."""
+    if n is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def make_tokenizer(path: Path) -> Any:
     from tl_transplant.testing import word_tokenizer
 
     return word_tokenizer(path, words=WORDS)
 
 
-def make_model(arch: str, vocab: int, fast: bool = False) -> Any:
+def make_model(arch: str, vocab: int, preset: Preset = PRESETS["full"]) -> Any:
     import transformers as tf
 
-    d, layers, inner = (48, 2, 96) if fast else (64, 3, 128)
+    d, layers, inner = preset.d_model, preset.n_layers, preset.d_mlp
     common = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                   tie_word_embeddings=False)
     if arch == "llama":
@@ -126,9 +175,28 @@ def make_model(arch: str, vocab: int, fast: bool = False) -> Any:
     return tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
 
 
+class _WordIds:
+    """The zoo's word tokenizer as a dict lookup: the ids ``tok(text)`` gives, ~50x faster.
+
+    :func:`make_tokenizer` is whitespace-split word-level, so a text's ids are its words' ids;
+    training tokenizes every batch, and the tokenizer call dominated a step of these tiny models.
+    """
+
+    def __init__(self, tok: Any) -> None:
+        self.vocab: dict[str, int] = tok.get_vocab()
+        self.unk = tok.unk_token_id
+        self.bos_token_id, self.pad_token_id = tok.bos_token_id, tok.pad_token_id
+        self.eos_token_id = tok.eos_token_id
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        return {"input_ids": [self.vocab.get(w, self.unk) for w in text.split()]}
+
+
 def _batch(tok: Any, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
     from tl_transplant.tokens import encode
 
+    if not isinstance(tok, _WordIds):
+        tok = _WordIds(tok)
     enc = encode(tok, [p for p, _ in examples], [a for _, a in examples], prepend_bos=True)
     return enc.input_ids, enc.prompt_len - 1
 
@@ -144,9 +212,12 @@ def accuracy(model: Any, tok: Any, examples: list[Example]) -> float:
 
 
 def train_stage(model: Any, tok: Any, stage: Stage, evals: dict[str, list[Example]], seed: int,
-                batch_size: int = 64, desc: str = "train") -> dict[str, float]:
+                batch_size: int = 64, desc: str = "train", eval_every: int = 100,
+                log: Callable[[str], None] | None = None) -> dict[str, float]:
+    """Train until ``stage.done`` holds on ``evals`` (checked every ``eval_every`` steps)."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
+    tok = tok if isinstance(tok, _WordIds) else _WordIds(tok)
     for name, p in model.named_parameters():
         is_linear = p.ndim == 2 and "wte" not in name and "wpe" not in name and \
             "embed" not in name and "lm_head" not in name
@@ -168,9 +239,11 @@ def train_stage(model: Any, tok: Any, stage: Stage, evals: dict[str, list[Exampl
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if (step + 1) % 100 == 0 or step + 1 == stage.max_steps:
+        if (step + 1) % eval_every == 0 or step + 1 == stage.max_steps:
             model.eval()
             accs = {k: accuracy(model, tok, v) for k, v in evals.items()}
+            if log is not None:
+                log(f"{desc} step {step + 1}: " + " ".join(f"{k}={v:.2f}" for k, v in accs.items()))
             bar.set_postfix(loss=f"{loss.item():.3f}", **{k: f"{v:.2f}" for k, v in accs.items()})
             if stage.done(accs):
                 break
@@ -205,14 +278,27 @@ def _write_jsonl(path: Path, rows: list[Example], task: str, fmt: str) -> None:
 
 
 def train_pair(name: str, out_dir: Path, tasks_dir: Path, seed: int = 0, fast: bool = False,
-               log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train one pair; save ``source``/``target`` HF dirs under ``out_dir`` and task JSONLs."""
+               log: Callable[[str], None] = print, preset: str | None = None,
+               curve: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train one pair; save ``source``/``target`` HF dirs under ``out_dir`` and task JSONLs.
+
+    ``preset`` names a size in :data:`PRESETS` (default ``"fast"`` if ``fast`` else ``"full"``);
+    ``curve`` receives one line per probe evaluation.
+    """
+    preset = preset or ("fast" if fast else "full")
+    ps = get_preset(preset)
+    with _threads(ps.threads):
+        return _train_pair(name, out_dir, tasks_dir, seed, preset, ps, log, curve)
+
+
+def _train_pair(name: str, out_dir: Path, tasks_dir: Path, seed: int, preset: str, ps: Preset,
+                log: Callable[[str], None], curve: Callable[[str], None] | None) -> dict[str, Any]:
     spec = PAIRS[name]
     out_dir.mkdir(parents=True, exist_ok=True)
     tasks_dir.mkdir(parents=True, exist_ok=True)
     tok = make_tokenizer(out_dir / "tokenizer")
     chat_task = spec["task"][1]
-    n_eval = 100 if fast else 200
+    n_eval = ps.n_eval
     # Held-out splits first, so training never sees a dev/test prompt. Addition has only
     # MOD**2 distinct prompts: split all of them in two halves.
     task_rows = sample_examples("add", MOD * MOD, seed + 101, chat=chat_task)
@@ -228,19 +314,20 @@ def train_pair(name: str, out_dir: Path, tasks_dir: Path, seed: int = 0, fast: b
     _write_jsonl(tasks_dir / f"{prefix}_retention_test.jsonl", ret_test, "copy", "plain")
 
     probe = {
-        "add": sample_examples("add", 150, seed + 201),
-        "add_chat": sample_examples("add", 150, seed + 202, chat=True),
-        "max": sample_examples("max", 150, seed + 203),
-        "copy": sample_examples("copy", 150, seed + 204),
+        "add": sample_examples("add", ps.n_probe, seed + 201),
+        "add_chat": sample_examples("add", ps.n_probe, seed + 202, chat=True),
+        "max": sample_examples("max", ps.n_probe, seed + 203),
+        "copy": sample_examples("copy", ps.n_probe, seed + 204),
     }
     torch.manual_seed(seed)
-    model = make_model(spec["arch"], len(tok), fast=fast)
-    steps1 = 1500 if fast else 6000
+    model = make_model(spec["arch"], len(tok), ps)
+    steps1 = ps.max_steps
+    kw: dict[str, Any] = {"eval_every": ps.eval_every, "log": curve}
     t0 = time.time()
     if name == "cross_generation":
         s1 = Stage([("add", False), ("max", False), ("copy", False)], steps1, 3e-3,
                    lambda a: min(a["add"], a["max"], a["copy"]) >= 0.97)
-        acc1 = train_stage(model, tok, s1, probe, seed, desc="gen1")
+        acc1 = train_stage(model, tok, s1, probe, seed, desc="gen1", **kw)
         log(f"[{name}] gen1 after {acc1['steps']} steps: {acc1}")
         _save(model, tok, out_dir / "gen1")
         # Continued training without addition; decoupled weight decay lets the unused
@@ -248,24 +335,25 @@ def train_pair(name: str, out_dir: Path, tasks_dir: Path, seed: int = 0, fast: b
         s2 = Stage([("max", False), ("copy", False)], steps1, 1e-3,
                    lambda a: a["add"] <= 0.3 and min(a["max"], a["copy"]) >= 0.9,
                    freeze_non_linear=True, weight_decay=1.0)
-        acc2 = train_stage(model, tok, s2, probe, seed + 1, desc="gen2")
+        acc2 = train_stage(model, tok, s2, probe, seed + 1, desc="gen2", **kw)
         log(f"[{name}] gen2 after {acc2['steps']} steps: {acc2}")
         _save(model, tok, out_dir / "gen2")
         accs = {"gen1": acc1, "gen2": acc2}
     else:
         s1 = Stage([("add", False), ("max", False), ("copy", False)], steps1, 3e-3,
                    lambda a: min(a["add"], a["max"], a["copy"]) >= 0.97)
-        acc1 = train_stage(model, tok, s1, probe, seed, desc="base")
+        acc1 = train_stage(model, tok, s1, probe, seed, desc="base", **kw)
         log(f"[{name}] base after {acc1['steps']} steps: {acc1}")
         _save(model, tok, out_dir / "base")
         s2 = Stage([("add", True), ("max", True), ("copy", False), ("add", False)], steps1, 1e-3,
                    lambda a: a["add_chat"] >= 0.95 and a["copy"] >= 0.9, freeze_non_linear=True)
-        acc2 = train_stage(model, tok, s2, probe, seed + 1, desc="instruct")
+        acc2 = train_stage(model, tok, s2, probe, seed + 1, desc="instruct", **kw)
         log(f"[{name}] instruct after {acc2['steps']} steps: {acc2}")
         _save(model, tok, out_dir / "instruct")
         accs = {"base": acc1, "instruct": acc2}
     shutil.rmtree(out_dir / "tokenizer", ignore_errors=True)
-    info = {"pair": name, "seed": seed, "fast": fast, "seconds": round(time.time() - t0, 1),
+    info = {"pair": name, "seed": seed, "fast": preset != "full", "preset": preset,
+            "seconds": round(time.time() - t0, 1),
             "probe_accuracy": accs, **{k: v for k, v in spec.items() if k != "task"},
             "task": {"name": "add", "format": fmt}}
     (out_dir / "pair.json").write_text(json.dumps(info, indent=2))
@@ -282,14 +370,17 @@ def main(argv: list[str] | None = None) -> None:
                                  description="Train the embedded model pairs (CPU, minutes).")
     ap.add_argument("--pair", choices=[*PAIRS, "all"], default="all")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--fast", action="store_true", help="smaller models, fewer steps (tests)")
+    ap.add_argument("--fast", action="store_true", help="same as --preset fast")
+    ap.add_argument("--preset", choices=list(PRESETS), default=None,
+                    help="sizes: full (shipped pairs), fast, smoke (test suite)")
     ap.add_argument("--out", type=Path, default=PAIRS_DIR, help="where to write the pairs")
     ap.add_argument("--tasks-out", type=Path, default=TASKS_DIR, help="where to write task JSONL")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     names = list(PAIRS) if args.pair == "all" else [args.pair]
     for n in names:
-        info = train_pair(n, args.out / n, args.tasks_out, seed=args.seed, fast=args.fast)
+        info = train_pair(n, args.out / n, args.tasks_out, seed=args.seed, fast=args.fast,
+                          preset=args.preset)
         print(json.dumps(info["probe_accuracy"]))
 
 
