@@ -32,7 +32,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, cast, overload
 
 import torch
 from jaxtyping import Float
@@ -582,6 +582,30 @@ def _is_signed(scores: Scores, grid: torch.Tensor) -> bool:
         flag = bool(getattr(scores, "meta", {}).get("signed", False))
     finite = grid[torch.isfinite(grid)]
     return bool(flag) or (finite.numel() > 0 and bool((finite < 0).any()))
+
+
+@overload
+def score_heatmap(
+    scores: Scores,
+    kind: str = "head",
+    *,
+    top: int = 16,
+    highlight: Iterable[Unit | str] | None = None,
+    ax: None = None,
+    title: str | None = None,
+    annotate: bool | None = None,
+) -> Figure: ...
+@overload
+def score_heatmap(
+    scores: Scores,
+    kind: str = "head",
+    *,
+    top: int = 16,
+    highlight: Iterable[Unit | str] | None = None,
+    ax: Axes,
+    title: str | None = None,
+    annotate: bool | None = None,
+) -> Figure | SubFigure: ...
 
 
 def score_heatmap(
