@@ -180,7 +180,9 @@ def load_gguf(
         if obj is not None and hasattr(obj, "quantization_config"):
             delattr(obj, "quantization_config")
     if getattr(hf, "hf_quantizer", None) is not None:
-        hf.hf_quantizer = None  # marks it quantized, which save_pretrained refuses
+        # marks it quantized, which save_pretrained refuses (nn.Module.__setattr__ is typed
+        # for tensors and modules only)
+        hf.hf_quantizer = None  # type: ignore[assignment]
     hf.config._name_or_path = str(path)
     hf.eval()
     tok = _tokenizer_in_dir(tok, None if tokenizer_dir is None else Path(tokenizer_dir))

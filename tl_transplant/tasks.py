@@ -427,7 +427,7 @@ class Task:
     # ---- derived tasks ----------------------------------------------------------------
     def replace(self, **changes: Any) -> Task:
         """A copy with some fields changed (e.g. ``task.replace(metric="exact_match")``)."""
-        kw = dict(
+        kw: dict[str, Any] = dict(
             name=self.name,
             prompts=list(self.prompts),
             answers=list(self.answers),
