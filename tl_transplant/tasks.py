@@ -50,7 +50,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -63,6 +63,10 @@ from tl_transplant.tokens import (
     encode,
     encode_choices,
 )
+
+if TYPE_CHECKING:
+    import datasets
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 METRICS = ("next_token_acc", "answer_logprob", "logit_diff", "exact_match", "mc_logprob")
 #: Metrics whose per-example scores are 0/1 (TIR is defined for these only).
@@ -379,11 +383,11 @@ class Task:
             return f"example {i} ({labels[j]})"
         return f"example {i}"
 
-    def encode(self, tokenizer: Any, prepend_bos: bool) -> Encoded:
+    def encode(self, tokenizer: PreTrainedTokenizerBase, prepend_bos: bool) -> Encoded:
         """Teacher-forced batch of ``[BOS] prompt answer`` for all examples."""
         return encode(tokenizer, self.prompts, self.answers, prepend_bos=prepend_bos)
 
-    def encode_choices(self, tokenizer: Any, prepend_bos: bool) -> ChoiceBatch:
+    def encode_choices(self, tokenizer: PreTrainedTokenizerBase, prepend_bos: bool) -> ChoiceBatch:
         """For ``mc_logprob``: one ``[BOS] prompt choice`` row per (example, choice)."""
         if self.choices is None:
             raise ValueError(f"task {self.name!r} has no choices")
@@ -404,7 +408,12 @@ class Task:
         else:
             check_context(enc, limit, self.name, label=self.row_label, extra=extra)
 
-    def check_fits(self, tokenizer: Any, prepend_bos: bool, hf_config: Any) -> None:
+    def check_fits(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        prepend_bos: bool,
+        hf_config: PretrainedConfig | dict | None,
+    ) -> None:
         """Raise before any forward if an example is longer than the model's context.
 
         Encodes as the metric will (choices for ``mc_logprob``; the prompt plus
@@ -589,7 +598,7 @@ class Task:
     @classmethod
     def from_dataset(
         cls,
-        data: Any,
+        data: datasets.Dataset | datasets.DatasetDict | str | Path,
         prompt_field: str = "prompt",
         answer_field: str = "answer",
         *,
@@ -734,13 +743,13 @@ def _check_utf8(path: Path) -> str:
         ) from None
 
 
-def _pick_split(dd: Any, split: str, what: str) -> Any:
+def _pick_split(dd: datasets.DatasetDict, split: str, what: str) -> datasets.Dataset:
     if split not in dd:
         raise ValueError(f"{what} has no split {split!r} (splits: {', '.join(dd)})")
     return dd[split]
 
 
-def _load_folder(path: Path, split: str, config_name: str | None) -> Any:
+def _load_folder(path: Path, split: str, config_name: str | None) -> datasets.Dataset:
     """A ``save_to_disk`` folder (Dataset or DatasetDict), else a folder of data files."""
     import datasets
 
@@ -764,7 +773,7 @@ def _load_folder(path: Path, split: str, config_name: str | None) -> Any:
     return ds
 
 
-def _load_hub(name: str, split: str, config_name: str | None) -> Any:
+def _load_hub(name: str, split: str, config_name: str | None) -> datasets.Dataset:
     """``datasets.load_dataset(name, config_name, split=split)`` with an actionable error."""
     import datasets
 
