@@ -177,7 +177,7 @@ def check_family(model_type: str, tokenizer: PreTrainedTokenizerBase) -> None:
     _check_coverage(pair.layout, pair.units(kinds), model_type)
     ids = torch.tensor([[1, 5, 9, 14, 20, 7, 33, 41]])
 
-    def logits(side: Any) -> torch.Tensor:
+    def logits(side: ModelSide) -> torch.Tensor:
         with torch.no_grad():
             return side.bridge(ids, return_type="logits")
 
