@@ -868,7 +868,13 @@ def _words(words: Sequence[str] | None, need: int, task: str) -> list[str]:
     return ws
 
 
-def _successor(rng: np.random.Generator, ws: list[str], span: int = 3, n_answer: int = 1):
+#: (prompt words, answer words, wrong-answer words) of one generated example.
+_Example = tuple[list[str], list[str], list[str]]
+
+
+def _successor(
+    rng: np.random.Generator, ws: list[str], span: int = 3, n_answer: int = 1
+) -> _Example:
     start = int(rng.integers(0, len(ws) - span - n_answer + 1))
     prompt = ws[start : start + span]
     answer = ws[start + span : start + span + n_answer]
@@ -877,7 +883,7 @@ def _successor(rng: np.random.Generator, ws: list[str], span: int = 3, n_answer:
 
 def _induction(
     rng: np.random.Generator, ws: list[str], length: int = 6, repeat: int = 2, n_answer: int = 1
-):
+) -> _Example:
     if repeat + n_answer > length:
         raise ValueError("induction: repeat + n_answer must be <= length")
     seq = [ws[int(i)] for i in rng.choice(len(ws), size=length, replace=False)]
@@ -887,7 +893,7 @@ def _induction(
     return prompt, answer, [others[int(rng.integers(len(others)))]]
 
 
-def _lookup(rng: np.random.Generator, ws: list[str], n_pairs: int = 3):
+def _lookup(rng: np.random.Generator, ws: list[str], n_pairs: int = 3) -> _Example:
     pick = [ws[int(i)] for i in rng.choice(len(ws), size=2 * n_pairs, replace=False)]
     keys, vals = pick[:n_pairs], pick[n_pairs:]
     q = int(rng.integers(n_pairs))
@@ -896,7 +902,7 @@ def _lookup(rng: np.random.Generator, ws: list[str], n_pairs: int = 3):
     return prompt, [vals[q]], [wrong]
 
 
-def _first(rng: np.random.Generator, ws: list[str], length: int = 4):
+def _first(rng: np.random.Generator, ws: list[str], length: int = 4) -> _Example:
     seq = [ws[int(i)] for i in rng.choice(len(ws), size=length, replace=False)]
     return seq, [seq[0]], [seq[-1]]
 
