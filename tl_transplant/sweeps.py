@@ -34,7 +34,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, cast, overload
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, cast, overload, runtime_checkable
 
 from tl_transplant.evaluation import (
     EditFactory,
@@ -68,12 +68,14 @@ if TYPE_CHECKING:
 Kinds: TypeAlias = "str | Iterable[str] | None"
 
 
+@runtime_checkable
 class RankedSource(Protocol):
     """What :func:`sweep` needs of a scores object (a :class:`~tl_transplant.Scores` is one)."""
 
     def top(self, k: int, kinds: Kinds = None) -> Sequence[Unit | str]: ...
 
 
+@runtime_checkable
 class HasSplits(Protocol):
     """Given dev/test splits of a task (e.g. the zoo's ``Splits``)."""
 
