@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine: sets up .venv (CPU torch) and runs a job.
 #   bash scripts/dev.sh demo [ARGS]   set up, then run the demo on the embedded pair
-#   bash scripts/dev.sh test [ARGS]   set up, then run ruff and the test suite
+#   bash scripts/dev.sh test [ARGS]   set up, then run ruff, mypy and the test suite
 #   bash scripts/dev.sh setup         set up only
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -52,6 +52,7 @@ case "$cmd" in
     setup
     browser
     "$VENV/bin/ruff" check tl_transplant tests benchmarks
+    "$VENV/bin/mypy" tl_transplant
     export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
     exec "$VENV/bin/python" -m pytest -q "$@"
     ;;

@@ -17,9 +17,9 @@ their per-example scores to it.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 import numpy as np
 import torch
@@ -48,6 +48,34 @@ from tl_transplant.tokens import (
     mc_scores,
     resolve_prepend_bos,
 )
+from tl_transplant.units import Unit
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+    from transformers import (
+        GenerationConfig,
+        GenerationMixin,
+        PretrainedConfig,
+        PreTrainedTokenizerBase,
+    )
+
+    from tl_transplant.edits import KVMode
+    from tl_transplant.pair import ModelPair, ModelSide
+
+#: What :func:`evaluate` runs: a side, a pair (with ``side=``) or any callable LM
+#: (HF causal LM, TransformerBridge) mapping input ids to logits or an output with ``.logits``.
+EvalModel: TypeAlias = "ModelSide | ModelPair | Callable[[torch.Tensor], Any]"
+#: A context manager entered once, or a factory ``f(input_ids)`` entered per batch.
+Intervention: TypeAlias = (
+    "contextlib.AbstractContextManager[object] "
+    "| Callable[[Int[torch.Tensor, 'batch seq']], contextlib.AbstractContextManager[object]]"
+)
+#: Units as :func:`~tl_transplant.units.parse_units` takes them.
+UnitsLike: TypeAlias = "Iterable[str | Unit] | str | Unit"
+#: ``edit(pair, units, alpha)``: a reversible context manager that edits the target.
+EditFactory: TypeAlias = (
+    "Callable[[ModelPair, list[Unit], float], contextlib.AbstractContextManager[object]]"
+)
 
 # ---- model resolution ------------------------------------------------------------------
 
@@ -58,13 +86,13 @@ class _Runner:
 
     name: str
     forward: Callable[[torch.Tensor], torch.Tensor]
-    generator: Any
-    tokenizer: Any
+    generator: GenerationMixin | None
+    tokenizer: PreTrainedTokenizerBase
     default_bos: bool
     device: torch.device
 
 
-def _device_of(module: Any) -> torch.device:
+def _device_of(module: Any) -> torch.device:  # duck-typed: .cfg.device or .parameters()
     cfg = getattr(module, "cfg", None)
     dev = getattr(cfg, "device", None)
     if dev is not None:
@@ -79,7 +107,10 @@ def _logits_of(out: Any) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out
 
 
-def _resolve(model: Any, side: str | None, tokenizer: Any, forward: str) -> _Runner:
+def _resolve(
+    what: EvalModel, side: str | None, tokenizer: PreTrainedTokenizerBase | None, forward: str
+) -> _Runner:
+    model: Any = what  # duck-typed: pairs and sides are recognised by their attributes
     if hasattr(model, "source") and hasattr(model, "target") and hasattr(model, "layout"):
         if side not in ("source", "target"):
             raise ValueError(
@@ -129,15 +160,17 @@ def _resolve(model: Any, side: str | None, tokenizer: Any, forward: str) -> _Run
 
 
 @contextlib.contextmanager
-def _maybe_enter(intervention: Any) -> Iterator[None]:
+def _maybe_enter(intervention: Intervention | None) -> Iterator[None]:
     if intervention is not None and hasattr(intervention, "__enter__"):
-        with intervention:
+        with cast(contextlib.AbstractContextManager[object], intervention):
             yield
     else:
         yield
 
 
-def _per_batch(intervention: Any, ids: torch.Tensor) -> contextlib.AbstractContextManager:
+def _per_batch(
+    intervention: Intervention | None, ids: Int[torch.Tensor, "batch seq"]
+) -> contextlib.AbstractContextManager[object]:
     """A per-batch context: ``intervention(input_ids)`` if it is a factory, else a no-op."""
     if intervention is not None and not hasattr(intervention, "__enter__"):
         cm = intervention(ids)
@@ -207,7 +240,7 @@ def _sub(enc: Encoded, idx: list[int], width: int) -> Encoded:
 
 
 def _wrong_first_tokens(
-    tokenizer: Any, task: Task, enc: Encoded
+    tokenizer: PreTrainedTokenizerBase, task: Task, enc: Encoded
 ) -> tuple[Int[torch.Tensor, "batch n_wrong"], Float[torch.Tensor, "batch n_wrong"]]:
     assert task.wrong_answers is not None
     width = max(len(w) for w in task.wrong_answers)
@@ -230,7 +263,12 @@ def _wrong_first_tokens(
 
 
 def _mc_scores(
-    runner: _Runner, task: Task, bos: bool, batch_size: int, intervention: Any, bar: Any
+    runner: _Runner,
+    task: Task,
+    bos: bool,
+    batch_size: int,
+    intervention: Intervention | None,
+    bar: tqdm,
 ) -> np.ndarray:
     """``mc_logprob``: 1.0 where the correct choice has the strictly highest total log-prob."""
     cb = task.encode_choices(runner.tokenizer, bos)
@@ -246,7 +284,12 @@ def _mc_scores(
 
 
 def _logit_scores(
-    runner: _Runner, task: Task, bos: bool, batch_size: int, intervention: Any, bar: Any
+    runner: _Runner,
+    task: Task,
+    bos: bool,
+    batch_size: int,
+    intervention: Intervention | None,
+    bar: tqdm,
 ) -> np.ndarray:
     if task.metric == "mc_logprob":
         return _mc_scores(runner, task, bos, batch_size, intervention, bar)
@@ -285,7 +328,9 @@ def _logit_scores(
     return out.numpy()
 
 
-def _generation_config(gen: Any, tokenizer: Any, max_new_tokens: int, pad: int) -> Any:
+def _generation_config(
+    gen: GenerationMixin, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int, pad: int
+) -> GenerationConfig:
     from transformers import GenerationConfig
 
     eos = getattr(getattr(gen, "generation_config", None), "eos_token_id", None)
@@ -309,7 +354,7 @@ def _generation_config(gen: Any, tokenizer: Any, max_new_tokens: int, pad: int) 
     )
 
 
-def _eos_set(cfg: Any) -> set[int]:
+def _eos_set(cfg: GenerationConfig | PretrainedConfig) -> set[int]:
     eos = cfg.eos_token_id
     if eos is None:
         return set()
@@ -321,8 +366,8 @@ def _generate(
     task: Task,
     bos: bool,
     batch_size: int,
-    intervention: Any,
-    bar: Any,
+    intervention: Intervention | None,
+    bar: tqdm,
     generation: str,
 ) -> tuple[np.ndarray, list[str], list[str]]:
     gen = runner.generator
@@ -361,7 +406,7 @@ def _generate(
         for b, i in enumerate(idx):
             new = out[b, width:].tolist()
             cut = next((j for j, t in enumerate(new) if t in eos), len(new))
-            texts[i] = tok.decode(new[:cut], skip_special_tokens=True)
+            texts[i] = str(tok.decode(new[:cut], skip_special_tokens=True))
         bar.update(len(idx))
     fn = task.extract_fn
     preds = [fn(t) for t in texts]
@@ -372,15 +417,15 @@ def _generate(
 
 
 def evaluate(
-    model: Any,
+    model: EvalModel,
     task: Task,
     *,
     side: str | None = None,
-    tokenizer: Any = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     prepend_bos: bool | str | None = None,
     batch_size: int = 16,
     progress: bool = True,
-    intervention: Any = None,
+    intervention: Intervention | None = None,
     forward: str = "bridge",
     generation: str = "left_pad",
 ) -> EvalResult:
@@ -593,17 +638,17 @@ class TransplantReport:
 
 
 def evaluate_transplant(
-    pair: Any,
+    pair: ModelPair,
     task: Task,
-    units: Any,
+    units: UnitsLike,
     alpha: float = 1.0,
     *,
     control_tasks: Sequence[Task] = (),
-    kv: str = "group",
+    kv: KVMode = "group",
     prepend_bos: bool | str | None = None,
     baselines: dict[str, EvalResult] | None = None,
     control_before: dict[str, EvalResult] | None = None,
-    edit: Callable[..., Any] | None = None,
+    edit: EditFactory | None = None,
     batch_size: int = 16,
     progress: bool = True,
     n_boot: int = DEFAULT_N_BOOT,
@@ -624,25 +669,28 @@ def evaluate_transplant(
 
     unit_list = parse_units(units)
     bos = resolve_prepend_bos(pair, task.prepend_bos if prepend_bos is None else prepend_bos)
-    kw = dict(batch_size=batch_size, progress=progress)
 
-    def ev(side: Any, t: Task) -> EvalResult:
+    def ev(side: ModelSide, t: Task) -> EvalResult:
         b = resolve_prepend_bos(pair, t.prepend_bos if prepend_bos is None else prepend_bos)
-        return evaluate(side, t, prepend_bos=b, **kw)
+        return evaluate(side, t, prepend_bos=b, batch_size=batch_size, progress=progress)
 
     base = dict(baselines or {})
     if "source" not in base:
-        base["source"] = evaluate(pair.source, task, prepend_bos=bos, **kw)
+        base["source"] = evaluate(
+            pair.source, task, prepend_bos=bos, batch_size=batch_size, progress=progress
+        )
     if "target" not in base:
-        base["target"] = evaluate(pair.target, task, prepend_bos=bos, **kw)
+        base["target"] = evaluate(
+            pair.target, task, prepend_bos=bos, batch_size=batch_size, progress=progress
+        )
     before = dict(control_before or {})
     for c in control_tasks:
         if c.name not in before:
             before[c.name] = ev(pair.target, c)
-    make = edit or (lambda p, u, a: transplant(p, u, a, kv=kv))
+    make: EditFactory = edit or (lambda p, u, a: transplant(p, u, a, kv=kv))
     after: dict[str, EvalResult] = {}
     with make(pair, unit_list, alpha) if unit_list and alpha != 0 else contextlib.nullcontext():
-        x = evaluate(pair.target, task, prepend_bos=bos, **kw)
+        x = evaluate(pair.target, task, prepend_bos=bos, batch_size=batch_size, progress=progress)
         for c in control_tasks:
             after[c.name] = ev(pair.target, c)
     metrics = transplant_metrics(

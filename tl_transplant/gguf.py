@@ -18,16 +18,21 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from tl_transplant.errors import ModelLoadError
 
+if TYPE_CHECKING:
+    from gguf import GGUFReader
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 GGUF_MAGIC = b"GGUF"
 
 
-def is_gguf(spec: Any) -> bool:
+def is_gguf(spec: object) -> bool:
     """True when ``spec`` names a GGUF file: a path ending in ``.gguf``, or a file with its magic.
 
     A missing path ending in ``.gguf`` counts (so loading it reports the missing
@@ -56,7 +61,7 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _require_gguf_package() -> Any:
+def _require_gguf_package() -> ModuleType:
     try:
         import gguf
     except ImportError as e:
@@ -81,7 +86,7 @@ def _check_file(path: Path) -> None:
         )
 
 
-def _field_value(reader: Any, key: str) -> Any:
+def _field_value(reader: GGUFReader, key: str) -> Any:
     """One scalar metadata value of a GGUFReader (str for strings), or None if absent."""
     from gguf import GGUFValueType
 
@@ -134,7 +139,9 @@ def _check_architecture(arch: str | None, path: Path) -> None:
         )
 
 
-def _tokenizer_in_dir(tokenizer: Any, out_dir: Path | None) -> Any:
+def _tokenizer_in_dir(
+    tokenizer: PreTrainedTokenizerBase, out_dir: Path | None
+) -> PreTrainedTokenizerBase:
     """Save the tokenizer and reload it, so ``name_or_path`` is a real directory."""
     from transformers import AutoTokenizer
 
@@ -149,9 +156,9 @@ def _tokenizer_in_dir(tokenizer: Any, out_dir: Path | None) -> Any:
 def load_gguf(
     path: str | os.PathLike[str],
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     tokenizer_dir: str | os.PathLike[str] | None = None,
-) -> tuple[Any, Any, dict[str, Any]]:
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
     """Dequantize a GGUF file into ``(model, tokenizer, identity)``.
 
     ``model`` is an ordinary ``PreTrainedModel`` in ``dtype`` with eager
@@ -171,7 +178,7 @@ def load_gguf(
         hf = AutoModelForCausalLM.from_pretrained(
             str(path.parent), dtype=dtype, attn_implementation="eager", **kwargs
         )
-        tok = AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
+        tok: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
     except (OSError, ValueError, KeyError, NotImplementedError) as e:
         raise ModelLoadError(f"could not load {str(path)!r} as a causal LM: {e}") from e
     # Dequantized weights are plain floats: drop the GGUF marker so saving and reloading
@@ -180,7 +187,9 @@ def load_gguf(
         if obj is not None and hasattr(obj, "quantization_config"):
             delattr(obj, "quantization_config")
     if getattr(hf, "hf_quantizer", None) is not None:
-        hf.hf_quantizer = None  # marks it quantized, which save_pretrained refuses
+        # marks it quantized, which save_pretrained refuses (nn.Module.__setattr__ is typed
+        # for tensors and modules only)
+        hf.hf_quantizer = None  # type: ignore[assignment]
     hf.config._name_or_path = str(path)
     hf.eval()
     tok = _tokenizer_in_dir(tok, None if tokenizer_dir is None else Path(tokenizer_dir))

@@ -19,12 +19,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float, Int
 
 from tl_transplant.units import UNIT_KINDS, Linear, Unit, UnitKind
+
+if TYPE_CHECKING:
+    from tl_transplant.layouts import ModelLayout
+    from tl_transplant.pair import ModelPair, ModelSide
 
 #: A per-forward hook body: return a replacement tensor (a patch) or ``None`` (keep it).
 Handler = Callable[[torch.Tensor], torch.Tensor | None]
@@ -47,7 +51,9 @@ class HookError(ValueError):
     """A bridge lacks a hook point that is needed (non-standard TransformerLens hook names)."""
 
 
-def kind_hooks(layout: Any, kind: UnitKind, layer: int, *, write: bool = False) -> tuple[str, ...]:
+def kind_hooks(
+    layout: ModelLayout, kind: UnitKind, layer: int, *, write: bool = False
+) -> tuple[str, ...]:
     """Value (or ``write=True``: write) hook names of a head/KV/neuron kind in one layer."""
     points = (WRITE_POINTS if write else VALUE_POINTS).get(kind)
     if points is None:
@@ -56,14 +62,14 @@ def kind_hooks(layout: Any, kind: UnitKind, layer: int, *, write: bool = False) 
     return tuple(layout.hook(p, layer) for p in points)
 
 
-def unit_hooks(layout: Any, unit: Unit, *, write: bool = False) -> tuple[str, ...]:
+def unit_hooks(layout: ModelLayout, unit: Unit, *, write: bool = False) -> tuple[str, ...]:
     """Value (or write) hook names of one unit; a linear's are its output hooks either way."""
     if isinstance(unit, Linear):
         return tuple(layout.linear_hooks(unit))
     return kind_hooks(layout, unit.kind, unit.layer, write=write)
 
 
-def _hooks(layout: Any, units: Iterable[Unit], write: bool) -> list[str]:
+def _hooks(layout: ModelLayout, units: Iterable[Unit], write: bool) -> list[str]:
     groups = dict.fromkeys((u.kind, u.layer) for u in units if not isinstance(u, Linear))
     linears = [u for u in units if isinstance(u, Linear)]
     names: list[str] = []
@@ -74,17 +80,17 @@ def _hooks(layout: Any, units: Iterable[Unit], write: bool) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def value_hooks(layout: Any, units: Iterable[Unit]) -> list[str]:
+def value_hooks(layout: ModelLayout, units: Iterable[Unit]) -> list[str]:
     """Hook names whose values define the activations of ``units`` (deduplicated)."""
     return _hooks(layout, list(units), write=False)
 
 
-def write_hooks(layout: Any, units: Iterable[Unit]) -> list[str]:
+def write_hooks(layout: ModelLayout, units: Iterable[Unit]) -> list[str]:
     """Hook names where the effects of ``units`` enter the forward (gradients, patches)."""
     return _hooks(layout, list(units), write=True)
 
 
-def require_hooks(side: Any, names: Iterable[str], *, why: str,
+def require_hooks(side: ModelSide, names: Iterable[str], *, why: str,
                   error: type[Exception] = HookError) -> None:
     """Raise ``error`` naming the first of ``names`` that ``side``'s bridge lacks."""
     available = side.bridge.hook_dict
@@ -136,7 +142,7 @@ class HookRunner:
     ``error`` is the exception raised for a missing hook point.
     """
 
-    def __init__(self, pair: Any, names: Iterable[str], *,
+    def __init__(self, pair: ModelPair, names: Iterable[str], *,
                  error: type[Exception] = HookError) -> None:
         self.pair = pair
         self.names = sorted(set(names))
@@ -146,7 +152,7 @@ class HookRunner:
         self._stack = contextlib.ExitStack()
 
     def _dispatch(self, name: str) -> Callable[..., torch.Tensor]:
-        def hook(t: torch.Tensor, hook: Any = None) -> torch.Tensor:
+        def hook(t: torch.Tensor, hook: object = None) -> torch.Tensor:
             h = self._handlers.get(name)
             if h is None:
                 return t
@@ -156,7 +162,7 @@ class HookRunner:
         return hook
 
     def _stopper(self, layer: int) -> Callable[..., torch.Tensor]:
-        def hook(t: torch.Tensor, hook: Any = None) -> torch.Tensor:
+        def hook(t: torch.Tensor, hook: object = None) -> torch.Tensor:
             if self._stop_layer is not None and layer >= self._stop_layer:
                 raise _Stop
             return t
@@ -172,7 +178,7 @@ class HookRunner:
         return self
 
     def _install(self) -> None:
-        sides: list[Any] = []
+        sides: list[ModelSide] = []
         for side in self.pair.sides():
             if all(side.bridge is not s.bridge for s in sides):
                 sides.append(side)
@@ -187,12 +193,12 @@ class HookRunner:
                     fwd.append((stop, self._stopper(layer)))
             self._stack.enter_context(side.bridge.hooks(fwd_hooks=fwd))
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._stack.close()
 
     def run(
         self,
-        side: Any,
+        side: ModelSide,
         ids: Int[torch.Tensor, "batch seq"],
         handlers: dict[str, Handler],
         stop_layer: int | None = None,
@@ -213,7 +219,7 @@ class HookRunner:
 
 
 def capture(
-    side: Any,
+    side: ModelSide,
     ids: Int[torch.Tensor, "batch seq"],
     names: Iterable[str],
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -227,7 +233,7 @@ def capture(
     store: dict[str, torch.Tensor] = {}
 
     def rec(name: str) -> Callable[..., torch.Tensor]:
-        def hook(t: torch.Tensor, hook: Any = None) -> torch.Tensor:
+        def hook(t: torch.Tensor, hook: object = None) -> torch.Tensor:
             v = t.detach()
             store[name] = transform(v) if transform is not None else v
             return t

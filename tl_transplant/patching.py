@@ -44,8 +44,8 @@ what the target sees. Beam search (which reorders caches) is not supported.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
-from typing import Any, Literal
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 from jaxtyping import Float
@@ -62,7 +62,15 @@ from tl_transplant.units import (
     unit_sort_key,
 )
 
+if TYPE_CHECKING:
+    from transformers import Cache, PretrainedConfig
+
+    from tl_transplant.layouts import ModelLayout
+    from tl_transplant.pair import ModelPair, ModelSide
+
 PatchMode = Literal["activation", "output"]
+#: A TransformerLens forward hook: ``hook(activation, hook=HookPoint)`` -> activation.
+HookFn = Callable[..., torch.Tensor]
 _CACHE_KEYS = ("cache", "past_key_values")
 
 
@@ -74,7 +82,9 @@ class _StopSource(Exception):
     """Raised from a source hook once every activation needed has been recorded."""
 
 
-def _out_rows(side: Any, layout: Any, unit: Head | Neuron) -> Float[torch.Tensor, "size D"]:
+def _out_rows(
+    side: ModelSide, layout: ModelLayout, unit: Head | Neuron
+) -> Float[torch.Tensor, "size D"]:
     """The unit's block of its output projection as ``[size, D]`` (float32 or wider)."""
     s = layout.output_slice(unit)
     w = side.params[s.param].detach()
@@ -96,7 +106,7 @@ class patch_activations:  # noqa: N801 - a context manager that reads like a fun
 
     def __init__(
         self,
-        pair: Any,
+        pair: ModelPair,
         units: Iterable[Unit | str] | str | Unit,
         alpha: float = 1.0,
         *,
@@ -126,7 +136,7 @@ class patch_activations:  # noqa: N801 - a context manager that reads like a fun
         self._stack: contextlib.ExitStack | None = None
         self._src: dict[str, torch.Tensor] = {}
         self._live: dict[str, torch.Tensor] = {}
-        self._caches: dict[int, tuple[Any, Any]] = {}
+        self._caches: dict[int, tuple[Cache, Cache]] = {}
         self._in_source = False
         self._may_stop = False
         self.n_source_runs = 0  # how many source forwards fed the target (for checks)
@@ -191,15 +201,15 @@ class patch_activations:  # noqa: N801 - a context manager that reads like a fun
                 self._w[(kind, layer)] = (ws, wt)
 
     # ---- hooks ---------------------------------------------------------------------------
-    def _recorder(self, name: str) -> Any:
-        def hook(t: torch.Tensor, hook: Any = None) -> torch.Tensor:
+    def _recorder(self, name: str) -> HookFn:
+        def hook(t: torch.Tensor, hook: object = None) -> torch.Tensor:
             if self._in_source:
                 self._src[name] = t.detach()
             return t
 
         return hook
 
-    def _stopper(self, t: torch.Tensor, hook: Any = None) -> torch.Tensor:
+    def _stopper(self, t: torch.Tensor, hook: object = None) -> torch.Tensor:
         """After the last layer read, end the source forward (unless it fills a cache)."""
         if self._in_source and self._may_stop:
             raise _StopSource
@@ -219,10 +229,10 @@ class patch_activations:  # noqa: N801 - a context manager that reads like a fun
             )
         return s.to(device=like.device, dtype=like.dtype)
 
-    def _substituter(self, name: str, idx: list[int] | None) -> Any:
+    def _substituter(self, name: str, idx: list[int] | None) -> HookFn:
         a = self.alpha
 
-        def hook(t: torch.Tensor, hook: Any = None) -> torch.Tensor:
+        def hook(t: torch.Tensor, hook: object = None) -> torch.Tensor:
             if self._in_source:
                 return t
             s = self._source_value(name, t)
@@ -236,20 +246,20 @@ class patch_activations:  # noqa: N801 - a context manager that reads like a fun
 
         return hook
 
-    def _live_recorder(self, name: str) -> Any:
-        def hook(t: torch.Tensor, hook: Any = None) -> torch.Tensor:
+    def _live_recorder(self, name: str) -> HookFn:
+        def hook(t: torch.Tensor, hook: object = None) -> torch.Tensor:
             if not self._in_source:
                 self._live[name] = t
             return t
 
         return hook
 
-    def _writer(self, kind: UnitKind, layer: int) -> Any:
+    def _writer(self, kind: UnitKind, layer: int) -> HookFn:
         """Output mode: add alpha * (source write - live target write) of the layer's units."""
         act = self._act(kind, layer)
         idx = sorted(self._heads[layer] if kind == "head" else self._neurons[layer])
 
-        def hook(t: torch.Tensor, hook: Any = None) -> torch.Tensor:
+        def hook(t: torch.Tensor, hook: object = None) -> torch.Tensor:
             if self._in_source:
                 return t
             live = self._live.get(act)
@@ -270,7 +280,9 @@ class patch_activations:  # noqa: N801 - a context manager that reads like a fun
 
         return hook
 
-    def _pre_forward(self, module: Any, args: tuple, kwargs: dict) -> None:
+    def _pre_forward(
+        self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
         """Before each target HF forward: run the source on the same inputs and record."""
         if self._in_source:
             return
@@ -294,7 +306,7 @@ class patch_activations:  # noqa: N801 - a context manager that reads like a fun
             self._in_source = False
         self.n_source_runs += 1
 
-    def _source_cache(self, target_cache: Any) -> Any:
+    def _source_cache(self, target_cache: Cache) -> Cache:
         key = id(target_cache)
         if key in self._caches and self._caches[key][0] is target_cache:
             return self._caches[key][1]
@@ -324,11 +336,15 @@ class patch_activations:  # noqa: N801 - a context manager that reads like a fun
         stop = pair.layout.hook("resid_post", self._last_layer)
         if self._last_layer < pair.layout.n_layers - 1 and stop in pair.source.bridge.hook_dict:
             src_hooks.append((stop, self._stopper))
-        tgt_hooks: list[tuple[str, Any]] = [
+        tgt_hooks: list[tuple[str, HookFn]] = [
             (n, self._substituter(n, idx)) for n, idx in self._subst.items()
         ]
         if self.mode == "output":
-            for kind, layers in (("head", self._heads), ("neuron", self._neurons)):
+            by_kind: tuple[tuple[UnitKind, dict[int, list[int]]], ...] = (
+                ("head", self._heads),
+                ("neuron", self._neurons),
+            )
+            for kind, layers in by_kind:
                 for layer in layers:
                     act = self._act(kind, layer)
                     tgt_hooks.append((act, self._live_recorder(act)))
@@ -345,7 +361,7 @@ class patch_activations:  # noqa: N801 - a context manager that reads like a fun
         self._stack = stack
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self._stack is not None:
             self._stack.close()
         self._stack = None
@@ -359,17 +375,17 @@ class patch_activations:  # noqa: N801 - a context manager that reads like a fun
         )
 
 
-def _cache_len(cache: Any) -> int:
+def _cache_len(cache: Cache) -> int:
     try:
         return int(cache.get_seq_length())
     except (AttributeError, TypeError, IndexError):
         return 0
 
 
-def _fresh_cache(like: Any, config: Any) -> Any:
+def _fresh_cache(like: Cache, config: PretrainedConfig) -> Cache:
     """An empty cache of the same kind as ``like`` for the source model."""
     try:
-        return type(like)(config=config)
+        return cast(Any, type(like))(config=config)  # DynamicCache(config=...) and kin
     except TypeError:
         import copy
 

@@ -25,9 +25,9 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
-from tl_transplant.sweeps import register_report_writer
+from tl_transplant.sweeps import SweepResult, TaskLike, register_report_writer
 from tl_transplant.units import Head, Neuron, Unit, parse_units
 from tl_transplant.viz import (
     CircuitsVisView,
@@ -40,6 +40,16 @@ from tl_transplant.viz import (
     score_heatmap,
     sweep_plot,
 )
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from tl_transplant.pair import ModelPair
+    from tl_transplant.scoring.scores import Scores
+    from tl_transplant.tasks import Task
+
+#: ``scores=`` of :func:`write_report`: one Scores, a list, or ``{method: Scores}``.
+ScoresArg: TypeAlias = "Scores | Sequence[Scores] | Mapping[str, Scores] | None"
 
 _CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:0;color:#1f2328;
@@ -108,7 +118,7 @@ def _kv(items: Sequence[tuple[str, Any]]) -> str:
     ) + "</div>"
 
 
-def _png(fig: Any, alt: str) -> str:
+def _png(fig: Figure, alt: str) -> str:
     data = base64.b64encode(figure_png(fig)).decode("ascii")
     return f'<img class="fig" alt="{_e(alt)}" src="data:image/png;base64,{data}">'
 
@@ -122,21 +132,22 @@ def _chips(units: Sequence[str]) -> str:
     return '<div class="chips">' + "".join(out) + "</div>"
 
 
-def _scores_items(scores: Any) -> list[tuple[str, Any]]:
+def _scores_items(scores: object) -> list[tuple[str, Scores]]:
     if scores is None:
         return []
     if isinstance(scores, Mapping):
         return [(str(k), v) for k, v in scores.items() if hasattr(v, "as_grid")]
     if hasattr(scores, "as_grid"):
-        return [(str(getattr(scores, "method", "scores")), scores)]
+        return [(str(getattr(scores, "method", "scores")), cast("Scores", scores))]
     if isinstance(scores, (list, tuple)):
         return [(str(getattr(s, "method", f"scores{i}")), s) for i, s in enumerate(scores)
                 if hasattr(s, "as_grid")]
     return []
 
 
-def _task_parts(task: Any) -> tuple[Any, Any]:
+def _task_parts(given: TaskLike | None) -> tuple[Task | None, Task | None]:
     """(dev, test) Tasks from a Task, Splits-like object or (dev, test) tuple; (task, None)."""
+    task: Any = given  # duck-typed, as in sweeps._splits
     if task is None:
         return None, None
     if hasattr(task, "dev") and hasattr(task, "test"):
@@ -146,7 +157,7 @@ def _task_parts(task: Any) -> tuple[Any, Any]:
     return task, None
 
 
-def _pick(best_units: Sequence[Unit], scored: list[tuple[str, Any]], cls: type, n: int
+def _pick(best_units: Sequence[Unit], scored: list[tuple[str, Scores]], cls: type, n: int
           ) -> list[Unit]:
     """Units of one class: those in the choice first (by score if known), then top-scored."""
     chosen = [u for u in best_units if isinstance(u, cls)]
@@ -165,10 +176,10 @@ def _pick(best_units: Sequence[Unit], scored: list[tuple[str, Any]], cls: type, 
 def write_report(
     out: str | Path,
     *,
-    sweep_result: Any,
-    pair: Any = None,
-    task: Any = None,
-    scores: Any = None,
+    sweep_result: SweepResult,
+    pair: ModelPair | None = None,
+    task: TaskLike | None = None,
+    scores: ScoresArg = None,
     n_heads: int = 4,
     n_neurons: int = 4,
     n_prompts: int = 2,
@@ -275,9 +286,9 @@ def write_report(
                 body += "".join(f'<div class="note">{_e(n)}</div>' for n in m.notes)
         if len(res.best_by_method) > 1:
             recs = []
-            for meth, r in res.best_by_method.items():
-                tm = r.test.metrics if r.test is not None else None
-                recs.append({"method": meth, "k": r.k, "alpha": r.alpha, "dev": r.metric,
+            for meth, row in res.best_by_method.items():
+                tm = row.test.metrics if row.test is not None else None
+                recs.append({"method": meth, "k": row.k, "alpha": row.alpha, "dev": row.metric,
                              "test": None if tm is None else tm.transplanted,
                              "test recovery": None if tm is None else tm.recovery})
             body += "<h3>Best per method</h3>" + frame_to_html(pd.DataFrame(recs), 4)
@@ -403,8 +414,8 @@ def write_report(
         f"<b>{_e(tgt)}</b> · generated {now} by tl_transplant {__version__}</div></header>",
         f"<nav>{nav}</nav><main>",
     ]
-    for anchor, t, b in sections:
-        page.append(f'<section id="{anchor}"><h2>{_e(t)}</h2>{b}</section>')
+    for anchor, heading_text, b in sections:
+        page.append(f'<section id="{anchor}"><h2>{_e(heading_text)}</h2>{b}</section>')
     page.append(
         f'<script type="application/json" id="tlt-results">{js_literal(res.to_dict(), 8)}</script>'
     )

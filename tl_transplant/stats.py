@@ -91,7 +91,7 @@ def recovery(
 
 
 def bootstrap_means(
-    arrays: Sequence[np.ndarray], *, n_boot: int = DEFAULT_N_BOOT, seed: int = 0
+    arrays: Sequence[np.ndarray | Sequence[float]], *, n_boot: int = DEFAULT_N_BOOT, seed: int = 0
 ) -> Float[np.ndarray, "n_boot n_arrays"]:
     """Means of paired resamples: one index draw per replicate, shared by all arrays."""
     arrs = [np.asarray(a, dtype=np.float64) for a in arrays]

@@ -12,19 +12,23 @@ them without importing each other or the report.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tl_transplant.sweeps import SweepResult
 
 NO_CHOICE = "no configuration met the retention constraint"
 
 
-def _value_ci(v: float | None, ci: Any) -> str:
+def _value_ci(v: float | None, ci: Sequence[float] | None) -> str:
     """``0.512 [0.4, 0.61]`` (3 significant digits), ``undefined`` for None."""
     if v is None:
         return "undefined"
     return f"{v:.3g}" + (f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else "")
 
 
-def format_sweep_summary(result: Any) -> str:
+def format_sweep_summary(result: SweepResult) -> str:
     """``SweepResult.summary()``: baselines on dev, the choice on dev, and its test numbers."""
     d, t = result.baselines["dev"], result.baselines.get("test", {})
     lines = [
@@ -63,7 +67,7 @@ def _fmt(v: Any, nd: int = 3) -> str:
     return f"{v:.{nd}f}" if isinstance(v, float) else str(v)
 
 
-def format_table(results: dict[str, Any], sweep_result: Any = None) -> str:
+def format_table(results: dict[str, Any], sweep_result: SweepResult | None = None) -> str:
     """``RunResult.table()`` (what the CLI prints), from the run's ``results.json`` dict.
 
     Baselines; best K and alpha per method; test TIR, recovery with CI, and retention.

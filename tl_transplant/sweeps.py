@@ -31,12 +31,19 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, cast, overload, runtime_checkable
 
-from tl_transplant.evaluation import EvalResult, TransplantReport, evaluate, evaluate_transplant
+from tl_transplant.evaluation import (
+    EditFactory,
+    EvalResult,
+    TransplantReport,
+    UnitsLike,
+    evaluate,
+    evaluate_transplant,
+)
 from tl_transplant.stats import (
     DEFAULT_GAP_TOL,
     DEFAULT_N_BOOT,
@@ -49,17 +56,55 @@ from tl_transplant.tasks import Task
 from tl_transplant.tokens import resolve_prepend_bos
 from tl_transplant.units import Unit, normalize_kinds, parse_units
 
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure, SubFigure
+
+    from tl_transplant.edits import KVMode
+    from tl_transplant.pair import ModelPair, ModelSide
+
+#: Unit kinds as :func:`~tl_transplant.units.normalize_kinds` takes them (None: all).
+Kinds: TypeAlias = "str | Iterable[str] | None"
+
+
+@runtime_checkable
+class RankedSource(Protocol):
+    """What :func:`sweep` needs of a scores object (a :class:`~tl_transplant.Scores` is one)."""
+
+    def top(self, k: int, kinds: Kinds = None) -> Sequence[Unit | str]: ...
+
+
+@runtime_checkable
+class HasSplits(Protocol):
+    """Given dev/test splits of a task (e.g. the zoo's ``Splits``)."""
+
+    @property
+    def dev(self) -> Task: ...
+
+    @property
+    def test(self) -> Task: ...
+
+
+#: A task to split here, its given splits, or a ``(dev, test)`` tuple.
+TaskLike: TypeAlias = "Task | HasSplits | tuple[Task, Task] | list[Task]"
+#: ``scores`` as :func:`sweep` takes it (see its docstring).
+ScoresLike: TypeAlias = (
+    "RankedSource | Sequence[RankedSource] | UnitsLike "
+    "| Mapping[str, RankedSource | Sequence[Unit | str] | str]"
+)
+
 _TIE_DECIMALS = 12
 
 
 class RankedUnits:
     """A plain ranked list of units as a scores object: ``top(k, kinds)`` filters then cuts."""
 
-    def __init__(self, units: Any, method: str = "ranked") -> None:
+    def __init__(self, units: UnitsLike, method: str = "ranked") -> None:
         self.units = parse_units(units)
         self.method = method
 
-    def top(self, k: int, kinds: Any = None) -> list[Unit]:
+    def top(self, k: int, kinds: Kinds = None) -> list[Unit]:
         allowed = normalize_kinds(kinds)
         return [u for u in self.units if u.kind in allowed][: int(k)]
 
@@ -67,14 +112,14 @@ class RankedUnits:
         return f"RankedUnits({self.method!r}, n={len(self.units)})"
 
 
-def _is_unit_like(x: Any) -> bool:
+def _is_unit_like(x: object) -> bool:
     return isinstance(x, str) or hasattr(x, "kind") and hasattr(x, "layer")
 
 
-def _methods(scores: Any) -> list[tuple[str, Any]]:
+def _methods(scores: ScoresLike) -> list[tuple[str, RankedSource]]:
     """Normalize ``scores`` to ``[(method name, object with .top)]``."""
     if isinstance(scores, Mapping):
-        items = [(str(k), v) for k, v in scores.items()]
+        items: list[tuple[str | None, Any]] = [(str(k), v) for k, v in scores.items()]
     elif hasattr(scores, "top"):
         items = [(None, scores)]
     elif isinstance(scores, (list, tuple)) and scores and all(hasattr(s, "top") for s in scores):
@@ -88,7 +133,7 @@ def _methods(scores: Any) -> list[tuple[str, Any]]:
             "scores must be an object with .top(k, kinds=...), a ranked list of units, a list "
             f"of scores objects or a {{method: scores}} mapping; got {type(scores).__name__}"
         )
-    out: list[tuple[str, Any]] = []
+    out: list[tuple[str, RankedSource]] = []
     for name, obj in items:
         if isinstance(obj, (list, tuple, str)):
             obj = RankedUnits(obj, method=name or "ranked")
@@ -102,13 +147,14 @@ def _methods(scores: Any) -> list[tuple[str, Any]]:
     return out
 
 
-def _splits(t: Any, dev_fraction: float, seed: int, what: str) -> tuple[str, Task, Task]:
+def _splits(t: TaskLike, dev_fraction: float, seed: int, what: str) -> tuple[str, Task, Task]:
     """``(name, dev, test)`` from a Task (split here) or given splits (.dev/.test, or a pair)."""
     if isinstance(t, Task):
         dev, test = t.split(dev_fraction, seed)
         return t.name, dev, test
     if hasattr(t, "dev") and hasattr(t, "test"):
-        dev, test = t.dev, t.test
+        given = cast("HasSplits", t)
+        dev, test = given.dev, given.test
     elif isinstance(t, (tuple, list)) and len(t) == 2:
         dev, test = t
     else:
@@ -124,7 +170,7 @@ def _splits(t: Any, dev_fraction: float, seed: int, what: str) -> tuple[str, Tas
     return name, dev, test
 
 
-def _top(obj: Any, k: int, kinds: Any) -> list[Unit]:
+def _top(obj: RankedSource, k: int, kinds: Kinds) -> list[Unit]:
     if k == 0:
         return []
     got = obj.top(k) if kinds is None else obj.top(k, kinds=kinds)
@@ -207,7 +253,7 @@ def _feasible(row: SweepRow, max_drop: float | None) -> bool:
 
 def pareto_front(rows: Sequence[SweepRow]) -> list[SweepRow]:
     """Rows not dominated in (dev metric, -max drop); one per identical point (tie rule)."""
-    pts = {}
+    pts: dict[tuple[float, float], SweepRow] = {}
     for r in sorted(rows, key=lambda r: r.key()):
         p = (round(r.metric, _TIE_DECIMALS), -round(r.max_drop, _TIE_DECIMALS))
         pts.setdefault(p, r)
@@ -270,7 +316,7 @@ class SweepResult:
         return format_sweep_summary(self)
 
     # ---- tables ---------------------------------------------------------------------
-    def to_frame(self) -> Any:
+    def to_frame(self) -> pd.DataFrame:
         """One row per (method, K, alpha) with dev numbers; ``best`` marks the choice."""
         import pandas as pd
 
@@ -298,7 +344,7 @@ class SweepResult:
             recs.append(rec)
         return pd.DataFrame.from_records(recs)
 
-    def by_method(self) -> Any:
+    def by_method(self) -> pd.DataFrame:
         """Methods side by side at equal K: the best-over-alpha dev metric (K x method)."""
         df = self.to_frame()
         return df.pivot_table(
@@ -341,7 +387,12 @@ class SweepResult:
         )
 
     # ---- figures --------------------------------------------------------------------
-    def plot(self, ax: Any = None) -> Any:
+    @overload
+    def plot(self, ax: None = None) -> Figure: ...
+    @overload
+    def plot(self, ax: Axes) -> Figure | SubFigure: ...
+
+    def plot(self, ax: Axes | None = None) -> Figure | SubFigure:
         """Dev metric vs K, one line per alpha (one panel per method), with baselines.
 
         Uses matplotlib's object API with the Agg canvas (no pyplot, no global
@@ -353,12 +404,13 @@ class SweepResult:
         from matplotlib.figure import Figure
 
         methods = self.methods
+        fig: Figure | SubFigure
         if ax is None:
             fig = Figure(figsize=(4.2 * len(methods) + 0.8, 3.6), layout="constrained")
             FigureCanvasAgg(fig)
             axes = fig.subplots(1, len(methods), sharey=True, squeeze=False)[0]
         else:
-            fig, axes = ax.figure, [ax] * len(methods)
+            fig, axes = ax.figure, [ax] * len(methods)  # a Figure, or a SubFigure's
         alphas = sorted({r.alpha for r in self.rows})
         colors = [f"C{i}" for i in range(10)]
         dev = self.baselines["dev"]
@@ -444,18 +496,18 @@ def register_report_writer(write: Callable[..., Any]) -> None:
 
 
 def sweep(
-    pair: Any,
-    task: Task | Any,
-    scores: Any,
+    pair: ModelPair,
+    task: TaskLike,
+    scores: ScoresLike,
     ks: Sequence[int] = (8, 16, 32, 64, 128),
     alphas: Sequence[float] = (1.0,),
-    control_tasks: Sequence[Task | Any] = (),
+    control_tasks: Sequence[TaskLike] = (),
     dev_fraction: float = 0.5,
-    units: Any = None,
+    units: Kinds = None,
     max_retention_drop: float | None = None,
     seed: int = 0,
     *,
-    kv: str = "group",
+    kv: KVMode = "group",
     prepend_bos: bool | str | None = None,
     batch_size: int = 16,
     progress: bool = True,
@@ -463,7 +515,7 @@ def sweep(
     level: float = 0.95,
     gap_tol: float = DEFAULT_GAP_TOL,
     report_each_method: bool = True,
-    edit: Callable[..., Any] | None = None,
+    edit: EditFactory | None = None,
 ) -> SweepResult:
     """Evaluate every (method, K, alpha) on dev, choose on dev, report the choice on test.
 
@@ -499,13 +551,13 @@ def sweep(
     names = [c[0] for c in controls]
     if len(set(names)) != len(names) or name in names:
         raise ValueError(f"control tasks need distinct names, different from the task: {names}")
-    make = edit or (lambda p, u, a: transplant(p, u, a, kv=kv))
+    make: EditFactory = edit or (lambda p, u, a: transplant(p, u, a, kv=kv))
     n_active = len(getattr(pair, "active", []))
 
     def bos_for(t: Task) -> bool:
         return resolve_prepend_bos(pair, t.prepend_bos if prepend_bos is None else prepend_bos)
 
-    def ev(side: Any, t: Task) -> EvalResult:
+    def ev(side: ModelSide, t: Task) -> EvalResult:
         return evaluate(side, t, prepend_bos=bos_for(t), batch_size=batch_size, progress=False)
 
     notes: list[str] = []

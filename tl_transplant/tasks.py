@@ -50,7 +50,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -64,6 +64,10 @@ from tl_transplant.tokens import (
     encode,
     encode_choices,
 )
+
+if TYPE_CHECKING:
+    import datasets
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 METRICS = ("next_token_acc", "answer_logprob", "logit_diff", "exact_match", "mc_logprob")
 
@@ -378,11 +382,11 @@ class Task:
             return f"example {i} ({labels[j]})"
         return f"example {i}"
 
-    def encode(self, tokenizer: Any, prepend_bos: bool) -> Encoded:
+    def encode(self, tokenizer: PreTrainedTokenizerBase, prepend_bos: bool) -> Encoded:
         """Teacher-forced batch of ``[BOS] prompt answer`` for all examples."""
         return encode(tokenizer, self.prompts, self.answers, prepend_bos=prepend_bos)
 
-    def encode_choices(self, tokenizer: Any, prepend_bos: bool) -> ChoiceBatch:
+    def encode_choices(self, tokenizer: PreTrainedTokenizerBase, prepend_bos: bool) -> ChoiceBatch:
         """For ``mc_logprob``: one ``[BOS] prompt choice`` row per (example, choice)."""
         if self.choices is None:
             raise ValueError(f"task {self.name!r} has no choices")
@@ -403,7 +407,12 @@ class Task:
         else:
             check_context(enc, limit, self.name, label=self.row_label, extra=extra)
 
-    def check_fits(self, tokenizer: Any, prepend_bos: bool, hf_config: Any) -> None:
+    def check_fits(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        prepend_bos: bool,
+        hf_config: PretrainedConfig | dict | None,
+    ) -> None:
         """Raise before any forward if an example is longer than the model's context.
 
         Encodes as the metric will (choices for ``mc_logprob``; the prompt plus
@@ -426,7 +435,7 @@ class Task:
     # ---- derived tasks ----------------------------------------------------------------
     def replace(self, **changes: Any) -> Task:
         """A copy with some fields changed (e.g. ``task.replace(metric="exact_match")``)."""
-        kw = dict(
+        kw: dict[str, Any] = dict(
             name=self.name,
             prompts=list(self.prompts),
             answers=list(self.answers),
@@ -588,7 +597,7 @@ class Task:
     @classmethod
     def from_dataset(
         cls,
-        data: Any,
+        data: datasets.Dataset | datasets.DatasetDict | str | Path,
         prompt_field: str = "prompt",
         answer_field: str = "answer",
         *,
@@ -733,13 +742,13 @@ def _check_utf8(path: Path) -> str:
         ) from None
 
 
-def _pick_split(dd: Any, split: str, what: str) -> Any:
+def _pick_split(dd: datasets.DatasetDict, split: str, what: str) -> datasets.Dataset:
     if split not in dd:
         raise ValueError(f"{what} has no split {split!r} (splits: {', '.join(dd)})")
     return dd[split]
 
 
-def _load_folder(path: Path, split: str, config_name: str | None) -> Any:
+def _load_folder(path: Path, split: str, config_name: str | None) -> datasets.Dataset:
     """A ``save_to_disk`` folder (Dataset or DatasetDict), else a folder of data files."""
     import datasets
 
@@ -763,7 +772,7 @@ def _load_folder(path: Path, split: str, config_name: str | None) -> Any:
     return ds
 
 
-def _load_hub(name: str, split: str, config_name: str | None) -> Any:
+def _load_hub(name: str, split: str, config_name: str | None) -> datasets.Dataset:
     """``datasets.load_dataset(name, config_name, split=split)`` with an actionable error."""
     import datasets
 
@@ -858,7 +867,13 @@ def _words(words: Sequence[str] | None, need: int, task: str) -> list[str]:
     return ws
 
 
-def _successor(rng: np.random.Generator, ws: list[str], span: int = 3, n_answer: int = 1):
+#: (prompt words, answer words, wrong-answer words) of one generated example.
+_Example = tuple[list[str], list[str], list[str]]
+
+
+def _successor(
+    rng: np.random.Generator, ws: list[str], span: int = 3, n_answer: int = 1
+) -> _Example:
     start = int(rng.integers(0, len(ws) - span - n_answer + 1))
     prompt = ws[start : start + span]
     answer = ws[start + span : start + span + n_answer]
@@ -867,7 +882,7 @@ def _successor(rng: np.random.Generator, ws: list[str], span: int = 3, n_answer:
 
 def _induction(
     rng: np.random.Generator, ws: list[str], length: int = 6, repeat: int = 2, n_answer: int = 1
-):
+) -> _Example:
     if repeat + n_answer > length:
         raise ValueError("induction: repeat + n_answer must be <= length")
     seq = [ws[int(i)] for i in rng.choice(len(ws), size=length, replace=False)]
@@ -877,7 +892,7 @@ def _induction(
     return prompt, answer, [others[int(rng.integers(len(others)))]]
 
 
-def _lookup(rng: np.random.Generator, ws: list[str], n_pairs: int = 3):
+def _lookup(rng: np.random.Generator, ws: list[str], n_pairs: int = 3) -> _Example:
     pick = [ws[int(i)] for i in rng.choice(len(ws), size=2 * n_pairs, replace=False)]
     keys, vals = pick[:n_pairs], pick[n_pairs:]
     q = int(rng.integers(n_pairs))
@@ -886,7 +901,7 @@ def _lookup(rng: np.random.Generator, ws: list[str], n_pairs: int = 3):
     return prompt, [vals[q]], [wrong]
 
 
-def _first(rng: np.random.Generator, ws: list[str], length: int = 4):
+def _first(rng: np.random.Generator, ws: list[str], length: int = 4) -> _Example:
     seq = [ws[int(i)] for i in rng.choice(len(ws), size=length, replace=False)]
     return seq, [seq[0]], [seq[-1]]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -18,6 +18,19 @@ from tl_transplant.layouts import (
     supported_model_types,
     tiny_config_kwargs,
 )
+
+if TYPE_CHECKING:
+    from transformers import (
+        PretrainedConfig,
+        PreTrainedModel,
+        PreTrainedTokenizerBase,
+    )
+
+    from tl_transplant.layouts import ModelLayout
+    from tl_transplant.pair import ModelSide
+    from tl_transplant.units import Unit
+
+_M = TypeVar("_M", bound=torch.nn.Module)
 
 #: Every supported HF model type: each has a tiny config in its FamilyLayout's ``tiny``.
 #: Derived from the layout table at import; :func:`tiny_model_types` sees later registrations.
@@ -29,7 +42,9 @@ def tiny_model_types() -> list[str]:
     return supported_model_types()
 
 
-def word_tokenizer(path: str | Path, words: list[str] | None = None, n_words: int = 92) -> Any:
+def word_tokenizer(
+    path: str | Path, words: list[str] | None = None, n_words: int = 92
+) -> PreTrainedTokenizerBase:
     """A whitespace word-level fast tokenizer, saved to ``path`` and reloaded from there.
 
     Ids 0-3 are ``<pad> <bos> <eos> <unk>``; then ``words`` (default ``w0 .. w{n-1}``).
@@ -59,7 +74,7 @@ def word_tokenizer(path: str | Path, words: list[str] | None = None, n_words: in
     return AutoTokenizer.from_pretrained(path)
 
 
-def tiny_config(family: str, vocab_size: int = 96, **overrides: Any) -> Any:
+def tiny_config(family: str, vocab_size: int = 96, **overrides: Any) -> PretrainedConfig:
     """A 2-layer config of an HF model type, from its layout table's ``tiny`` entry
     (GQA with 4 query / 2 KV heads where the architecture supports it)."""
     from transformers import AutoConfig
@@ -77,7 +92,7 @@ def tiny_config(family: str, vocab_size: int = 96, **overrides: Any) -> Any:
     return cfg
 
 
-def tiny_model(family: str, seed: int = 0, **overrides: Any) -> Any:
+def tiny_model(family: str, seed: int = 0, **overrides: Any) -> PreTrainedModel:
     """A randomly initialised tiny causal LM (float32, eval mode, eager attention)."""
     from transformers import AutoModelForCausalLM
 
@@ -96,7 +111,7 @@ def tiny_model(family: str, seed: int = 0, **overrides: Any) -> Any:
     return model.eval()
 
 
-def perturbed_copy(model: Any, scale: float = 0.05, seed: int = 1) -> Any:
+def perturbed_copy(model: _M, scale: float = 0.05, seed: int = 1) -> _M:
     """A copy of ``model`` with every floating tensor nudged by Gaussian noise."""
     gen = torch.Generator().manual_seed(seed)
     other = copy.deepcopy(model)
@@ -106,7 +121,9 @@ def perturbed_copy(model: Any, scale: float = 0.05, seed: int = 1) -> Any:
     return other
 
 
-def save_tiny(model: Any, tokenizer: Any, path: str | Path) -> Path:
+def save_tiny(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path
+) -> Path:
     """Save a model and tokenizer as an HF directory (safetensors)."""
     path = Path(path)
     model.save_pretrained(path, safe_serialization=True)
@@ -123,7 +140,7 @@ def tiny_pair_dirs(family: str, root: str | Path, seed: int = 0) -> tuple[Path, 
     return save_tiny(source, tok, root / "source"), save_tiny(target, tok, root / "target")
 
 
-def snapshot_side(side: Any) -> dict[str, torch.Tensor]:
+def snapshot_side(side: ModelSide) -> dict[str, torch.Tensor]:
     """Clones of a side's HF tensors and its bridge's state (to prove bit-exact restores)."""
     snap = {f"p:{k}": v.detach().clone() for k, v in side.params.items()}
     snap.update({f"b:{k}": v.detach().clone() for k, v in side.bridge.state_dict().items()})
@@ -135,7 +152,7 @@ def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def check_family(model_type: str, tokenizer: Any) -> None:
+def check_family(model_type: str, tokenizer: PreTrainedTokenizerBase) -> None:
     """The per-family checks, runnable on any registered model type (e.g. a new table entry).
 
     Builds two tiny models of ``model_type`` that differ only inside unit slices,
@@ -164,7 +181,7 @@ def check_family(model_type: str, tokenizer: Any) -> None:
     _check_coverage(pair.layout, pair.units(kinds), model_type)
     ids = torch.tensor([[1, 5, 9, 14, 20, 7, 33, 41]])
 
-    def logits(side: Any) -> torch.Tensor:
+    def logits(side: ModelSide) -> torch.Tensor:
         with torch.no_grad():
             return side.bridge(ids, return_type="logits")
 
@@ -183,7 +200,7 @@ def check_family(model_type: str, tokenizer: Any) -> None:
     assert same_state(snap, snapshot_side(pair.target)), f"{model_type}: revert was not exact"
 
 
-def _check_coverage(layout: Any, units: list[Any], model_type: str) -> None:
+def _check_coverage(layout: ModelLayout, units: list[Unit], model_type: str) -> None:
     """Every element of every unit tensor lies in some unit's slice (output biases aside)."""
     exempt = {
         layout.param_name(layer, layout.output_linear(k) + ".bias")

@@ -18,15 +18,23 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 import torch
 from jaxtyping import Float, Int
 
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+    from tl_transplant.pair import ModelPair, ModelSide
+
 PrependBos = bool | Literal["auto"]
 
 
-def resolve_prepend_bos(side_or_pair: Any, setting: PrependBos | str | None = "auto") -> bool:
+def resolve_prepend_bos(
+    side_or_pair: ModelSide | ModelPair | None,
+    setting: PrependBos | str | None = "auto",
+) -> bool:
     """Resolve ``"auto"``/``True``/``False`` (also ``"true"``/``"false"``) to a bool."""
     if isinstance(setting, str):
         low = setting.strip().lower()
@@ -39,7 +47,7 @@ def resolve_prepend_bos(side_or_pair: Any, setting: PrependBos | str | None = "a
         else:
             raise ValueError(f"prepend_bos must be 'auto', true or false, got {setting!r}")
     if setting is None or setting == "auto":
-        side = getattr(side_or_pair, "target", side_or_pair)
+        side = cast("ModelSide", getattr(side_or_pair, "target", side_or_pair))
         return bool(side.prepend_bos)
     return bool(setting)
 
@@ -65,7 +73,7 @@ class Encoded:
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
-    def to(self, device: Any) -> Encoded:
+    def to(self, device: torch.device | str) -> Encoded:
         return Encoded(
             self.input_ids.to(device),
             self.prompt_len.to(device),
@@ -83,7 +91,7 @@ class Encoded:
 
 
 def encode(
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     answers: Sequence[str] | None = None,
     *,
@@ -158,7 +166,7 @@ def first_answer_token(enc: Encoded) -> Int[torch.Tensor, " batch"]:
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length")
 
 
-def context_limit(hf_config: Any) -> int | None:
+def context_limit(hf_config: PretrainedConfig | dict | None) -> int | None:
     """The model's context length from its HF config (``max_position_embeddings``,
     ``n_positions``, ...), or None when it declares none (treated as unlimited)."""
     for cfg in (hf_config, getattr(hf_config, "text_config", None)):
@@ -223,7 +231,7 @@ class ChoiceBatch:
 
 
 def encode_choices(
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     choices: Sequence[Sequence[str]],
     *,

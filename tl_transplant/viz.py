@@ -23,6 +23,7 @@ Figures use matplotlib's object API with the Agg canvas (no pyplot state).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import html
 import json
@@ -31,14 +32,31 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, cast, overload
 
 import torch
 from jaxtyping import Float
 
 from tl_transplant.hooks import capture
 from tl_transplant.tokens import encode, resolve_prepend_bos
-from tl_transplant.units import Head, Neuron, Unit, parse_units
+from tl_transplant.units import Head, Linear, Neuron, Unit, parse_units
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure, SubFigure
+    from transformers import PreTrainedTokenizerBase
+
+    from tl_transplant.edits import KVMode
+    from tl_transplant.evaluation import UnitsLike
+    from tl_transplant.pair import ModelPair, ModelSide
+    from tl_transplant.scoring.scores import Scores
+    from tl_transplant.sweeps import SweepResult
+
+#: ``transplant=`` of the views: None/True (the units shown), False (no third model),
+#: units to transplant, or a ready context manager (``transplant(...)``, ``patch_activations``).
+EditArg: TypeAlias = "bool | None | UnitsLike | contextlib.AbstractContextManager[object]"
+_Fig = TypeVar("_Fig", bound="Figure | SubFigure")
 
 SIDES = ("source", "target", "transplanted")
 SEPARATOR = "  |  "  # between prompts in one ColoredTokens panel (value 0)
@@ -156,7 +174,7 @@ def _numeric(v: Any) -> bool:
     )
 
 
-def frame_to_html(df: Any, digits: int = 3, highlight: Iterable[int] = ()) -> str:
+def frame_to_html(df: pd.DataFrame, digits: int = 3, highlight: Iterable[int] = ()) -> str:
     """A small pandas DataFrame as an escaped HTML table (no index); ``highlight``: row numbers."""
     if df is None or len(df) == 0:
         return ""
@@ -249,10 +267,10 @@ class CircuitsVisView:
 # ---- shared helpers ------------------------------------------------------------------------
 
 
-def str_tokens(tokenizer: Any, ids: Sequence[int]) -> list[str]:
+def str_tokens(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> list[str]:
     """Each token as text; word-level tokenizers (decode joins with spaces) get a leading space."""
     ids = [int(i) for i in ids]
-    pieces = [tokenizer.decode([i]) for i in ids]
+    pieces = [str(tokenizer.decode([i])) for i in ids]
     if len(pieces) > 1:
         full = tokenizer.decode(ids)
         if full != "".join(pieces) and full == " ".join(pieces):
@@ -266,7 +284,7 @@ def short_name(name: str) -> str:
     return Path(text).name if text.startswith(("/", ".", "~")) else text
 
 
-def _side_titles(pair: Any, label: str) -> dict[str, str]:
+def _side_titles(pair: ModelPair, label: str) -> dict[str, str]:
     return {
         "source": f"source · {short_name(pair.source.name)}",
         "target": f"target · {short_name(pair.target.name)}",
@@ -274,16 +292,16 @@ def _side_titles(pair: Any, label: str) -> dict[str, str]:
     }
 
 
-def _as_units(units: Any, what: str) -> list[Unit]:
+def _as_units(units: object, what: str) -> list[Unit]:
     if hasattr(units, "top") and not isinstance(units, (str, list, tuple)):
         raise TypeError(
             f"{what}: pass units (e.g. scores.top(4, kinds='head')), not a scores object"
         )
-    return list(dict.fromkeys(parse_units(units)))
+    return list(dict.fromkeys(parse_units(cast("UnitsLike", units))))
 
 
-def _edit_context(pair: Any, transplant: Any, default_units: list[Unit], alpha: float,
-                  kv: str) -> tuple[Any, str]:
+def _edit_context(pair: ModelPair, transplant: EditArg, default_units: list[Unit], alpha: float,
+                  kv: KVMode) -> tuple[contextlib.AbstractContextManager[object], str]:
     """The context that makes the 'transplanted' model, and a label for it."""
     from tl_transplant.edits import transplant as weight_transplant
     from tl_transplant.patching import patch_activations
@@ -294,7 +312,8 @@ def _edit_context(pair: Any, transplant: Any, default_units: list[Unit], alpha: 
         patched = isinstance(transplant, patch_activations)
         label = "activation-patched" if patched else "transplanted"
         a = getattr(transplant, "alpha", None)
-        return transplant, label + (f" (α={a:g})" if isinstance(a, float) else "")
+        cm = cast(contextlib.AbstractContextManager[object], transplant)
+        return cm, label + (f" (α={a:g})" if isinstance(a, float) else "")
     else:
         units = _as_units(transplant, "transplant")
     if not units:
@@ -306,12 +325,13 @@ def _edit_context(pair: Any, transplant: Any, default_units: list[Unit], alpha: 
     )
 
 
-def _capture(side: Any, ids: torch.Tensor, names: Iterable[str]) -> dict[str, torch.Tensor]:
+def _capture(side: ModelSide, ids: torch.Tensor, names: Iterable[str]) -> dict[str, torch.Tensor]:
     """One forward of the side's bridge, recording the given hook points (float32, CPU)."""
     return capture(side, ids, names, transform=lambda t: t.float().cpu())
 
 
-def _three_runs(pair: Any, ids: torch.Tensor, names: list[str], edit: Any
+def _three_runs(pair: ModelPair, ids: torch.Tensor, names: list[str],
+                edit: contextlib.AbstractContextManager[object] | None
                 ) -> dict[str, dict[str, torch.Tensor]]:
     runs = {
         "source": _capture(pair.source, ids, names),
@@ -327,13 +347,13 @@ def _three_runs(pair: Any, ids: torch.Tensor, names: list[str], edit: Any
 
 
 def attention_compare(
-    pair: Any,
+    pair: ModelPair,
     prompt: str,
     heads: Iterable[Unit | str] | str,
-    transplant: Any = None,
+    transplant: EditArg = None,
     *,
     alpha: float = 1.0,
-    kv: str = "group",
+    kv: KVMode = "group",
     prepend_bos: bool | str = "auto",
 ) -> CircuitsVisView:
     """Attention patterns of ``heads`` on ``prompt`` in source, target and transplanted target.
@@ -347,13 +367,13 @@ def attention_compare(
     source's). The summary gives, per head, the mean total-variation distance of
     each model's attention rows to the source's.
     """
-    head_list = _as_units(heads, "heads")
-    bad = [u for u in head_list if not isinstance(u, Head)]
-    if bad or not head_list:
+    asked = _as_units(heads, "heads")
+    bad = [u for u in asked if not isinstance(u, Head)]
+    if bad or not asked:
         raise ValueError(
             f"attention_compare takes query heads such as 'L1.H2'; got {bad[0] if bad else 'none'}"
         )
-    head_list = [pair.validate(u) for u in head_list]
+    head_list = [cast(Head, pair.validate(u)) for u in asked]
     tok = pair.target.tokenizer
     bos = resolve_prepend_bos(pair, prepend_bos)
     enc = encode(tok, [prompt], None, prepend_bos=bos)
@@ -410,13 +430,13 @@ def attention_compare(
 
 
 def neuron_compare(
-    pair: Any,
+    pair: ModelPair,
     prompts: str | Sequence[str],
     neurons: Iterable[Unit | str] | str,
-    transplant: Any = None,
+    transplant: EditArg = None,
     *,
     alpha: float = 1.0,
-    kv: str = "group",
+    kv: KVMode = "group",
     prepend_bos: bool | str = "auto",
     view: str = "tokens",
 ) -> CircuitsVisView:
@@ -434,13 +454,13 @@ def neuron_compare(
     prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompt_list:
         raise ValueError("neuron_compare needs at least one prompt")
-    units = _as_units(neurons, "neurons")
-    bad = [u for u in units if not isinstance(u, Neuron)]
-    if bad or not units:
+    asked = _as_units(neurons, "neurons")
+    bad = [u for u in asked if not isinstance(u, Neuron)]
+    if bad or not asked:
         raise ValueError(
             f"neuron_compare takes MLP neurons such as 'L0.N7'; got {bad[0] if bad else 'none'}"
         )
-    units = [pair.validate(u) for u in units]
+    units = [cast(Neuron, pair.validate(u)) for u in asked]
     tok = pair.target.tokenizer
     enc = encode(tok, prompt_list, None, prepend_bos=resolve_prepend_bos(pair, prepend_bos))
     lens = enc.prompt_len.tolist()
@@ -538,7 +558,7 @@ def _notebook_figure_class() -> type:
     return NotebookFigure
 
 
-def notebook_figure(fig: Any) -> Any:
+def notebook_figure(fig: _Fig) -> _Fig:
     """Make a matplotlib Figure display as a PNG in notebooks (adds ``_repr_png_`` only)."""
     from matplotlib.figure import Figure
 
@@ -548,7 +568,7 @@ def notebook_figure(fig: Any) -> Any:
     return fig
 
 
-def _figure(figsize: tuple[float, float]) -> Any:
+def _figure(figsize: tuple[float, float]) -> Figure:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     fig = _notebook_figure_class()(figsize=figsize, layout="constrained")
@@ -556,7 +576,7 @@ def _figure(figsize: tuple[float, float]) -> Any:
     return fig
 
 
-def _is_signed(scores: Any, grid: torch.Tensor) -> bool:
+def _is_signed(scores: Scores, grid: torch.Tensor) -> bool:
     flag = getattr(scores, "signed", None)
     if flag is None:
         flag = bool(getattr(scores, "meta", {}).get("signed", False))
@@ -564,16 +584,40 @@ def _is_signed(scores: Any, grid: torch.Tensor) -> bool:
     return bool(flag) or (finite.numel() > 0 and bool((finite < 0).any()))
 
 
+@overload
 def score_heatmap(
-    scores: Any,
+    scores: Scores,
     kind: str = "head",
     *,
     top: int = 16,
     highlight: Iterable[Unit | str] | None = None,
-    ax: Any = None,
+    ax: None = None,
     title: str | None = None,
     annotate: bool | None = None,
-) -> Any:
+) -> Figure: ...
+@overload
+def score_heatmap(
+    scores: Scores,
+    kind: str = "head",
+    *,
+    top: int = 16,
+    highlight: Iterable[Unit | str] | None = None,
+    ax: Axes,
+    title: str | None = None,
+    annotate: bool | None = None,
+) -> Figure | SubFigure: ...
+
+
+def score_heatmap(
+    scores: Scores,
+    kind: str = "head",
+    *,
+    top: int = 16,
+    highlight: Iterable[Unit | str] | None = None,
+    ax: Axes | None = None,
+    title: str | None = None,
+    annotate: bool | None = None,
+) -> Figure | SubFigure:
     """Scores as a heatmap: layers x heads (``kind="head"``), layers x KV groups,
     layers x linears, or layers x the ``top`` best neurons of each layer (``"neuron"``).
 
@@ -623,6 +667,7 @@ def score_heatmap(
     else:
         lo, hi = float(finite.min()), float(finite.max())
         norm = Normalize(lo, hi if hi > lo else lo + 1e-12)
+    fig: Figure | SubFigure
     if ax is None:
         w = min(14.0, 2.5 + 0.45 * grid.shape[1])
         h = min(10.0, 1.6 + 0.42 * n_layers)
@@ -657,21 +702,21 @@ def score_heatmap(
         if u.kind != k:
             continue
         if k == "neuron":
-            assert order is not None
-            hits = (order[u.layer] == u.index).nonzero()
+            assert order is not None and isinstance(u, Neuron)
+            hits = torch.eq(order[u.layer], u.index).nonzero()
             if hits.numel() == 0:
                 continue
             col = int(hits[0])
+        elif isinstance(u, Linear):  # k == "linear"
+            col = xlabels.index(u.name)
         else:
-            col = xlabels.index(u.name) if k == "linear" else (
-                u.head if isinstance(u, Head) else getattr(u, "group", 0)
-            )
+            col = u.head if isinstance(u, Head) else getattr(u, "group", 0)
         ax.add_patch(Rectangle((col - 0.5, u.layer - 0.5), 1, 1, fill=False, edgecolor="gold",
                                linewidth=2.5))
     return fig
 
 
-def sweep_plot(result: Any, *, pareto: bool | None = None) -> Any:
+def sweep_plot(result: SweepResult, *, pareto: bool | None = None) -> Figure:
     """The sweep: dev metric vs K per alpha (baselines, the choice starred) and, when
     there are control tasks (``pareto=None``), dev metric vs largest control drop
     with the Pareto front and the retention limit. Returns the Figure.
@@ -717,7 +762,7 @@ def sweep_plot(result: Any, *, pareto: bool | None = None) -> Any:
     return fig
 
 
-def figure_png(fig: Any, dpi: int = 110) -> bytes:
+def figure_png(fig: Figure, dpi: int = 110) -> bytes:
     """A matplotlib Figure as PNG bytes."""
     import io
 

@@ -7,7 +7,7 @@ Per-prompt statistics are reduced to per-unit sums right away
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float, Int
@@ -15,8 +15,11 @@ from jaxtyping import Float, Int
 from tl_transplant.hooks import value_hooks, write_hooks
 from tl_transplant.units import UNIT_KINDS, Head, KVHead, Linear, Neuron, Unit
 
+if TYPE_CHECKING:
+    from tl_transplant.layouts import ModelLayout
 
-def unit_index(u: Unit, layout: Any) -> int:
+
+def unit_index(u: Unit, layout: ModelLayout) -> int:
     """Index of a unit within its layer and kind (a linear's position in the layer's list)."""
     if isinstance(u, Head):
         return u.head
@@ -30,7 +33,7 @@ def unit_index(u: Unit, layout: Any) -> int:
 class UnitTable:
     """Where each (kind, layer) block of per-layer results goes in the output vector."""
 
-    def __init__(self, units: Sequence[Unit], layout: Any) -> None:
+    def __init__(self, units: Sequence[Unit], layout: ModelLayout) -> None:
         self.units = list(units)
         self.layout = layout
         groups: dict[tuple[str, int], tuple[list[int], list[int]]] = {}

@@ -21,7 +21,8 @@ Consistency: see :class:`tl_transplant.scoring.accumulate.Accumulator`.
 
 from __future__ import annotations
 
-from typing import Any, Literal, get_args
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 from jaxtyping import Float
@@ -36,9 +37,12 @@ from tl_transplant.scoring.registry import (
     ScoringError,
     register,
 )
-from tl_transplant.scoring.tensors import out_weight, take_positions, work
+from tl_transplant.scoring.tensors import out_weight, take_positions, tensor_sum, work
 from tl_transplant.tokens import Encoded
 from tl_transplant.units import Unit
+
+if TYPE_CHECKING:
+    from tl_transplant.layouts import ModelLayout
 
 Positions = Literal["last", "answer", "all"]
 POSITIONS: tuple[str, ...] = get_args(Positions)
@@ -101,7 +105,7 @@ class ActivationDiff(Scorer):
         acc = Accumulator(table)
         names = table.value_hooks()
         stop = table.max_layer()
-        state: dict[str, Any] = {}
+        state: dict[str, torch.Tensor] = {}
 
         def gather(t: torch.Tensor) -> torch.Tensor:
             if positions == "last":
@@ -140,8 +144,9 @@ class ActivationDiff(Scorer):
                 acc.done(b)
         return RawScores(acc.mean("score"), acc.consistency(), meta={"positions": positions})
 
-    def _fill(self, table: UnitTable, layout: Any, src: dict[str, torch.Tensor],
-              tgt: dict[str, torch.Tensor], per: torch.Tensor, reduce: Any) -> None:
+    def _fill(self, table: UnitTable, layout: ModelLayout, src: dict[str, torch.Tensor],
+              tgt: dict[str, torch.Tensor], per: torch.Tensor,
+              reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
         pair = self.ctx.pair
         dev = pair.target.device
         hook = layout.hook
@@ -172,6 +177,6 @@ class ActivationDiff(Scorer):
             names = layout.linear_names()
             vals = torch.zeros(per.shape[0], len(names), device=dev, dtype=torch.float64)
             for lin, hooks in table.linear_hooks(layer).items():
-                sq = sum((s(h) - t(h)).flatten(2).pow(2).sum(-1) for h in hooks)
+                sq = tensor_sum((s(h) - t(h)).flatten(2).pow(2).sum(-1) for h in hooks)
                 vals[:, names.index(lin)] = reduce(sq.sqrt()[:, :, None])[:, 0]
             table.put(per, "linear", layer, vals)

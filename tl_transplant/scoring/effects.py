@@ -22,14 +22,17 @@ the MLP's hidden activation and down-projection output.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float
 
 from tl_transplant.scoring.accumulate import UnitTable, unit_index
-from tl_transplant.scoring.tensors import out_weight, work
-from tl_transplant.units import Head, KVHead, Linear, Neuron, Unit
+from tl_transplant.scoring.tensors import out_weight, tensor_sum, work
+from tl_transplant.units import Head, KVHead, Linear, Neuron, Unit, UnitKind
+
+if TYPE_CHECKING:
+    from tl_transplant.pair import ModelPair
 
 #: (hook name, index into the activation after the batch axis, tensor to add)
 Delta = list[tuple[str, tuple[Any, ...], torch.Tensor]]
@@ -38,7 +41,7 @@ Delta = list[tuple[str, tuple[Any, ...], torch.Tensor]]
 class Effects:
     """Clean source/target activations of one batch, and each unit's patch ``delta_u``."""
 
-    def __init__(self, pair: Any, table: UnitTable, src: dict[str, torch.Tensor],
+    def __init__(self, pair: ModelPair, table: UnitTable, src: dict[str, torch.Tensor],
                  tgt: dict[str, torch.Tensor]) -> None:
         self.pair = pair
         self.layout = pair.layout
@@ -54,7 +57,7 @@ class Effects:
     def t(self, name: str) -> torch.Tensor:
         return work(self.tgt[name])
 
-    def weight(self, role: str, kind: str, layer: int) -> Float[torch.Tensor, "n size D"]:
+    def weight(self, role: str, kind: UnitKind, layer: int) -> Float[torch.Tensor, "n size D"]:
         """Output-projection slices of one layer (only the latest layer is kept per side/kind)."""
         key = (role, kind)
         if key not in self._w or self._w[key][0] != layer:
@@ -76,7 +79,7 @@ class Effects:
             vals = (u_s * z_s).sum((1, 3)) - (u_t * z_t).sum((1, 3))
             table.put(per, "head", layer, vals)
         for layer in table.layers("kv_head"):
-            vals = sum(
+            vals = tensor_sum(
                 (work(grads[n]) * (self.s(n) - self.t(n))).sum((1, 3))
                 for n in (hook("kv_k", layer), hook("kv_v", layer))
             )
@@ -92,7 +95,7 @@ class Effects:
             names = layout.linear_names()
             vals = torch.zeros(per.shape[0], len(names), device=self.dev, dtype=torch.float64)
             for lin, hooks in table.linear_hooks(layer).items():
-                vals[:, names.index(lin)] = sum(
+                vals[:, names.index(lin)] = tensor_sum(
                     (work(grads[h]) * (self.s(h) - self.t(h))).flatten(1).sum(1) for h in hooks
                 )
             table.put(per, "linear", layer, vals)

@@ -18,7 +18,8 @@ per-prompt ``|l1_source - l1_target|``.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated
 
 import torch
 from pydantic import Field
@@ -27,9 +28,12 @@ from tl_transplant.hooks import HookRunner
 from tl_transplant.scoring.accumulate import Accumulator, UnitTable
 from tl_transplant.scoring.data import ScoringData
 from tl_transplant.scoring.registry import RawScores, Scorer, ScorerOptions, register
-from tl_transplant.scoring.tensors import take_positions, work
+from tl_transplant.scoring.tensors import take_positions, tensor_sum, work
 from tl_transplant.tokens import Encoded
 from tl_transplant.units import Unit
+
+if TYPE_CHECKING:
+    from tl_transplant.pair import ModelSide
 
 
 @register
@@ -73,7 +77,7 @@ class PaperL1(Scorer):
             meta={"decode_steps": self.opts.decode_steps, "per_feature": per_feature},
         )
 
-    def _l1(self, runner: HookRunner, side: Any, enc: Encoded, table: UnitTable,
+    def _l1(self, runner: HookRunner, side: ModelSide, enc: Encoded, table: UnitTable,
             names: list[str], steps: int, per_feature: bool) -> torch.Tensor:
         """Per-prompt L1 of every scored linear, averaged over ``steps`` decode positions."""
         layout = self.ctx.layout
@@ -89,7 +93,8 @@ class PaperL1(Scorer):
             cur = int(pos.max()) + 1
             store: dict[str, torch.Tensor] = {}
 
-            def grab(name: str, pos: torch.Tensor = pos, store: dict = store) -> Any:
+            def grab(name: str, pos: torch.Tensor = pos,
+                     store: dict[str, torch.Tensor] = store) -> Callable[[torch.Tensor], None]:
                 def record(x: torch.Tensor) -> None:
                     a = work(take_positions(x, pos)[:, 0].flatten(1)).abs()
                     store[name] = a if per_feature else a.sum(-1).double()
@@ -109,7 +114,7 @@ class PaperL1(Scorer):
                         feats = torch.cat([store[h] for h in hooks], dim=-1)
                         vals[:, lin_names.index(lin)] = feats.mean(-1).double().cpu()
                     else:
-                        vals[:, lin_names.index(lin)] = sum(store[h] for h in hooks).cpu()
+                        vals[:, lin_names.index(lin)] = tensor_sum(store[h] for h in hooks).cpu()
                 table.put(per, "linear", layer, vals)
             total += per
             if not last_step:

@@ -217,8 +217,11 @@ class Scores:
                 f"expected {SCORES_FORMAT!r})"
             )
         cols = {k: _tensor(v) for k, v in d.get("columns", {}).items()}
+        values = _tensor(d["score"])
+        if values is None:
+            raise ValueError("not a usable scores file: 'score' is null; re-run score() and save")
         return cls(
-            d["units"], _tensor(d["score"]), method=d["method"],
+            d["units"], values, method=d["method"],
             consistency=_tensor(d.get("consistency")),
             columns={k: v for k, v in cols.items() if v is not None}, meta=d.get("meta", {}),
         )

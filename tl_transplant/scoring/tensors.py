@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, cast
 
 import torch
 from jaxtyping import Float, Int
 
 from tl_transplant.scoring.registry import ScoringError
-from tl_transplant.units import Head, Neuron
+from tl_transplant.units import Head, Neuron, UnitKind
+
+if TYPE_CHECKING:
+    from tl_transplant.layouts import ModelLayout
+    from tl_transplant.pair import ModelSide
 
 
 def work(t: torch.Tensor) -> torch.Tensor:
     """``t`` in a working precision of at least float32 (float64 stays float64)."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def tensor_sum(xs: Iterable[torch.Tensor]) -> torch.Tensor:
+    """``sum(xs)`` typed as a tensor (Python's ``0 + t`` is ``t``; ``xs`` must not be empty)."""
+    return cast(torch.Tensor, sum(xs))
 
 
 def take_positions(
@@ -24,7 +34,7 @@ def take_positions(
     return x[torch.arange(b, device=x.device), pos.to(x.device)].unsqueeze(1)
 
 
-def loaded_param(side: Any, name: str, why: str) -> torch.Tensor:
+def loaded_param(side: ModelSide, name: str, why: str) -> torch.Tensor:
     """``side.params[name]``, or a ScoringError if a device_map offloaded it (meta tensor)."""
     t = side.params[name]
     if t.device.type == "meta":
@@ -34,11 +44,13 @@ def loaded_param(side: Any, name: str, why: str) -> torch.Tensor:
     return t
 
 
-def out_weight(side: Any, layout: Any, kind: str, layer: int) -> Float[torch.Tensor, "n size D"]:
+def out_weight(
+    side: ModelSide, layout: ModelLayout, kind: UnitKind, layer: int
+) -> Float[torch.Tensor, "n size D"]:
     """:meth:`ModelLayout.output_blocks` of one model's loaded weight, in working precision."""
     param = layout.output_slice((Head if kind == "head" else Neuron)(layer, 0)).param
     w = loaded_param(side, param, "this scorer").detach()
     return work(layout.output_blocks(w, kind, layer))
 
 
-__all__ = ["loaded_param", "out_weight", "take_positions", "work"]
+__all__ = ["loaded_param", "out_weight", "take_positions", "tensor_sum", "work"]

@@ -8,7 +8,7 @@ target's norm over the same slices. Needs no data: a data-free control.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float
@@ -19,10 +19,17 @@ from tl_transplant.scoring.registry import RawScores, Scorer, ScorerOptions, reg
 from tl_transplant.scoring.tensors import loaded_param
 from tl_transplant.units import Head, KVHead, Linear, Neuron, Unit
 
-_CLS = {"head": Head, "kv_head": KVHead, "neuron": Neuron}
+if TYPE_CHECKING:
+    from tl_transplant.layouts import ModelLayout
+
+_CLS: dict[str, type[Head] | type[KVHead] | type[Neuron]] = {
+    "head": Head, "kv_head": KVHead, "neuron": Neuron
+}
 
 
-def _pieces(layout: Any, kind: str, layer: int, n: int) -> list[tuple[str, int, torch.Tensor, int]]:
+def _pieces(
+    layout: ModelLayout, kind: str, layer: int, n: int
+) -> list[tuple[str, int, torch.Tensor, int]]:
     """(param, dim, starts[n], size) per piece, for all ``n`` units of a kind in a layer."""
     cls = _CLS[kind]
     first = layout.slices(cls(layer, 0))
