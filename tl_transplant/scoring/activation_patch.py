@@ -139,7 +139,9 @@ class ActivationPatch(Scorer):
         #: Memory budget of one patched forward when ``units_per_pass="auto"``.
         max_pass_mb: Annotated[int, Field(ge=1)] = 1024
         #: Only these units are patched (see the module docstring); the others get NaN.
-        candidates: list[str] | CandidateRule | None = None
+        candidates: Annotated[list[str] | CandidateRule | None, Field(description=(
+            "a list of units, a Scores, {'method': 'attribution', 'top': N} or "
+            "{'scores': <Scores>, 'top': N}"))] = None
         #: Patch every neuron even when there are more than FULL_NEURON_LIMIT of them.
         allow_full: bool = False
 
