@@ -78,7 +78,7 @@ def test_batched_replicas_equal_one_unit_per_forward_in_float64(f64_pair):
              + [Neuron(0, 3), Neuron(0, 40), Neuron(1, 7), Neuron(1, 29), Neuron(1, 30)])
     ref = one_unit_per_forward(pair, task, units, 0.7)
     assert ref.abs().min() > 1e-8  # every unit moves the metric
-    for per_pass, bs in (("auto", 6), (1, 1), (3, 4), (7, 2), (len(units), 5)):
+    for per_pass, bs in (("auto", 6), (1, 3), (7, 2), (len(units), 5)):
         s = score(pair, task, "activation_patch", units, batch_size=bs, progress=False,
                   alpha=0.7, units_per_pass=per_pass)
         torch.testing.assert_close(s.values, ref, rtol=1e-11, atol=1e-13,
