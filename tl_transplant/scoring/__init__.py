@@ -11,7 +11,9 @@ Methods (one module each in this package, registered by name):
 * ``activation_diff``: mean source-target distance of each unit's activation;
 * ``attribution``: first-order estimate of the metric change from patching the
   unit's source activation into the target (signed);
-* ``activation_patch``: the exact patching effect, one unit at a time (signed);
+* ``activation_patch``: the exact patching effect of each unit (signed); many units
+  per forward (replicated batch), ``candidates=`` for a shortlist on large models
+  (e.g. ``{"method": "attribution", "top": 200}``; the others get NaN);
 * ``weight_diff``: ``||W_source - W_target||`` over the unit's slices (no data);
 * ``random``: seeded random control (no data; ``seed=``); see also :meth:`Scores.bottom`.
 

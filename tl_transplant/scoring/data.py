@@ -8,6 +8,8 @@ depends on the batch size and model, not on the number of prompts.
 
 from __future__ import annotations
 
+import logging
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +21,9 @@ from tqdm.auto import tqdm
 from tl_transplant.hooks import HookRunner
 from tl_transplant.scoring.registry import ScoringError
 from tl_transplant.tokens import Encoded, answer_logprobs, encode
+
+#: Logger of scoring runs (cost estimates of long runs are INFO records).
+log = logging.getLogger("tl_transplant.scoring")
 
 #: ``f(logits, encoded batch) -> per-example metric``, differentiable in the logits.
 MetricFn = Callable[
@@ -79,6 +84,13 @@ class Context:
     def hooks(self, names: Iterable[str]) -> HookRunner:
         """A :class:`~tl_transplant.hooks.HookRunner` on both models for these hook names."""
         return HookRunner(self.pair, names, error=ScoringError)
+
+    def note(self, message: str) -> None:
+        """Tell the user something about the run (e.g. its expected cost): an INFO log record,
+        and a line on stderr (through tqdm, so bars stay intact) when ``progress`` is on."""
+        log.info(message)
+        if self.progress:
+            tqdm.write(message, file=sys.stderr)
 
     def metric_fn(self) -> MetricFn:
         """The differentiable per-example task metric (default: answer log-prob)."""

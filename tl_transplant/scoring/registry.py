@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib.metadata as _md
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -161,7 +161,23 @@ def get_scorer(method: str) -> type[Scorer]:
 # ---- options --------------------------------------------------------------------------
 
 
+def _constraints(text: str, metadata: Iterable[Any]) -> str:
+    for m in metadata:
+        for attr, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            if isinstance(m, getattr(annotated_types, attr.capitalize())):
+                text += f" {op} {getattr(m, attr)}"
+        if getattr(m, "allow_inf_nan", None) is False:
+            text = text.replace("a number", "a finite number")
+        # pydantic's Field(...) inside a union keeps its constraints in its own metadata
+        if isinstance(m, FieldInfo):
+            text = _constraints(text, m.metadata)
+    return text
+
+
 def _type_text(tp: Any) -> str:
+    if typing.get_origin(tp) is typing.Annotated:
+        base, *meta = typing.get_args(tp)
+        return _constraints(_type_text(base), meta)
     if typing.get_origin(tp) is typing.Literal:
         return "one of " + ", ".join(str(a) for a in typing.get_args(tp))
     if tp is bool:
@@ -172,22 +188,22 @@ def _type_text(tp: Any) -> str:
         return "a number"
     if tp is str:
         return "a string"
+    if tp is type(None):
+        return "None"
     args = typing.get_args(tp)
     if args and typing.get_origin(tp) in (typing.Union, types.UnionType):
         return " or ".join(_type_text(a) for a in args)
+    if typing.get_origin(tp) is list:
+        return "a list"
     return getattr(tp, "__name__", repr(tp))
 
 
 def describe_option(info: FieldInfo) -> str:
-    """What an option allows, in words (``"an int >= 0"``, ``"one of last, answer, all"``)."""
-    text = _type_text(info.annotation)
-    for m in info.metadata:
-        for attr, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
-            if isinstance(m, getattr(annotated_types, attr.capitalize())):
-                text += f" {op} {getattr(m, attr)}"
-        if getattr(m, "allow_inf_nan", None) is False:
-            text = text.replace("a number", "a finite number")
-    return text
+    """What an option allows, in words (``"an int >= 0"``, ``"one of last, answer, all"``);
+    an option with a ``Field(description=...)`` is described by that text."""
+    if info.description:
+        return info.description
+    return _constraints(_type_text(info.annotation), info.metadata)
 
 
 def option_help(scorer: type[Scorer]) -> str:
