@@ -155,7 +155,10 @@ def test_bad_options_name_option_scorer_and_allowed_values(method, options, expe
 def test_options_are_typed_models_with_defaults():
     ap = get_scorer("activation_patch")
     assert issubclass(ap.Options, ScorerOptions)
-    assert dict(ap.options) == {"alpha": 1.0, "units_per_pass": 8}
+    assert dict(ap.options) == {
+        "alpha": 1.0, "units_per_pass": "auto", "max_pass_mb": 1024, "candidates": None,
+        "allow_full": False,
+    }
     assert dict(get_scorer("random").options) == {}
     with pytest.raises(TypeError):
         ap.options["alpha"] = 2.0  # read-only view
