@@ -155,6 +155,12 @@ def prepare_out_dir(
             )
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is a file; choose a directory path")
+    here = Path.cwd().resolve()
+    if _inside(here, out) and out.is_dir() and any(out.iterdir()):
+        raise ExportError(
+            f"the output directory {out} is, or contains, the current directory; replacing "
+            "it would delete what you are working in. Choose a new output directory."
+        )
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ExportError(
             f"{out} is not empty; choose a new directory or pass overwrite=True "

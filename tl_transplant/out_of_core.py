@@ -471,9 +471,11 @@ def _apply(
     for role, d in (("source", src_dir), ("target", tgt_dir)):
         d = Path(d).resolve()
         if d == out_path or out_path in d.parents:
+            what = f"is the {role} checkpoint itself" if d == out_path else (
+                f"contains the {role} checkpoint"
+            )
             raise OutOfCoreError(
-                f"--out {out_path} {'is' if d == out_path else 'contains'} the {role} "
-                "checkpoint; write the transplanted model to a new directory"
+                f"--out {out_path} {what}; write the transplanted model to a new directory"
             )
     if isinstance(manifest, (str, os.PathLike)):
         m = Path(manifest).expanduser().resolve()
