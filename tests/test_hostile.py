@@ -578,6 +578,7 @@ def _wait_for_tmp(proc: subprocess.Popen[str], out: Path, timeout: float = 240) 
     raise AssertionError("the export never started writing")
 
 
+@pytest.mark.slow
 def test_kill_during_export_then_next_export_cleans_up(big: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc = _start_export(big, out)
@@ -592,6 +593,7 @@ def test_kill_during_export_then_next_export_cleans_up(big: Path, tmp_path: Path
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("sig", "rc", "says"), [(signal.SIGTERM, 143, "terminated"),
                                                  (signal.SIGINT, 130, "interrupted")])
 def test_sigterm_and_ctrl_c_during_export_clean_up(
