@@ -607,3 +607,34 @@ def test_sigterm_and_ctrl_c_during_export_clean_up(
     assert proc.returncode == rc, err
     assert f"{says}; nothing written" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_during_apply_and_ctrl_c_during_run_leave_nothing(
+    exported: Path, dirs: tuple[Path, Path], tmp_path: Path,
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """In process: the CLI turns SIGTERM into an exception, so each command's cleanup runs."""
+    import tl_transplant.out_of_core as ooc
+
+    def terminated(*a: Any, **k: Any) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered to the CLI's handler
+        time.sleep(1)
+        raise AssertionError("SIGTERM was not turned into an exception")
+
+    monkeypatch.setattr(ooc, "write_safetensors_shards", terminated)
+    work = tmp_path / "w"
+    work.mkdir()
+    before = signal.getsignal(signal.SIGTERM)
+    rc, err = _main(["apply", "--source", str(dirs[0]), "--target", str(dirs[1]), "--manifest",
+                     str(exported), "--out", str(work / "o")], capsys)
+    assert rc == 143 and "terminated; nothing written" in err and list(work.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler was put back
+
+    d = _run_dir(tmp_path, dirs)
+
+    def interrupted(*a: Any, **k: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ModelPair, "load", interrupted)
+    rc, err = _main(["run", str(d / "config.yaml"), "--out", str(work / "r")], capsys)
+    assert rc == 130 and "interrupted; nothing written" in err and list(work.iterdir()) == []
