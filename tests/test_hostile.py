@@ -294,6 +294,25 @@ def test_stale_temps_of_dead_processes_are_removed(tmp_path: Path) -> None:
     shutil.rmtree(tmp)
 
 
+def test_cli_says_it_removed_a_stale_temp(
+    pair: ModelPair, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(ModelPair, "load", lambda *a, **k: pair)
+    dead = tmp_path / f".out.tmp-{_dead_pid()}-0123abcd"
+    dead.mkdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        # what Python's default showwarning does (pytest replaces it to record warnings)
+        warnings.showwarning = lambda m, c, f, n, file=None, line=None: sys.stderr.write(
+            warnings.formatwarning(m, c, f, n, line)
+        )
+        rc, err = _main(["export", "--source", "s", "--target", "t", "--units", "L0.H0",
+                         "--out", str(tmp_path / "out")], capsys)
+    assert rc == 0 and not dead.exists()
+    assert f"tl-transplant export: warning: removed stale temporary directory {dead}" in err
+
+
 # ---- tracebacks -> one-line errors ---------------------------------------------------------
 
 

@@ -12,6 +12,7 @@ import json
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -392,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "cmd", None):
         parser.print_help()
         return 2
-    with _sigterm_as_interrupt():
+    with _sigterm_as_interrupt(), _short_warnings(args.name):
         try:
             return int(args.func(args) or 0)
         except Terminated:
@@ -408,6 +409,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise
             return _fail(args.name, f"corrupt or truncated safetensors file ({e}); "
                          "re-download or re-export the checkpoint")
+
+
+@contextlib.contextmanager
+def _short_warnings(cmd: str) -> Iterator[None]:
+    """Print warnings as one ``tl-transplant CMD: warning: ...`` line (no source excerpt)."""
+    old = warnings.formatwarning
+
+    def fmt(message: Any, category: Any, filename: str, lineno: int, line: Any = None) -> str:
+        return f"tl-transplant {cmd}: warning: {message}\n"
+
+    warnings.formatwarning = fmt  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        warnings.formatwarning = old
 
 
 @contextlib.contextmanager
