@@ -153,7 +153,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     units = parse_kinds_or_units(args.units)  # before any model loads
     out = Path(args.out)
-    if out.suffix not in (".json", ".parquet"):
+    if out.suffix.lower() not in (".json", ".parquet", ".pq"):
         return _fail("score", f"--out {out}: use a .json or .parquet file name")
     if out.is_dir():
         return _fail("score", f"--out {out} is a directory; give a file name like scores.json")
