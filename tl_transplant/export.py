@@ -190,24 +190,23 @@ def commit_out_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}  # as huggingface_hub
+
+
 def check_shard_size(max_shard_size: Any) -> int:
     """``max_shard_size`` as bytes: a positive int or a string like ``"5GB"`` / ``"500MB"``."""
-    from huggingface_hub.serialization._base import parse_size_to_int
-
-    if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, (int, str)):
-        raise ExportError(
-            f"max_shard_size must be bytes (an int) or a size like '5GB', got {max_shard_size!r}"
-        )
-    try:
-        n = max_shard_size if isinstance(max_shard_size, int) else parse_size_to_int(max_shard_size)
-    except (ValueError, TypeError):
-        n = -1
+    n = -1
+    if isinstance(max_shard_size, int) and not isinstance(max_shard_size, bool):
+        n = max_shard_size
+    elif isinstance(max_shard_size, str) and (m := _SIZE.match(max_shard_size)):
+        n = int(float(m[1]) * _SIZE_UNITS[m[2].upper()])
     if n <= 0:
         raise ExportError(
             f"max_shard_size={max_shard_size!r} is not a size; use a positive number of bytes "
             "or a string such as '5GB', '500MB' or '200KB'"
         )
-    return int(n)
+    return n
 
 
 def export_hf(
@@ -231,10 +230,10 @@ def export_hf(
             "export. Save the transplant manifest and run `tl-transplant apply` "
             "(apply_manifest_out_of_core) on the checkpoints instead."
         )
-    check_shard_size(max_shard_size)
+    shard_bytes = check_shard_size(max_shard_size)
     out, tmp = prepare_out_dir(out_dir, overwrite, inputs=_input_dirs(pair_or_side))
     try:
-        write_safetensors(side.state_dict(), tmp, max_shard_size=max_shard_size)
+        write_safetensors(side.state_dict(), tmp, max_shard_size=shard_bytes)
         side.config.save_pretrained(tmp)
         gen = getattr(side.hf, "generation_config", None)
         if gen is not None:
