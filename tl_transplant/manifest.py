@@ -155,10 +155,6 @@ def _check_record(r: Any, i: int, label: str) -> None:
         raise ManifestError(f"{label}: transplant #{i} lacks {', '.join(missing)}")
     if not isinstance(r["units"], list) or not all(isinstance(u, str) for u in r["units"]):
         raise ManifestError(f"{label}: transplant #{i}: units must be a list of strings")
-    if not r["units"]:
-        raise ManifestError(
-            f"{label}: transplant #{i} names no units; a transplant moves at least one unit"
-        )
     try:
         alpha = float(r["alpha"])
     except (TypeError, ValueError):
@@ -167,6 +163,10 @@ def _check_record(r: Any, i: int, label: str) -> None:
         ) from None
     if not math.isfinite(alpha):
         raise ManifestError(f"{label}: transplant #{i}: alpha must be finite, got {alpha}")
+    if not r["units"]:
+        raise ManifestError(
+            f"{label}: transplant #{i} names no units; a transplant moves at least one unit"
+        )
 
 
 def read_manifest(
