@@ -92,6 +92,7 @@ def test_reader_accepts_every_form(tmp_path: Path) -> None:
         ({"format": MANIFEST_FORMAT, "alpha": 1}, "lacks units"),
         ({"format": MANIFEST_FORMAT, "units": "L0.H0", "alpha": 1}, "list of strings"),
         ({"format": MANIFEST_FORMAT, "units": [], "alpha": "x"}, "not a number"),
+        ({"format": MANIFEST_FORMAT, "units": [], "alpha": 0.5}, "names no units"),
         ({"format": MANIFEST_FORMAT, "units": [], "alpha": float("inf")}, "must be finite"),
         ("L0.H0", "is a str, not an object"),
     ],

@@ -182,7 +182,8 @@ def test_sequential_transplants_mixed_dtypes(
     pair = ModelPair.load(s, t)
     assert pair.target.params["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
     apply_transplant(pair, ["L0.H0", "L1.H3", "L1.N2"], 1.0)
-    apply_transplant(pair, ["L1.mlp.up_proj", "L0.KV1", "L0.H0"], 0.25, kv="none")
+    with pytest.warns(UserWarning, match="compound"):
+        apply_transplant(pair, ["L1.mlp.up_proj", "L0.KV1", "L0.H0"], 0.25, kv="none")
     mem = export_hf(pair, tmp_path / "mem")  # writes both records
     assert len(json.loads((mem / MANIFEST_NAME).read_text())["transplants"]) == 2
     ooc = apply_manifest_out_of_core(s, t, mem, tmp_path / "ooc")  # a directory works too
@@ -327,17 +328,17 @@ def test_manifest_for_another_model(llama_run, tmp_path: Path) -> None:
         apply_manifest_out_of_core(s, t, bad, tmp_path / "out")
 
 
-def test_hash_mismatch_warns_or_fails_when_strict(llama_run, tmp_path: Path) -> None:
+def test_hash_mismatch_fails_unless_allowed(llama_run, tmp_path: Path) -> None:
     s, _, man = llama_run
     t2 = tmp_path / "t2"
     shutil.copytree(s, t2)  # the source as target: shapes fit, hashes do not
+    with pytest.raises(OutOfCoreError, match="strict=False"):  # the default is strict
+        apply_manifest_out_of_core(s, t2, man, tmp_path / "out2")
+    assert not (tmp_path / "out2").exists() and _no_tmp_left(tmp_path)
     with pytest.warns(UserWarning, match="do not match the manifest's hashes"):
-        out = apply_manifest_out_of_core(s, t2, man, tmp_path / "out")
+        out = apply_manifest_out_of_core(s, t2, man, tmp_path / "out", strict=False)
     notes = _record(out / MANIFEST_NAME)["extra"]["out_of_core"]["hash_notes"]
     assert notes and "sha256_before" in notes[0]
-    with pytest.raises(OutOfCoreError, match="strict=True"):
-        apply_manifest_out_of_core(s, t2, man, tmp_path / "out2", strict=True)
-    assert not (tmp_path / "out2").exists() and _no_tmp_left(tmp_path)
 
 
 def test_shapes_differ(tok, llama_run, tmp_path: Path) -> None:
@@ -430,9 +431,12 @@ def test_out_dir_rules(llama_run, tmp_path: Path) -> None:
     apply_manifest_out_of_core(s, t, man, out, overwrite=True)
     with pytest.raises(OutOfCoreError, match="is the target checkpoint itself"):
         apply_manifest_out_of_core(s, t, man, t, overwrite=True)
+    with pytest.raises(OutOfCoreError, match="contains the source checkpoint"):
+        apply_manifest_out_of_core(s, t, man, Path(s).parent, overwrite=True)
+    assert Path(t).is_dir() and Path(s).is_dir()
     # Re-applying onto a transplanted model keeps the earlier records as history.
     with pytest.warns(UserWarning, match="hashes"):  # the target is no longer the original
-        again = apply_manifest_out_of_core(s, out, man, tmp_path / "again")
+        again = apply_manifest_out_of_core(s, out, man, tmp_path / "again", strict=False)
     doc = json.loads((again / MANIFEST_NAME).read_text())
     assert len(doc["transplants"]) == 1 and len(doc["history"]) == 1
 

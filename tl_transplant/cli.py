@@ -7,19 +7,89 @@ and exit status 2; success exits 0.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, KeyError)
+DEMO_MARKER = ".tl_transplant_demo"  # written into demo output: the demo may replace it
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as an exception so that temporary directories are cleaned up."""
 
 
 def _err(cmd: str, e: BaseException) -> int:
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = str(e).strip()
+    if isinstance(e, KeyError) and e.args:
+        text = f"missing key {e.args[0]!r}"
+    msg = text.splitlines()[0] if text else type(e).__name__
+    if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and e.filename:
+        msg = f"{e.strerror or msg}: {e.filename}; choose a path you can write to"
     print(f"tl-transplant {cmd}: error: {msg}", file=sys.stderr)
     return 2
+
+
+def _fail(cmd: str, msg: str) -> int:
+    print(f"tl-transplant {cmd}: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def _device(text: str) -> str:
+    """argparse type for --device: the forms ModelPair.load takes, checked on this machine."""
+    from tl_transplant.config import check_device
+
+    try:
+        return check_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def _finite_float(text: str) -> float:
+    import math
+
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(x):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return x
+
+
+def _load_options(args: argparse.Namespace) -> dict[str, Any]:
+    """ModelPair.load switches from the shared --no-check-* / --allow-pickle flags."""
+    return {
+        "check_tokenizer": not getattr(args, "no_check_tokenizer", False),
+        "check_finite": not getattr(args, "no_check_finite", False),
+        "allow_pickle": getattr(args, "allow_pickle", False),
+    }
+
+
+def _add_load_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-check-tokenizer", action="store_true",
+                   help="load a pair whose tokenizers differ (only if the ids line up)")
+    p.add_argument("--no-check-finite", action="store_true",
+                   help="load models with NaN/inf weights (transplants still refuse "
+                   "non-finite source slices)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="accept PyTorch .bin (pickle) checkpoints; unpickling can run code")
 
 
 def _quiet_libraries() -> None:
@@ -35,11 +105,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from tl_transplant.pipeline import demo_config, run
 
     out = Path(args.out or f"demo_out/{args.pair}")
+    nonempty = out.is_dir() and any(out.iterdir())
+    if nonempty and not (out / DEMO_MARKER).is_file() and not args.overwrite:
+        return _fail("demo", f"{out} is not empty and is not a previous demo output; choose "
+                     "another --out, or pass --overwrite to replace it")
     if args.quiet:
         _quiet_libraries()
     print(f"tl-transplant demo: embedded pair {args.pair!r} -> {out}")
     res = run(demo_config(args.pair, export=not args.no_export), out, overwrite=True,
               progress=not args.quiet, log=(lambda *_: None) if args.quiet else print)
+    (out / DEMO_MARKER).write_text("written by `tl-transplant demo`; the demo may replace "
+                                   "this directory\n")
     print()
     print(res.table())
     print(f"\nwrote {out}/ (results.json, sweep.csv, sweep.png, report.html, model/)")
@@ -52,7 +128,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.quiet:
         _quiet_libraries()
     res = run(args.config, args.out, overwrite=args.overwrite, progress=not args.quiet,
-              log=(lambda *_: None) if args.quiet else print)
+              log=(lambda *_: None) if args.quiet else print, **_load_options(args))
     print()
     print(res.table())
     print(f"\nwrote {args.out}/")
@@ -73,13 +149,19 @@ def _load_task_arg(path: str, prompt_field: str, answer_field: str, metric: str,
 def cmd_score(args: argparse.Namespace) -> int:
     from tl_transplant.pair import ModelPair
     from tl_transplant.scoring import score
+    from tl_transplant.units import parse_kinds_or_units
 
-    pair = ModelPair.load(args.source, args.target, device=args.device)
+    units = parse_kinds_or_units(args.units)  # before any model loads
+    out = Path(args.out)
+    if out.suffix.lower() not in (".json", ".parquet", ".pq"):
+        return _fail("score", f"--out {out}: use a .json or .parquet file name")
+    if out.is_dir():
+        return _fail("score", f"--out {out} is a directory; give a file name like scores.json")
     task = _load_task_arg(args.task, args.prompt_field, args.answer_field, args.metric,
                           args.prepend_bos)
-    s = score(pair, task, method=args.method, units=args.units.split(","),
+    pair = ModelPair.load(args.source, args.target, device=args.device, **_load_options(args))
+    s = score(pair, task, method=args.method, units=units,
               batch_size=args.batch_size, progress=not args.quiet)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     s.save(out)
     print(f"top {args.top} units by {args.method}:")
@@ -95,9 +177,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     from tl_transplant.pair import ModelPair
     from tl_transplant.units import parse_units
 
-    pair = ModelPair.load(args.source, args.target, device=args.device)
-    units = parse_units(args.units)
-    m = apply_transplant(pair, units, args.alpha, kv=args.kv)
+    units = parse_units(args.units)  # before any model loads
+    if not units:
+        return _fail("export", "--units is empty; name at least one unit, e.g. 'L0.H1'")
+    if not 0.0 <= args.alpha <= 1.0 and not args.allow_extrapolation:
+        return _fail("export", f"--alpha {args.alpha:g} is outside [0, 1]; pass "
+                     "--allow-extrapolation to push the target past the source")
+    pair = ModelPair.load(args.source, args.target, device=args.device, **_load_options(args))
+    m = apply_transplant(pair, units, args.alpha, kv=args.kv,
+                         allow_extrapolation=args.allow_extrapolation)
     out = export_hf(pair, args.out, manifest=m, overwrite=args.overwrite)
     print(f"transplanted {len(m.units)} units (+{len(m.kv_added)} KV groups) at alpha="
           f"{args.alpha:g}: {m.n_params_moved} weights ({m.fraction_params:.3%} of the model)")
@@ -177,9 +265,18 @@ def add_apply_command(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--strict",
         action="store_true",
-        help="fail (instead of warning) when the blended tensors do not match the "
-        "manifest's sha256 hashes, i.e. the checkpoints are not the ones it was "
-        "made from",
+        help="kept for old scripts: failing on a hash mismatch is now the default",
+    )
+    p.add_argument(
+        "--allow-hash-mismatch",
+        action="store_true",
+        help="write the output (with a warning) even when the blended tensors do not match "
+        "the manifest's sha256 hashes, i.e. the checkpoints are not the ones it was made from",
+    )
+    p.add_argument(
+        "--allow-extrapolation",
+        action="store_true",
+        help="accept a manifest alpha outside [0, 1] (pushes the target past the source)",
     )
     p.set_defaults(func=main_apply)
     return p
@@ -189,22 +286,19 @@ def main_apply(args: argparse.Namespace) -> int:
     """Run ``apply`` from parsed arguments; returns the exit status."""
     from tl_transplant.out_of_core import apply_out_of_core
 
-    try:
-        out, stats = apply_out_of_core(
-            args.source,
-            args.target,
-            args.manifest,
-            args.out,
-            overwrite=args.overwrite,
-            allow_pickle=args.allow_pickle,
-            strict=getattr(args, "strict", False),
-            revision=None,
-            local_files_only=None,
-            cache_dir=None,
-        )
-    except ValueError as e:  # OutOfCoreError, TransplantError, UnitError, ExportError
-        print(f"tl-transplant apply: error: {e}", file=sys.stderr)
-        return 2
+    out, stats = apply_out_of_core(
+        args.source,
+        args.target,
+        args.manifest,
+        args.out,
+        overwrite=args.overwrite,
+        allow_pickle=args.allow_pickle,
+        strict=not getattr(args, "allow_hash_mismatch", False),
+        allow_extrapolation=getattr(args, "allow_extrapolation", False),
+        revision=None,
+        local_files_only=None,
+        cache_dir=None,
+    )
     print(
         f"wrote {out}: {stats['tensors_blended']} tensors blended in "
         f"{stats['shards_rewritten']} of {stats['shards']} shards; the rest copied byte for byte"
@@ -233,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default=None, help="output directory (default demo_out/PAIR; "
                    "the demo replaces its own previous output)")
     d.add_argument("--no-export", action="store_true", help="skip writing model/")
+    d.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out that is not a previous demo output")
     d.add_argument("--quiet", action="store_true", help="no progress bars or step log")
     d.set_defaults(func=cmd_demo, name="demo")
 
@@ -243,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="output directory (must be new or empty)")
     r.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     r.add_argument("--quiet", action="store_true")
+    _add_load_flags(r)
     r.set_defaults(func=cmd_run, name="run")
 
     s = sub.add_parser("score", help="score units of a pair on a task and save the scores",
@@ -258,11 +355,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--method", default="attribution")
     s.add_argument("--units", default="head,neuron",
                    help="comma-separated unit kinds: head, kv_head, neuron, linear")
-    s.add_argument("--batch-size", type=int, default=8)
-    s.add_argument("--top", type=int, default=10, help="how many top units to print")
-    s.add_argument("--out", default="scores.json")
-    s.add_argument("--device", default="cpu")
+    s.add_argument("--batch-size", type=_positive_int, default=8)
+    s.add_argument("--top", type=_positive_int, default=10, help="how many top units to print")
+    s.add_argument("--out", default="scores.json", help="scores file (.json or .parquet)")
+    s.add_argument("--device", type=_device, default="cpu")
     s.add_argument("--quiet", action="store_true")
+    _add_load_flags(s)
     s.set_defaults(func=cmd_score, name="score")
 
     e = sub.add_parser("export", help="transplant given units and export an HF directory",
@@ -271,11 +369,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--source", required=True)
     e.add_argument("--target", required=True)
     e.add_argument("--units", required=True, help="e.g. 'L1.H2,L0.N7,L3.mlp.down_proj'")
-    e.add_argument("--alpha", type=float, default=1.0)
+    e.add_argument("--alpha", type=_finite_float, default=1.0)
+    e.add_argument("--allow-extrapolation", action="store_true",
+                   help="accept --alpha outside [0, 1]")
     e.add_argument("--kv", default="group", choices=["group", "none"])
     e.add_argument("--out", required=True)
     e.add_argument("--overwrite", action="store_true")
-    e.add_argument("--device", default="cpu")
+    e.add_argument("--device", type=_device, default="cpu")
+    _add_load_flags(e)
     e.set_defaults(func=cmd_export, name="export")
 
     a = add_apply_command(sub)
@@ -292,12 +393,54 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "cmd", None):
         parser.print_help()
         return 2
-    if args.cmd == "apply":
-        return main_apply(args)
+    with _sigterm_as_interrupt(), _short_warnings(args.name):
+        try:
+            return int(args.func(args) or 0)
+        except Terminated:
+            print(f"tl-transplant {args.name}: terminated; nothing written", file=sys.stderr)
+            return 143
+        except KeyboardInterrupt:
+            print(f"tl-transplant {args.name}: interrupted; nothing written", file=sys.stderr)
+            return 130
+        except USER_ERRORS as e:
+            return _err(args.name, e)
+        except Exception as e:  # safetensors' SafetensorError derives from Exception only
+            if type(e).__name__ != "SafetensorError":
+                raise
+            return _fail(args.name, f"corrupt or truncated safetensors file ({e}); "
+                         "re-download or re-export the checkpoint")
+
+
+@contextlib.contextmanager
+def _short_warnings(cmd: str) -> Iterator[None]:
+    """Print warnings as one ``tl-transplant CMD: warning: ...`` line (no source excerpt)."""
+    old = warnings.formatwarning
+
+    def fmt(message: Any, category: Any, filename: str, lineno: int, line: Any = None) -> str:
+        return f"tl-transplant {cmd}: warning: {message}\n"
+
+    warnings.formatwarning = fmt  # type: ignore[assignment]
     try:
-        return int(args.func(args) or 0)
-    except USER_ERRORS as e:
-        return _err(args.name, e)
+        yield
+    finally:
+        warnings.formatwarning = old
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` so that ``except BaseException`` cleanup runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 if __name__ == "__main__":  # pragma: no cover

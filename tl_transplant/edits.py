@@ -14,6 +14,7 @@ TransformerLens bridge holds, so the hooked forward, ``generate`` and
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
@@ -122,6 +123,11 @@ def plan_transplant(
     if kv not in ("group", "none"):
         raise TransplantError(f"kv must be 'group' or 'none', got {kv!r}")
     requested = tuple(dict.fromkeys(pair.validate(u) for u in parse_units(units)))
+    if not requested:
+        raise TransplantError(
+            "no units to transplant (the unit list is empty); name at least one unit, "
+            "e.g. 'L0.H1' or 'L1.mlp.down_proj'"
+        )
     kv_added: list[KVHead] = []
     if kv == "group":
         have = set(requested)
@@ -186,8 +192,9 @@ class transplant:  # noqa: N801 - used as a context manager, reads like a functi
             raise TransplantError(f"alpha must be a finite number, got {alpha}")
         if not (0.0 <= alpha <= 1.0) and not allow_extrapolation:
             raise TransplantError(
-                f"alpha={alpha} is outside [0, 1]; pass allow_extrapolation=True to push the "
-                "target past the source (or away from it)."
+                f"alpha={alpha} is outside [0, 1]; pass allow_extrapolation=True "
+                "(--allow-extrapolation on the command line) to push the target past the "
+                "source (or away from it)."
             )
         self.pair = pair
         self.alpha = alpha
@@ -228,6 +235,14 @@ class transplant:  # noqa: N801 - used as a context manager, reads like a functi
         """Write the saved original values back, bit-exactly."""
         if self._saved is None:
             return
+        active = self.pair.active
+        if self in active and active[-1] is not self:
+            later = active[active.index(self) + 1 :]
+            raise TransplantError(
+                f"restore transplants in the reverse order of applying them: {len(later)} "
+                "transplant(s) applied after this one are still active (restore them first); "
+                "restoring this one now would write back values that they changed"
+            )
         params = self.pair.target.params
         for name, vals in self._saved.items():
             flat = _flat(params[name])
@@ -288,10 +303,47 @@ def apply_transplant(
     kv: KVMode = "group",
     allow_extrapolation: bool = False,
 ) -> Manifest:
-    """Permanently blend the units into the target; returns the manifest (also kept on the pair)."""
-    t = transplant(pair, units, alpha, kv=kv, allow_extrapolation=allow_extrapolation).apply()
+    """Permanently blend the units into the target; returns the manifest (also kept on the pair).
+
+    Refused inside an active ``with transplant(...)`` block (its exit would undo this
+    edit). Applying to units an earlier permanent transplant already moved compounds
+    the blend (two alpha=0.5 give 0.75 of the source); that is allowed, warned about,
+    and recorded in ``manifest.extra["compounds_with"]``.
+    """
+    if pair.active:
+        raise TransplantError(
+            f"apply_transplant inside an active transplant() context ({len(pair.active)} "
+            "active): leaving the context would undo this permanent edit. Call it outside "
+            "the `with transplant(...)` block, or restore the active transplants first."
+        )
+    t = transplant(pair, units, alpha, kv=kv, allow_extrapolation=allow_extrapolation)
+    overlaps = _overlaps(pair, t.plan)
+    t.apply()
     m = t.manifest()
     t._saved = None  # permanent: nothing to restore
     pair.active.remove(t)
+    if overlaps:
+        m.extra["compounds_with"] = overlaps
+        first = overlaps[0]
+        warnings.warn(
+            f"this transplant touches {sum(len(o['units']) for o in overlaps)} unit(s) that "
+            f"earlier permanent transplant(s) already moved (e.g. {first['units'][0]} in "
+            f"transplant #{first['transplant']} at alpha={first['alpha']:g}); the blends "
+            "compound. Recorded in the manifest as extra['compounds_with'].",
+            UserWarning,
+            stacklevel=2,
+        )
     pair.applied.append(m)
     return m
+
+
+def _overlaps(pair: ModelPair, plan: Plan) -> list[dict[str, Any]]:
+    """Earlier permanent transplants on the pair that moved some of ``plan``'s units."""
+    mine = {str(u) for u in plan.units}
+    out = []
+    for i, prior in enumerate(pair.applied):
+        theirs = {*getattr(prior, "units", []), *getattr(prior, "kv_added", [])}
+        common = sorted(mine & theirs)
+        if common:
+            out.append({"transplant": i, "units": common, "alpha": float(prior.alpha)})
+    return out

@@ -163,6 +163,10 @@ def _check_record(r: Any, i: int, label: str) -> None:
         ) from None
     if not math.isfinite(alpha):
         raise ManifestError(f"{label}: transplant #{i}: alpha must be finite, got {alpha}")
+    if not r["units"]:
+        raise ManifestError(
+            f"{label}: transplant #{i} names no units; a transplant moves at least one unit"
+        )
 
 
 def read_manifest(

@@ -185,8 +185,20 @@ def _prior_records(tgt: Checkpoint) -> list[Any]:
 
 
 def _plan_record(
-    i: int, rec: dict[str, Any], layout: ModelLayout, tgt: Checkpoint, rename: dict[str, str]
+    i: int,
+    rec: dict[str, Any],
+    layout: ModelLayout,
+    tgt: Checkpoint,
+    rename: dict[str, str],
+    allow_extrapolation: bool = False,
 ) -> _RecordPlan:
+    alpha = float(rec["alpha"])
+    if not 0.0 <= alpha <= 1.0 and not allow_extrapolation:
+        raise OutOfCoreError(
+            f"manifest transplant #{i} has alpha={alpha:g}, outside [0, 1]: it would push the "
+            "target past the source (or away from it). Pass allow_extrapolation=True "
+            "(--allow-extrapolation on the command line) if that is what you want."
+        )
     fam = (rec.get("target") or {}).get("family")
     if fam and fam != layout.family.family:
         raise OutOfCoreError(
@@ -230,7 +242,7 @@ def _plan_record(
                 f"{tgt.where} stores it with shape {have}; the manifest was made for another model"
             )
         rows[name] = row
-    return _RecordPlan(i, float(rec["alpha"]), slices, rows)
+    return _RecordPlan(i, alpha, slices, rows)
 
 
 def _check_pair(
@@ -362,7 +374,8 @@ def apply_manifest_out_of_core(
     *,
     overwrite: bool = False,
     allow_pickle: bool = False,
-    strict: bool = False,
+    strict: bool = True,
+    allow_extrapolation: bool = False,
     revision: str | None = None,
     local_files_only: bool | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
@@ -375,7 +388,8 @@ def apply_manifest_out_of_core(
     it), a :class:`Manifest`, a manifest dict, or a list; several transplants
     are applied in order, as they were in memory. The manifest's tensor hashes
     are checked against what the blend produces; a mismatch (another
-    checkpoint, or another dtype) warns, or raises with ``strict=True``.
+    checkpoint, or another dtype) raises, or only warns with ``strict=False``.
+    An alpha outside [0, 1] is refused unless ``allow_extrapolation=True``.
     Returns the output directory. The output's tensors are bit-identical to
     ``apply_transplant`` + ``export_hf`` on the same checkpoints.
     """
@@ -387,6 +401,7 @@ def apply_manifest_out_of_core(
         overwrite=overwrite,
         allow_pickle=allow_pickle,
         strict=strict,
+        allow_extrapolation=allow_extrapolation,
         revision=revision,
         local_files_only=local_files_only,
         cache_dir=cache_dir,
@@ -404,6 +419,7 @@ def apply_out_of_core(
     allow_pickle: bool,
     strict: bool,
     revision: str | None,
+    allow_extrapolation: bool = False,
     local_files_only: bool | None,
     cache_dir: Any,
 ) -> tuple[Path, dict[str, Any]]:
@@ -417,6 +433,7 @@ def apply_out_of_core(
             overwrite=overwrite,
             allow_pickle=allow_pickle,
             strict=strict,
+            allow_extrapolation=allow_extrapolation,
             revision=revision,
             local_files_only=local_files_only,
             cache_dir=cache_dir,
@@ -437,6 +454,7 @@ def _apply(
     allow_pickle: bool,
     strict: bool,
     revision: str | None,
+    allow_extrapolation: bool = False,
     local_files_only: bool | None,
     cache_dir: Any,
 ) -> tuple[Path, dict[str, Any]]:
@@ -450,17 +468,29 @@ def _apply(
     src_dir = resolve_checkpoint(source, "source", **hub)
     tgt_dir = resolve_checkpoint(target, "target", **hub)
     out_path = Path(out_dir).expanduser().resolve()
-    if out_path in (src_dir.resolve(), tgt_dir.resolve()):
-        raise OutOfCoreError(
-            f"--out {out_path} is the {'source' if out_path == src_dir.resolve() else 'target'} "
-            "checkpoint itself; write the transplanted model to a new directory"
-        )
+    for role, d in (("source", src_dir), ("target", tgt_dir)):
+        d = Path(d).resolve()
+        if d == out_path or out_path in d.parents:
+            what = f"is the {role} checkpoint itself" if d == out_path else (
+                f"contains the {role} checkpoint"
+            )
+            raise OutOfCoreError(
+                f"--out {out_path} {what}; write the transplanted model to a new directory"
+            )
+    if isinstance(manifest, (str, os.PathLike)):
+        m = Path(manifest).expanduser().resolve()
+        if m == out_path or out_path in m.parents:
+            raise OutOfCoreError(
+                f"--out {out_path} holds the manifest {m}; write to a new directory"
+            )
     src = Checkpoint.open(src_dir, "source", allow_pickle=allow_pickle)
     tgt = Checkpoint.open(tgt_dir, "target", allow_pickle=allow_pickle)
     lt, rt = bind_checkpoint(tgt)
     ls, rs = bind_checkpoint(src)
     _check_pair(ls, lt, src, tgt, rs, rt)
-    plans = [_plan_record(i, r, lt, tgt, rt) for i, r in enumerate(records)]
+    plans = [
+        _plan_record(i, r, lt, tgt, rt, allow_extrapolation) for i, r in enumerate(records)
+    ]
     touched = {n: rt[n] for p in plans for n in p.slices}
     blend = _Blender(src, rs, plans)
 
@@ -476,7 +506,10 @@ def _apply(
                 "another dtype)."
             )
             if strict:
-                raise OutOfCoreError(msg + " Refusing because strict=True.")
+                raise OutOfCoreError(
+                    msg + " Nothing written; pass strict=False (--allow-hash-mismatch on the "
+                    "command line) to write it anyway."
+                )
             warnings.warn(msg, UserWarning, stacklevel=4)  # past apply_out_of_core
         skipped = copy_other_files(tgt, tmp)
         stats.update(

@@ -103,6 +103,7 @@ class ModelSide:
         revision: str | None = None,
         check_finite: bool = True,
         role: str = "model",
+        allow_pickle: bool = False,
     ) -> ModelSide:
         """Load ``spec``: hub id, local dir, ``.gguf`` file (dequantized to ``dtype``, default
         float32, tokenizer from the same file), in-memory model, or ``(model, tokenizer)``."""
@@ -132,6 +133,7 @@ class ModelSide:
             use_safetensors=use_safetensors,
             revision=revision,
             role=role,
+            allow_pickle=allow_pickle,
         )
         tok = _load_tokenizer(spec, hf, tokenizer, trust_remote_code, revision, role)
         if gguf_identity is not None:
@@ -291,15 +293,40 @@ class ModelSide:
         )
 
 
+_FINITE_CHUNK = 1 << 24  # elements per isfinite pass: bounds the bool temporary to 16 MB
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether a floating tensor holds only finite values, in bounded extra memory."""
+    flat = t.detach().reshape(-1)
+    return all(
+        bool(torch.isfinite(flat[i : i + _FINITE_CHUNK]).all())
+        for i in range(0, flat.numel(), _FINITE_CHUNK)
+    )
+
+
 def _check_finite(params: dict[str, torch.Tensor], names: list[str], name: str, role: str) -> None:
-    for n in names:
+    """Refuse NaN/inf in any floating tensor (unit tensors first, then embeddings, norms...).
+
+    Every tensor is checked, not just the unit tensors: a NaN in ``embed_tokens`` or a
+    norm poisons every forward the scores and the sweep run. One pass over the weights,
+    chunked, so it costs about as much as reading them once.
+    """
+    order = list(dict.fromkeys([*names, *params]))
+    for n in order:
         t = params[n]
-        if t.is_floating_point() and t.device.type != "meta" and not torch.isfinite(t).all():
+        if t.is_floating_point() and t.device.type != "meta" and not _all_finite(t):
             raise NonFiniteWeightsError(
                 f"{role} {name!r} has NaN or inf values in {n}. Transplanting from or into it "
-                "would spread them; fix the checkpoint, or pass check_finite=False to load it "
-                "anyway (transplants still refuse non-finite source slices)."
+                "would spread them; fix the checkpoint, or pass check_finite=False "
+                "(--no-check-finite on the command line) to load it anyway (transplants "
+                "still refuse non-finite source slices)."
             )
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _is_local_dir(spec: Any) -> bool:
@@ -333,6 +360,7 @@ def _load_hf(
     use_safetensors: bool | None,
     revision: str | None,
     role: str,
+    allow_pickle: bool = False,
 ) -> tuple[Any, str, dict[str, Any]]:
     from transformers import AutoModelForCausalLM, PreTrainedModel
 
@@ -363,6 +391,13 @@ def _load_hf(
         kwargs["device_map"] = device_map
     if use_safetensors is not None and _is_local_dir(path):
         has_st = any(Path(path).glob("*.safetensors"))
+        pickles = any(Path(path).glob("*.bin")) and not (has_st and use_safetensors)
+        if pickles and not allow_pickle:
+            raise ModelLoadError(
+                f"{role}: {path} has no safetensors weights, only PyTorch pickles "
+                "(pytorch_model*.bin), and unpickling can run code. Pass allow_pickle=True "
+                "(--allow-pickle on the command line) if you trust the files."
+            )
         kwargs["use_safetensors"] = bool(use_safetensors and has_st)
         if not has_st:
             warnings.warn(
@@ -372,8 +407,17 @@ def _load_hf(
             )
     try:
         hf = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{role}: could not load a causal LM from {path!r}: {e}") from e
+    except (OSError, ValueError, EOFError, RuntimeError) as e:
+        raise ModelLoadError(
+            f"{role}: could not load a causal LM from {path!r}: {_one_line(e)}"
+        ) from e
+    except Exception as e:  # safetensors' SafetensorError (corrupt or truncated file)
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise ModelLoadError(
+            f"{role}: the weights in {path!r} are corrupt or truncated ({_one_line(e)}); "
+            "re-download or re-export the checkpoint"
+        ) from e
     if device_map is None and device is not None:
         hf = hf.to(device)
     identity = {
@@ -462,7 +506,8 @@ def check_compatible(source: ModelSide, target: ModelSide, *, check_tokenizer: b
             raise IncompatiblePairError(
                 f"tokenizers differ at {len(diff)} token id(s) (source vs target: {shown}). "
                 "Prompts would mean different things to the two models; pass "
-                "check_tokenizer=False only if you know the ids line up."
+                "check_tokenizer=False (--no-check-tokenizer on the command line) only if you "
+                "know the ids line up."
             )
 
 
@@ -496,12 +541,15 @@ class ModelPair:
         trust_remote_code: bool = False,
         use_safetensors: bool | None = True,
         check_finite: bool = True,
+        allow_pickle: bool = False,
     ) -> ModelPair:
         """Load both models and check they can be transplanted between.
 
         ``source``/``target``: a hub id, a local HF directory, an in-memory
         ``PreTrainedModel`` (with ``*_tokenizer``) or a ``(model, tokenizer)`` tuple.
         ``device_map`` is handed to HF/accelerate for models too big for one device.
+        A local directory with only PyTorch pickles (``pytorch_model*.bin``) is refused
+        unless ``allow_pickle=True`` (unpickling can run code), as in ``apply``.
         """
         common = dict(
             device=None if device_map is not None else device,
@@ -510,6 +558,7 @@ class ModelPair:
             trust_remote_code=trust_remote_code,
             use_safetensors=use_safetensors,
             check_finite=check_finite,
+            allow_pickle=allow_pickle,
         )
         src = ModelSide.load(source, tokenizer=source_tokenizer, role="source", **common)
         tgt = ModelSide.load(target, tokenizer=target_tokenizer, role="target", **common)

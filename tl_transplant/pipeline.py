@@ -74,6 +74,9 @@ def run(
     progress: bool = True,
     report: bool = True,
     log: Any = print,
+    check_tokenizer: bool = True,
+    check_finite: bool = True,
+    allow_pickle: bool = False,
 ) -> RunResult:
     """Run the pipeline described by ``config`` and write everything under ``out_dir``.
 
@@ -81,7 +84,9 @@ def run(
     fraction_units, fraction_params), ``sweep.csv``, ``sweep.png``, ``sweep.json``,
     ``scores_<method>.json``, ``transplant_manifest.json``, ``model/`` (if
     ``export``) and ``report.html``. Written to a temporary sibling first and
-    renamed into place, so a failed run leaves nothing half-written.
+    renamed into place, so a failed run leaves nothing half-written. ``out_dir``
+    must not be, or contain, the config, task files or model directories.
+    ``check_tokenizer``, ``check_finite`` and ``allow_pickle`` go to ``ModelPair.load``.
     """
     from tl_transplant.edits import apply_transplant, plan_transplant
     from tl_transplant.evaluation import evaluate_transplant
@@ -91,11 +96,13 @@ def run(
     from tl_transplant.units import normalize_kinds
 
     cfg = load_config(config)
-    out, tmp = prepare_out_dir(out_dir, overwrite)
+    out, tmp = prepare_out_dir(out_dir, overwrite, inputs=_run_inputs(config, cfg))
     try:
         log(f"loading pair: source={cfg.source} target={cfg.target}")
         dtype = None if cfg.dtype in (None, "auto") else cfg.dtype
-        pair = ModelPair.load(cfg.source, cfg.target, device=cfg.device, dtype=dtype)
+        pair = ModelPair.load(cfg.source, cfg.target, device=cfg.device, dtype=dtype,
+                              check_tokenizer=check_tokenizer, check_finite=check_finite,
+                              allow_pickle=allow_pickle)
         dev, test = load_task_splits(cfg.task, cfg.seed, "task")
         controls = [load_task_splits(c, cfg.seed, f"control{i}")
                     for i, c in enumerate(cfg.control_tasks)]
@@ -193,6 +200,16 @@ def run(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _run_inputs(config: Any, cfg: RunConfig) -> list[Any]:
+    """Every local file or directory a run reads: the output must not be or contain one."""
+    items: list[Any] = [cfg.source, cfg.target]
+    if isinstance(config, (str, Path)):
+        items.append(config)
+    for tc in (cfg.task, *cfg.control_tasks):
+        items += [tc.path, tc.test_path]
+    return [i for i in items if isinstance(i, (str, Path)) and i]
 
 
 def _write_report(pair: Any, res: Any, scores: dict[str, Any], dev: Task,

@@ -147,6 +147,37 @@ def normalize_kinds(kinds: str | Iterable[str] | None) -> tuple[UnitKind, ...]:
     return tuple(out)
 
 
+def parse_kinds_or_units(text: str) -> tuple[UnitKind, ...] | list[Unit]:
+    """A comma-separated list of unit kinds (``"head,neuron"``) or of units (``"L0.H1,L1.N2"``).
+
+    Raises :class:`UnitError` naming the first item that is neither, or for an empty list;
+    mixing kinds and units is refused (the two mean different things to ``score``).
+    """
+    items = [p for p in str(text).replace(" ", "").split(",") if p]
+    if not items:
+        raise UnitError(
+            "the unit list is empty; give unit kinds (e.g. 'head,neuron') or units "
+            "(e.g. 'L0.H1,L1.N2')"
+        )
+    kinds, units = [], []
+    for item in items:
+        if item.lower() in _KIND_ALIASES:
+            kinds.append(item)
+            continue
+        try:
+            units.append(parse_unit(item))
+        except UnitError:
+            raise UnitError(
+                f"{item!r} is neither a unit kind (head, kv_head, neuron, linear) nor a unit "
+                "(e.g. 'L3.H5', 'L3.KV1', 'L2.N1024', 'L4.mlp.down_proj')"
+            ) from None
+    if kinds and units:
+        raise UnitError(
+            f"mixes unit kinds ({kinds[0]!r}) and units ({str(units[0])!r}); give one or the other"
+        )
+    return normalize_kinds(kinds) if kinds else units
+
+
 def unit_sort_key(u: Unit) -> tuple[int, int, str]:
     """Sort by layer, then kind, then index/name: a stable order for tables and manifests."""
     order = UNIT_KINDS.index(u.kind)
