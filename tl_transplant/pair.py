@@ -195,6 +195,10 @@ class ModelSide:
             if getattr(hf, "hf_device_map", None)
             else str(device or next(iter(params.values())).device)
         )
+        if not getattr(hf.config, "architectures", None):
+            # TransformerLens picks its adapter by config.architectures, which a model built
+            # in memory (from_config) lacks; save_pretrained would write exactly this.
+            hf.config.architectures = [type(hf).__name__]
         with contextlib.redirect_stdout(None):
             bridge = TransformerBridge.boot_transformers(
                 f"tl_transplant/{role}",
