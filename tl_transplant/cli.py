@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Score, sweep K x alpha on dev, report on test, export: on "
                        "an embedded tiny pair (no download).")
     d.add_argument("--pair", default="cross_generation",
-                   choices=["cross_generation", "base_instruct"])
+                   choices=["cross_generation", "base_instruct", *REAL_PAIRS])
     d.add_argument("--out", default=None, help="output directory (default demo_out/PAIR; "
                    "the demo replaces its own previous output)")
     d.add_argument("--no-export", action="store_true", help="skip writing model/")
@@ -384,7 +384,45 @@ def build_parser() -> argparse.ArgumentParser:
 
     z = sub.add_parser("pairs", help="list the embedded model pairs")
     z.set_defaults(func=cmd_pairs, name="pairs")
+    add_zoo_command(sub)
     return p
+
+
+REAL_PAIRS = ("smollm2_rtn4",)  # = zoo.REAL_PAIR_NAMES, spelled out to keep --help import-light
+
+
+def cmd_zoo(args: argparse.Namespace) -> int:
+    from tl_transplant import zoo
+
+    if args.zoo_cmd == "list":
+        for name in zoo.ALL_PAIR_NAMES:
+            if zoo.is_real(name):
+                from tl_transplant.zoo.real import is_built, pair_root, spec
+
+                root = pair_root(name)
+                state = f"built at {root}" if is_built(root) else "not built"
+                print(f"{name} (real, {state}): {spec(name).description}")
+            else:
+                print(f"{name} (embedded): {zoo.pair_info(name).get('description', '')}")
+        return 0
+    root = zoo.build(args.pair, args.out, force=args.force, log=print)
+    print(f"built {args.pair} -> {root}")
+    return 0
+
+
+def add_zoo_command(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``zoo build NAME [--out DIR]`` and ``zoo list``; returns the ``zoo`` parser."""
+    z = subparsers.add_parser("zoo", help="build or list zoo pairs (real pairs are built "
+                              "from a real checkpoint into a cache)")
+    zs = z.add_subparsers(dest="zoo_cmd", metavar="ZOO_COMMAND", required=True)
+    b = zs.add_parser("build", help="build a real zoo pair (deterministic, minutes on CPU)")
+    b.add_argument("pair", choices=list(REAL_PAIRS))
+    b.add_argument("--out", default=None, help="directory to build into (default "
+                   "~/.cache/tl_transplant/zoo/PAIR or $TL_TRANSPLANT_ZOO_CACHE/PAIR)")
+    b.add_argument("--force", action="store_true", help="rebuild even if already built")
+    zs.add_parser("list", help="list every zoo pair and whether it is built")
+    z.set_defaults(func=cmd_zoo, name="zoo")
+    return z
 
 
 def main(argv: Sequence[str] | None = None) -> int:

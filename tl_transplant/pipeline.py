@@ -222,25 +222,44 @@ def _write_report(pair: Any, res: Any, scores: dict[str, Any], dev: Task,
 
 
 def demo_config(pair_name: str = "cross_generation", *, export: bool = True) -> dict[str, Any]:
-    """The demo's config for an embedded pair (also a template for your own)."""
+    """The demo's config for a zoo pair (also a template for your own).
+
+    A real pair (``zoo.REAL_PAIR_NAMES``) is built first if needed, and gets a smaller
+    search sized for a 135M model on a few CPU cores: no activation patching or
+    attribution (15 s a prompt over linears on 2 loaded cores), whole
+    linears as units, a short K x alpha grid.
+    """
     from tl_transplant import zoo
 
-    src, tgt = zoo.pair_dirs(pair_name)
+    src, tgt = zoo.pair_dirs(pair_name, build_missing=True)
     paths = zoo.task_paths(pair_name)
+    bos: bool = True
+    if zoo.is_real(pair_name):
+        from tl_transplant.zoo.real import PREPEND_BOS
+
+        bos = PREPEND_BOS
     task = {"path": str(paths["task"].dev), "test_path": str(paths["task"].test),
-            "metric": "next_token_acc", "prepend_bos": True, "name": f"{pair_name}:capability"}
-    ret = {"path": str(paths["retention"].dev), "test_path": str(paths["retention"].test),
-           "metric": "next_token_acc", "prepend_bos": True, "name": f"{pair_name}:retention"}
+            "metric": "next_token_acc", "prepend_bos": bos, "name": f"{pair_name}:capability"}
+    controls = [{"path": str(sp.dev), "test_path": str(sp.test), "metric": "next_token_acc",
+                 "prepend_bos": bos, "name": f"{pair_name}:{kind}"}
+                for kind, sp in paths.items() if kind != "task"]
+    if zoo.is_real(pair_name):
+        selection = {"methods": ["activation_diff", "weight_diff"],
+                     "units": ["linear"], "controls": ["random"]}
+        grid = {"k": [21, 84], "alpha": [1.0], "max_retention_drop": 0.05}
+    else:
+        selection = {"methods": ["attribution", "activation_patch", "activation_diff",
+                                 "weight_diff"],
+                     "units": ["head", "neuron"], "controls": ["random"]}
+        grid = {"k": [1, 2, 4, 8, 16, 24, 32, 39], "alpha": [0.25, 0.5, 0.75, 1.0],
+                "max_retention_drop": 0.05}
     return {
         "source": str(src),
         "target": str(tgt),
         "task": task,
-        "control_tasks": [ret],
-        "selection": {"methods": ["attribution", "activation_patch", "activation_diff",
-                                  "weight_diff"],
-                      "units": ["head", "neuron"], "controls": ["random"]},
-        "sweep": {"k": [1, 2, 4, 8, 16, 24, 32, 39], "alpha": [0.25, 0.5, 0.75, 1.0],
-                  "max_retention_drop": 0.05},
+        "control_tasks": controls,
+        "selection": selection,
+        "sweep": grid,
         "seed": 0,
         "export": export,
     }
