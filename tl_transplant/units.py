@@ -109,7 +109,7 @@ def parse_unit(text: str | Unit) -> Unit:
     m = _INDEXED.match(s)
     if m:
         layer, tag, idx = int(m.group(1)), m.group(2), int(m.group(3))
-        cls = {"H": Head, "KV": KVHead, "N": Neuron}[tag]
+        cls: type[Head | KVHead | Neuron] = {"H": Head, "KV": KVHead, "N": Neuron}[tag]
         return cls(layer, idx)
     m = _LINEAR.match(s)
     if m:
