@@ -26,7 +26,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 
@@ -331,18 +331,22 @@ def read_st_header(path: Path, where: str) -> list[TensorEntry]:
             continue
         try:
             dtype, shape = str(info["dtype"]), tuple(int(x) for x in info["shape"])
-            b, e = (int(x) for x in info["data_offsets"])
+            b, stop = (int(x) for x in info["data_offsets"])
         except (KeyError, TypeError, ValueError) as err:
             raise corrupt(f"the header entry for {name!r} is malformed") from err
         if dtype not in _ST_ITEMSIZE:
             raise corrupt(f"{name!r} has unknown dtype {dtype!r}")
         nbytes = math.prod(shape) * _ST_ITEMSIZE[dtype]
-        if b < 0 or e - b != nbytes:
-            raise corrupt(f"{name!r} spans bytes {b}:{e}, which does not fit {dtype}{list(shape)}")
-        if base + e > size:
-            raise corrupt(f"{name!r} ends at byte {base + e}, past the end of the {size}-byte file")
-        end = max(end, e)
-        out.append(TensorEntry(name, path.name, dtype, shape, base + b, base + e))
+        if b < 0 or stop - b != nbytes:
+            raise corrupt(
+                f"{name!r} spans bytes {b}:{stop}, which does not fit {dtype}{list(shape)}"
+            )
+        if base + stop > size:
+            raise corrupt(
+                f"{name!r} ends at byte {base + stop}, past the end of the {size}-byte file"
+            )
+        end = max(end, stop)
+        out.append(TensorEntry(name, path.name, dtype, shape, base + b, base + stop))
     if base + end != size:
         raise corrupt(f"{size - base - end} bytes follow the last tensor")
     return out
@@ -408,7 +412,9 @@ def write_safetensors_shards(
                 e = tgt.entries[touched[model_name]]
                 row_bytes = (e.stop - e.start) // max(1, e.shape[0]) if e.shape else 0
 
-                def write(r0: int, chunk: torch.Tensor, e: TensorEntry = e, rb: int = row_bytes):
+                def write(
+                    r0: int, chunk: torch.Tensor, e: TensorEntry = e, rb: int = row_bytes
+                ) -> None:
                     data = tensor_bytes(chunk)
                     if data.nbytes != chunk.shape[0] * rb:  # the blend keeps dtype and shape
                         raise CheckpointError(f"internal: {e.name} changed size while blending")
@@ -420,7 +426,7 @@ def write_safetensors_shards(
                     e.shape,
                     tgt.dtype_name(e.name),
                     row_bytes,
-                    lambda r0, r1, n=e.name: tgt.read_rows(n, r0, r1),
+                    cast(ReadRows, lambda r0, r1, n=e.name: tgt.read_rows(n, r0, r1)),
                     write,
                 )
     if tgt.index is not None:
@@ -467,7 +473,7 @@ def write_pickle_shards(
                     tuple(t.shape),
                     e.dtype,
                     row_bytes,
-                    lambda r0, r1, t=t: t[r0:r1],
+                    cast(ReadRows, lambda r0, r1, t=t: t[r0:r1]),
                     lambda r0, chunk: None,
                 )
             elif t.untyped_storage().data_ptr() in storages or not t.is_contiguous():

@@ -457,7 +457,7 @@ def _short_warnings(cmd: str) -> Iterator[None]:
     def fmt(message: Any, category: Any, filename: str, lineno: int, line: Any = None) -> str:
         return f"tl-transplant {cmd}: warning: {message}\n"
 
-    warnings.formatwarning = fmt  # type: ignore[assignment]
+    warnings.formatwarning = fmt
     try:
         yield
     finally:

@@ -1025,10 +1025,10 @@ def check_bridge(layout: ModelLayout, bridge: Any) -> None:
     translate = getattr(getattr(bridge, "adapter", None), "translate_transformer_lens_path", None)
     if translate is None:
         return
-    for lin, rel in fam.bridge_hooks.items():
-        if len(rel) != 1 or not rel[0].endswith(".hook_out"):
+    for lin, rels in fam.bridge_hooks.items():
+        if len(rels) != 1 or not rels[0].endswith(".hook_out"):
             continue  # fused: the bridge splits it into several components
-        comp = rel[0].removesuffix(".hook_out")
+        comp = rels[0].removesuffix(".hook_out")
         for layer in range(layout.n_layers):
             ours = layout.module_path(Linear(layer, lin))
             try:

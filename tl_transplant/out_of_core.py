@@ -497,7 +497,7 @@ def _apply(
     out, tmp = prepare_out_dir(out_dir, overwrite)
     try:
         writer = write_pickle_shards if tgt.format == "pickle" else write_safetensors_shards
-        stats = writer(tgt, touched, blend.blend, tmp)
+        stats: dict[str, Any] = writer(tgt, touched, blend.blend, tmp)
         if blend.mismatches:
             msg = (
                 f"the blended tensors do not match the manifest's hashes "

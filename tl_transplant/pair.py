@@ -227,8 +227,8 @@ class ModelSide:
         canon_storage = {_storage_key(v) for v in self.params.values()}
         declared: dict[str, list[TensorSlice]] = {}
         for layer in range(self.layout.n_layers):
-            for path, parts in self.layout.mirror_slices(layer):
-                declared[path] = parts
+            for path, mirror_parts in self.layout.mirror_slices(layer):
+                declared[path] = mirror_parts
         found: dict[int, tuple[torch.Tensor, list[TensorSlice]]] = {}
         for raw, p in self.hf.named_parameters(remove_duplicate=False):
             if id(p) in canon_ids or id(p) in found or _storage_key(p) in canon_storage:
@@ -371,7 +371,7 @@ def _load_hf(
     if isinstance(spec, PreTrainedModel):
         name = getattr(spec.config, "_name_or_path", "") or f"in-memory {type(spec).__name__}"
         if dtype is not None:
-            spec = spec.to(_resolve_dtype(dtype))
+            spec = spec.to(_resolve_dtype(dtype))  # type: ignore[arg-type]  # HF stubs
         if device is not None and device_map is None and not getattr(spec, "hf_device_map", None):
             spec = spec.to(device)
         return spec, str(name), {"name": str(name), "source": "in-memory"}

@@ -117,10 +117,13 @@ def run(
         contrast = controls[0][0] if (controls and cfg.selection.contrast_lambda) else None
         for m in cfg.selection.methods:
             log(f"scoring {m} on dev ({len(dev)} examples, units {','.join(kinds)})")
+            extra: dict[str, Any] = (
+                {"contrast": contrast, "lam": cfg.selection.contrast_lambda}
+                if contrast is not None else {}
+            )
             scores[m] = score(pair, dev, method=m, units=cfg.selection.kinds_for(m),
                               progress=progress, batch_size=cfg.batch_size, seed=cfg.seed,
-                              **({"contrast": contrast, "lam": cfg.selection.contrast_lambda}
-                                 if contrast is not None else {}))
+                              **extra)
             scores[m].save(tmp / f"scores_{m}.json")
 
         log(f"sweep: K in {ks}, alpha in {cfg.sweep.alpha}, methods {list(scores)}")
@@ -145,13 +148,14 @@ def run(
             log("no configuration met the retention constraint; nothing applied")
         else:
             rep = best.test
-            m = rep.metrics
+            assert rep is not None, "sweep() evaluates the best row on test"
+            met = rep.metrics
             results["best"] = {"method": best.method, "k": best.k, "alpha": best.alpha,
                                "units": list(best.units), "dev_metric": best.metric}
-            results["test"] = {"transplanted": m.transplanted, "tir": m.tir,
-                               "recovery": m.recovery,
+            results["test"] = {"transplanted": met.transplanted, "tir": met.tir,
+                               "recovery": met.recovery,
                                "ci": {k: (list(v) if v is not None else None)
-                                      for k, v in m.ci.items()}}
+                                      for k, v in met.ci.items()}}
             ctrl: dict[str, Any] = {}
             for c in cfg.selection.controls:
                 log(f"control {c} at K={best.k}, alpha={best.alpha:g} on test")
@@ -183,7 +187,7 @@ def run(
                 _write_report(pair, res, scores, dev, results, tmp)
             manifest = apply_transplant(pair, best.units, best.alpha)
             manifest.extra.update(method=best.method, k=best.k, task=dev.name,
-                                  dev_metric=best.metric, test_recovery=m.recovery)
+                                  dev_metric=best.metric, test_recovery=met.recovery)
             write_manifest(tmp / MANIFEST_NAME, manifest)
             if cfg.export:
                 log("exporting the transplanted target to model/")

@@ -109,7 +109,8 @@ def parse_unit(text: str | Unit) -> Unit:
     m = _INDEXED.match(s)
     if m:
         layer, tag, idx = int(m.group(1)), m.group(2), int(m.group(3))
-        cls = {"H": Head, "KV": KVHead, "N": Neuron}[tag]
+        classes: dict[str, type[Head | KVHead | Neuron]] = {"H": Head, "KV": KVHead, "N": Neuron}
+        cls = classes[tag]
         return cls(layer, idx)
     m = _LINEAR.match(s)
     if m:

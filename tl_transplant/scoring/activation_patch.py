@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -366,7 +366,8 @@ def _group_deltas(effects: Effects, group: list[Unit]
         return [(hook("mlp_out", layer), 0, d)]
     assert isinstance(u0, Linear)
     return [(h, j, (effects.s(h) - effects.t(h))[None])
-            for j, u in enumerate(group) for h in effects.layout.linear_hooks(u)]
+            for j, u in enumerate(cast(list[Linear], group))  # one kind per group
+            for h in effects.layout.linear_hooks(u)]
 
 
 __all__ = ["FULL_NEURON_LIMIT", "ActivationPatch", "CandidateRule"]

@@ -163,8 +163,9 @@ def make_model(arch: str, vocab: int, preset: Preset = PRESETS["full"]) -> Any:
     import transformers as tf
 
     d, layers, inner = preset.d_model, preset.n_layers, preset.d_mlp
-    common = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    common: dict[str, Any] = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                   tie_word_embeddings=False)
+    cfg: tf.PretrainedConfig
     if arch == "llama":
         cfg = tf.LlamaConfig(hidden_size=d, num_hidden_layers=layers, num_attention_heads=4,
                              num_key_value_heads=2, intermediate_size=inner,
@@ -257,7 +258,7 @@ def train_stage(model: Any, tok: Any, stage: Stage, evals: dict[str, list[Exampl
 # ---- pairs ---------------------------------------------------------------------------------------
 
 
-PAIRS = {
+PAIRS: dict[str, dict[str, Any]] = {
     "cross_generation": {
         "arch": "llama", "source": "gen1", "target": "gen2",
         "task": ("add", False), "retention": ("copy", False),
