@@ -209,6 +209,35 @@ def test_demo_refuses_a_user_directory(
     assert rc == 0 and len(calls) == 2
 
 
+def test_demo_lists_only_what_it_wrote(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--no-export`` must not claim a model/ directory (it used to)."""
+    import tl_transplant.pipeline as pipeline
+
+    seen: dict[str, Any] = {}
+
+    class Res:
+        def table(self) -> str:
+            return "table"
+
+    def fake_run(cfg: Any, out: Any, **kw: Any) -> Res:
+        seen["export"] = cfg["export"]
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "results.json").write_text("{}")
+        if cfg["export"]:
+            (Path(out) / "model").mkdir()
+        return Res()
+
+    monkeypatch.setattr(pipeline, "run", fake_run)
+    assert cli.main(["demo", "--out", str(tmp_path / "a"), "--quiet", "--no-export"]) == 0
+    out = capsys.readouterr().out
+    assert seen["export"] is False and "results.json" in out and "model/" not in out, out
+    assert cli.main(["demo", "--out", str(tmp_path / "b"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert seen["export"] is True and "model/" in out and "embedded tiny pair" in out, out
+
+
 # ---- 4. out-of-core apply: alpha and hashes ------------------------------------------------
 
 

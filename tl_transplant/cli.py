@@ -111,15 +111,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
                      "another --out, or pass --overwrite to replace it")
     if args.quiet:
         _quiet_libraries()
-    print(f"tl-transplant demo: embedded pair {args.pair!r} -> {out}")
+    from tl_transplant import zoo
+
+    what = ("real pair, built once from a pinned checkpoint into the cache"
+            if zoo.is_real(args.pair) else "embedded tiny pair")
+    print(f"tl-transplant demo: {what} {args.pair!r} -> {out}")
     res = run(demo_config(args.pair, export=not args.no_export), out, overwrite=True,
               progress=not args.quiet, log=(lambda *_: None) if args.quiet else print)
     (out / DEMO_MARKER).write_text("written by `tl-transplant demo`; the demo may replace "
                                    "this directory\n")
     print()
     print(res.table())
-    print(f"\nwrote {out}/ (results.json, sweep.csv, sweep.png, report.html, model/)")
+    print(f"\nwrote {out}/ ({_written(out)})")
     return 0
+
+
+def _written(out: Path) -> str:
+    """The demo's outputs that exist, so ``--no-export`` never claims a ``model/``."""
+    names = ("results.json", "sweep.csv", "sweep.png", "report.html", "model/")
+    return ", ".join(n for n in names if (out / n.rstrip("/")).exists())
 
 
 def cmd_run(args: argparse.Namespace) -> int:
