@@ -398,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-REAL_PAIRS = ("smollm2_rtn4",)  # = zoo.REAL_PAIR_NAMES, spelled out to keep --help import-light
+REAL_PAIRS = ("smollm2_rtn4", "smollm2_ft_tens")  # = zoo.REAL_PAIR_NAMES, spelled out to keep --help import-light
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:

@@ -14,7 +14,9 @@ Real pairs (``REAL_PAIR_NAMES``, built by :mod:`tl_transplant.zoo.real` from a r
 checkpoint into a cache, on first use or with ``tl-transplant zoo build NAME``):
 ``smollm2_rtn4``: source SmolLM2-135M-Instruct, target the same with its block
 linears re-quantized to 4 bits (groups of 32); the target lost two-digit addition
-and kept most of its facts.
+and kept most of its facts. ``smollm2_ft_tens``: source SmolLM2-135M-Instruct
+fine-tuned (block linears, 48 steps) on the tens digit of two-digit sums, target the
+original: a dense fine-tuning delta whose skill may sit in few units.
 Their :func:`load_tasks` has the keys ``task``, ``retention`` (the first retention
 task) and ``retention_<task>`` for each further one.
 """
@@ -30,7 +32,7 @@ ZOO_DIR = Path(__file__).resolve().parent
 PAIRS_DIR = ZOO_DIR / "pairs"
 TASKS_DIR = ZOO_DIR / "tasks"
 PAIR_NAMES = ("cross_generation", "base_instruct")  # embedded (shipped) pairs
-REAL_PAIR_NAMES = ("smollm2_rtn4",)  # built from a real checkpoint into a cache
+REAL_PAIR_NAMES = ("smollm2_rtn4", "smollm2_ft_tens")  # built from a real checkpoint into a cache
 ALL_PAIR_NAMES = PAIR_NAMES + REAL_PAIR_NAMES
 _ROLES = {"cross_generation": ("gen1", "gen2"), "base_instruct": ("instruct", "base")}
 

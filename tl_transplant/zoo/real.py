@@ -62,12 +62,31 @@ class Recipe:
 
 
 @dataclass(frozen=True)
+class FineTune:
+    """The source is the checkpoint fine-tuned on the capability; the target is the checkpoint.
+
+    Full fine-tuning of the block linears only (embeddings and norms frozen, so everything
+    the fine-tune changed is transplantable and "all units at alpha=1" is the whole source):
+    AdamW at ``lr`` for ``steps`` steps of ``batch`` rows drawn with ``seed`` from ``n_train``
+    training rows of the capability task that share no query item with dev or test. Loss:
+    cross-entropy of the answer token only. This is the setting of Localize-and-Stitch
+    (which units of a dense fine-tuning delta carry the new skill?).
+    """
+
+    steps: int
+    lr: float
+    batch: int
+    n_train: int
+    seed: int
+
+
+@dataclass(frozen=True)
 class RealPairSpec:
     """One real zoo pair: the checkpoint, the recipe and the tasks (capability first)."""
 
     name: str
     model: str
-    recipe: Recipe
+    recipe: Recipe | FineTune
     capability: str
     retention: tuple[str, ...]
     n_dev: int
@@ -260,6 +279,19 @@ REAL_PAIRS: dict[str, RealPairSpec] = {
         "RTN in groups of 32: two-digit addition breaks (dev 0.65 -> 0.15), capitals "
         "and antonyms drop less (about 0.2)",
     ),
+    "smollm2_ft_tens": RealPairSpec(
+        name="smollm2_ft_tens",
+        model="smollm2-135m-instruct",
+        recipe=FineTune(steps=48, lr=1e-4, batch=4, n_train=480, seed=0),
+        capability="add_tens",
+        retention=("capitals", "antonyms"),
+        n_dev=40,
+        n_test=40,
+        seed=0,
+        description="SmolLM2-135M-Instruct fine-tuned (block linears, 48 steps) on the tens "
+        "digit of two-digit sums (source) vs the original (target): a dense fine-tuning "
+        "delta, Localize-and-Stitch style",
+    ),
 }
 
 
@@ -375,6 +407,115 @@ def write_tasks(name: str, root: Path) -> dict[str, dict[str, str]]:
     return paths
 
 
+def _build_requantized(
+    s: RealPairSpec, recipe: Recipe, src_dir: Path, tmp: Path, say: Callable[[str], None]
+) -> dict[str, Any]:
+    """source/ = the checkpoint; target/ = its recipe weights re-quantized. Returns record keys."""
+    from safetensors.torch import load_file, save_file
+
+    say(f"{s.name}: copying source {src_dir}")
+    shutil.copytree(src_dir, tmp / "source")
+    shutil.copytree(src_dir, tmp / "target", ignore=shutil.ignore_patterns("*.safetensors"))
+    digests: dict[str, str] = {}
+    n_quantized = 0
+    for fname in sorted(p.name for p in src_dir.glob("*.safetensors")):
+        state = load_file(str(src_dir / fname))
+        say(f"{s.name}: re-quantizing {fname} ({recipe.bits}-bit, group {recipe.group})")
+        new = degrade_state(state, recipe)
+        n_quantized += sum(1 for k, v in state.items() if recipe.selects(k, v))
+        save_file(new, str(tmp / "target" / fname), metadata={"format": "pt"})
+        digests[fname] = tensor_digest(new)
+    return {
+        "recipe": {"bits": recipe.bits, "group": recipe.group,
+                   "include": list(recipe.include), "exclude": list(recipe.exclude),
+                   "scheme": "symmetric round-to-nearest"},
+        "n_quantized_tensors": n_quantized,
+        "target_sha256": digests,
+    }
+
+
+def training_rows(s: RealPairSpec, n: int, seed: int) -> list[Row]:
+    """``n`` rows of the capability task sharing no prompt with its dev or test rows."""
+    dev, test = task_rows(s.capability, s.n_dev, s.n_test, s.seed)
+    held = {p for p, _ in (*dev, *test)}
+    _, pool = task_rows(s.capability, 0, 2 * n, seed)
+    rows = [r for r in pool if r[0] not in held][:n]
+    if len(rows) < n:
+        raise ValueError(f"only {len(rows)} training rows outside dev/test for {s.capability}")
+    return rows
+
+
+def finetune_block_linears(
+    model_dir: Path, rows: list[Row], ft: FineTune, say: Callable[[str], None]
+) -> tuple[Any, list[float]]:
+    """Fine-tune the block linears of ``model_dir`` on ``rows`` (answer-token loss only).
+
+    Deterministic for a given machine and thread count: seeded batches, no dropout.
+    Returns the model and the loss of every step.
+    """
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(ft.seed)
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model.eval()  # no dropout; gradients still flow
+    train = [p for n, p in model.named_parameters()
+             if ".layers." in n and p.dim() == 2]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in train:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(train, lr=ft.lr, weight_decay=0.0)
+    bos = [tok.bos_token_id] if PREPEND_BOS and tok.bos_token_id is not None else []
+    enc = [(bos + tok(p, add_special_tokens=False).input_ids,
+            tok(a, add_special_tokens=False).input_ids) for p, a in rows]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    rng = random.Random(ft.seed)
+    losses: list[float] = []
+    for _ in tqdm(range(ft.steps), desc="fine-tune", unit="step"):
+        batch = rng.sample(enc, ft.batch)
+        width = max(len(p) + len(a) for p, a in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        labels = torch.full_like(ids, -100)
+        mask = torch.zeros_like(ids)
+        for i, (p, a) in enumerate(batch):
+            seq = p + a
+            ids[i, : len(seq)] = torch.tensor(seq)
+            mask[i, : len(seq)] = 1
+            labels[i, len(p) : len(seq)] = torch.tensor(a)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    say(f"fine-tune: loss {losses[0]:.3f} -> {losses[-1]:.3f} over {ft.steps} steps")
+    return model, losses
+
+
+def _build_finetuned(
+    s: RealPairSpec, ft: FineTune, src_dir: Path, tmp: Path, say: Callable[[str], None]
+) -> dict[str, Any]:
+    """target/ = the checkpoint; source/ = it fine-tuned on the capability. Record keys."""
+    from safetensors.torch import load_file
+
+    say(f"{s.name}: copying target {src_dir}")
+    shutil.copytree(src_dir, tmp / "target")
+    shutil.copytree(src_dir, tmp / "source", ignore=shutil.ignore_patterns("*.safetensors"))
+    rows = training_rows(s, ft.n_train, s.seed + 1000)
+    say(f"{s.name}: fine-tuning on {len(rows)} {s.capability} rows ({ft.steps} steps)")
+    model, losses = finetune_block_linears(src_dir, rows, ft, say)
+    model.save_pretrained(str(tmp / "source"))
+    digests = {p.name: tensor_digest(load_file(str(p)))
+               for p in sorted((tmp / "source").glob("*.safetensors"))}
+    return {
+        "recipe": {"kind": "fine-tune", "steps": ft.steps, "lr": ft.lr, "batch": ft.batch,
+                   "n_train": ft.n_train, "seed": ft.seed, "trained": "block linears",
+                   "loss": [round(x, 4) for x in losses]},
+        "source_sha256": digests,
+    }
+
+
 def build_real_pair(
     name: str,
     out: str | os.PathLike[str] | None = None,
@@ -384,12 +525,11 @@ def build_real_pair(
 ) -> Path:
     """Build a real zoo pair into ``out`` (default the zoo cache) and return its root.
 
-    Layout: ``source/`` (a copy of the float checkpoint), ``target/`` (re-quantized),
+    Layout: ``source/`` and ``target/`` (by the recipe: the float checkpoint and its
+    re-quantized copy, or the checkpoint fine-tuned on the capability and the checkpoint),
     ``tasks/*.jsonl`` and the marker ``tl_transplant_zoo_pair.json`` written last, so a
     killed build is redone. An existing finished build is reused unless ``force``.
     """
-    from safetensors.torch import load_file, save_file
-
     from tl_transplant.real_models import fetch_real_model
 
     s = spec(name)
@@ -402,34 +542,21 @@ def build_real_pair(
     tmp = root.parent / f".{root.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
-        say(f"{name}: copying source {src_dir}")
-        shutil.copytree(src_dir, tmp / "source")
-        shutil.copytree(src_dir, tmp / "target", ignore=shutil.ignore_patterns("*.safetensors"))
-        weights = sorted(p.name for p in src_dir.glob("*.safetensors"))
-        digests: dict[str, str] = {}
-        n_quantized = 0
-        for fname in weights:
-            state = load_file(str(src_dir / fname))
-            say(f"{name}: re-quantizing {fname} ({s.recipe.bits}-bit, group {s.recipe.group})")
-            new = degrade_state(state, s.recipe)
-            n_quantized += sum(1 for k, v in state.items() if s.recipe.selects(k, v))
-            save_file(new, str(tmp / "target" / fname), metadata={"format": "pt"})
-            digests[fname] = tensor_digest(new)
+        if isinstance(s.recipe, FineTune):
+            made = _build_finetuned(s, s.recipe, src_dir, tmp, say)
+        else:
+            made = _build_requantized(s, s.recipe, src_dir, tmp, say)
         paths = write_tasks(name, tmp)
         record: dict[str, Any] = {
             "name": name,
             "build_version": BUILD_VERSION,
             "model": s.model,
-            "recipe": {"bits": s.recipe.bits, "group": s.recipe.group,
-                       "include": list(s.recipe.include), "exclude": list(s.recipe.exclude),
-                       "scheme": "symmetric round-to-nearest"},
-            "n_quantized_tensors": n_quantized,
+            **made,
             "capability": s.capability,
             "retention": list(s.retention),
             "n_dev": s.n_dev,
             "n_test": s.n_test,
             "seed": s.seed,
-            "target_sha256": digests,
             "description": s.description,
             "tasks": {t: {k: str(Path(v).relative_to(tmp)) for k, v in d.items()}
                       for t, d in paths.items()},
