@@ -36,6 +36,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, cast, overload, runtime_checkable
 
+from tl_transplant.budget import (
+    BudgetPick,
+    block_params,
+    budget_label,
+    check_fraction,
+    count_params,
+    fill_budget,
+)
 from tl_transplant.evaluation import (
     EditFactory,
     EvalResult,
@@ -62,6 +70,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure, SubFigure
 
     from tl_transplant.edits import KVMode
+    from tl_transplant.layouts import ModelLayout
     from tl_transplant.pair import ModelPair, ModelSide
 
 #: Unit kinds as :func:`~tl_transplant.units.normalize_kinds` takes them (None: all).
@@ -107,6 +116,13 @@ class RankedUnits:
     def top(self, k: int, kinds: Kinds = None) -> list[Unit]:
         allowed = normalize_kinds(kinds)
         return [u for u in self.units if u.kind in allowed][: int(k)]
+
+    def within_budget(
+        self, fraction: float, layout: ModelLayout, kinds: Kinds = None, kv: str = "group"
+    ) -> list[Unit]:
+        """Walk the ranking, keep each unit that still fits (a plain ranking: rule "score")."""
+        return fill_budget(self.top(len(self.units), kinds), layout, fraction, rule="score",
+                           kv=kv).units
 
     def __repr__(self) -> str:
         return f"RankedUnits({self.method!r}, n={len(self.units)})"
