@@ -186,7 +186,9 @@ def run(
                     pair, test, cunits, best.alpha, baselines={"source": rep.source,
                                                                 "target": rep.target},
                     batch_size=cfg.batch_size, progress=False, seed=cfg.seed, warn=False)
+                n_ctrl = plan_transplant(pair, cunits).n_params if cunits else 0
                 ctrl[c] = {
+                    "pct_params": n_ctrl / max(1, block_params(pair.layout)),
                     "units": [str(u) for u in cunits],
                     "test": crep.transplanted.mean,
                     "recovery": crep.metrics.recovery,
