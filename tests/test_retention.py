@@ -189,3 +189,23 @@ def test_zoo_pair():
     src = evaluate(pair.source, gr, progress=False).mean
     assert src < 1.0  # the instruct model predicts differently from the base
     assert Path(gr.meta["reference"]["model"]).name == "base"
+
+
+@pytest.mark.slow
+def test_sweep_treats_it_as_a_control_task(tmp_path):
+    """Unchanged sweep code: the generic task is split, evaluated before/after, and bounds K."""
+    from tl_transplant import sweep
+
+    pair = zoo.load_pair("cross_generation")
+    tasks = zoo.load_tasks("cross_generation")
+    gr = quiet(generic_retention, pair, tasks["task"].dev, n_task=24)
+    ranked = pair.units(["head", "neuron"])
+    res = sweep(pair, tasks["task"], ranked, ks=[0, len(ranked)], control_tasks=[gr],
+                max_retention_drop=0.05, progress=False, n_boot=50)
+    by_k = {r.k: r.control["generic_retention"] for r in res.rows}
+    assert by_k[0]["before"] == 1.0 and by_k[0]["drop"] == 0.0
+    assert by_k[len(ranked)]["drop"] > 0.05  # everything from the source moves the target
+    assert res.best is not None and res.best.k == 0
+    res.save(tmp_path)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert "generic_retention" in json.dumps(saved)

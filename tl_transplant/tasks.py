@@ -81,8 +81,8 @@ METRICS = (
     "answer_logprob",
     "logit_diff",
     "exact_match",
-    "mc_logprob",
     "next_token_agreement",
+    "mc_logprob",
 )
 
 #: ``next_token_agreement``: logit slack under which the reference token still counts as
