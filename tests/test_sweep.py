@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import importlib
 import json
 import warnings
@@ -343,4 +344,38 @@ def test_budgets_suggested_set_and_comparison_on_test(eng, tmp_path: Path):
     assert data["comparison"]["note"] == COMPARISON_NOTE and len(data["comparison"]["cells"]) == 7
     assert res.by_budget().shape == (2, 3)
     assert (res.save(tmp_path / "b") / "sweep.png").stat().st_size > 1000
+    from tl_transplant.report import comparison_markdown, write_report
+
+    page = write_report(tmp_path / "b", sweep_result=res).read_text()
+    assert "Comparison: method × budget" in page and COMPARISON_NOTE in page
+    md = comparison_markdown(res).splitlines()
+    assert md[0] == f"_{COMPARISON_NOTE}_" and len(md) == 4 + 7
+    assert md[2].startswith("| method | size | % params | % units |")
     assert not pair.active
+
+
+def test_default_control_is_generic_retention(eng, tmp_path: Path):
+    """No control task given: the generic proxy is measured, and max_retention_drop binds it."""
+    from tl_transplant.sweeps import GENERIC_RETENTION_NOTE
+
+    pair, src, _, _ = eng
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # word-level vocab: task contexts only
+        free = sweep(pair, src, RANKING, ks=[1, 3], alphas=[1.0], n_boot=100, progress=False)
+        tight = sweep(pair, src, RANKING, ks=[1, 3], alphas=[1.0], n_boot=100, progress=False,
+                      max_retention_drop=0.0)
+    assert free.config["retention"] == {"mode": "generic", "description": GENERIC_RETENTION_NOTE}
+    assert [c["name"] for c in free.config["control_tasks"]] == ["generic_retention"]
+    assert free.control_baselines["dev"]["generic_retention"].mean == 1.0
+    assert any(GENERIC_RETENTION_NOTE in n for n in free.notes)
+    k3 = next(r for r in free.rows if r.k == 3)  # the true units move the target's predictions
+    assert k3.control["generic_retention"]["drop"] > 0 and free.best is k3
+    (ret,) = free.best.test.retention
+    assert ret.task == "generic_retention:test" and ret.before == 1.0 and ret.drop > 0
+    assert tight.best.k == 1 and tight.best.max_drop == 0.0  # the constraint applies to it
+    assert GENERIC_RETENTION_NOTE in free.summary()
+    assert json.loads(json.dumps(free.to_dict()))["config"]["retention"]["mode"] == "generic"
+    from tl_transplant.report import write_report
+
+    page = write_report(tmp_path, sweep_result=free).read_text()
+    assert html.escape(GENERIC_RETENTION_NOTE) in page
