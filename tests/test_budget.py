@@ -123,3 +123,29 @@ def test_unknown_rule_is_refused(pair):
     s = _scores(pair, torch.ones(len(pair.units(("head", "neuron")))), {"budget_rule": "magic"})
     with pytest.raises(ValueError, match="budget_rule must be one of per_param, score"):
         s.within_budget(0.1, pair.layout)
+
+
+def _reference_fill(order, lay, cap, kv):
+    """The rule with no shortcuts: try every unit, in order, with its exact marginal cost."""
+    c = ParamCounter(lay, kv)
+    for u in order:
+        if c.n_params + c.cost(u) <= cap:
+            c.add(u)
+    return c.units
+
+
+def test_fill_matches_the_plain_rule_on_mixed_kinds(pair):
+    lay = pair.layout
+    units = pair.units(None)  # heads, KV groups, neurons and whole linears
+    total = block_params(lay)
+    rng = random.Random(3)
+    for trial in range(20):
+        order = rng.sample(units, len(units))
+        kinds = rng.choice([None, ("head", "neuron"), ("head", "kv_head")])
+        if kinds is not None:
+            order = [u for u in order if u.kind in kinds]
+        f = rng.choice([0.01, 0.05, 0.1, 0.3])
+        kv = rng.choice(["group", "none"])
+        got = fill_budget(order, lay, f, rule="score", kv=kv)
+        assert got.units == _reference_fill(order, lay, int(f * total), kv), (trial, f, kv)
+        assert got.n_params == count_params(lay, got.units, kv) <= f * total

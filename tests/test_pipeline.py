@@ -297,3 +297,22 @@ def test_run_budgets_compare_and_no_retention(workdir, tmp_path, capsys):
     assert "each budget must be a fraction in (0, 1], got 2" in capsys.readouterr().err
     assert main(fresh + ["--only-budget"]) == 2
     assert "--only-budget needs --budget" in capsys.readouterr().err
+
+
+def test_run_without_controls_uses_generic_retention(workdir, tmp_path):
+    import warnings
+
+    from tl_transplant.sweeps import GENERIC_RETENTION_NOTE
+
+    cfg = _cfg(workdir, export=False, control_tasks=[], sweep={"k": [2], "alpha": [1.0]},
+               selection={"methods": ["weight_diff"], "units": ["head", "neuron"],
+                          "controls": []})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # word-level vocab: task contexts only
+        res = run(cfg, tmp_path / "g", progress=False, report=False, log=lambda *_: None)
+    r = res.results
+    assert r["retention_control"] == {"mode": "generic", "description": GENERIC_RETENTION_NOTE}
+    (ret,) = r["retention"]
+    assert ret["task"] == "generic_retention:test" and ret["before"] == 1.0
+    assert ret["drop"] == pytest.approx(ret["before"] - ret["after"])
+    assert f"retention control: {GENERIC_RETENTION_NOTE}" in res.table()

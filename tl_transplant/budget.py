@@ -107,13 +107,15 @@ class ParamCounter:
     def _delta(self, unit: Unit) -> tuple[int, dict[str, list[set[int]]]]:
         """(marginal weights, new indices per tensor and dim) if ``unit`` were added."""
         new: dict[str, list[set[int]]] = {}
+        shapes = self.layout.shapes
         for u in self._expand(unit):
             for s in self.layout.slices(u):
-                ndim = len(self.layout.shapes[s.param])
+                add = new.get(s.param)
+                if add is None:
+                    add = new[s.param] = [set() for _ in shapes[s.param]]
                 cov = self._cov.get(s.param)
-                add = new.setdefault(s.param, [set() for _ in range(ndim)])
-                have = cov[s.dim] if cov is not None else set()
-                add[s.dim].update(i for i in range(s.start, s.stop) if i not in have)
+                idx = range(s.start, s.stop)
+                add[s.dim].update(idx if cov is None else set(idx).difference(cov[s.dim]))
         gain = 0
         for param, add in new.items():
             cov = self._cov.get(param)
@@ -196,14 +198,51 @@ def fill_budget(
         if len(values) != len(ranked):
             raise ValueError(f"{len(ranked)} units but {len(values)} values")
         cand = [(i, u) for i, u in enumerate(units) if math.isfinite(vals[u]) and vals[u] > 0]
-        alone = {u: ParamCounter(layout, kv).cost(u) for _, u in cand}
+        # A unit's own cost depends on its kind and layer only (every head of a layer has
+        # the same slices' sizes, ...); only the order uses it, the fit check is exact.
+        own: dict[tuple[str, int, str], int] = {}
+        alone = {}
+        for _, u in cand:
+            sig = (u.kind, u.layer, getattr(u, "name", ""))
+            if sig not in own:
+                own[sig] = ParamCounter(layout, kv).cost(u)
+            alone[u] = own[sig]
         order = [u for _, u in sorted(cand, key=lambda p: (-vals[p[1]] / max(1, alone[p[1]]),
                                                          p[0]))]
     counter = ParamCounter(layout, kv)
+    low = _lower_bounds(order, layout)
+    floor = min(low.values(), default=0)
     for u in order:
-        if counter.n_params + counter.cost(u) <= cap:
+        left = cap - counter.n_params
+        if left < floor:
+            break  # nothing left can fit
+        if low[u] <= left and counter.cost(u) <= left:
             counter.add(u)
     return BudgetPick(list(counter.units), counter.n_params, cap, total, f, rule)
+
+
+def _lower_bounds(units: Sequence[Unit], layout: ModelLayout) -> dict[Unit, int]:
+    """A lower bound on each unit's marginal cost, to skip exact counts that cannot fit.
+
+    Heads and neurons of a layout have disjoint slices (a head's q rows and o columns,
+    a neuron's rows and column), so without a whole linear of their layer among
+    ``units`` a head adds at least its own slices (its KV group may be there already)
+    and a neuron exactly its own; anything else gets 0 (always counted exactly). The
+    bound depends on kind and layer only; a wrong bound could only skip a unit, never
+    exceed the budget (every add is counted exactly).
+    """
+    lin_layers = {u.layer for u in units if u.kind == "linear"}
+    sig: dict[tuple[str, int], int] = {}
+    out: dict[Unit, int] = {}
+    for u in units:
+        if u.kind not in ("head", "neuron") or u.layer in lin_layers:
+            out[u] = 0
+            continue
+        key = (u.kind, u.layer)
+        if key not in sig:
+            sig[key] = ParamCounter(layout, "none").cost(u)
+        out[u] = sig[key]
+    return out
 
 
 def budget_label(fraction: float) -> str:

@@ -149,6 +149,9 @@ def format_table(results: dict[str, Any], sweep_result: SweepResult | None = Non
             f"control {name:<10} test {_fmt(c['test'])}  recovery {_fmt(c['recovery'])}  "
             f"best-control {_fmt(c['best_minus_control'])} CI {_fmt(c['best_minus_control_ci'])}"
         )
+    ret = results.get("retention_control") or {}
+    if ret.get("mode") in ("generic", "none"):
+        lines.append(f"retention control: {ret.get('description')}")
     for r in results["retention"]:
         lines.append(f"retention {r['task']}: {_fmt(r['before'])} -> {_fmt(r['after'])} "
                      f"(drop {_fmt(r['drop'])})")
