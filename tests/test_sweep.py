@@ -53,7 +53,7 @@ _same = same_state
 
 
 def _rule(rows):
-    return min(rows, key=lambda r: (-r.metric, r.k, r.alpha))
+    return min(rows, key=lambda r: (-r.metric, r.n_params or 0, r.k, r.alpha))
 
 
 KW = dict(ks=[1, 3, 4], alphas=[0.5, 1.0], n_boot=200, progress=False)
@@ -344,6 +344,7 @@ def test_budgets_suggested_set_and_comparison_on_test(eng, tmp_path: Path):
     assert data["comparison"]["note"] == COMPARISON_NOTE and len(data["comparison"]["cells"]) == 7
     assert res.by_budget().shape == (2, 3)
     assert (res.save(tmp_path / "b") / "sweep.png").stat().st_size > 1000
+    assert (tmp_path / "b" / "comparison.csv").read_text().count("\n") == 8
     from tl_transplant.report import comparison_markdown, write_report
 
     page = write_report(tmp_path / "b", sweep_result=res).read_text()
@@ -379,3 +380,15 @@ def test_default_control_is_generic_retention(eng, tmp_path: Path):
 
     page = write_report(tmp_path, sweep_result=free).read_text()
     assert html.escape(GENERIC_RETENTION_NOTE) in page
+
+
+def test_ties_go_to_fewer_weights_moved():
+    def row(k, n_params, alpha=1.0, budget=None):
+        return SweepRow("m", k, alpha, ["L0.N0"] * k, 0.5, 0.0, None, None, budget=budget,
+                        n_params=n_params)
+
+    heads, neurons = row(2, 2048, budget=0.05), row(4, 384)
+    assert choose_best([heads, neurons]) is neurons  # same metric: fewer weights first
+    assert choose_best([row(4, 384, 1.0), row(4, 384, 0.5)]).alpha == 0.5
+    assert heads.size == "budget 5%" and neurons.size == "K=4"
+    assert SweepRow("m", 3, 1.0, [], 0.5, 0.0, None, None, budget="suggested").size == "suggested"

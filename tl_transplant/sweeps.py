@@ -1,8 +1,10 @@
-"""Sweep K (number of units) x alpha (blend strength) on dev, report the choice on test.
+"""Sweep K (number of units) or parameter budgets x alpha on dev, report the choice on test.
 
 >>> res = sweep(pair, task, scores, ks=[8, 16, 32], alphas=[0.5, 1.0],
-...             control_tasks=[control], max_retention_drop=0.05)   # doctest: +SKIP
+...             budgets=[0.001, 0.005, 0.01, 0.02, 0.05],            # doctest: +SKIP
+...             control_tasks=[control], max_retention_drop=0.05, compare_on_test=True)
 >>> res.best, res.best.test.metrics.recovery                           # doctest: +SKIP
+>>> res.comparison_frame()   # method x size on test, alphas chosen on dev  # doctest: +SKIP
 >>> res.save("out/")   # results.json, sweep.csv, sweep.png            # doctest: +SKIP
 
 Protocol:
@@ -10,14 +12,18 @@ Protocol:
 1. ``task`` and every control task are split by :meth:`Task.split` with the same
    ``dev_fraction`` and ``seed`` (the split depends on indices only, never labels).
 2. Source and target are evaluated on dev; controls on the target's dev split.
-3. For each method, K and alpha, the top-K units are transplanted with the
+3. For each method, size (top-K, a parameter budget filled by the method's
+   ``within_budget``, or the scorer's suggested set) and alpha, the units are
+   transplanted with the
    reversible :func:`~tl_transplant.edits.transplant` (no copies, no
    reloads; bit-exact restore) and dev task + dev controls are evaluated.
    K = 0 or alpha = 0 is the target itself and reuses its baseline; identical
    (unit set, alpha) configurations are evaluated once.
 4. Best = highest dev metric among configurations whose largest dev control
-   drop is <= ``max_retention_drop`` (all, if None); ties go to the smaller K,
-   then the smaller alpha, then the earlier method. Only then is anything run on
+   drop is <= ``max_retention_drop`` (all, if None); ties go to fewer weights
+   moved, then the smaller K, then the smaller alpha, then the earlier method.
+   Without a control task given, a generic one is used (``control_tasks=None``,
+   see :func:`sweep`). Only then is anything run on
    the test split: source, target and the chosen configuration(s), with paired
    bootstrap CIs and retention on the controls' test splits.
 5. Pareto front (recovery vs retention, on dev): configurations not dominated in
@@ -244,9 +250,11 @@ class SweepRow:
         """Largest dev drop over the control tasks (0 without controls)."""
         return max((c["drop"] for c in self.control.values()), default=0.0)
 
-    def key(self) -> tuple[float, int, float]:
-        """Sort key of the selection rule: best metric, then smaller K, then smaller alpha."""
-        return (-round(self.metric, _TIE_DECIMALS), self.k, self.alpha)
+    def key(self) -> tuple[float, int, int, float]:
+        """Sort key of the selection rule: best metric, then fewer weights moved (when
+        counted), then smaller K, then smaller alpha."""
+        n = self.n_params if self.n_params is not None else 0
+        return (-round(self.metric, _TIE_DECIMALS), n, self.k, self.alpha)
 
     def __repr__(self) -> str:
         rec = "None" if self.recovery is None else f"{self.recovery:.3g}"
@@ -284,7 +292,8 @@ class SweepRow:
 def choose_best(
     rows: Sequence[SweepRow], max_retention_drop: float | None = None
 ) -> SweepRow | None:
-    """The selection rule: highest dev metric among feasible rows; ties -> smaller K, alpha.
+    """The selection rule: highest dev metric among feasible rows; ties -> fewer weights
+    moved, smaller K, smaller alpha.
 
     A row is feasible when its largest dev control drop is ``<= max_retention_drop``
     (always, if None). Remaining ties keep the earliest row (method order).
@@ -588,7 +597,8 @@ class SweepResult:
         return fig
 
     def save(self, directory: str | Path, *, report: bool = False, **report_kwargs: Any) -> Path:
-        """Write ``results.json``, ``sweep.csv`` and ``sweep.png`` under ``directory``.
+        """Write ``results.json``, ``sweep.csv`` and ``sweep.png`` under ``directory``
+        (and ``comparison.csv`` when the sweep ran ``compare_on_test``).
 
         ``report=True`` also writes the self-contained ``report.html``; keyword
         arguments (``pair=``, ``task=``, ``scores=``, ...) go to
@@ -608,6 +618,8 @@ class SweepResult:
         d.mkdir(parents=True, exist_ok=True)
         (d / "results.json").write_text(json.dumps(self.to_dict(), indent=2, default=str))
         self.to_frame().to_csv(d / "sweep.csv", index=False)
+        if self.comparison:
+            self.comparison_frame().to_csv(d / "comparison.csv", index=False)
         self.plot().savefig(d / "sweep.png", dpi=120)
         if report and writer is not None:
             writer(d / "report.html", sweep_result=self, **report_kwargs)
@@ -990,7 +1002,7 @@ def sweep(
             }[retention_mode],
         },
         "selection": "max dev metric s.t. max dev control drop <= max_retention_drop; "
-        "ties -> smaller K, then smaller alpha, then earlier method",
+        "ties -> fewer weights moved, then smaller K, then smaller alpha, then earlier method",
         "budget": "fraction of block parameters (sum of layout.n_params over every Linear "
         "unit of every layer); distinct weights, KV groups brought along count",
         "compare_on_test": compare_on_test,
