@@ -35,6 +35,18 @@ def _cfg(**change: Any) -> dict[str, Any]:
                                        r"\(got True\)"),
         ({"sweep": {"alpha": ["0.5"]}}, r"sweep\.alpha: .*\(got '0\.5'\)"),
         ({"sweep": {"alpha": []}}, r"sweep\.alpha: give a non-empty list of alphas"),
+        ({"sweep": {"budget": [0.0]}}, r"sweep\.budget: give a list of fractions of the block "
+                                       r"parameters in \(0, 1\].*each budget must be in "
+                                       r"\(0, 1\] \(got 0\.0\)"),
+        ({"sweep": {"budget": [5]}}, r"sweep\.budget: .*\(got 5\); write 1% as 0\.01"),
+        ({"sweep": {"budget": [True]}}, r"sweep\.budget: .*must be a number \(got True\)"),
+        ({"sweep": {"budget": ["1%"]}}, r"sweep\.budget: .*must be a number \(got '1%'\)"),
+        ({"sweep": {"budget": "0.01"}}, r"sweep\.budget: give a list of fractions"),
+        ({"sweep": {"k": [], "budget": []}}, r"sweep: k: give a non-empty list of K >= 1, or a "
+                                             r"budget list \(sweep\.budget\)"),
+        ({"sweep": {"compare": "yes"}}, r"sweep\.compare: must be true or false \(got 'yes'\)"),
+        ({"retention": "generic"}, r"retention: must be one of auto, none \(got 'generic'\)"),
+        ({"retention": True}, r"retention: must be one of auto, none \(got True\)"),
         ({"seed": True}, r"seed: must be an integer \(got True\)"),
         ({"batch_size": 2.5}, r"batch_size: must be an integer \(got 2\.5\)"),
         ({"export": "yes"}, r"export: must be true or false \(got 'yes'\)"),
@@ -57,6 +69,21 @@ def test_numbers_still_accepted() -> None:
     assert rc.sweep.k == [1, 4] and rc.sweep.alpha == [0.5, 1.0]
     assert all(type(a) is float for a in rc.sweep.alpha)
     assert rc.seed == 3
+    assert rc.sweep.budget == [] and rc.sweep.compare is False and rc.retention == "auto"
+
+
+def test_budget_compare_retention_keys_and_overrides() -> None:
+    rc = load_config(_cfg(sweep={"k": [], "budget": [0.05, 0.01, 0.05, 1], "compare": True},
+                          retention="none"))
+    assert rc.sweep.k == [] and rc.sweep.budget == [0.01, 0.05, 1.0] and rc.sweep.compare
+    assert rc.retention == "none"
+    assert load_config(_cfg(sweep={"budget": 0.02})).sweep.budget == [0.02]
+    over = load_config(_cfg(sweep={"k": [2]}), {"sweep": {"budget": [0.01]}, "retention": "none"})
+    assert over.sweep.k == [2] and over.sweep.budget == [0.01] and over.retention == "none"
+    again = load_config(over, {"sweep": {"compare": True}})
+    assert again.sweep.compare and again.sweep.budget == [0.01]
+    with pytest.raises(ConfigError, match=r"sweep\.budget: .*\(got 2\.0\)"):
+        load_config(over, {"sweep": {"budget": [2.0]}})
 
 
 @pytest.mark.parametrize("units", [[], None])
@@ -184,11 +211,11 @@ _values = st.recursive(
 )
 _KEYS = {
     None: ["source", "target", "task", "control_tasks", "selection", "sweep", "seed", "export",
-           "device", "dtype", "batch_size", "name"],
+           "device", "dtype", "batch_size", "name", "retention"],
     "task": ["path", "metric", "limit", "extract", "split", "config_name", "dev_fraction",
              "prepend_bos", "max_new_tokens", "test_path"],
     "selection": ["methods", "units", "controls", "contrast_lambda"],
-    "sweep": ["k", "alpha", "max_retention_drop"],
+    "sweep": ["k", "alpha", "max_retention_drop", "budget", "compare"],
 }
 
 

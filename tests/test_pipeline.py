@@ -74,6 +74,9 @@ def test_run_writes_everything_and_export_matches(workdir, tmp_path):
     assert best["method"] in ("weight_diff", "activation_diff") and best["k"] in (2, 4)
     assert results["fraction_units"] == best["k"] / len(res.pair.units(("head", "neuron")))
     assert 0 < results["fraction_params"] < 1
+    assert results["fraction_params"] == best["pct_params"] == res.sweep.best.pct_params
+    assert list(results).index("fraction_params") < list(results).index("fraction_units")
+    assert results["retention_control"]["mode"] == "given" and results["comparison"] is None
     assert set(results["controls"]) == {"random"}
     assert len(results["controls"]["random"]["best_minus_control_ci"]) == 2
     assert results["retention"][0]["drop"] == pytest.approx(
@@ -250,7 +253,66 @@ def test_run_table_from_results_dict():
         "fraction_params": 0.0123,
     }
     text = format_table(results)
-    assert "chosen: attribution  K=4  alpha=0.5  (25.0% of units searched, 1.23% of block" in text
+    assert ("chosen: attribution  K=4  alpha=0.5  (1.23% of block parameters, 25.0% of units "
+            "searched)") in text
     assert "TIR 3.000 [2.500, 3.500]  recovery 0.700 n/a" in text
     assert "best-control 0.300 CI [0.100, 0.500]" in text
     assert text.endswith("retention ret: 0.900 -> 0.850 (drop 0.050)")
+
+
+def test_run_budgets_compare_and_no_retention(workdir, tmp_path, capsys):
+    """Budgets only (--budget, --only-budget), the comparison table, retention: none."""
+    from tl_transplant.summary import COMPARISON_NOTE
+
+    cfg = _cfg(workdir, export=False, control_tasks=[], sweep={"k": [2], "alpha": [1.0]},
+               selection={"methods": ["weight_diff"], "units": ["head", "neuron"],
+                          "controls": ["random"]})
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    argv = ["run", str(p), "--out", str(tmp_path / "o"), "--quiet", "--budget", "0.02,5%",
+            "--only-budget", "--compare", "--retention", "none"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"comparison ({COMPARISON_NOTE}):" in out
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    sweep_json = json.loads((tmp_path / "o" / "sweep.json").read_text())
+    assert sweep_json["config"]["budgets"] == [0.02, 0.05] and sweep_json["config"]["ks"] == []
+    assert {r["budget"] for r in sweep_json["rows"]} == {0.02, 0.05}
+    assert results["retention_control"]["mode"] == "none" and results["retention"] == []
+    cells = results["comparison"]["cells"]
+    assert results["comparison"]["note"] == COMPARISON_NOTE
+    assert {c["size"] for c in cells} == {"budget 2%", "budget 5%"}
+    assert all(0 < c["pct_params"] <= c["budget"] and c["test_metric"] is not None
+               for c in cells)
+    best = results["best"]
+    assert best["budget"] in (0.02, 0.05) and 0 < best["pct_params"] <= best["budget"]
+    # The random control is drawn at the same parameter budget, not at the same K.
+    rnd = results["controls"]["random"]
+    assert 0 < rnd["pct_params"] <= best["budget"]
+    html = (tmp_path / "o" / "report.html").read_text()
+    assert "Comparison: method × budget" in html and COMPARISON_NOTE in html
+    fresh = ["run", str(p), "--out", str(tmp_path / "o2"), "--quiet"]
+    with pytest.raises(SystemExit):  # argparse refuses a budget > 1
+        main(fresh + ["--budget", "0.5,2"])
+    assert "each budget must be a fraction in (0, 1], got 2" in capsys.readouterr().err
+    assert main(fresh + ["--only-budget"]) == 2
+    assert "--only-budget needs --budget" in capsys.readouterr().err
+
+
+def test_run_without_controls_uses_generic_retention(workdir, tmp_path):
+    import warnings
+
+    from tl_transplant.sweeps import GENERIC_RETENTION_NOTE
+
+    cfg = _cfg(workdir, export=False, control_tasks=[], sweep={"k": [2], "alpha": [1.0]},
+               selection={"methods": ["weight_diff"], "units": ["head", "neuron"],
+                          "controls": []})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # word-level vocab: task contexts only
+        res = run(cfg, tmp_path / "g", progress=False, report=False, log=lambda *_: None)
+    r = res.results
+    assert r["retention_control"] == {"mode": "generic", "description": GENERIC_RETENTION_NOTE}
+    (ret,) = r["retention"]
+    assert ret["task"] == "generic_retention:test" and ret["before"] == 1.0
+    assert ret["drop"] == pytest.approx(ret["before"] - ret["after"])
+    assert f"retention control: {GENERIC_RETENTION_NOTE}" in res.table()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import importlib
 import json
 import warnings
@@ -52,7 +53,7 @@ _same = same_state
 
 
 def _rule(rows):
-    return min(rows, key=lambda r: (-r.metric, r.k, r.alpha))
+    return min(rows, key=lambda r: (-r.metric, r.n_params or 0, r.k, r.alpha))
 
 
 KW = dict(ks=[1, 3, 4], alphas=[0.5, 1.0], n_boot=200, progress=False)
@@ -134,7 +135,8 @@ def test_zero_gap_gives_none_and_tie_break(eng):
     pair, _, _, nogap = eng
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        res = sweep(pair, nogap, RANKING, ks=[3, 1], alphas=[1.0, 0.5], n_boot=100, progress=False)
+        res = sweep(pair, nogap, RANKING, ks=[3, 1], alphas=[1.0, 0.5], n_boot=100,
+                    control_tasks=(), progress=False)
     msgs = [str(w.message) for w in caught if w.category is UndefinedMetricWarning]
     assert any(m.startswith("dev: recovery undefined") for m in msgs)
     assert any(m.startswith("test: TIR undefined") for m in msgs)
@@ -239,8 +241,16 @@ def test_bad_arguments(eng):
         sweep(pair, src, RANKING, ks=[-1], progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = sweep(pair, src, RANKING, ks=[9], alphas=[1.0], n_boot=50, progress=False)
+        res = sweep(pair, src, RANKING, ks=[9], alphas=[1.0], n_boot=50, control_tasks=(),
+                    progress=False)
     assert res.rows[0].n_units == 5 and any("only 5 units" in n for n in res.notes)
+    assert res.config["retention"]["mode"] == "none" and not res.rows[0].control
+    with pytest.raises(ValueError, match=r"each budget must be a fraction .* \(0, 1\]"):
+        sweep(pair, src, RANKING, budgets=[0.0], progress=False)
+    with pytest.raises(ValueError, match=r"each budget must be .*\(got True\)"):
+        sweep(pair, src, RANKING, budgets=[True], progress=False)
+    with pytest.raises(ValueError, match="at least one K"):
+        sweep(pair, src, RANKING, ks=[], progress=False)
 
 
 class _Splits:  # like the zoo's Splits: given dev/test files
@@ -261,3 +271,124 @@ def test_given_splits_match_internal_split(eng):
     assert given.best.test.metrics.to_dict() == a.best.test.metrics.to_dict()
     with pytest.raises(TypeError, match="given"):
         sweep(pair, "src", RANKING, progress=False)
+
+
+def test_every_row_states_params_then_units(eng):
+    pair, src, ctl, _ = eng
+    from tl_transplant.budget import block_params
+    from tl_transplant.edits import plan_transplant
+
+    res = sweep(pair, src, RANKING, control_tasks=[ctl], **KW)
+    n_block = block_params(pair.layout)
+    for r in res.rows:
+        assert r.budget is None and r.size == f"K={r.k}"
+        assert r.n_params == plan_transplant(pair, r.units).n_params
+        assert r.pct_params == r.n_params / n_block and r.pct_units == r.n_units / 14
+    cols = list(res.to_frame().columns)
+    assert cols.index("pct_params") < cols.index("pct_units") < cols.index("k")
+    keys = list(res.to_dict()["rows"][0])
+    assert keys.index("pct_params") < keys.index("pct_units") < keys.index("k")
+    text = res.summary()
+    assert f"of block params, {100 * res.best.pct_units:.3g}% of units" in text
+
+
+def test_budgets_suggested_set_and_comparison_on_test(eng, tmp_path: Path):
+    from tl_transplant.budget import block_params
+    from tl_transplant.scoring.scores import Scores
+    from tl_transplant.summary import COMPARISON_NOTE
+
+    pair, src, ctl, _ = eng
+    lay = pair.layout
+    n_block = block_params(lay)
+    # A gate-like scorer (rule "score") with its own suggested set: the true units.
+    gate = Scores(RANKING, [5.0, 4.0, 3.0, 2.0, 1.0], method="gate",
+                  meta={"budget_rule": "score", "suggested": TRUE_UNITS})
+    scores = {"oracle": RANKING, "random": list(reversed(RANKING)), "gate": gate}
+    res = sweep(pair, src, scores, ks=[], budgets=[0.1, 0.25], alphas=[0.5, 1.0],
+                control_tasks=[ctl], compare_on_test=True, n_boot=200, progress=False)
+    assert res.config["budgets"] == [0.1, 0.25] and res.config["block_params"] == n_block
+    for r in res.rows:
+        assert r.pct_params == r.n_params / n_block
+        if isinstance(r.budget, float):
+            assert r.n_params <= r.budget * n_block and r.size == f"budget {100 * r.budget:g}%"
+    oracle = {r.budget: r.units for r in res.rows if r.method == "oracle" and r.alpha == 1.0}
+    # Walk the ranking: 10% = 1536 weights holds the 1024-weight decoy only; 25% holds the
+    # decoy and both true units (3584), skipping nothing else that fits.
+    assert oracle == {0.1: [DECOYS[0]], 0.25: [DECOYS[0], *TRUE_UNITS]}
+    sugg = [r for r in res.rows if r.budget == "suggested"]
+    assert {r.method for r in sugg} == {"gate"} and all(r.units == TRUE_UNITS for r in sugg)
+    assert any(r.metric == 1.0 for r in sugg)
+    # The choice is still made on dev only, by the usual rule.
+    assert res.best is _rule(res.rows) and res.best.metric == 1.0
+    # Comparison: one cell per (method, size), best alpha on dev, evaluated on test.
+    cells = {(c.method, c.size): c for c in res.comparison}
+    assert set(cells) == {(m, s) for m in ("oracle", "random", "gate")
+                          for s in ("budget 10%", "budget 25%")} | {("gate", "suggested")}
+    for (m, size), c in cells.items():
+        group = [r for r in res.rows if r.method == m and r.size == size]
+        assert c.row is _rule(group) and c.row.test is not None
+        assert c.row.test.metrics.n == 20
+        if m != "random" and size != "suggested":
+            v = c.vs["random"]
+            other = cells[("random", size)].row.test
+            assert v["diff"] == c.row.test.transplanted.mean - other.transplanted.mean
+            assert v["ci"][0] <= v["diff"] <= v["ci"][1]
+        else:
+            assert "random" not in c.vs
+    assert cells[("oracle", "budget 25%")].vs["random"]["diff"] > 0
+    frame = res.comparison_frame()
+    assert list(frame.columns[:4]) == ["method", "size", "pct_params", "pct_units"]
+    assert "minus_random" in frame.columns and len(frame) == 7
+    assert COMPARISON_NOTE in res.summary() and "budget 25%" in res.summary()
+    data = json.loads(json.dumps(res.to_dict(), allow_nan=False))
+    assert data["comparison"]["note"] == COMPARISON_NOTE and len(data["comparison"]["cells"]) == 7
+    assert res.by_budget().shape == (2, 3)
+    assert (res.save(tmp_path / "b") / "sweep.png").stat().st_size > 1000
+    assert (tmp_path / "b" / "comparison.csv").read_text().count("\n") == 8
+    from tl_transplant.report import comparison_markdown, write_report
+
+    page = write_report(tmp_path / "b", sweep_result=res).read_text()
+    assert "Comparison: method × budget" in page and COMPARISON_NOTE in page
+    md = comparison_markdown(res).splitlines()
+    assert md[0] == f"_{COMPARISON_NOTE}_" and len(md) == 4 + 7
+    assert md[2].startswith("| method | size | % params | % units |")
+    assert not pair.active
+
+
+def test_default_control_is_generic_retention(eng, tmp_path: Path):
+    """No control task given: the generic proxy is measured, and max_retention_drop binds it."""
+    from tl_transplant.sweeps import GENERIC_RETENTION_NOTE
+
+    pair, src, _, _ = eng
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # word-level vocab: task contexts only
+        free = sweep(pair, src, RANKING, ks=[1, 3], alphas=[1.0], n_boot=100, progress=False)
+        tight = sweep(pair, src, RANKING, ks=[1, 3], alphas=[1.0], n_boot=100, progress=False,
+                      max_retention_drop=0.0)
+    assert free.config["retention"] == {"mode": "generic", "description": GENERIC_RETENTION_NOTE}
+    assert [c["name"] for c in free.config["control_tasks"]] == ["generic_retention"]
+    assert free.control_baselines["dev"]["generic_retention"].mean == 1.0
+    assert any(GENERIC_RETENTION_NOTE in n for n in free.notes)
+    k3 = next(r for r in free.rows if r.k == 3)  # the true units move the target's predictions
+    assert k3.control["generic_retention"]["drop"] > 0 and free.best is k3
+    (ret,) = free.best.test.retention
+    assert ret.task == "generic_retention:test" and ret.before == 1.0 and ret.drop > 0
+    assert tight.best.k == 1 and tight.best.max_drop == 0.0  # the constraint applies to it
+    assert GENERIC_RETENTION_NOTE in free.summary()
+    assert json.loads(json.dumps(free.to_dict()))["config"]["retention"]["mode"] == "generic"
+    from tl_transplant.report import write_report
+
+    page = write_report(tmp_path, sweep_result=free).read_text()
+    assert html.escape(GENERIC_RETENTION_NOTE) in page
+
+
+def test_ties_go_to_fewer_weights_moved():
+    def row(k, n_params, alpha=1.0, budget=None):
+        return SweepRow("m", k, alpha, ["L0.N0"] * k, 0.5, 0.0, None, None, budget=budget,
+                        n_params=n_params)
+
+    heads, neurons = row(2, 2048, budget=0.05), row(4, 384)
+    assert choose_best([heads, neurons]) is neurons  # same metric: fewer weights first
+    assert choose_best([row(4, 384, 1.0), row(4, 384, 0.5)]).alpha == 0.5
+    assert heads.size == "budget 5%" and neurons.size == "K=4"
+    assert SweepRow("m", 3, 1.0, [], 0.5, 0.0, None, None, budget="suggested").size == "suggested"

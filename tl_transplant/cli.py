@@ -73,6 +73,44 @@ def _finite_float(text: str) -> float:
     return x
 
 
+def _budgets(text: str) -> list[float]:
+    """argparse type for --budget: comma-separated fractions of the block parameters."""
+    import math
+
+    out = []
+    for part in text.split(","):
+        try:
+            x = float(part.strip().removesuffix("%")) / (100 if part.strip().endswith("%") else 1)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{part.strip()!r} is not a number; give fractions of the block parameters, "
+                "e.g. --budget 0.01,0.05 (or 1%,5%)"
+            ) from None
+        if not (math.isfinite(x) and 0.0 < x <= 1.0):
+            raise argparse.ArgumentTypeError(
+                f"each budget must be a fraction in (0, 1], got {part.strip()}; e.g. 0.01 = 1%"
+            )
+        out.append(x)
+    return out
+
+
+def _run_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Config overrides from ``run``'s --budget / --only-budget / --compare / --retention."""
+    sweep: dict[str, Any] = {}
+    if args.budget is not None:
+        sweep["budget"] = args.budget
+        if args.only_budget:
+            sweep["k"] = []
+    elif args.only_budget:
+        raise argparse.ArgumentTypeError("--only-budget needs --budget")
+    if args.compare:
+        sweep["compare"] = True
+    out: dict[str, Any] = {"sweep": sweep} if sweep else {}
+    if args.retention is not None:
+        out["retention"] = args.retention
+    return out
+
+
 def _load_options(args: argparse.Namespace) -> dict[str, Any]:
     """ModelPair.load switches from the shared --no-check-* / --allow-pickle flags."""
     return {
@@ -135,10 +173,15 @@ def _written(out: Path) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     from tl_transplant.pipeline import run
 
+    try:
+        overrides = _run_overrides(args)
+    except argparse.ArgumentTypeError as e:
+        return _fail("run", str(e))
     if args.quiet:
         _quiet_libraries()
     res = run(args.config, args.out, overwrite=args.overwrite, progress=not args.quiet,
-              log=(lambda *_: None) if args.quiet else print, **_load_options(args))
+              log=(lambda *_: None) if args.quiet else print, overrides=overrides or None,
+              **_load_options(args))
     print()
     print(res.table())
     print(f"\nwrote {args.out}/")
@@ -349,6 +392,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="output directory (must be new or empty)")
     r.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     r.add_argument("--quiet", action="store_true")
+    r.add_argument("--budget", type=_budgets, default=None, metavar="F1,F2,...",
+                   help="parameter budgets (fractions of the block parameters, e.g. 0.01,0.05 "
+                   "or 1%%,5%%) swept beside K; replaces the config's sweep.budget")
+    r.add_argument("--only-budget", action="store_true",
+                   help="with --budget: sweep the budgets only (no K rows)")
+    r.add_argument("--compare", action="store_true",
+                   help="evaluate every (method, K or budget) at its best dev alpha on test: "
+                   "the comparison table (the choice is still made on dev)")
+    r.add_argument("--retention", choices=["auto", "none"], default=None,
+                   help="without control_tasks: auto = generic retention proxy (default), "
+                   "none = no retention; replaces the config's retention")
     _add_load_flags(r)
     r.set_defaults(func=cmd_run, name="run")
 

@@ -63,6 +63,9 @@ StrictInt = Annotated[int, BeforeValidator(_strict_int)]
 StrictFloat = Annotated[float, BeforeValidator(_strict_float)]
 StrictBool = Annotated[bool, BeforeValidator(_strict_bool)]
 
+#: ``retention:`` values.
+RETENTION_MODES = ("auto", "none")
+
 #: Device strings ``ModelPair.load`` accepts (passed on to torch unchanged).
 DEVICE_FORMS = "cpu, cuda, cuda:N (N = 0, 1, ...), mps"
 _DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
@@ -238,15 +241,25 @@ class SelectionConfig(_Strict):
 
 
 class SweepConfig(_Strict):
-    """The K x alpha grid, chosen on dev."""
+    """The (K or parameter budget) x alpha grid, chosen on dev.
+
+    ``budget``: fractions of the block parameters in (0, 1] (``0.01`` = 1%), swept
+    beside ``k``; ``k: []`` with a budget sweeps budgets only. ``compare: true``
+    evaluates every (method, K or budget) at its best dev alpha on test (the choice
+    is still made on dev).
+    """
 
     k: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
+    budget: list[float] = Field(default_factory=list)
     alpha: list[float] = Field(default_factory=lambda: [0.5, 1.0])
     max_retention_drop: StrictFloat | None = Field(None, ge=0.0, le=1.0)
+    compare: StrictBool = False
 
     @field_validator("k", mode="before")
     @classmethod
     def _k(cls, v: Any) -> list[int]:
+        if isinstance(v, (list, tuple)) and not v:
+            return []  # allowed with a budget; checked in _sizes
         if not isinstance(v, (list, tuple)) or not v:
             raise ValueError(f"give a non-empty list of K >= 1 (got {v!r})")
         for x in v:
@@ -269,6 +282,30 @@ class SweepConfig(_Strict):
                 raise ValueError(f"each alpha must be in [0, 1] (got {a})")
         return sorted({float(a) for a in v})
 
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _budget(cls, v: Any) -> list[float]:
+        hint = "give a list of fractions of the block parameters in (0, 1], e.g. [0.01, 0.05]"
+        items = [v] if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+        if not isinstance(items, (list, tuple)):
+            raise ValueError(f"{hint} (got {v!r:.80})")
+        for b in items:
+            if isinstance(b, bool) or not isinstance(b, (int, float)):
+                raise ValueError(f"{hint}; each budget must be a number (got {b!r:.80})")
+            if not (0.0 < b <= 1.0):
+                raise ValueError(
+                    f"{hint}; each budget must be in (0, 1] (got {b}); write 1% as 0.01"
+                )
+        return sorted({float(b) for b in items})
+
+    @model_validator(mode="after")
+    def _sizes(self) -> SweepConfig:
+        if not self.k and not self.budget:
+            raise ValueError(
+                "k: give a non-empty list of K >= 1, or a budget list (sweep.budget)"
+            )
+        return self
+
 
 class RunConfig(_Strict):
     """A whole run: pair, task, controls, selection, sweep, seed, export."""
@@ -285,6 +322,19 @@ class RunConfig(_Strict):
     dtype: Literal["float32", "bfloat16", "float16", "auto"] | None = None
     batch_size: StrictInt = Field(16, ge=1)
     name: str | None = None
+    #: ``auto``: without control_tasks, measure retention on the generic proxy
+    #: (:func:`tl_transplant.retention.generic_retention`); ``none``: no retention at all.
+    retention: str = "auto"
+
+    @field_validator("retention", mode="before")
+    @classmethod
+    def _retention(cls, v: Any) -> str:
+        if v not in RETENTION_MODES:
+            raise ValueError(
+                f"must be one of {', '.join(RETENTION_MODES)} (got {v!r:.80}): auto = a generic "
+                "retention proxy when no control_tasks are given, none = no retention"
+            )
+        return str(v)
 
     @field_validator("device", mode="before")
     @classmethod
@@ -349,10 +399,27 @@ def _format(e: ValidationError) -> str:
     return "invalid config: " + "; ".join(lines)
 
 
-def load_config(cfg: str | Path | dict[str, Any] | RunConfig) -> RunConfig:
-    """Validate a dict, a YAML/JSON path, or a RunConfig; raise :class:`ConfigError`."""
+def _merge(data: dict[Any, Any], overrides: dict[str, Any]) -> dict[Any, Any]:
+    """``data`` with ``overrides`` applied (one level deep into mappings such as sweep)."""
+    out = dict(data)
+    for k, v in overrides.items():
+        old = out.get(k)
+        out[k] = {**old, **v} if isinstance(old, dict) and isinstance(v, dict) else v
+    return out
+
+
+def load_config(
+    cfg: str | Path | dict[str, Any] | RunConfig, overrides: dict[str, Any] | None = None
+) -> RunConfig:
+    """Validate a dict, a YAML/JSON path, or a RunConfig; raise :class:`ConfigError`.
+
+    ``overrides`` (e.g. ``{"sweep": {"budget": [0.01]}, "retention": "none"}``, what the
+    CLI's flags give) replace keys before validation, so their errors name the key too.
+    """
     if isinstance(cfg, RunConfig):
-        return cfg
+        if not overrides:
+            return cfg
+        cfg = cfg.model_dump()
     base = Path.cwd()
     if isinstance(cfg, (str, Path)):
         import yaml
@@ -379,6 +446,8 @@ def load_config(cfg: str | Path | dict[str, Any] | RunConfig) -> RunConfig:
         data = cfg
     if not isinstance(data, dict):
         raise ConfigError("invalid config: the top level must be a mapping of keys to values")
+    if overrides:
+        data = _merge(data, overrides)
     try:
         rc = RunConfig.model_validate(data)
     except ValidationError as e:

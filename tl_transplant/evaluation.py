@@ -37,7 +37,7 @@ from tl_transplant.stats import (
     recovery,
     tir,
 )
-from tl_transplant.tasks import Task
+from tl_transplant.tasks import AGREEMENT_ATOL, Task, parse_reference
 from tl_transplant.tokens import (
     Encoded,
     answer_logprobs,
@@ -283,6 +283,97 @@ def _mc_scores(
     return mc_scores(row_lp, cb, task.correct_choice).numpy()
 
 
+def _context_logits(
+    runner: _Runner,
+    prompts: Sequence[str],
+    bos: bool,
+    batch_size: int,
+    intervention: Intervention | None,
+) -> Iterator[tuple[int, Float[torch.Tensor, "pos vocab"]]]:
+    """(example, logits at each predicted prompt position): every prompt token, BOS excluded.
+
+    Right-padded batches sorted by length, as the other logit metrics run.
+    """
+    enc = encode(runner.tokenizer, prompts, None, prepend_bos=bos)
+    start = int(bos)
+    order = sorted(range(len(prompts)), key=lambda i: (-int(enc.prompt_len[i]), i))
+    for idx in _batches(order, batch_size):
+        sub = _sub(enc, idx, int(enc.prompt_len[idx].max()))
+        ids = sub.input_ids.to(runner.device)
+        with _per_batch(intervention, ids):
+            logits = runner.forward(ids)
+        for b, i in enumerate(idx):
+            yield i, logits[b, start : int(enc.prompt_len[i])]
+
+
+def _agreement(
+    logits: Float[torch.Tensor, "pos vocab"], ref: Int[torch.Tensor, " pos"]
+) -> Float[torch.Tensor, " pos"]:
+    """1.0 where ``ref`` is the top-1 up to :data:`~tl_transplant.tasks.AGREEMENT_ATOL` plus
+    float noise of the logits' dtype (so the reference model itself agrees everywhere)."""
+    eps = torch.finfo(logits.dtype).eps if logits.dtype.is_floating_point else 0.0
+    x = logits.float()
+    top = x.max(-1).values
+    at = x.gather(-1, ref.to(x.device)[:, None]).squeeze(-1)
+    return (at >= top - (AGREEMENT_ATOL + 4 * eps * top.abs())).double().cpu()
+
+
+def reference_top1(
+    model: EvalModel,
+    prompts: Sequence[str],
+    *,
+    prepend_bos: bool,
+    side: str | None = None,
+    batch_size: int = 16,
+) -> list[list[int]]:
+    """The model's top-1 next token at every predicted position of each prompt (BOS
+    excluded), teacher-forced: the references of ``next_token_agreement``."""
+    runner = _resolve(model, side, None, "bridge")
+    out: list[list[int]] = [[] for _ in prompts]
+    with torch.inference_mode():
+        for i, lg in _context_logits(runner, prompts, prepend_bos, batch_size, None):
+            out[i] = [int(t) for t in lg.float().argmax(-1).tolist()]
+    return out
+
+
+def _agreement_scores(
+    runner: _Runner,
+    task: Task,
+    bos: bool,
+    batch_size: int,
+    intervention: Intervention | None,
+    bar: tqdm,
+) -> np.ndarray:
+    """``next_token_agreement``: per example, the fraction of positions agreeing with the
+    stored reference top-1 tokens."""
+    ref_info = task.meta.get("reference")
+    if isinstance(ref_info, dict) and "prepend_bos" in ref_info and ref_info["prepend_bos"] != bos:
+        raise ValueError(
+            f"task {task.name!r}: its reference tokens were computed with prepend_bos="
+            f"{ref_info['prepend_bos']} but it is evaluated with prepend_bos={bos}; evaluate "
+            "with the task's own setting or rebuild it (tl_transplant.retention.generic_retention)"
+        )
+    refs = [
+        torch.tensor(parse_reference(a, f"task {task.name!r}: {task.row_label(i)}"))
+        for i, a in enumerate(task.answers)
+    ]
+    out = torch.zeros(len(task), dtype=torch.float64)
+    for i, lg in _context_logits(runner, task.prompts, bos, batch_size, intervention):
+        ref = refs[i]
+        if len(ref) != lg.shape[0] or int(ref.max()) >= lg.shape[-1]:
+            built = ref_info.get("model", "?") if isinstance(ref_info, dict) else "?"
+            raise ValueError(
+                f"task {task.name!r}: {task.row_label(i)}: the prompt has {lg.shape[0]} "
+                f"predicted positions (vocab {lg.shape[-1]}) but {len(ref)} reference tokens "
+                f"(max id {int(ref.max())}); the references were built for another tokenizer "
+                f"or BOS setting (model {built!r}); rebuild them with "
+                "tl_transplant.retention.generic_retention(pair)"
+            )
+        out[i] = _agreement(lg, ref).mean()
+        bar.update(1)
+    return out.numpy()
+
+
 def _logit_scores(
     runner: _Runner,
     task: Task,
@@ -293,6 +384,8 @@ def _logit_scores(
 ) -> np.ndarray:
     if task.metric == "mc_logprob":
         return _mc_scores(runner, task, bos, batch_size, intervention, bar)
+    if task.metric == "next_token_agreement":
+        return _agreement_scores(runner, task, bos, batch_size, intervention, bar)
     enc = encode(runner.tokenizer, task.prompts, task.answers, prepend_bos=bos)
     if bool((enc.answer_len == 0).any()):
         i = int((enc.answer_len == 0).nonzero()[0])
@@ -735,6 +828,7 @@ __all__ = [
     "evaluate",
     "evaluate_transplant",
     "recovery",
+    "reference_top1",
     "retention",
     "tir",
     "transplant_metrics",

@@ -23,8 +23,8 @@ from tl_transplant.summary import format_table
 from tl_transplant.tasks import Task
 from tl_transplant.tokens import resolve_prepend_bos
 
-RESULT_KEYS = ("baselines", "best", "test", "controls", "retention", "fraction_units",
-               "fraction_params")
+RESULT_KEYS = ("baselines", "best", "test", "controls", "retention", "retention_control",
+               "fraction_params", "fraction_units", "comparison")
 
 
 @dataclass
@@ -61,11 +61,6 @@ def _as_list(ci: tuple[float, float] | None) -> list[float] | None:
     return None if ci is None else list(ci)
 
 
-def _block_params(pair: Any) -> int:
-    prefixes = tuple(pair.layout.prefix(layer) for layer in range(pair.layout.n_layers))
-    return int(sum(t.numel() for n, t in pair.target.params.items() if n.startswith(prefixes)))
-
-
 def run(
     config: str | Path | dict[str, Any] | RunConfig,
     out_dir: str | Path,
@@ -77,17 +72,25 @@ def run(
     check_tokenizer: bool = True,
     check_finite: bool = True,
     allow_pickle: bool = False,
+    overrides: dict[str, Any] | None = None,
 ) -> RunResult:
     """Run the pipeline described by ``config`` and write everything under ``out_dir``.
 
-    Output: ``results.json`` (keys: baselines, best, test, controls, retention,
-    fraction_units, fraction_params), ``sweep.csv``, ``sweep.png``, ``sweep.json``,
+    Output: ``results.json`` (keys: :data:`RESULT_KEYS`; ``fraction_params`` is of the
+    block parameters, see :mod:`tl_transplant.budget`), ``sweep.csv``, ``sweep.png``,
+    ``sweep.json``,
     ``scores_<method>.json``, ``transplant_manifest.json``, ``model/`` (if
     ``export``) and ``report.html``. Written to a temporary sibling first and
     renamed into place, so a failed run leaves nothing half-written. ``out_dir``
     must not be, or contain, the config, task files or model directories.
-    ``check_tokenizer``, ``check_finite`` and ``allow_pickle`` go to ``ModelPair.load``.
+    ``check_tokenizer``, ``check_finite`` and ``allow_pickle`` go to ``ModelPair.load``;
+    ``overrides`` to :func:`~tl_transplant.config.load_config` (the CLI's flags).
+
+    Retention: the config's control tasks; without any, ``retention: auto`` (default)
+    uses :func:`tl_transplant.retention.generic_retention` and ``retention: none``
+    measures none. ``sweep.max_retention_drop`` applies to whichever is used.
     """
+    from tl_transplant.budget import block_params
     from tl_transplant.edits import apply_transplant, plan_transplant
     from tl_transplant.evaluation import evaluate_transplant
     from tl_transplant.pair import ModelPair
@@ -95,7 +98,7 @@ def run(
     from tl_transplant.sweeps import sweep
     from tl_transplant.units import normalize_kinds
 
-    cfg = load_config(config)
+    cfg = load_config(config, overrides)
     out, tmp = prepare_out_dir(out_dir, overwrite, inputs=_run_inputs(config, cfg))
     try:
         log(f"loading pair: source={cfg.source} target={cfg.target}")
@@ -111,7 +114,7 @@ def run(
                          pair.target.config)
         kinds = normalize_kinds(cfg.selection.units)
         n_search = len(pair.units(kinds))
-        ks = [k for k in cfg.sweep.k if k <= n_search] or [n_search]
+        ks = [k for k in cfg.sweep.k if k <= n_search] or ([n_search] if cfg.sweep.k else [])
 
         scores: dict[str, Any] = {}
         contrast = controls[0][0] if (controls and cfg.selection.contrast_lambda) else None
@@ -126,9 +129,16 @@ def run(
                               **extra)
             scores[m].save(tmp / f"scores_{m}.json")
 
-        log(f"sweep: K in {ks}, alpha in {cfg.sweep.alpha}, methods {list(scores)}")
+        control_arg: list[tuple[Task, Task]] | None = controls
+        if not controls:
+            control_arg = None if cfg.retention == "auto" else []
+        budgets = cfg.sweep.budget
+        log(f"sweep: K in {ks}, budgets {budgets}, alpha in {cfg.sweep.alpha}, "
+            f"methods {list(scores)}, retention "
+            f"{'given' if controls else ('generic' if control_arg is None else 'none')}")
         res = sweep(pair, (dev, test), scores, ks=ks, alphas=cfg.sweep.alpha,
-                    control_tasks=controls, units=kinds,
+                    control_tasks=control_arg, units=kinds, budgets=budgets,
+                    compare_on_test=cfg.sweep.compare,
                     max_retention_drop=cfg.sweep.max_retention_drop, seed=cfg.seed,
                     batch_size=cfg.batch_size, progress=progress)
         res.save(tmp)
@@ -142,15 +152,20 @@ def run(
         best = res.best
         results: dict[str, Any] = {"baselines": baselines}
         manifest = None
+        ret_info = res.config.get("retention", {})
+        comparison = res.to_dict().get("comparison")
         if best is None:
-            results.update(best=None, test=None, controls={}, retention=[], fraction_units=0.0,
-                           fraction_params=0.0)
+            results.update(best=None, test=None, controls={}, retention=[],
+                           retention_control=ret_info, fraction_params=0.0, fraction_units=0.0,
+                           comparison=comparison)
             log("no configuration met the retention constraint; nothing applied")
         else:
             rep = best.test
             assert rep is not None, "sweep() evaluates the best row on test"
             met = rep.metrics
-            results["best"] = {"method": best.method, "k": best.k, "alpha": best.alpha,
+            results["best"] = {"method": best.method, "pct_params": best.pct_params,
+                               "pct_units": best.pct_units, "budget": best.budget,
+                               "k": best.k, "alpha": best.alpha, "n_params": best.n_params,
                                "units": list(best.units), "dev_metric": best.metric}
             results["test"] = {"transplanted": met.transplanted, "tir": met.tir,
                                "recovery": met.recovery,
@@ -158,15 +173,22 @@ def run(
                                       for k, v in met.ci.items()}}
             ctrl: dict[str, Any] = {}
             for c in cfg.selection.controls:
-                log(f"control {c} at K={best.k}, alpha={best.alpha:g} on test")
+                at = (f"budget {best.budget:g}" if isinstance(best.budget, float)
+                      else f"K={best.k}")
+                log(f"control {c} at {at}, alpha={best.alpha:g} on test")
                 cs = score(pair, dev, method=c, units=cfg.selection.kinds_for(c), progress=False,
                            seed=cfg.seed)
-                cunits = cs.top(best.k, kinds=kinds)
+                if isinstance(best.budget, float):  # the same parameter budget
+                    cunits = cs.within_budget(best.budget, pair.layout, kinds=kinds)
+                else:  # the same number of units
+                    cunits = cs.top(best.k, kinds=kinds)
                 crep = evaluate_transplant(
                     pair, test, cunits, best.alpha, baselines={"source": rep.source,
                                                                 "target": rep.target},
                     batch_size=cfg.batch_size, progress=False, seed=cfg.seed, warn=False)
+                n_ctrl = plan_transplant(pair, cunits).n_params if cunits else 0
                 ctrl[c] = {
+                    "pct_params": n_ctrl / max(1, block_params(pair.layout)),
                     "units": [str(u) for u in cunits],
                     "test": crep.transplanted.mean,
                     "recovery": crep.metrics.recovery,
@@ -179,17 +201,24 @@ def run(
                 {"task": r.task, "before": r.before, "after": r.after, "drop": r.drop}
                 for r in rep.retention
             ]
+            results["retention_control"] = ret_info
+            n_moved = plan_transplant(pair, best.units).n_params if best.units else 0
+            results["fraction_params"] = n_moved / max(1, block_params(pair.layout))
             results["fraction_units"] = best.k / n_search
-            plan = plan_transplant(pair, best.units)
-            results["fraction_params"] = plan.n_params / max(1, _block_params(pair))
+            results["comparison"] = comparison
 
             if report:  # before the permanent edit: the report compares against the target
                 _write_report(pair, res, scores, dev, results, tmp)
-            manifest = apply_transplant(pair, best.units, best.alpha)
-            manifest.extra.update(method=best.method, k=best.k, task=dev.name,
-                                  dev_metric=best.metric, test_recovery=met.recovery)
-            write_manifest(tmp / MANIFEST_NAME, manifest)
-            if cfg.export:
+            if not best.units:  # a budget below every unit's cost: the target itself won
+                log("the chosen configuration moves no weights (its budget fits no unit); "
+                    "nothing applied or exported")
+            else:
+                manifest = apply_transplant(pair, best.units, best.alpha)
+                manifest.extra.update(method=best.method, k=best.k, budget=best.budget,
+                                      task=dev.name, dev_metric=best.metric,
+                                      test_recovery=met.recovery)
+                write_manifest(tmp / MANIFEST_NAME, manifest)
+            if cfg.export and manifest is not None:
                 log("exporting the transplanted target to model/")
                 export_hf(pair, tmp / "model", manifest=manifest)
         assert tuple(results) == RESULT_KEYS, tuple(results)

@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
+from tl_transplant.summary import COMPARISON_NOTE
 from tl_transplant.sweeps import SweepResult, TaskLike, register_report_writer
 from tl_transplant.units import Head, Neuron, Unit, parse_units
 from tl_transplant.viz import (
@@ -173,6 +174,54 @@ def _pick(best_units: Sequence[Unit], scored: list[tuple[str, Scores]], cls: typ
     return out[:n]
 
 
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.3g}%"
+
+
+def _comparison_records(res: SweepResult) -> list[dict[str, Any]]:
+    """One record per comparison cell, % of parameters first, % of units second."""
+    recs = []
+    for c in res.comparison:
+        d = c.to_dict()
+        rec: dict[str, Any] = {
+            "method": d["method"], "size": d["size"], "% params": _pct(d["pct_params"]),
+            "% units": _pct(d["pct_units"]), "alpha (dev)": d["alpha"],
+            "test recovery [CI]": _ci(d["test_recovery"], d["test_recovery_ci"]),
+            f"test {res.metric}": d["test_metric"], "test retention drop": d["retention_drop"],
+            "dev recovery": d["dev_recovery"],
+            "feasible on dev": d["feasible"],
+        }
+        for ctrl, v in d["vs"].items():
+            rec[f"minus {ctrl} [CI]"] = _ci(v["diff"], v["ci"])
+        recs.append(rec)
+    return recs
+
+
+def comparison_html(res: SweepResult) -> str:
+    """The comparison table as HTML (empty string without one)."""
+    import pandas as pd
+
+    recs = _comparison_records(res)
+    if not recs:
+        return ""
+    return (f'<p class="note">{_e(COMPARISON_NOTE)}: for every method and size the alpha '
+            "is the best on dev; differences are paired over the test examples.</p>"
+            + frame_to_html(pd.DataFrame(recs), 4))
+
+
+def comparison_markdown(res: SweepResult) -> str:
+    """The comparison table as a markdown table, with its reading note (empty without one)."""
+    recs = _comparison_records(res)
+    if not recs:
+        return ""
+    cols = list(dict.fromkeys(k for r in recs for k in r))
+    lines = [f"_{COMPARISON_NOTE}_", "", "| " + " | ".join(cols) + " |",
+             "|" + "|".join("---" for _ in cols) + "|"]
+    for r in recs:
+        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+    return "\n".join(lines)
+
+
 def write_report(
     out: str | Path,
     *,
@@ -235,6 +284,7 @@ def write_report(
         ("prepend_bos", cfg.get("prepend_bos")), ("dev examples", cfg.get("n_dev")),
         ("test examples", cfg.get("n_test")), ("split", cfg.get("split")),
         ("control tasks", ", ".join(c["name"] for c in cfg.get("control_tasks", [])) or "none"),
+        ("retention signal", (cfg.get("retention") or {}).get("description", "–")),
         ("max retention drop", cfg.get("max_retention_drop")), ("kv", cfg.get("kv")),
     ])
     examples = test_task if test_task is not None and len(test_task) else dev_task
@@ -270,7 +320,9 @@ def write_report(
         body = '<div class="cards">' + "".join(
             f'<div class="card"><div class="label">{_e(k)}</div><div class="metric">'
             f"{_e(v)}</div></div>"
-            for k, v in (("method", best.method), ("K", best.k), ("alpha", f"{best.alpha:g}"),
+            for k, v in (("method", best.method), ("% of block params", _pct(best.pct_params)),
+                         ("% of units", _pct(best.pct_units)), ("size", best.size),
+                         ("K", best.k), ("alpha", f"{best.alpha:g}"),
                          (f"dev {res.metric}", _fmt(best.metric)),
                          ("max dev control drop", _fmt(best.max_drop, 3)))
         ) + "</div>"
@@ -288,7 +340,9 @@ def write_report(
             recs = []
             for meth, row in res.best_by_method.items():
                 tm = row.test.metrics if row.test is not None else None
-                recs.append({"method": meth, "k": row.k, "alpha": row.alpha, "dev": row.metric,
+                recs.append({"method": meth, "% params": _pct(row.pct_params),
+                             "% units": _pct(row.pct_units), "size": row.size, "k": row.k,
+                             "alpha": row.alpha, "dev": row.metric,
                              "test": None if tm is None else tm.transplanted,
                              "test recovery": None if tm is None else tm.recovery})
             body += "<h3>Best per method</h3>" + frame_to_html(pd.DataFrame(recs), 4)
@@ -304,6 +358,11 @@ def write_report(
     if len(res.rows) > 300:
         body += f'<div class="note">first 300 of {len(res.rows)} rows shown</div>'
     sections.append(("sweep", "Sweep (K × alpha on dev)", body))
+
+    # -- comparison -------------------------------------------------------------------------
+    if res.comparison:
+        sections.append(("comparison", "Comparison: method × budget",
+                         comparison_html(res)))
 
     # -- heatmaps ---------------------------------------------------------------------------
     if scored:
@@ -379,6 +438,9 @@ def write_report(
         body = '<div class="note">no control tasks were given to the sweep</div>'
     else:
         body = '<div class="note">nothing was run on test</div>'
+    ret = cfg.get("retention") or {}
+    if ret.get("mode") == "generic":
+        body = f'<p class="note">control task: {_e(ret.get("description"))}</p>' + body
     sections.append(("retention", "Retention", body))
 
     # -- extra and notes --------------------------------------------------------------------
@@ -429,4 +491,4 @@ def write_report(
 
 register_report_writer(write_report)  # SweepResult.save(report=True) calls it; see sweep.save
 
-__all__ = ["write_report"]
+__all__ = ["comparison_html", "comparison_markdown", "write_report"]

@@ -9,7 +9,7 @@ Definitions (``s``, ``t``, ``x``: mean metric of source, target, transplanted
 target on the *same* examples):
 
 * ``delta = x - t``;
-* ``TIR = x / t``: only for 0/1 metrics (``next_token_acc``, ``exact_match``),
+* ``TIR = x / t``: only for accuracy metrics (:data:`ACCURACY_METRICS`),
   ``None`` when ``t == 0``;
 * ``recovery = (x - t) / (s - t)``: ``None`` (with an
   :class:`UndefinedMetricWarning`) when ``|s - t| < gap_tol`` (default 1e-3);
@@ -34,8 +34,9 @@ from jaxtyping import Float
 
 DEFAULT_GAP_TOL = 1e-3
 DEFAULT_N_BOOT = 2000
-#: The 0/1 metrics, for which TIR is defined (tl_transplant.tasks re-exports this tuple).
-ACCURACY_METRICS = ("next_token_acc", "exact_match", "mc_logprob")
+#: The accuracy metrics (per example in [0, 1]: 0/1, or a fraction of agreeing positions for
+#: ``next_token_agreement``), for which TIR is defined (tl_transplant.tasks re-exports this).
+ACCURACY_METRICS = ("next_token_acc", "exact_match", "mc_logprob", "next_token_agreement")
 
 
 class UndefinedMetricWarning(UserWarning):

@@ -1,8 +1,10 @@
-"""Sweep K (number of units) x alpha (blend strength) on dev, report the choice on test.
+"""Sweep K (number of units) or parameter budgets x alpha on dev, report the choice on test.
 
 >>> res = sweep(pair, task, scores, ks=[8, 16, 32], alphas=[0.5, 1.0],
-...             control_tasks=[control], max_retention_drop=0.05)   # doctest: +SKIP
+...             budgets=[0.001, 0.005, 0.01, 0.02, 0.05],            # doctest: +SKIP
+...             control_tasks=[control], max_retention_drop=0.05, compare_on_test=True)
 >>> res.best, res.best.test.metrics.recovery                           # doctest: +SKIP
+>>> res.comparison_frame()   # method x size on test, alphas chosen on dev  # doctest: +SKIP
 >>> res.save("out/")   # results.json, sweep.csv, sweep.png            # doctest: +SKIP
 
 Protocol:
@@ -10,14 +12,18 @@ Protocol:
 1. ``task`` and every control task are split by :meth:`Task.split` with the same
    ``dev_fraction`` and ``seed`` (the split depends on indices only, never labels).
 2. Source and target are evaluated on dev; controls on the target's dev split.
-3. For each method, K and alpha, the top-K units are transplanted with the
+3. For each method, size (top-K, a parameter budget filled by the method's
+   ``within_budget``, or the scorer's suggested set) and alpha, the units are
+   transplanted with the
    reversible :func:`~tl_transplant.edits.transplant` (no copies, no
    reloads; bit-exact restore) and dev task + dev controls are evaluated.
    K = 0 or alpha = 0 is the target itself and reuses its baseline; identical
    (unit set, alpha) configurations are evaluated once.
 4. Best = highest dev metric among configurations whose largest dev control
-   drop is <= ``max_retention_drop`` (all, if None); ties go to the smaller K,
-   then the smaller alpha, then the earlier method. Only then is anything run on
+   drop is <= ``max_retention_drop`` (all, if None); ties go to fewer weights
+   moved, then the smaller K, then the smaller alpha, then the earlier method.
+   Without a control task given, a generic one is used (``control_tasks=None``,
+   see :func:`sweep`). Only then is anything run on
    the test split: source, target and the chosen configuration(s), with paired
    bootstrap CIs and retention on the controls' test splits.
 5. Pareto front (recovery vs retention, on dev): configurations not dominated in
@@ -36,6 +42,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, cast, overload, runtime_checkable
 
+from tl_transplant.budget import (
+    block_params,
+    budget_label,
+    check_fraction,
+    count_params,
+    fill_budget,
+)
 from tl_transplant.evaluation import (
     EditFactory,
     EvalResult,
@@ -48,10 +61,11 @@ from tl_transplant.stats import (
     DEFAULT_GAP_TOL,
     DEFAULT_N_BOOT,
     UndefinedMetricWarning,
+    paired_diff_ci,
     recovery,
     tir,
 )
-from tl_transplant.summary import format_sweep_summary
+from tl_transplant.summary import COMPARISON_NOTE, format_sweep_summary
 from tl_transplant.tasks import Task
 from tl_transplant.tokens import resolve_prepend_bos
 from tl_transplant.units import Unit, normalize_kinds, parse_units
@@ -62,6 +76,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure, SubFigure
 
     from tl_transplant.edits import KVMode
+    from tl_transplant.layouts import ModelLayout
     from tl_transplant.pair import ModelPair, ModelSide
 
 #: Unit kinds as :func:`~tl_transplant.units.normalize_kinds` takes them (None: all).
@@ -107,6 +122,13 @@ class RankedUnits:
     def top(self, k: int, kinds: Kinds = None) -> list[Unit]:
         allowed = normalize_kinds(kinds)
         return [u for u in self.units if u.kind in allowed][: int(k)]
+
+    def within_budget(
+        self, fraction: float, layout: ModelLayout, kinds: Kinds = None, kv: str = "group"
+    ) -> list[Unit]:
+        """Walk the ranking, keep each unit that still fits (a plain ranking: rule "score")."""
+        return fill_budget(self.top(len(self.units), kinds), layout, fraction, rule="score",
+                           kv=kv).units
 
     def __repr__(self) -> str:
         return f"RankedUnits({self.method!r}, n={len(self.units)})"
@@ -193,32 +215,64 @@ class SweepRow:
     feasible: bool = True
     pareto: bool = False
     test: TransplantReport | None = None
+    #: The budget fraction this row filled, ``"suggested"`` for a scorer's own set,
+    #: None for a top-K row.
+    budget: float | str | None = None
+    #: Distinct weights moved (KV groups brought along included), % of block
+    #: parameters, and % of all units of the scored kinds (None when unknown).
+    n_params: int | None = None
+    pct_params: float | None = None
+    pct_units: float | None = None
 
     @property
     def n_units(self) -> int:
         return len(self.units)
 
     @property
+    def size(self) -> str:
+        """What set the size: ``"K=8"``, ``"budget 1%"`` or ``"suggested"``."""
+        if self.budget is None:
+            return f"K={self.k}"
+        if isinstance(self.budget, str):
+            return self.budget
+        return f"budget {budget_label(self.budget)}"
+
+    @property
+    def size_text(self) -> str:
+        """``"1.02% params, 3.1% units (budget 1%, 5 units)"``: params first, then units."""
+        pp = "?" if self.pct_params is None else f"{100 * self.pct_params:.3g}%"
+        pu = "?" if self.pct_units is None else f"{100 * self.pct_units:.3g}%"
+        extra = self.size if self.budget is None else f"{self.size}, {self.n_units} units"
+        return f"{pp} params, {pu} units ({extra})"
+
+    @property
     def max_drop(self) -> float:
         """Largest dev drop over the control tasks (0 without controls)."""
         return max((c["drop"] for c in self.control.values()), default=0.0)
 
-    def key(self) -> tuple[float, int, float]:
-        """Sort key of the selection rule: best metric, then smaller K, then smaller alpha."""
-        return (-round(self.metric, _TIE_DECIMALS), self.k, self.alpha)
+    def key(self) -> tuple[float, int, int, float]:
+        """Sort key of the selection rule: best metric, then fewer weights moved (when
+        counted), then smaller K, then smaller alpha."""
+        n = self.n_params if self.n_params is not None else 0
+        return (-round(self.metric, _TIE_DECIMALS), n, self.k, self.alpha)
 
     def __repr__(self) -> str:
         rec = "None" if self.recovery is None else f"{self.recovery:.3g}"
+        size = "" if self.budget is None else f"{self.size}, "
         return (
-            f"SweepRow({self.method}, K={self.k}, alpha={self.alpha:g}, dev={self.metric:.4g}, "
-            f"recovery={rec}, max_drop={self.max_drop:.3g})"
+            f"SweepRow({self.method}, {size}K={self.k}, alpha={self.alpha:g}, "
+            f"dev={self.metric:.4g}, recovery={rec}, max_drop={self.max_drop:.3g})"
         )
 
     def to_dict(self) -> dict[str, Any]:
         d = {
             "method": self.method,
+            "pct_params": self.pct_params,
+            "pct_units": self.pct_units,
+            "budget": self.budget,
             "k": self.k,
             "alpha": self.alpha,
+            "n_params": self.n_params,
             "n_units": self.n_units,
             "units": list(self.units),
             "dev_metric": self.metric,
@@ -238,7 +292,8 @@ class SweepRow:
 def choose_best(
     rows: Sequence[SweepRow], max_retention_drop: float | None = None
 ) -> SweepRow | None:
-    """The selection rule: highest dev metric among feasible rows; ties -> smaller K, alpha.
+    """The selection rule: highest dev metric among feasible rows; ties -> fewer weights
+    moved, smaller K, smaller alpha.
 
     A row is feasible when its largest dev control drop is ``<= max_retention_drop``
     (always, if None). Remaining ties keep the earliest row (method order).
@@ -295,6 +350,8 @@ class SweepResult:
     config: dict[str, Any]
     pair: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    #: ``compare_on_test=True``: one cell per (method, size), best alpha on dev, on test.
+    comparison: list[ComparisonCell] = field(default_factory=list)
 
     @property
     def pareto(self) -> list[SweepRow]:
@@ -317,15 +374,24 @@ class SweepResult:
 
     # ---- tables ---------------------------------------------------------------------
     def to_frame(self) -> pd.DataFrame:
-        """One row per (method, K, alpha) with dev numbers; ``best`` marks the choice."""
+        """One row per (method, size, alpha) with dev numbers; ``best`` marks the choice.
+
+        Sizes: ``pct_params`` (of block parameters) first, then ``pct_units``; ``size``
+        says whether K, a budget or a scorer's suggested set made the row.
+        """
         import pandas as pd
 
         recs = []
         for r in self.rows:
             rec: dict[str, Any] = {
                 "method": r.method,
+                "pct_params": r.pct_params,
+                "pct_units": r.pct_units,
+                "size": r.size,
+                "budget": r.budget,
                 "k": r.k,
                 "alpha": r.alpha,
+                "n_params": r.n_params,
                 "n_units": r.n_units,
                 f"dev_{self.metric}": r.metric,
                 "delta": r.delta,
@@ -345,11 +411,51 @@ class SweepResult:
         return pd.DataFrame.from_records(recs)
 
     def by_method(self) -> pd.DataFrame:
-        """Methods side by side at equal K: the best-over-alpha dev metric (K x method)."""
+        """Methods side by side at equal K: the best-over-alpha dev metric (K x method).
+
+        Top-K rows only; :meth:`by_budget` is the same for budget rows.
+        """
         df = self.to_frame()
+        df = df[df["budget"].isna()]
         return df.pivot_table(
             index="k", columns="method", values=f"dev_{self.metric}", aggfunc="max"
         )
+
+    def by_budget(self) -> pd.DataFrame:
+        """Methods side by side at equal parameter budget: best-over-alpha dev metric."""
+        df = self.to_frame()
+        df = df[df["budget"].map(lambda b: isinstance(b, float))]
+        return df.pivot_table(
+            index="budget", columns="method", values=f"dev_{self.metric}", aggfunc="max"
+        )
+
+    def comparison_frame(self) -> pd.DataFrame:
+        """The comparison table, one row per (method, size): choice made on dev, test shown.
+
+        Columns: method, size, pct_params, pct_units, alpha (best on dev), test metric,
+        test recovery and its CI, test retention drop, dev metric and dev recovery, and
+        the paired test difference (CI) against random / weight_diff at the same size.
+        """
+        import pandas as pd
+
+        recs = []
+        for c in self.comparison:
+            d = c.to_dict()
+            rec = {k: d[k] for k in ("method", "size", "pct_params", "pct_units", "alpha")}
+            rec.update(
+                test_metric=d["test_metric"],
+                test_recovery=d["test_recovery"],
+                test_recovery_ci=d["test_recovery_ci"],
+                retention_drop=d["retention_drop"],
+                dev_metric=d["dev_metric"],
+                dev_recovery=d["dev_recovery"],
+                feasible=d["feasible"],
+            )
+            for ctrl, v in d["vs"].items():
+                rec[f"minus_{ctrl}"] = v["diff"]
+                rec[f"minus_{ctrl}_ci"] = v["ci"]
+            recs.append(rec)
+        return pd.DataFrame.from_records(recs)
 
     def to_dict(self) -> dict[str, Any]:
         def base(split: str) -> dict[str, Any]:
@@ -373,6 +479,9 @@ class SweepResult:
                 "pareto": [
                     {
                         "method": r.method,
+                        "pct_params": r.pct_params,
+                        "pct_units": r.pct_units,
+                        "size": r.size,
                         "k": r.k,
                         "alpha": r.alpha,
                         "dev_metric": r.metric,
@@ -382,6 +491,10 @@ class SweepResult:
                     for r in self.pareto
                 ],
                 "rows": [{k: v for k, v in r.to_dict().items() if k != "test"} for r in self.rows],
+                "comparison": {
+                    "note": COMPARISON_NOTE,
+                    "cells": [c.to_dict() for c in self.comparison],
+                } if self.comparison else None,
                 "notes": self.notes,
             }
         )
@@ -394,6 +507,9 @@ class SweepResult:
 
     def plot(self, ax: Axes | None = None) -> Figure | SubFigure:
         """Dev metric vs K, one line per alpha (one panel per method), with baselines.
+
+        With budget rows the x axis is % of block parameters for every row (K rows as
+        circles, budget rows as squares, a scorer's suggested set as stars).
 
         Uses matplotlib's object API with the Agg canvas (no pyplot, no global
         backend change). Returns the Figure. Kept here because it imports only
@@ -414,17 +530,32 @@ class SweepResult:
         alphas = sorted({r.alpha for r in self.rows})
         colors = [f"C{i}" for i in range(10)]
         dev = self.baselines["dev"]
+        # With budget rows, x is % of block parameters for every row (K rows included).
+        by_params = any(r.budget is not None for r in self.rows) and all(
+            r.pct_params is not None for r in self.rows
+        )
+
+        def x_of(r: SweepRow) -> float:
+            return 100 * float(r.pct_params or 0.0) if by_params else float(r.k)
+
+        series = [("K", "o", lambda r: r.budget is None),
+                  ("budget", "s", lambda r: isinstance(r.budget, float)),
+                  ("suggested", "*", lambda r: isinstance(r.budget, str))]
         for a_i, (m, a) in enumerate(zip(methods, axes)):
             for j, alpha in enumerate(alphas):
-                pts = sorted(
-                    (r.k, r.metric) for r in self.rows if r.method == m and r.alpha == alpha
-                )
-                if pts:
+                for s_name, marker, keep in series:
+                    pts = sorted(
+                        (x_of(r), r.metric) for r in self.rows
+                        if r.method == m and r.alpha == alpha and keep(r)
+                    )
+                    if not pts:
+                        continue
+                    label = f"alpha={alpha:g}" + ("" if s_name == "K" else f" ({s_name})")
                     a.plot(
                         *zip(*pts),
-                        marker="o",
+                        marker=marker,
                         color=colors[j % 10],
-                        label=f"alpha={alpha:g}",
+                        label=label,
                         linestyle="-" if ax is None else ["-", "--", ":", "-."][a_i % 4],
                     )
             a.axhline(
@@ -434,7 +565,7 @@ class SweepResult:
             b = self.best_by_method.get(m)
             if b is not None:
                 a.plot(
-                    [b.k],
+                    [x_of(b)],
                     [b.metric],
                     marker="*",
                     markersize=14,
@@ -443,21 +574,31 @@ class SweepResult:
                     linestyle="none",
                     label="chosen",
                 )
-            if any(r.k == 0 for r in self.rows):
-                a.set_xscale("symlog", linthresh=1)
-            elif len({r.k for r in self.rows}) > 1:
-                a.set_xscale("log", base=2)
-            k_vals = sorted({r.k for r in self.rows})
-            a.set_xticks(k_vals, [str(k) for k in k_vals], minor=False)
-            a.set_xticks([], minor=True)
-            a.set_xlabel("K (units transplanted)")
+            if by_params:
+                xs = sorted({x_of(r) for r in self.rows})
+                if xs and xs[0] <= 0:
+                    a.set_xscale("symlog", linthresh=max(1e-3, min((x for x in xs if x > 0),
+                                                                   default=1.0)))
+                elif len(xs) > 1:
+                    a.set_xscale("log")
+                a.set_xlabel("% of block parameters transplanted")
+            else:
+                if any(r.k == 0 for r in self.rows):
+                    a.set_xscale("symlog", linthresh=1)
+                elif len({r.k for r in self.rows}) > 1:
+                    a.set_xscale("log", base=2)
+                k_vals = sorted({r.k for r in self.rows})
+                a.set_xticks(k_vals, [str(k) for k in k_vals], minor=False)
+                a.set_xticks([], minor=True)
+                a.set_xlabel("K (units transplanted)")
             a.set_title(m if ax is None else f"{self.task.get('name')}")
         axes[0].set_ylabel(f"dev {self.metric}")
         axes[0].legend(fontsize="small")
         return fig
 
     def save(self, directory: str | Path, *, report: bool = False, **report_kwargs: Any) -> Path:
-        """Write ``results.json``, ``sweep.csv`` and ``sweep.png`` under ``directory``.
+        """Write ``results.json``, ``sweep.csv`` and ``sweep.png`` under ``directory``
+        (and ``comparison.csv`` when the sweep ran ``compare_on_test``).
 
         ``report=True`` also writes the self-contained ``report.html``; keyword
         arguments (``pair=``, ``task=``, ``scores=``, ...) go to
@@ -477,6 +618,8 @@ class SweepResult:
         d.mkdir(parents=True, exist_ok=True)
         (d / "results.json").write_text(json.dumps(self.to_dict(), indent=2, default=str))
         self.to_frame().to_csv(d / "sweep.csv", index=False)
+        if self.comparison:
+            self.comparison_frame().to_csv(d / "comparison.csv", index=False)
         self.plot().savefig(d / "sweep.png", dpi=120)
         if report and writer is not None:
             writer(d / "report.html", sweep_result=self, **report_kwargs)
@@ -495,18 +638,105 @@ def register_report_writer(write: Callable[..., Any]) -> None:
     _REPORT_WRITER["write"] = write
 
 
+#: What results.json and the report say about the default control task.
+GENERIC_RETENTION_NOTE = (
+    "generic_retention (a generic proxy: agreement with the unedited target's next-token "
+    "predictions on built-in text and the task's own prompts)"
+)
+_CONTROL_METHODS = ("random", "weight_diff")  # paired test differences against these
+
+
+def _scored_kinds(obj: RankedSource, units: Kinds) -> tuple[str, ...]:
+    """The unit kinds a method ranks: ``units`` if given, else what it scored."""
+    if units is not None:
+        return normalize_kinds(units)
+    got = getattr(obj, "kinds", None)
+    if got:
+        return normalize_kinds(list(got))
+    ranked = getattr(obj, "units", None)
+    if ranked:
+        return normalize_kinds(sorted({u.kind for u in parse_units(list(ranked))}))
+    return normalize_kinds(None)
+
+
+def _budget_units(
+    obj: RankedSource, fraction: float, layout: ModelLayout, kinds: Kinds, kv: str
+) -> list[Unit]:
+    """``obj.within_budget`` if it has one; else its ranking walked with the "score" rule."""
+    if hasattr(obj, "within_budget"):
+        got = obj.within_budget(fraction, layout, kinds=kinds, kv=kv)
+    else:
+        n = len(layout.units(None))
+        ranked = obj.top(n) if kinds is None else obj.top(n, kinds=kinds)
+        got = fill_budget(list(ranked), layout, fraction, rule="score", kv=kv).units
+    return list(dict.fromkeys(parse_units(list(got))))
+
+
+def _suggested(obj: RankedSource, kinds: Kinds) -> list[Unit] | None:
+    """The scorer's suggested set (``meta["suggested"]``), filtered to ``kinds``."""
+    meta = getattr(obj, "meta", None)
+    if not isinstance(meta, Mapping) or meta.get("suggested") is None:
+        return None
+    allowed = normalize_kinds(kinds)
+    return [u for u in dict.fromkeys(parse_units(list(meta["suggested"]))) if u.kind in allowed]
+
+
+@dataclass
+class ComparisonCell:
+    """One (method, size) cell of the comparison: best alpha on dev, evaluated on test.
+
+    ``vs[name]`` is the paired test difference of this cell's transplanted metric minus
+    the ``name`` method's cell at the same size (``random``, ``weight_diff``), with its
+    paired bootstrap CI.
+    """
+
+    method: str
+    size: str
+    row: SweepRow
+    vs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        r, t = self.row, self.row.test
+        m = t.metrics if t is not None else None
+        return {
+            "method": self.method,
+            "size": self.size,
+            "pct_params": r.pct_params,
+            "pct_units": r.pct_units,
+            "budget": r.budget,
+            "k": r.k,
+            "n_params": r.n_params,
+            "alpha": r.alpha,
+            "test_metric": None if m is None else m.transplanted,
+            "test_recovery": None if m is None else m.recovery,
+            "test_recovery_ci": None if m is None else m.ci.get("recovery"),
+            "test_delta": None if m is None else m.delta,
+            "test_delta_ci": None if m is None else m.ci.get("delta"),
+            "retention_drop": None if t is None else t.max_drop,
+            "retention": {} if t is None else {x.task: x.drop for x in t.retention},
+            "dev_metric": r.metric,
+            "dev_recovery": r.recovery,
+            "dev_max_drop": r.max_drop,
+            "feasible": r.feasible,
+            "vs": self.vs,
+            "units": list(r.units),
+        }
+
+
 def sweep(
     pair: ModelPair,
     task: TaskLike,
     scores: ScoresLike,
     ks: Sequence[int] = (8, 16, 32, 64, 128),
     alphas: Sequence[float] = (1.0,),
-    control_tasks: Sequence[TaskLike] = (),
+    control_tasks: Sequence[TaskLike] | None = None,
     dev_fraction: float = 0.5,
     units: Kinds = None,
     max_retention_drop: float | None = None,
     seed: int = 0,
     *,
+    budgets: Sequence[float] = (),
+    compare_on_test: bool = False,
     kv: KVMode = "group",
     prepend_bos: bool | str | None = None,
     batch_size: int = 16,
@@ -516,22 +746,36 @@ def sweep(
     gap_tol: float = DEFAULT_GAP_TOL,
     report_each_method: bool = True,
     edit: EditFactory | None = None,
+    retention_kwargs: Mapping[str, Any] | None = None,
 ) -> SweepResult:
-    """Evaluate every (method, K, alpha) on dev, choose on dev, report the choice on test.
+    """Evaluate every (method, K or budget, alpha) on dev, choose on dev, report it on test.
 
     ``task`` and each control task: a :class:`Task`, split here by
     ``Task.split(dev_fraction, seed)``, or already-made splits (an object with
     ``.dev``/``.test``, e.g. the zoo's ``Splits``, or a ``(dev, test)`` tuple).
 
-    ``scores``: an object with ``.top(k, kinds=...)`` (and optionally ``.method``), a
-    ranked list of units, a list of such objects, or ``{method: scores}`` to compare
-    selection methods (and controls such as random) side by side at equal K.
-    ``units``: the unit kinds to rank (``"head"``, ``"neuron"``, ``"linear"`` or a
-    list), passed as ``top(k, kinds=units)``. ``max_retention_drop``: the largest
-    allowed drop of any control task's dev metric. ``report_each_method`` also
-    reports each method's own best on test. ``edit(pair, units, alpha)`` replaces
-    the weight transplant by another reversible context manager. See the module
-    docstring for the protocol and rules.
+    ``scores``: an object with ``.top(k, kinds=...)`` (and optionally ``.method``,
+    ``.within_budget``, ``.meta``), a ranked list of units, a list of such objects, or
+    ``{method: scores}`` to compare selection methods (and controls such as random)
+    side by side. ``units``: the unit kinds to rank (``"head"``, ``"neuron"``,
+    ``"linear"`` or a list), passed as ``top(k, kinds=units)``.
+
+    ``budgets``: fractions of the block parameters (see :mod:`tl_transplant.budget`),
+    each filled with the method's ``within_budget`` (plain rankings walk their order);
+    they sit beside ``ks`` (pass ``ks=()`` for budgets only). A scorer whose
+    ``meta["suggested"]`` holds a unit set also gets that set as rows (size
+    ``"suggested"``). Every row records ``n_params``, ``pct_params`` (of block
+    parameters) and ``pct_units`` (of all units of the scored kinds).
+
+    ``control_tasks``: None (default) uses
+    :func:`tl_transplant.retention.generic_retention` built from the task's dev
+    prompts (``retention_kwargs`` go to it); ``()`` means no control at all.
+    ``max_retention_drop``: the largest allowed drop of any control task's dev
+    metric. ``report_each_method`` also reports each method's own best on test.
+    ``compare_on_test``: for every (method, size) take the best alpha on dev and
+    evaluate it on test (:attr:`SweepResult.comparison`); the overall choice is still
+    made on dev only. ``edit(pair, units, alpha)`` replaces the weight transplant by
+    another reversible context manager. See the module docstring for the protocol.
     """
     from tqdm.auto import tqdm
 
@@ -540,11 +784,24 @@ def sweep(
     methods = _methods(scores)
     ks = [int(k) for k in ks]
     alphas = [float(a) for a in alphas]
-    if not ks or not alphas:
-        raise ValueError("ks and alphas must be non-empty")
+    fracs = [check_fraction(b, "each budget") for b in budgets]
+    fracs = list(dict.fromkeys(fracs))
+    if (not ks and not fracs) or not alphas:
+        raise ValueError("give at least one K (ks) or budget (budgets), and a non-empty alphas")
     if any(k < 0 for k in ks):
         raise ValueError(f"ks must be >= 0, got {ks}")
+    layout: ModelLayout | None = getattr(pair, "layout", None)
+    if fracs and layout is None:
+        raise TypeError("budgets need pair.layout (a ModelPair) to count parameters")
     name, dev, test = _splits(task, dev_fraction, seed, "task")
+    retention_mode = "given" if control_tasks else "none"
+    if control_tasks is None:
+        from tl_transplant.retention import generic_retention
+
+        kw = {"seed": seed, "batch_size": batch_size, "prepend_bos": prepend_bos,
+              **dict(retention_kwargs or {})}
+        control_tasks = [generic_retention(pair, dev, **kw)]
+        retention_mode = "generic"
     controls = [
         _splits(c, dev_fraction, seed, f"control task {i}") for i, c in enumerate(control_tasks)
     ]
@@ -553,6 +810,7 @@ def sweep(
         raise ValueError(f"control tasks need distinct names, different from the task: {names}")
     make: EditFactory = edit or (lambda p, u, a: transplant(p, u, a, kv=kv))
     n_active = len(getattr(pair, "active", []))
+    n_block = block_params(layout) if layout is not None else None
 
     def bos_for(t: Task) -> bool:
         return resolve_prepend_bos(pair, t.prepend_bos if prepend_bos is None else prepend_bos)
@@ -561,6 +819,10 @@ def sweep(
         return evaluate(side, t, prepend_bos=bos_for(t), batch_size=batch_size, progress=False)
 
     notes: list[str] = []
+    if retention_mode == "generic":
+        notes.append(f"control task: {GENERIC_RETENTION_NOTE}; no control task was given")
+    elif retention_mode == "none":
+        notes.append("no control task: retention was not measured")
 
     # -- dev: baselines, then every configuration ----------------------------------------
     base_dev = {"source": ev(pair.source, dev), "target": ev(pair.target, dev)}
@@ -574,19 +836,33 @@ def sweep(
         notes.append(msg)
         warnings.warn(msg, UndefinedMetricWarning, stacklevel=2)
 
-    plans = []
+    n_kind_units: dict[str, int | None] = {}
+    plans: list[tuple[str, int, float | str | None, float, list[Unit], int | None]] = []
     for m, obj in methods:
+        kinds_m = _scored_kinds(obj, units)
+        n_kind_units[m] = len(layout.units(kinds_m)) if layout is not None else None
+        sized: list[tuple[int, float | str | None, list[Unit]]] = []
         for k in ks:
             us = _top(obj, k, units)
             if len(us) < k:
                 notes.append(f"{m}: K={k} asked but only {len(us)} units are ranked")
+            sized.append((k, None, us))
+        for f in fracs:
+            assert layout is not None
+            us = _budget_units(obj, f, layout, units, kv)
+            sized.append((len(us), f, us))
+        sugg = _suggested(obj, units)
+        if sugg is not None:
+            sized.append((len(sugg), "suggested", sugg))
+        for k, bud, us in sized:
+            cost = (count_params(layout, us, kv) if us else 0) if layout is not None else None
             for a in alphas:
-                plans.append((m, k, a, us))
+                plans.append((m, k, bud, a, us, cost))
     cache: dict[tuple[frozenset[Unit], float], tuple[float, dict[str, float]]] = {}
     rows: list[SweepRow] = []
     bar = tqdm(total=len(plans), desc=f"sweep {name}", disable=not progress, unit="cfg")
     try:
-        for m, k, a, us in plans:
+        for m, k, bud, a, us, n_par in plans:
             key = (frozenset(us), a if us else 0.0)
             if key not in cache:
                 if not us or a == 0.0:
@@ -602,6 +878,7 @@ def sweep(
                 n: {"before": c_dev_before[n].mean, "after": v, "drop": c_dev_before[n].mean - v}
                 for n, v in after.items()
             }
+            n_kind = n_kind_units[m]
             rows.append(
                 SweepRow(
                     method=m,
@@ -613,6 +890,10 @@ def sweep(
                     tir=tir(x, t_dev, metric=dev.metric, warn=False),
                     recovery=recovery(x, t_dev, s_dev, gap_tol=gap_tol, warn=False),
                     control=control,
+                    budget=bud,
+                    n_params=n_par,
+                    pct_params=None if n_par is None or not n_block else n_par / n_block,
+                    pct_units=None if not n_kind else len(us) / n_kind,
                 )
             )
             bar.update(1)
@@ -633,17 +914,32 @@ def sweep(
         msg = (
             f"no configuration kept every control task's dev drop <= {max_retention_drop}; "
             "nothing is reported on test"
+            + (" (the comparison table still shows every cell on test)" if compare_on_test
+               else "")
         )
         notes.append(msg)
         warnings.warn(msg, UserWarning, stacklevel=2)
 
+    # The comparison: per (method, size), the best alpha on dev (feasible if any is).
+    cells: list[ComparisonCell] = []
+    if compare_on_test:
+        groups: dict[tuple[str, str], list[SweepRow]] = {}
+        for r in rows:
+            groups.setdefault((r.method, r.size), []).append(r)
+        for (m, size), grp in groups.items():
+            pick = choose_best(grp, max_retention_drop) or choose_best(grp, None)
+            assert pick is not None
+            cells.append(ComparisonCell(m, size, pick))
+
     # -- test: only now, and only for the chosen configuration(s) ------------------------
     base_test: dict[str, EvalResult] = {}
     c_test_before: dict[str, EvalResult] = {}
-    if best is not None:
+    if best is not None or cells:
         base_test = {"source": ev(pair.source, test), "target": ev(pair.target, test)}
         c_test_before = {ct.name: ev(pair.target, ct) for _, _, ct in controls}
-        chosen = [best] + (list(best_by_method.values()) if report_each_method else [])
+        chosen = [best] if best is not None else []
+        chosen += list(best_by_method.values()) if report_each_method else []
+        chosen += [c.row for c in cells]
         reports: dict[tuple[frozenset[str], float], TransplantReport] = {}
         for r in chosen:
             key2 = (frozenset(r.units), r.alpha if r.units else 0.0)
@@ -674,9 +970,11 @@ def sweep(
             r.test = reports[key2]
     if len(getattr(pair, "active", [])) != n_active:  # pragma: no cover - defensive
         raise RuntimeError("a transplant was left applied after the sweep")
+    _paired_vs_controls(cells, methods, n_boot=n_boot, level=level, seed=seed)
 
     config = {
         "ks": ks,
+        "budgets": fracs,
         "alphas": alphas,
         "methods": [m for m, _ in methods],
         "units": units if units is None or isinstance(units, str) else list(units),
@@ -690,12 +988,24 @@ def sweep(
         "n_boot": n_boot,
         "level": level,
         "gap_tol": gap_tol,
+        "block_params": n_block,
         "split": "given" if not isinstance(task, Task) else "Task.split(dev_fraction, seed)",
         "control_tasks": [
             {"name": n, "dev": cd.to_dict(), "test": ct.to_dict()} for n, cd, ct in controls
         ],
+        "retention": {
+            "mode": retention_mode,
+            "description": {
+                "generic": GENERIC_RETENTION_NOTE,
+                "given": "the control tasks given",
+                "none": "none: retention was not measured",
+            }[retention_mode],
+        },
         "selection": "max dev metric s.t. max dev control drop <= max_retention_drop; "
-        "ties -> smaller K, then smaller alpha, then earlier method",
+        "ties -> fewer weights moved, then smaller K, then smaller alpha, then earlier method",
+        "budget": "fraction of block parameters (sum of layout.n_params over every Linear "
+        "unit of every layer); distinct weights, KV groups brought along count",
+        "compare_on_test": compare_on_test,
     }
     pair_info = {
         side: dict(getattr(getattr(pair, side, None), "identity", {}) or {})
@@ -715,10 +1025,46 @@ def sweep(
         config=config,
         pair=pair_info,
         notes=notes,
+        comparison=cells,
     )
 
 
+def _paired_vs_controls(
+    cells: list[ComparisonCell],
+    methods: Sequence[tuple[str, RankedSource]],
+    *,
+    n_boot: int,
+    level: float,
+    seed: int,
+) -> None:
+    """Fill ``cell.vs``: test metric minus the random / weight_diff cell of the same size."""
+    base_name = {m: str(getattr(obj, "method", m)) for m, obj in methods}
+    by_key = {(c.method, c.size): c for c in cells}
+    for ctrl in _CONTROL_METHODS:
+        label = next((m for m, _ in methods if m == ctrl), None) or next(
+            (m for m, _ in methods if base_name[m] == ctrl), None
+        )
+        if label is None:
+            continue
+        for c in cells:
+            other = by_key.get((label, c.size))
+            if c.method == label or other is None:
+                continue
+            a, b = c.row.test, other.row.test
+            if a is None or b is None:
+                continue
+            c.vs[ctrl] = {
+                "method": label,
+                "diff": a.transplanted.mean - b.transplanted.mean,
+                "ci": paired_diff_ci(a.transplanted.scores, b.transplanted.scores,
+                                     n_boot=n_boot, level=level, seed=seed),
+            }
+
+
 __all__ = [
+    "COMPARISON_NOTE",
+    "GENERIC_RETENTION_NOTE",
+    "ComparisonCell",
     "RankedUnits",
     "SweepResult",
     "SweepRow",

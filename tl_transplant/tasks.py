@@ -4,7 +4,7 @@ Contract used by scoring and evaluation (extend, don't break):
 
 * ``Task.prompts`` / ``Task.answers``: parallel lists of strings;
 * ``Task.metric``: ``next_token_acc`` | ``answer_logprob`` | ``logit_diff`` | ``exact_match``
-  | ``mc_logprob``;
+  | ``mc_logprob`` | ``next_token_agreement``;
 * ``Task.choices``: for ``mc_logprob``, one list of option strings per example; the
   answer is then the correct option's text (an integer answer field is its index);
 * ``Task.prepend_bos``: ``"auto"`` | True | False, resolved per pair by
@@ -28,7 +28,14 @@ Metrics (per example; the task score is their mean, higher is better):
 * ``mc_logprob``: 1.0 if the correct choice has the strictly highest *total*
   (not length-normalised) teacher-forced log-prob among the example's choices,
   each choice tokenized on its own after the prompt exactly as ``answer_logprob``
-  tokenizes an answer (:func:`tl_transplant.tokens.encode_choices`); ties score 0.
+  tokenizes an answer (:func:`tl_transplant.tokens.encode_choices`); ties score 0;
+* ``next_token_agreement``: the fraction of the prompt's predicted positions (every
+  prompt token, BOS excluded) where the model's top-1 next token is the *reference*
+  token stored in the answer (space-separated token ids, :func:`reference_answer`),
+  teacher-forced on the prompt; a position agrees when the reference token's logit is
+  within float noise of the maximum (:data:`AGREEMENT_ATOL` plus a dtype-relative
+  term), so the model the references came from scores exactly 1.0. Built by
+  :func:`tl_transplant.retention.generic_retention` from the unedited target.
 
 Tokenization and BOS (one rule for both models of a pair): the prompt and the
 answer are tokenized *separately* without special tokens and concatenated;
@@ -69,7 +76,39 @@ if TYPE_CHECKING:
     import datasets
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-METRICS = ("next_token_acc", "answer_logprob", "logit_diff", "exact_match", "mc_logprob")
+METRICS = (
+    "next_token_acc",
+    "answer_logprob",
+    "logit_diff",
+    "exact_match",
+    "next_token_agreement",
+    "mc_logprob",
+)
+
+#: ``next_token_agreement``: logit slack under which the reference token still counts as
+#: the top-1 (ties and batch-shape float noise must not read as a change of behaviour).
+AGREEMENT_ATOL = 1e-3
+
+
+def reference_answer(token_ids: Sequence[int]) -> str:
+    """The answer string of a ``next_token_agreement`` example: its reference token ids."""
+    ids = [int(t) for t in token_ids]
+    if not ids or any(t < 0 for t in ids):
+        raise ValueError(f"reference token ids must be a non-empty list of ids >= 0, got {ids}")
+    return " ".join(map(str, ids))
+
+
+def parse_reference(answer: str, where: str = "answer") -> list[int]:
+    """The reference token ids of a ``next_token_agreement`` answer (inverse of
+    :func:`reference_answer`); anything else raises naming ``where``."""
+    parts = answer.split()
+    if not parts or not all(p.isdigit() for p in parts):
+        raise ValueError(
+            f"{where}: metric 'next_token_agreement' needs the answer to be the reference "
+            f"token ids separated by spaces (build the task with "
+            f"tl_transplant.retention.generic_retention), got {answer!r:.80}"
+        )
+    return [int(p) for p in parts]
 
 
 # ---- answer extraction (exact_match) -------------------------------------------------
@@ -324,6 +363,9 @@ class Task:
             raise ValueError(
                 f"task {self.name!r}: metric 'mc_logprob' needs choices, one list per example"
             )
+        if self.metric == "next_token_agreement":
+            for i, a in enumerate(self.answers):
+                parse_reference(a, f"task {self.name!r}: {self.row_label(i)}")
         if self.metric == "logit_diff" and self.wrong_answers is None:
             raise ValueError(
                 f"task {self.name!r}: metric 'logit_diff' needs wrong_answers, one list per example"
@@ -429,6 +471,9 @@ class Task:
         elif self.metric == "exact_match":
             enc = encode(tokenizer, self.prompts, None, prepend_bos=prepend_bos)
             self.check_context(enc, limit, extra=self.max_new_tokens)
+        elif self.metric == "next_token_agreement":  # the answer holds ids, not text
+            self.check_context(encode(tokenizer, self.prompts, None, prepend_bos=prepend_bos),
+                               limit)
         else:
             self.check_context(self.encode(tokenizer, prepend_bos), limit)
 

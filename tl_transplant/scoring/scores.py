@@ -6,11 +6,12 @@ import json
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float
 
+from tl_transplant.budget import DEFAULT_BUDGET_RULE, BudgetPick, check_rule, fill_budget
 from tl_transplant.units import (
     UNIT_KINDS,
     Head,
@@ -21,6 +22,9 @@ from tl_transplant.units import (
     parse_unit,
     unit_sort_key,
 )
+
+if TYPE_CHECKING:
+    from tl_transplant.layouts import ModelLayout
 
 SCORES_FORMAT = "tl_transplant.scores/1"
 _COUNT_KEYS = {"head": "H", "kv_head": "KV", "neuron": "I"}
@@ -142,6 +146,45 @@ class Scores:
     def bottom(self, k: int, kinds: str | Iterable[str] | None = None) -> list[Unit]:
         """The ``k`` lowest-scoring units: the "anti-selection" control."""
         return [self.units[i] for i in self._ranked(kinds, False)[: self._check_k(k)]]
+
+    @property
+    def budget_rule(self) -> str:
+        """How a parameter budget is filled: ``meta["budget_rule"]``, default "per_param"."""
+        return check_rule(self.meta.get("budget_rule", DEFAULT_BUDGET_RULE))
+
+    @property
+    def suggested(self) -> list[Unit] | None:
+        """The scorer's own suggested unit set (``meta["suggested"]``), if it made one."""
+        got = self.meta.get("suggested")
+        return None if got is None else [parse_unit(u) for u in got]
+
+    def within_budget(
+        self,
+        fraction: float,
+        layout: ModelLayout,
+        kinds: str | Iterable[str] | None = None,
+        kv: str = "group",
+    ) -> list[Unit]:
+        """Units (of ``kinds``) whose distinct weights fit ``fraction`` of the block parameters.
+
+        ``layout``: the pair's :class:`~tl_transplant.layouts.ModelLayout` (``pair.layout``).
+        The fill rule is :attr:`budget_rule` (see :mod:`tl_transplant.budget`); KV groups
+        that ``kv="group"`` brings along count against the budget.
+        """
+        return self.budget_pick(fraction, layout, kinds, kv).units
+
+    def budget_pick(
+        self,
+        fraction: float,
+        layout: ModelLayout,
+        kinds: str | Iterable[str] | None = None,
+        kv: str = "group",
+    ) -> BudgetPick:
+        """:meth:`within_budget` with its cost: a :class:`~tl_transplant.budget.BudgetPick`."""
+        idx = self._ranked(kinds, True)
+        return fill_budget([self.units[i] for i in idx], layout, fraction,
+                           values=[float(self.values[i]) for i in idx], rule=self.budget_rule,
+                           kv=kv)
 
     def _top_values(self, k: int) -> list[float]:
         return [float(self.values[i]) for i in self._ranked(None, True)[:k]]

@@ -1,0 +1,1 @@
+"""Small data files shipped with the package (``general_text.txt``: generic retention contexts)."""
