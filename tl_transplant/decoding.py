@@ -19,10 +19,11 @@ the wrapped model's HF tensors.
 
 TransformerLens hooks live on the bridge components, which this tree skips, so
 :func:`greedy_generate` falls back to the wrapped model (uncached, the
-reference path) whenever any forward/backward hook is registered on the model
-(the bridge's hook points all live in its module tree) or globally (e.g. inside :func:`~tl_transplant.patching.patch_activations`),
-and for models dispatched by accelerate (``device_map``), whose hooks the copy
-would not see.
+reference path) whenever a forward/backward hook is registered anywhere in the
+model (the bridge's hook points all live in its module tree) or globally, e.g.
+inside :func:`~tl_transplant.patching.patch_activations`; the bridge's own
+wiring hooks do not count. It also falls back for models dispatched by
+accelerate (``device_map``), whose hooks the copy would not see.
 """
 
 from __future__ import annotations
