@@ -29,6 +29,7 @@ accelerate (``device_map``), whose hooks the copy would not see.
 from __future__ import annotations
 
 import copy
+import warnings
 import weakref
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
@@ -117,8 +118,8 @@ def _check_shared(plain: torch.nn.Module, wrapped: torch.nn.Module) -> None:
             if want.get(n) is not t:
                 raise DecodingError(
                     f"the unwrapped HF model's {kind} {n!r} is not the bridged model's tensor "
-                    "of that name, so cached decoding would not see transplant edits; decode "
-                    "with kv_cache=False"
+                    "of that name, so cached decoding would not see transplant edits (the "
+                    "installed transformer-lens wraps models differently)"
                 )
     if _has_wrapped(plain):
         raise DecodingError("the unwrapped HF model still contains bridge components")
@@ -206,19 +207,25 @@ def greedy_generate(
 
     ``kv_cache=True`` decodes with the unwrapped model (:func:`plain_model`) and a
     KV cache, unless a hook is active on ``model`` (a bridged model's HF tree holds
-    all of the bridge's hook points) or accelerate dispatches it; then, and with
-    ``kv_cache=False``,
-    it runs ``model.generate`` uncached (every step recomputes the prefix through
-    the bridge components, hooks firing). A ``TransformerBridge`` stands for the HF
+    all of the bridge's hook points), accelerate dispatches it, or (with a warning)
+    :func:`plain_model` refuses it. Then, and with ``kv_cache=False``, it runs
+    ``model.generate`` uncached: every step recomputes the prefix through the
+    bridge components, hooks firing. A ``TransformerBridge`` stands for the HF
     model it wraps.
     """
     inner = getattr(model, "original_model", None)
     if isinstance(inner, torch.nn.Module) and inner is not model:
         model = inner  # a TransformerBridge: its generate() takes TL arguments, not HF ones
     cfg = copy.copy(config)
+    plain = None
     if kv_cache and can_cache(model):
+        try:
+            plain = plain_model(model)
+        except DecodingError as e:
+            warnings.warn(f"{e}; decoding uncached instead", stacklevel=2)
+    if plain is not None:
         cfg.use_cache = True
-        out = plain_model(model).generate(  # type: ignore[operator]  # HF GenerationMixin
+        out = plain.generate(  # type: ignore[operator]  # HF GenerationMixin
             input_ids=input_ids, attention_mask=attention_mask, generation_config=cfg
         )
         return out, True
