@@ -2,7 +2,9 @@
 
 * :func:`evaluate` scores every example of a :class:`~tl_transplant.tasks.Task`
   (logit metrics by batched, right-padded forwards of the TransformerLens
-  bridge; ``exact_match`` by greedy ``generate`` of the HF model with KV cache),
+  bridge; ``exact_match`` by greedy ``generate`` with a KV cache over the same
+  HF tensors, see :mod:`tl_transplant.decoding`; uncached through the bridge
+  while a hook is active, or with ``kv_cache=False``),
   under ``torch.inference_mode`` with a progress bar.
 * :func:`transplant_metrics` turns paired per-example scores into TIR,
   gap-based recovery and the accuracy delta, with paired bootstrap CIs.
@@ -430,11 +432,12 @@ def _generation_config(
     if eos is None:
         eos = tokenizer.eos_token_id
     # Explicit greedy settings so the model's own generation_config (repetition
-    # penalty, sampling) cannot leak in. use_cache=False: under transformer-lens 4.3
-    # with transformers 5.x the bridge's attention never fills the KV cache that
-    # generate() passes (as ``cache=``), so cached decoding sees only the newest token
-    # and silently produces wrong multi-token outputs. Recomputing the prefix each
-    # step is exact; tests compare against a plain HF greedy loop.
+    # penalty, sampling) cannot leak in. use_cache=False here; greedy_generate turns
+    # it on only for the unwrapped HF tree (tl_transplant.decoding): under
+    # transformer-lens 4.3 with transformers 5.x the bridge's attention never fills
+    # the KV cache that generate() passes, so cached decoding through the bridged
+    # model would see only the newest token. tests/test_generation.py checks the
+    # cached path against this uncached one token for token.
     return GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=False,
@@ -462,7 +465,11 @@ def _generate(
     intervention: Intervention | None,
     bar: tqdm,
     generation: str,
-) -> tuple[np.ndarray, list[str], list[str]]:
+    kv_cache: bool = True,
+) -> tuple[np.ndarray, list[str], list[str], str]:
+    """Greedy decode every prompt; also says whether the batches used the KV cache."""
+    from tl_transplant.decoding import greedy_generate
+
     gen = runner.generator
     if gen is None:
         raise ValueError(
@@ -485,6 +492,7 @@ def _generate(
             same = [i for i in order if len(rows[i]) == length]
             groups.extend(_batches(same, batch_size))
     texts: list[str] = [""] * len(task)
+    n_cached = 0
     dev = _device_of(gen)
     for idx in groups:
         width = max(len(rows[i]) for i in idx)
@@ -495,7 +503,8 @@ def _generate(
             mask[b, width - len(rows[i]) :] = 1
         ids, mask = ids.to(dev), mask.to(dev)
         with _per_batch(intervention, ids):
-            out = gen.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)
+            out, cached = greedy_generate(gen, ids, mask, cfg, kv_cache=kv_cache)
+        n_cached += int(cached)
         for b, i in enumerate(idx):
             new = out[b, width:].tolist()
             cut = next((j for j, t in enumerate(new) if t in eos), len(new))
@@ -506,7 +515,8 @@ def _generate(
     scores = np.array(
         [float(task.matches(p, a)) for p, a in zip(preds, task.answers)], dtype=np.float64
     )
-    return scores, texts, preds
+    used = "uncached" if n_cached == 0 else "cached" if n_cached == len(groups) else "mixed"
+    return scores, texts, preds, used
 
 
 def evaluate(
@@ -521,6 +531,7 @@ def evaluate(
     intervention: Intervention | None = None,
     forward: str = "bridge",
     generation: str = "left_pad",
+    kv_cache: bool = True,
 ) -> EvalResult:
     """Score every example of ``task`` on ``model``; returns per-example scores and their mean.
 
@@ -528,8 +539,13 @@ def evaluate(
     ``ModelPair`` with ``side="source"|"target"``, or a bare HF model / bridge with
     ``tokenizer=``. Logit metrics use batched right-padded forwards of the bridge
     (``forward="hf"`` uses the HF module; both see the same weights).
-    ``exact_match`` uses ``generate`` (greedy, KV cache) with left padding and an
-    attention mask (``generation="by_length"`` batches equal-length prompts only).
+    ``exact_match`` uses greedy ``generate`` with left padding and an attention
+    mask (``generation="by_length"`` batches equal-length prompts only). With
+    ``kv_cache=True`` it decodes with a KV cache through the unwrapped HF modules
+    (same tensors, so transplants show), except while a hook is registered on the
+    model (e.g. inside ``patch_activations``): then, and with ``kv_cache=False``
+    (the reference), every step recomputes the prefix through the bridge.
+    ``meta["kv_cache"]`` says which ran: ``"cached"``, ``"uncached"`` or ``"mixed"``.
 
     ``prepend_bos`` overrides the task's setting; ``"auto"`` follows the model
     (see :mod:`tl_transplant.tasks`). ``intervention``: a context manager entered
@@ -555,11 +571,12 @@ def evaluate(
         unit="ex",
     )
     gens = preds = None
+    used = ""
     try:
         with _maybe_enter(intervention), torch.inference_mode():
             if task.metric == "exact_match":
-                scores, gens, preds = _generate(
-                    runner, task, bos, batch_size, intervention, bar, generation
+                scores, gens, preds, used = _generate(
+                    runner, task, bos, batch_size, intervention, bar, generation, kv_cache
                 )
             else:
                 scores = _logit_scores(runner, task, bos, batch_size, intervention, bar)
@@ -568,6 +585,7 @@ def evaluate(
     meta: dict[str, Any] = {"forward": forward if task.metric != "exact_match" else "generate"}
     if task.metric == "exact_match":
         meta.update(max_new_tokens=task.max_new_tokens, generation=generation)
+        meta["kv_cache"] = used
     if "split" in task.meta:
         meta["split"] = task.meta["split"]
     return EvalResult(

@@ -20,7 +20,7 @@ Metrics (per example; the task score is their mean, higher is better):
 * ``logit_diff``: logit of the first answer token minus the mean logit of the
   first tokens of ``wrong_answers`` (one list per example), at the last prompt
   position;
-* ``exact_match``: greedy generation (KV cache, at most ``max_new_tokens``,
+* ``exact_match``: greedy generation (KV cache unless hooked, at most ``max_new_tokens``,
   stops at EOS), decoded without special tokens, passed through ``extract``
   (default: strip whitespace) and compared to ``answer.strip()``; with
   ``extract="boxed"`` or ``"last_number"`` both sides are normalised first
