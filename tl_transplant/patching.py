@@ -39,6 +39,9 @@ tests): the prefill step sees the whole prompt, each decode step only the new
 token(s) with a KV cache. The source is run in lockstep with its *own* cache
 object (created when the target's cache is fresh), so at every step it sees
 what the target sees. Beam search (which reorders caches) is not supported.
+:func:`~tl_transplant.evaluation.evaluate` itself decodes without a cache while a
+patch is active: :mod:`tl_transplant.decoding` falls back to the uncached bridged
+path whenever any hook is registered, so patched tokens equal the reference path.
 """
 
 from __future__ import annotations
