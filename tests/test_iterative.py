@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tl_transplant import ModelPair
-from tl_transplant.scoring import RawScores, Scorer, ScoringError, register, score
+from tl_transplant.scoring import RawScores, Scorer, Scores, ScoringError, register, score
 from tl_transplant.tasks import Task
 from tl_transplant.testing import perturbed_copy, snapshot_side, tiny_model, word_tokenizer
 from tl_transplant.units import Head, KVHead, parse_unit
@@ -102,7 +102,7 @@ def test_one_round_is_the_inner_ranking_and_later_rounds_see_the_edit(pair):
     assert torch.equal(again.columns["score_at_pick"], it.columns["score_at_pick"])
 
 
-def test_k_and_budget_stop_the_loop(pair):
+def test_k_and_budget_stop_the_loop(pair, tmp_path):
     units = pair.units(("head", "neuron"))
     block = sum(pair.layout.n_params(u) for u in pair.units("linear"))
     it = score(pair, None, "iterative", units, progress=False, inner="weight_diff", k=5, chunk=2)
@@ -121,6 +121,9 @@ def test_k_and_budget_stop_the_loop(pair):
         pair.layout.n_params(g) for g in groups)
     assert info["params_used"] == moved <= 0.05 * block
     assert info["stop"] == "budget spent"
+    back = Scores.load(b.save(tmp_path / "it.json"))  # NaN columns, nested meta
+    assert ranking(back) == ranking(b) and back.meta["rounds"] == b.meta["rounds"]
+    assert torch.equal(back.columns["round"].isnan(), b.columns["round"].isnan())
     # Nothing left would still fit.
     left = [u for u in units if u not in picked]
     assert all(moved + pair.layout.n_params(u)
