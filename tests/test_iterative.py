@@ -155,6 +155,16 @@ def test_kv_group_moved_along_is_ranked_after_its_head(pair):
     assert sum(isinstance(u, KVHead) for u in top) == pair.layout.dims.KV * 2
 
 
+def test_as_activation_patch_candidate_ranker(pair):
+    """Built from the registry without score() (as activation_patch's candidates rule does)."""
+    task = make_task(3)
+    s = score(pair, task, "activation_patch", "head", progress=False,
+              candidates={"method": "iterative", "top": 3,
+                          "options": {"inner": "weight_diff", "chunk": 2}})
+    wd = score(pair, None, "weight_diff", "head", progress=False)
+    assert {u for u in s.units if not math.isnan(s[u])} == set(wd.top(3))
+
+
 def test_target_is_restored_after_an_error(pair):
     snap = snapshot_side(pair.target)
     _Flaky.calls = 0

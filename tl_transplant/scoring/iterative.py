@@ -103,7 +103,6 @@ class Iterative(Scorer):
             raise ScoringError(f"iterative: inner={o.inner!r}: {e}") from None
         self._inner_opts = check_options(inner, o.inner_options)
         self._inner = inner
-        self._runs = 0
 
     # ---- helpers --------------------------------------------------------------------------
     def _check_inner(self, units: list[Unit], data: ScoringData | None) -> None:
@@ -135,10 +134,8 @@ class Iterative(Scorer):
 
     # ---- run ------------------------------------------------------------------------------
     def run(self, units: list[Unit], data: ScoringData | None) -> RawScores:
-        self._runs += 1
-        if self._runs > 1:
-            raise ScoringError("iterative does not take contrast= (each round would need both "
-                               "tasks); score the contrast task with the inner method instead")
+        if not hasattr(self, "_inner"):  # built without score() (e.g. as a candidate ranker)
+            self.check()
         self._check_inner(units, data)
         pair, layout, o = self.ctx.pair, self.ctx.layout, self.opts
         n = len(units)
