@@ -151,10 +151,18 @@ def test_single_unit_scores_approach_the_exact_patch(pair):
 
 def test_replicas_and_batches_do_not_change_the_scores(pair):
     task = make_task(5)
-    one = score(pair, task, "attribution_ig", MIXED, batch_size=1, progress=False, steps=4)
+    one = score(pair, task, "attribution_ig", MIXED, batch_size=1, progress=False, steps=4,
+                steps_per_pass=1)
     many = score(pair, task, "attribution_ig", MIXED, batch_size=5, progress=False, steps=4,
                  steps_per_pass=3)
-    torch.testing.assert_close(many.values, one.values, rtol=1e-4, atol=1e-6)
+    auto = score(pair, task, "attribution_ig", MIXED, batch_size=2, progress=False, steps=4)
+    tight = score(pair, task, "attribution_ig", MIXED, batch_size=5, progress=False, steps=4,
+                  max_pass_mb=1)
+    assert (one.meta["steps_per_pass"], many.meta["steps_per_pass"]) == (1, 3)
+    assert auto.meta["steps_per_pass"] == 4  # a tiny model: every step in one pass
+    assert tight.meta["steps_per_pass"] < 4
+    for s in (many, auto, tight):
+        torch.testing.assert_close(s.values, one.values, rtol=1e-4, atol=1e-6)
     assert one.meta["points"] == [0.125, 0.375, 0.625, 0.875]
     assert one.meta["method"] == "attribution_ig" and one.meta["signed"] is True
 
@@ -162,7 +170,8 @@ def test_replicas_and_batches_do_not_change_the_scores(pair):
 @pytest.mark.parametrize("opts,match", [
     ({"steps": 0}, r"steps must be an int >= 1"),
     ({"rule": "trapezoid"}, r"rule must be one of right, left, midpoint"),
-    ({"steps_per_pass": 1.5}, r"steps_per_pass must be an int >= 1"),
+    ({"steps_per_pass": 1.5}, r"steps_per_pass must be an int >= 1 or one of auto"),
+    ({"max_pass_mb": 0}, r"max_pass_mb must be an int >= 1"),
 ])
 def test_bad_options_are_named(pair, opts, match):
     with pytest.raises(ScoringError, match=match):
