@@ -117,6 +117,22 @@ def test_method_scores_the_intersection_of_units() -> None:
     ]
 
 
+def test_scorer_options_are_checked_at_load() -> None:
+    rc = load_config(_cfg(selection={"methods": ["learned_mask", "iterative"],
+                                     "options": {"learned_mask": {"steps": 7},
+                                                 "iterative": {"inner": "attribution", "k": 4}}}))
+    assert rc.selection.options["learned_mask"] == {"steps": 7}
+    with pytest.raises(ConfigError, match=r"learned_mask does not take option\(s\) 'stepz'"):
+        load_config(_cfg(selection={"methods": ["learned_mask"],
+                                    "options": {"learned_mask": {"stepz": 7}}}))
+    with pytest.raises(ConfigError, match=r"option steps='7' is invalid"):
+        load_config(_cfg(selection={"methods": ["learned_mask"],
+                                    "options": {"learned_mask": {"steps": "7"}}}))
+    with pytest.raises(ConfigError, match=r"'attribution_ig' is not among selection\.methods"):
+        load_config(_cfg(selection={"methods": ["attribution"],
+                                    "options": {"attribution_ig": {"steps": 3}}}))
+
+
 def test_yaml_error_keeps_line_and_column(tmp_path: Path) -> None:
     p = tmp_path / "config.yaml"
     p.write_text("source: a\ntarget: b\ntask: {path: [x\n")

@@ -400,6 +400,21 @@ def test_score_units_blames_the_bad_item(
     assert rc == 2 and "'bogus'" in err and "'heads'" not in err
 
 
+def test_score_options_checked_before_any_model_loads(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _no_load(monkeypatch)
+    base = ["score", "--source", "s", "--target", "t", "--task", "x.jsonl",
+            "--out", str(tmp_path / "s.json"), "--method", "attribution_ig"]
+    rc, err = _main([*base, "--option", "stepz=3"], capsys)
+    assert rc == 2 and "does not take option(s) 'stepz'" in err and "steps" in err, err
+    rc, err = _main([*base, "--option", "steps=0"], capsys)
+    assert rc == 2 and "option steps=0 is invalid" in err, err
+    rc, err = _main([*base, "--option", "steps"], capsys)
+    assert rc == 2 and "KEY=VALUE" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_score_negative_top_refused_before_anything(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

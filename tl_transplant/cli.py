@@ -199,12 +199,33 @@ def _load_task_arg(path: str, prompt_field: str, answer_field: str, metric: str,
                              metric=metric, prepend_bos=bos)
 
 
+def _scorer_options(method: str, items: Sequence[str]) -> dict[str, Any]:
+    """``["steps=100", "inner=attribution"]`` -> options, checked against the scorer."""
+    from tl_transplant.scoring import check_options, get_scorer
+
+    opts: dict[str, Any] = {}
+    for item in items:
+        key, eq, raw = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"--option {item!r}: write KEY=VALUE, e.g. --option steps=100")
+        try:
+            opts[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            opts[key.strip()] = raw
+    check_options(get_scorer(method), opts)
+    return opts
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     from tl_transplant.pair import ModelPair
     from tl_transplant.scoring import score
     from tl_transplant.units import parse_kinds_or_units
 
     units = parse_kinds_or_units(args.units)  # before any model loads
+    try:
+        opts = _scorer_options(args.method, args.option)
+    except ValueError as e:
+        return _fail("score", str(e))
     out = Path(args.out)
     if out.suffix.lower() not in (".json", ".parquet", ".pq"):
         return _fail("score", f"--out {out}: use a .json or .parquet file name")
@@ -213,7 +234,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     task = _load_task_arg(args.task, args.prompt_field, args.answer_field, args.metric,
                           args.prepend_bos)
     pair = ModelPair.load(args.source, args.target, device=args.device, **_load_options(args))
-    s = score(pair, task, method=args.method, units=units,
+    s = score(pair, task, method=args.method, units=units, **opts,
               batch_size=args.batch_size, progress=not args.quiet)
     out.parent.mkdir(parents=True, exist_ok=True)
     s.save(out)
@@ -423,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top", type=_positive_int, default=10, help="how many top units to print")
     s.add_argument("--out", default="scores.json", help="scores file (.json or .parquet)")
     s.add_argument("--device", type=_device, default="cpu")
+    s.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a scorer option (repeatable), VALUE read as JSON when it parses, "
+                   "e.g. --option steps=100 --option lam=0.5")
     s.add_argument("--quiet", action="store_true")
     _add_load_flags(s)
     s.set_defaults(func=cmd_score, name="score")

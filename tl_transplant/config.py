@@ -183,6 +183,9 @@ class SelectionConfig(_Strict):
     contrast_lambda: StrictFloat | None = Field(
         None, description="retention-aware scoring: penalise by lam x score on the first control"
     )
+    #: Per-method scorer options, e.g. ``{learned_mask: {steps: 100}}``; validated
+    #: against each scorer's typed ``Options`` here, before any model loads.
+    options: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @field_validator("methods", "controls", mode="before")
     @classmethod
@@ -225,6 +228,20 @@ class SelectionConfig(_Strict):
                         f"{key}: {m!r} scores only {can} units, none of selection.units "
                         f"({', '.join(self.units)}); add one of {can} to units or drop {m!r}"
                     )
+        return self
+
+    @model_validator(mode="after")
+    def _options(self) -> SelectionConfig:
+        from tl_transplant.scoring import check_options, get_scorer
+
+        used = set(self.methods) | set(self.controls)
+        for m, opts in self.options.items():
+            if m not in used:
+                raise ValueError(
+                    f"options: {m!r} is not among selection.methods or controls "
+                    f"({', '.join(sorted(used))}); add it there or drop its options"
+                )
+            check_options(get_scorer(m), opts)  # ScoringError (a ValueError) names the fix
         return self
 
     def kinds_for(self, method: str) -> list[str]:

@@ -126,7 +126,7 @@ def run(
             )
             scores[m] = score(pair, dev, method=m, units=cfg.selection.kinds_for(m),
                               progress=progress, batch_size=cfg.batch_size, seed=cfg.seed,
-                              **extra)
+                              **extra, **cfg.selection.options.get(m, {}))
             scores[m].save(tmp / f"scores_{m}.json")
 
         control_arg: list[tuple[Task, Task]] | None = controls
@@ -177,7 +177,7 @@ def run(
                       else f"K={best.k}")
                 log(f"control {c} at {at}, alpha={best.alpha:g} on test")
                 cs = score(pair, dev, method=c, units=cfg.selection.kinds_for(c), progress=False,
-                           seed=cfg.seed)
+                           seed=cfg.seed, **cfg.selection.options.get(c, {}))
                 if isinstance(best.budget, float):  # the same parameter budget
                     cunits = cs.within_budget(best.budget, pair.layout, kinds=kinds)
                 else:  # the same number of units
