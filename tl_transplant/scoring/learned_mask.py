@@ -330,8 +330,8 @@ class LearnedMask(Scorer):
             adam.zero_grad(set_to_none=True)
             loss.backward()
             adam.step()
-            last = {"total": float(loss), "task": float(task), "retention": float(ret),
-                    "sparsity": float(sparse)}
+            last = {"total": float(loss.detach()), "task": float(task.detach()),
+                    "retention": float(ret.detach()), "sparsity": float(sparse.detach())}
             history.append(last["total"])
             bar.set_postfix(loss=f"{last['total']:.3f}", frac=f"{last['sparsity']:.3f}")
             del logits, relaxed, params, loss
