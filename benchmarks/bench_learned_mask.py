@@ -1,6 +1,7 @@
 """learned_mask vs attribution on the real zoo pair ``smollm2_rtn4`` (SmolLM2-135M, 4-bit target).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_learned_mask.py [--n 16] [--batch-size 8] [--steps 20]
+        [--lr 0.1] [--lam-sparse 1.0] [--skip-attribution]
 
 Units: every head and neuron (30 layers x 9 heads + 30 x 1536 neurons). Both methods see the
 same ``--n`` dev prompts of the pair's capability task (``add_units``). ``attribution`` makes
@@ -33,6 +34,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--lam-sparse", type=float, default=1.0)
+    ap.add_argument("--skip-attribution", action="store_true")
     args = ap.parse_args()
     name = "smollm2_rtn4"
     src, tgt = zoo.pair_dirs(name, build_missing=True)
@@ -59,14 +63,17 @@ def main() -> None:
         p.grad = None
     print(f"  target bridge fwd+bwd (weight grads) per batch: {fb:.2f} s")
 
-    t0 = time.perf_counter()
-    score(pair, task, "attribution", batch_size=bs, progress=False)
-    att = (time.perf_counter() - t0) / n_batches
-    print(f"  attribution:  {att:.2f} s/batch ({att / fb:.2f}x fwd+bwd), "
-          f"peak rss {_rss_gb():.2f} GB")
+    att = float("nan")
+    if not args.skip_attribution:
+        t0 = time.perf_counter()
+        score(pair, task, "attribution", batch_size=bs, progress=False)
+        att = (time.perf_counter() - t0) / n_batches
+        print(f"  attribution:  {att:.2f} s/batch ({att / fb:.2f}x fwd+bwd), "
+              f"peak rss {_rss_gb():.2f} GB")
 
     t0 = time.perf_counter()
-    s = score(pair, task, "learned_mask", batch_size=bs, progress=False, steps=args.steps)
+    s = score(pair, task, "learned_mask", batch_size=bs, progress=False, steps=args.steps,
+              lr=args.lr, lam_sparse=args.lam_sparse)
     lm = (time.perf_counter() - t0) / args.steps
     print(f"  learned_mask: {lm:.2f} s/step  ({lm / fb:.2f}x fwd+bwd, {lm / att:.2f}x "
           f"attribution per batch), peak rss {_rss_gb():.2f} GB")

@@ -179,3 +179,12 @@ def test_options_rejected(family_pairs, options, needle):
 def test_needs_answers(family_pairs):
     with pytest.raises(ScoringError, match="answers"):
         score(family_pairs["llama"], ["w1 w2"], "learned_mask", progress=False)
+
+
+def test_contrast_subtracts_gates(family_pairs):
+    pair = family_pairs["llama"]
+    kw = dict(progress=False, steps=3, lr=0.5)
+    s = score(pair, small_task(), "learned_mask", ("head",), contrast=small_task(4), lam=0.5,
+              **kw)
+    assert torch.allclose(s.values, s.columns["score_task"] - 0.5 * s.columns["score_contrast"])
+    assert s.meta["suggested"] == [str(u) for u, v in zip(s.units, s.values.tolist()) if v > 0.5]
