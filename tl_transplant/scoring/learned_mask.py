@@ -12,8 +12,9 @@ KV group moves with ``1 - prod_h (1 - m_h)`` over its query heads (times ``1 - m
 KV groups are scored too). At binary gates the relaxed model is therefore exactly
 ``transplant(pair, {u : m_u = 1}, alpha=1, kv=kv)`` (:class:`GatedTarget`).
 
-``theta`` minimises, one batch of the scoring prompts per step (Adam, batches in a
-seeded random order):
+``theta`` (initial logit ``init``) minimises, by ``steps`` Adam steps, each a full pass
+over the scoring prompts (gradients accumulated batch by batch, so the gates do not depend
+on ``batch_size`` beyond float rounding; nothing is random, the run's seed is not used):
 
 * ``-mean metric`` (the task's differentiable metric, default the summed answer log-prob);
 * ``+ lam_ret * KL(target || edited)``: next-token distributions of the unedited target
@@ -27,9 +28,11 @@ seeded random order):
 Only ``theta`` is trained: the relaxed weights are rebuilt each step and given to the
 bridge through :func:`torch.func.functional_call`, so no parameter of either model is
 written (bridge copies of fused tensors, e.g. GPT-NeoX's q/k/v and GPT-2's split views,
-are re-derived from the relaxed HF tensors). Cost per step: one forward and one backward
-of the target (weight-sized gradients included), plus one no-grad forward of the unedited
-target for the KL; memory about one copy of the block weights on top of the models.
+are re-derived from the relaxed HF tensors). Cost per step and batch: one forward and one
+backward of the target (weight-sized gradients included); the unedited target's log-probs
+for the KL are computed once and kept (up to :data:`REF_CACHE_BYTES`, else one no-grad
+forward per batch and step). Memory: about one copy of the block weights (the relaxed ones)
+and their gradients on top of the models.
 
 Output: the final gates (rank by gate), columns ``gate`` and ``theta``;
 ``meta["suggested"]`` = the units with gate > 0.5, ``meta["budget_rule"] = "score"``,
@@ -67,6 +70,10 @@ if TYPE_CHECKING:
     from tl_transplant.pair import ModelPair
 
 KVMode = Literal["group", "none"]
+
+#: The unedited target's log-probs at the KL positions are kept across steps up to this size
+#: (bytes, all batches together); beyond it they are recomputed each step (one no-grad forward).
+REF_CACHE_BYTES = 1 << 30
 
 
 @dataclass
@@ -242,14 +249,10 @@ def _kl_positions(enc: Encoded, context_only: bool) -> torch.Tensor:
     return pos < end[:, None]
 
 
-def _kl(ref: torch.Tensor, edit: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over masked positions of KL(softmax(ref) || softmax(edit)); 0 if none."""
-    m = mask.to(edit.device)
-    if not bool(m.any()):
-        return edit.sum() * 0.0
-    r = torch.log_softmax(work(ref[m]), dim=-1)
-    e = torch.log_softmax(work(edit[m]), dim=-1)
-    return (r.exp() * (r - e)).sum(-1).mean()
+def _kl_sum(ref_logp: torch.Tensor, edit: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum over the masked positions of KL(ref || softmax(edit)); ``ref_logp`` is at them."""
+    e = torch.log_softmax(work(edit[mask.to(edit.device)]), dim=-1)
+    return (ref_logp.exp() * (ref_logp - e)).sum()
 
 
 @register
@@ -292,49 +295,68 @@ class LearnedMask(Scorer):
             rdata = ScoringData("retention", list(opts.retention_prompts), None, data.prepend_bos)
             ret_batches = [e for e, _ in ctx.batches(rdata, answers=False,
                                                      desc="learned_mask: tokens")]
-        gen = torch.Generator().manual_seed(ctx.seed)
+        # Work items: (batch, KL positions or None, carries the task term). KL terms are
+        # normalised by the positions of all items, the task term by the prompts, so a step
+        # (one pass over every item, then one Adam update) does not depend on the batch size.
+        use_kl = opts.lam_ret > 0
+        items: list[tuple[Encoded, torch.Tensor | None, bool]] = [
+            (e, _kl_positions(e, context_only=True) if use_kl and not ret_batches else None, True)
+            for e in task_batches
+        ]
+        items += [(e, _kl_positions(e, context_only=False), False) for e in ret_batches]
+        n_pos = sum(int(m.sum()) for _, m, _ in items if m is not None)
+        ref_cache: dict[int, torch.Tensor] = {}
+        cache_ok: list[bool] = []
+
+        def ref_logp(i: int, enc: Encoded, mask: torch.Tensor) -> torch.Tensor:
+            """The unedited target's log-probs at the KL positions (cached when small)."""
+            if i in ref_cache:
+                return ref_cache[i]
+            with torch.no_grad():
+                ref = bridge(enc.input_ids.to(gated.device), return_type="logits")
+                r = torch.log_softmax(work(ref[mask.to(ref.device)]), dim=-1)
+            if not cache_ok:
+                cache_ok.append(n_pos * r.shape[-1] * r.element_size() <= REF_CACHE_BYTES)
+            if cache_ok[0]:
+                ref_cache[i] = r
+            return r
+
         theta = torch.full((len(units),), float(opts.init), dtype=gated.dtype,
                            device=gated.device, requires_grad=True)
         adam = torch.optim.Adam([theta], lr=opts.lr)
-        order: list[int] = []
-        r_order: list[int] = []
         history: list[float] = []
         last: dict[str, float] = {}
         bar = tqdm(range(opts.steps), desc=f"learned_mask [{data.name}]", unit="step",
                    disable=not ctx.progress, leave=False)
         for _ in bar:
-            if not order:
-                order = torch.randperm(len(task_batches), generator=gen).tolist()
-            enc = task_batches[order.pop()]
-            relaxed, moved = gated.weights(-F.softplus(theta))
-            params = gated.bridge_params(relaxed)
-            logits = gated.logits(enc.input_ids, params)
-            task = -metric_fn(logits, enc.to(logits.device)).mean()
-            ret = task * 0.0
-            if opts.lam_ret > 0:
-                if ret_batches:
-                    if not r_order:
-                        r_order = torch.randperm(len(ret_batches), generator=gen).tolist()
-                    renc = ret_batches[r_order.pop()]
-                    mask = _kl_positions(renc, context_only=False)
-                    edit = gated.logits(renc.input_ids, params)
-                else:
-                    renc, mask, edit = enc, _kl_positions(enc, context_only=True), logits
-                with torch.no_grad():
-                    ref = bridge(renc.input_ids.to(gated.device), return_type="logits")
-                ret = _kl(ref, edit, mask)
-            sparse = moved / max(1, gated.block_params)
-            loss = task + opts.lam_ret * ret + opts.lam_sparse * sparse
-            if not loss.requires_grad:
-                raise ScoringError("learned_mask: the loss does not depend on the gates")
             adam.zero_grad(set_to_none=True)
-            loss.backward()
+            terms = {"task": 0.0, "retention": 0.0, "sparsity": 0.0}
+            for i, (enc, mask, is_task) in enumerate(items):
+                relaxed, moved = gated.weights(-F.softplus(theta))
+                logits = gated.logits(enc.input_ids, gated.bridge_params(relaxed))
+                loss = logits.new_zeros((), dtype=theta.dtype)
+                if is_task:
+                    task = -metric_fn(logits, enc.to(logits.device)).sum() / len(data)
+                    loss = loss + task
+                    terms["task"] += float(task.detach())
+                if mask is not None and bool(mask.any()):
+                    ret = _kl_sum(ref_logp(i, enc, mask), logits, mask) / n_pos
+                    loss = loss + opts.lam_ret * ret
+                    terms["retention"] += float(ret.detach())
+                if i == 0:
+                    sparse = moved / max(1, gated.block_params)
+                    loss = loss + opts.lam_sparse * sparse
+                    terms["sparsity"] = float(sparse.detach())
+                if not loss.requires_grad:
+                    raise ScoringError("learned_mask: the loss does not depend on the gates")
+                loss.backward()
+                del logits, relaxed, loss
             adam.step()
-            last = {"total": float(loss.detach()), "task": float(task.detach()),
-                    "retention": float(ret.detach()), "sparsity": float(sparse.detach())}
-            history.append(last["total"])
-            bar.set_postfix(loss=f"{last['total']:.3f}", frac=f"{last['sparsity']:.3f}")
-            del logits, relaxed, params, loss
+            total = (terms["task"] + opts.lam_ret * terms["retention"]
+                     + opts.lam_sparse * terms["sparsity"])
+            last = {"total": total, **terms}
+            history.append(total)
+            bar.set_postfix(loss=f"{total:.3f}", frac=f"{terms['sparsity']:.3f}")
         bar.close()
         th = theta.detach().to(torch.float64).cpu()
         gates = torch.sigmoid(th)
