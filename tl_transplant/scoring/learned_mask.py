@@ -25,7 +25,7 @@ on ``batch_size`` beyond float rounding; nothing is random, the run's seed is no
   for non-overlapping units, plus the KV groups brought along), and ``block_params`` the
   parameters of every Linear unit of every layer (the budget convention).
 
-Only ``theta`` is trained: the relaxed weights are rebuilt each step and given to the
+Only ``theta`` is trained: the relaxed weights are rebuilt for each batch and given to the
 bridge through :func:`torch.func.functional_call`, so no parameter of either model is
 written (bridge copies of fused tensors, e.g. GPT-NeoX's q/k/v and GPT-2's split views,
 are re-derived from the relaxed HF tensors). Cost per step and batch: one forward and one
@@ -266,7 +266,7 @@ class LearnedMask(Scorer):
     signed = False
 
     class Options(ScorerOptions):
-        steps: Annotated[int, Field(ge=1)] = 100  # optimisation steps (one batch each)
+        steps: Annotated[int, Field(ge=1)] = 100  # Adam steps, each a full pass over the prompts
         lr: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 0.1  # Adam learning rate
         # sparsity weight (score()'s own `lam` is the contrast weight, hence the name)
         lam_sparse: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0
@@ -348,7 +348,9 @@ class LearnedMask(Scorer):
                     loss = loss + opts.lam_sparse * sparse
                     terms["sparsity"] = float(sparse.detach())
                 if not loss.requires_grad:
-                    raise ScoringError("learned_mask: the loss does not depend on the gates")
+                    if is_task:
+                        raise ScoringError("learned_mask: the metric does not depend on the gates")
+                    continue
                 loss.backward()
                 del logits, relaxed, loss
             adam.step()
