@@ -104,15 +104,17 @@ class GatedTarget:
         layout = pair.layout
         tgt, src = pair.target, pair.source
         self.device = tgt.device
-        cover: dict[str, dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]]] = {}
+        # param -> dim -> ([start], [size], [unit position]): ranges, expanded once below
+        cover: dict[str, dict[int, tuple[list[int], list[int], list[int]]]] = {}
         for j, u in enumerate(self.units):
             sl = list(layout.slices(u))
             if kv == "group" and isinstance(u, Head):
                 sl += list(layout.slices(layout.kv_group_of(u)))
             for s in sl:
-                pos, who = cover.setdefault(s.param, {}).setdefault(s.dim, ([], []))
-                pos.append(torch.arange(s.start, s.stop))
-                who.append(torch.full((s.size,), j, dtype=torch.long))
+                starts, sizes, who = cover.setdefault(s.param, {}).setdefault(s.dim, ([], [], []))
+                starts.append(s.start)
+                sizes.append(s.size)
+                who.append(j)
         self.tensors: list[_Gated] = []
         for name, by_dim in cover.items():
             t = tgt.params[name]
@@ -127,10 +129,7 @@ class GatedTarget:
                 raise ScoringError(f"learned_mask: target tensor {name} is not contiguous")
             w_t = work(t.detach())
             w_s = work(s_t.detach().to(dtype=t.dtype).to(t.device))
-            dims = [
-                (d, torch.cat(p).to(self.device), torch.cat(w).to(self.device))
-                for d, (p, w) in sorted(by_dim.items())
-            ]
+            dims = [(d, *_expand(*ranges, self.device)) for d, ranges in sorted(by_dim.items())]
             self.tensors.append(_Gated(name, tuple(t.shape), t.dtype, w_t, w_s, dims))
         self.block_params = sum(layout.n_params(u) for u in layout.units("linear"))
         self._bind(tgt)
@@ -224,6 +223,18 @@ class GatedTarget:
         with torch.no_grad():
             keep = torch.log1p(-gates.to(device=self.device, dtype=self.dtype))
             return float(self.weights(keep)[1]) / max(1, self.block_params)
+
+
+def _expand(
+    starts: list[int], sizes: list[int], who: list[int], device: torch.device
+) -> tuple[Int[torch.Tensor, " k"], Int[torch.Tensor, " k"]]:
+    """Ranges ``[start, start + size)`` owned by unit ``who``: (every index, its unit)."""
+    st = torch.tensor(starts, dtype=torch.long)
+    sz = torch.tensor(sizes, dtype=torch.long)
+    first = torch.repeat_interleave(torch.cumsum(sz, 0) - sz, sz)  # offset of each range
+    pos = torch.repeat_interleave(st, sz) + torch.arange(int(sz.sum())) - first
+    unit = torch.repeat_interleave(torch.tensor(who, dtype=torch.long), sz)
+    return pos.to(device), unit.to(device)
 
 
 def _param_slots(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
