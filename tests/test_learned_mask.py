@@ -1,0 +1,193 @@
+"""learned_mask: exact at binary gates, finds planted units, deterministic, never edits weights."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tl_transplant import ModelPair, transplant
+from tl_transplant.edits import plan_transplant
+from tl_transplant.scoring import ScoringError, score
+from tl_transplant.scoring.learned_mask import GatedTarget
+from tl_transplant.tasks import Task
+from tl_transplant.testing import (
+    perturbed_copy,
+    same_state,
+    snapshot_side,
+    tiny_model,
+    word_tokenizer,
+)
+from tl_transplant.units import Linear, parse_unit
+
+#: Units whose target weights are damaged in the planted pair (a head and three neurons).
+PLANTED = ("L1.H2", "L0.N5", "L1.N17", "L1.N30")
+IDS = torch.tensor([[1, 5, 9, 14, 20, 7, 33, 41], [1, 8, 8, 3, 4, 5, 6, 7]])
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory: pytest.TempPathFactory):
+    return word_tokenizer(tmp_path_factory.mktemp("mask_tok"))
+
+
+@pytest.fixture(scope="module")
+def family_pairs(tok):
+    """Tiny (source, target) pairs: llama (GQA 4/2), gpt2 (Conv1D, fused c_attn) and gpt_neox
+    (fused interleaved query_key_value, of which the bridge holds q/k/v copies)."""
+    out = {}
+    for fam in ("llama", "gpt2", "gpt_neox"):
+        t = tiny_model(fam, seed=0)
+        out[fam] = ModelPair.load((perturbed_copy(t, scale=0.2, seed=1), tok), (t, tok))
+    return out
+
+
+@pytest.fixture(scope="module")
+def planted(tok) -> tuple[ModelPair, Task]:
+    """Llama pair: the target is the source with every unit tensor nudged (10% of its std)
+    and the PLANTED units' slices replaced by -3x the source's; the task's answers are the
+    source's argmax next words, so the target's gap sits mostly in the planted units."""
+    src = tiny_model("llama", seed=0)
+    with torch.no_grad():  # a peakier next-token distribution than the default init gives
+        src.model.norm.weight.mul_(20.0)
+    pair = ModelPair.load((src, tok), (copy.deepcopy(src), tok))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name in pair.layout.unit_tensors():
+            t = pair.target.params[name]
+            t.add_(0.1 * t.std() * torch.randn(t.shape, generator=gen))
+        for u in PLANTED:
+            for s in pair.layout.slices(parse_unit(u)):
+                src_vals = pair.source.params[s.param].narrow(s.dim, s.start, s.size)
+                pair.target.params[s.param].narrow(s.dim, s.start, s.size).copy_(-3 * src_vals)
+    pair.target.refresh_mirrors()
+    g2 = torch.Generator().manual_seed(2)
+    prompts = [
+        " ".join(f"w{int(x)}" for x in torch.randint(0, 90, (6,), generator=g2))
+        for _ in range(16)
+    ]
+    ids = torch.tensor([[1, *tok(p, add_special_tokens=False)["input_ids"]] for p in prompts])
+    with torch.no_grad():
+        best = pair.source.bridge(ids, return_type="logits")[:, -1, 4:].argmax(-1) + 4
+    answers = [tok.decode([int(a)]) for a in best]
+    return pair, Task("planted", prompts, answers, metric="answer_logprob")
+
+
+def small_task(n: int = 6) -> Task:
+    prompts = [" ".join(f"w{(7 * i + 3 * j) % 90}" for j in range(3 + i % 3)) for i in range(n)]
+    answers = [f"w{(5 * i + 1) % 90}" for i in range(n)]
+    return Task("small", prompts, answers, metric="answer_logprob")
+
+
+@pytest.mark.parametrize("fam", ["llama", "gpt2", "gpt_neox"])
+@pytest.mark.parametrize(
+    "kinds", [("head", "neuron"), ("head", "kv_head", "neuron"), ("head", "linear")]
+)
+def test_binary_gates_equal_transplant(family_pairs, fam, kinds):
+    pair = family_pairs[fam]
+    units = pair.units(kinds)
+    gated = GatedTarget(pair, units)
+    gen = torch.Generator().manual_seed(len(kinds))
+    on = torch.rand(len(units), generator=gen) < 0.4
+    chosen = [u for u, c in zip(units, on.tolist()) if c]
+    assert chosen
+    with torch.no_grad():
+        base = pair.target.bridge(IDS, return_type="logits")
+        got = gated.forward_gates(IDS, on.double())
+        closed = gated.forward_gates(IDS, torch.zeros(len(units)))
+        with transplant(pair, chosen, alpha=1.0):
+            want = pair.target.bridge(IDS, return_type="logits")
+    assert (want - base).abs().max() > 1e-2  # the transplant does change the logits
+    assert torch.equal(got, want)  # bit-exact, KV groups brought along included
+    assert torch.equal(closed, base)
+    frac = plan_transplant(pair, chosen).n_params / gated.block_params
+    assert gated.moved_fraction(on.double()) == pytest.approx(frac, rel=1e-6)
+
+
+def test_kv_none_and_fractional_gate(family_pairs):
+    pair = family_pairs["llama"]
+    heads = [parse_unit("L0.H1"), parse_unit("L1.H3")]
+    gated = GatedTarget(pair, heads, kv="none")
+    with torch.no_grad():
+        got = gated.forward_gates(IDS, torch.ones(2))
+        with transplant(pair, heads, kv="none"):
+            want = pair.target.bridge(IDS, return_type="logits")
+        lin = [Linear(1, "mlp.up_proj")]
+        half = GatedTarget(pair, lin).forward_gates(IDS, torch.tensor([0.3]))
+        with transplant(pair, lin, alpha=0.3):
+            want_half = pair.target.bridge(IDS, return_type="logits")
+    assert torch.equal(got, want)
+    assert torch.allclose(half, want_half, atol=1e-5, rtol=1e-5)
+
+
+def test_planted_units_on_top(planted):
+    pair, task = planted
+    s = score(pair, task, "learned_mask", progress=False, batch_size=16, steps=100, lr=0.3,
+              lam_ret=0.1)
+    top = {str(u) for u in s.top(len(PLANTED))}
+    assert top == set(PLANTED)
+    suggested = set(s.meta["suggested"])
+    assert "L1.H2" in suggested and suggested <= set(PLANTED)
+    assert s.meta["budget_rule"] == "score"
+    assert torch.equal(s.columns["gate"], s.values)
+    assert torch.allclose(torch.sigmoid(s.columns["theta"]), s.values)
+    assert set(s.meta["loss"]) == {"total", "task", "retention", "sparsity"}
+    assert len(s.meta["loss_history"]) == 100
+    frac = plan_transplant(pair, sorted(suggested)).n_params / s.meta["block_params"]
+    assert s.meta["suggested_frac_params"] == pytest.approx(frac, rel=1e-6)
+
+
+def test_deterministic_batch_size_free_and_weights_untouched(family_pairs):
+    pair = family_pairs["gpt_neox"]
+    task = small_task()
+    before_t, before_s = snapshot_side(pair.target), snapshot_side(pair.source)
+    kw = dict(progress=False, steps=6, lr=0.3)
+    a = score(pair, task, "learned_mask", batch_size=2, seed=4, **kw)
+    b = score(pair, task, "learned_mask", batch_size=2, seed=4, **kw)
+    c = score(pair, task, "learned_mask", batch_size=6, seed=4, **kw)
+    assert torch.equal(a.values, b.values)
+    assert a.meta["loss_history"] == b.meta["loss_history"]
+    assert torch.allclose(a.values, c.values, rtol=1e-4, atol=1e-6)  # a step is a full pass
+    assert a.meta["loss"]["total"] == pytest.approx(c.meta["loss"]["total"], rel=1e-5)
+    assert not torch.allclose(a.values, torch.full_like(a.values, a.values[0]))  # gates moved
+    assert a.meta["loss_history"][-1] < a.meta["loss_history"][0]
+    assert same_state(before_t, snapshot_side(pair.target))
+    assert same_state(before_s, snapshot_side(pair.source))
+
+
+def test_retention_prompts(family_pairs):
+    pair = family_pairs["llama"]
+    s = score(pair, small_task(), "learned_mask", ("kv_head", "linear"), progress=False,
+              steps=4, lr=0.5, retention_prompts=["w1 w2 w3", "w40 w41"])
+    assert s.meta["loss"]["retention"] > 0
+    assert {u.kind for u in s.units} == {"kv_head", "linear"}
+
+
+@pytest.mark.parametrize(
+    ("options", "needle"),
+    [
+        ({"steps": 0}, "steps"),
+        ({"lr": -1.0}, "lr"),
+        ({"lam_sparse": float("nan")}, "lam_sparse"),
+        ({"kv": "all"}, "kv"),
+        ({"sparsity": 1.0}, "does not take"),
+        ({"retention_prompts": []}, "retention_prompts"),
+    ],
+)
+def test_options_rejected(family_pairs, options, needle):
+    with pytest.raises(ScoringError, match=needle):
+        score(family_pairs["llama"], small_task(), "learned_mask", progress=False, **options)
+
+
+def test_needs_answers(family_pairs):
+    with pytest.raises(ScoringError, match="answers"):
+        score(family_pairs["llama"], ["w1 w2"], "learned_mask", progress=False)
+
+
+def test_contrast_subtracts_gates(family_pairs):
+    pair = family_pairs["llama"]
+    kw = dict(progress=False, steps=3, lr=0.5)
+    s = score(pair, small_task(), "learned_mask", ("head",), contrast=small_task(4), lam=0.5,
+              **kw)
+    assert torch.allclose(s.values, s.columns["score_task"] - 0.5 * s.columns["score_contrast"])
+    assert s.meta["suggested"] == [str(u) for u, v in zip(s.units, s.values.tolist()) if v > 0.5]
