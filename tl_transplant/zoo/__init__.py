@@ -15,7 +15,7 @@ checkpoint into a cache, on first use or with ``tl-transplant zoo build NAME``):
 ``smollm2_rtn4``: source SmolLM2-135M-Instruct, target the same with its block
 linears re-quantized to 4 bits (groups of 32); the target lost two-digit addition
 and kept most of its facts. ``smollm2_ft_tens``: source SmolLM2-135M-Instruct
-fine-tuned (block linears, 48 steps) on the tens digit of two-digit sums, target the
+fine-tuned (block linears, 32 steps) on the tens digit of two-digit sums, target the
 original: a dense fine-tuning delta whose skill may sit in few units.
 Their :func:`load_tasks` has the keys ``task``, ``retention`` (the first retention
 task) and ``retention_<task>`` for each further one.

@@ -282,13 +282,13 @@ REAL_PAIRS: dict[str, RealPairSpec] = {
     "smollm2_ft_tens": RealPairSpec(
         name="smollm2_ft_tens",
         model="smollm2-135m-instruct",
-        recipe=FineTune(steps=48, lr=1e-4, batch=4, n_train=480, seed=0),
+        recipe=FineTune(steps=32, lr=2e-5, batch=8, n_train=480, seed=0),
         capability="add_tens",
         retention=("capitals", "antonyms"),
         n_dev=40,
         n_test=40,
         seed=0,
-        description="SmolLM2-135M-Instruct fine-tuned (block linears, 48 steps) on the tens "
+        description="SmolLM2-135M-Instruct fine-tuned (block linears, 32 steps) on the tens "
         "digit of two-digit sums (source) vs the original (target): a dense fine-tuning "
         "delta, Localize-and-Stitch style",
     ),
