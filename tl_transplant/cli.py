@@ -154,7 +154,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     what = ("real pair, built once from a pinned checkpoint into the cache"
             if zoo.is_real(args.pair) else "embedded tiny pair")
     print(f"tl-transplant demo: {what} {args.pair!r} -> {out}")
-    res = run(demo_config(args.pair, export=not args.no_export), out, overwrite=True,
+    res = run(demo_config(args.pair, export=not args.no_export, full=args.full), out,
+              overwrite=True,
               progress=not args.quiet, log=(lambda *_: None) if args.quiet else print)
     (out / DEMO_MARKER).write_text("written by `tl-transplant demo`; the demo may replace "
                                    "this directory\n")
@@ -401,6 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default=None, help="output directory (default demo_out/PAIR; "
                    "the demo replaces its own previous output)")
     d.add_argument("--no-export", action="store_true", help="skip writing model/")
+    d.add_argument("--full", action="store_true", help="also activation_patch and the "
+                   "unit-count grid (K x 4 alphas): slower")
     d.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty --out that is not a previous demo output")
     d.add_argument("--quiet", action="store_true", help="no progress bars or step log")

@@ -254,13 +254,18 @@ def _write_report(pair: Any, res: Any, scores: dict[str, Any], dev: Task,
                  extra={"Run summary": format_table(results, res)})
 
 
-def demo_config(pair_name: str = "cross_generation", *, export: bool = True) -> dict[str, Any]:
+def demo_config(
+    pair_name: str = "cross_generation", *, export: bool = True, full: bool = False
+) -> dict[str, Any]:
     """The demo's config for a zoo pair (also a template for your own).
 
-    A real pair (``zoo.REAL_PAIR_NAMES``) is built first if needed, and gets a smaller
-    search sized for a 135M model on a few CPU cores: no activation patching or
-    attribution (15 s a prompt over linears on 2 loaded cores), whole
-    linears as units, a short K x alpha grid.
+    Default: every selection rule against ``random`` and ``weight_diff`` at the same
+    parameter budgets (fractions of the block weights), alpha chosen on dev, and the
+    method x budget comparison evaluated on test (``sweep.compare``). ``full`` adds
+    ``activation_patch`` and the older unit-count grid (K x four alphas), which is
+    slower. A real pair (``zoo.REAL_PAIR_NAMES``) is built first if needed and gets a
+    search sized for a 135M model on a few CPU cores: the cheap data-based rules plus
+    ``learned_mask``, alpha 1, budgets up to 5% of the block weights.
     """
     from tl_transplant import zoo
 
@@ -277,15 +282,24 @@ def demo_config(pair_name: str = "cross_generation", *, export: bool = True) -> 
                  "prepend_bos": bos, "name": f"{pair_name}:{kind}"}
                 for kind, sp in paths.items() if kind != "task"]
     if zoo.is_real(pair_name):
-        selection = {"methods": ["activation_diff", "weight_diff"],
-                     "units": ["linear"], "controls": ["random"]}
-        grid = {"k": [21, 84], "alpha": [1.0], "max_retention_drop": 0.05}
+        # learned_mask settings: a sparsity weight that gives a sparse set on SmolLM2's
+        # 46k neurons (the default 1.0 leaves nearly every gate drifting up), 40 Adam steps.
+        selection = {"methods": ["attribution", "learned_mask", "activation_diff",
+                                 "weight_diff", "random"],
+                     "units": ["head", "neuron"], "controls": ["random"],
+                     "options": {"learned_mask": {"steps": 40, "lr": 0.3, "lam_sparse": 10.0}}}
+        grid: dict[str, Any] = {"k": [], "budget": [0.005, 0.01, 0.02, 0.05], "alpha": [1.0],
+                                "max_retention_drop": 0.02, "compare": True}
     else:
-        selection = {"methods": ["attribution", "activation_patch", "activation_diff",
-                                 "weight_diff"],
-                     "units": ["head", "neuron"], "controls": ["random"]}
-        grid = {"k": [1, 2, 4, 8, 16, 24, 32, 39], "alpha": [0.25, 0.5, 0.75, 1.0],
-                "max_retention_drop": 0.05}
+        methods = ["attribution", "attribution_ig", "learned_mask", "iterative",
+                   "activation_diff", "weight_diff", "random"]
+        if full:
+            methods.insert(2, "activation_patch")
+        selection = {"methods": methods, "units": ["head", "neuron"], "controls": ["random"]}
+        grid = {"k": [1, 2, 4, 8, 16, 24, 32, 39] if full else [],
+                "budget": [0.005, 0.01, 0.02, 0.05, 0.1],
+                "alpha": [0.25, 0.5, 0.75, 1.0] if full else [0.5, 1.0],
+                "max_retention_drop": 0.05, "compare": True}
     return {
         "source": str(src),
         "target": str(tgt),
