@@ -55,7 +55,11 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
+
+# Measure this checkout's tl_transplant (children run this file; its folder is sys.path[0]).
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 SIZES = {
     "full": dict(
@@ -261,7 +265,7 @@ def child_reversible(a: dict[str, Any]) -> dict[str, Any]:
             row.update(
                 n_tensors=len(tr.plan.masks),
                 n_weights=tr.plan.n_params,
-                tensor_elems=sum(m.numel() for m in tr.plan.masks.values()),
+                tensor_elems=sum(math.prod(sh) for sh in tr.plan.shapes.values()),
             )
     for row in rows:
         row["diff_naive"] = abs(row["metric"] - row.pop("naive_metric"))
@@ -404,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         f"apply+revert best of {a['passes'] * a['reps']}; plan = transplant() constructor)"
     )
     print(
-        f"{'K':>4}{'alpha':>6}{'tensors':>8}{'moved':>8}{'scanned':>10}{'eval':>7}"
+        f"{'K':>4}{'alpha':>6}{'tensors':>8}{'moved':>8}{'in-tens.':>10}{'eval':>7}"
         f"{'plan':>6}{'apply':>7}{'revert':>7}{'a+r':>6}{'/eval':>7}{'rev':>7}{'naive':>7}"
         f"{'copy':>6}{'n/rev':>7}"
     )
@@ -420,8 +424,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['copy'] * 1e3:6.0f}{r['naive'] / r['rev']:7.2f}"
         )
     print(
-        "(moved = weights blended; scanned = elements of the touched tensors, all covered by "
-        "the boolean masks; rev = with transplant(...): eval; naive = deepcopy + edit + eval)"
+        "(moved = weights blended; in-tensors = elements of the tensors they live in (apply "
+        "and revert index the moved ones only); rev = with transplant(...): eval; "
+        "naive = deepcopy + edit + eval)"
     )
     print()
     ar_mean = sum(fracs) / len(fracs)
