@@ -84,6 +84,9 @@ REAL_SIZES = {
 }
 REAL_PAIR = "smollm2_rtn4"
 ALPHAS = [0.5, 1.0]
+#: Targets: apply+revert <= 0.1 x one eval (mean over configurations); sweep() <= 1.1 x its
+#: protocol's cost, (S + 5) evals + (S + 1) apply+reverts.
+AR_TARGET, SWEEP_TARGET = 0.1, 1.1
 
 
 # ---- child side -----------------------------------------------------------------------
@@ -453,6 +456,16 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{'peak RSS above floor (MB)':{w}}{above_r:11.0f}{above_n:9.0f}"
         f"{above_n / max(above_r, 1.0):11.2f}   one target copy = {nai['weight_mb']:.0f} MB"
+    )
+    parts = (S + 5 + (S + 1) * ar_mean) / S
+    worst = max(range(len(rows)), key=lambda i: fracs[i])
+    print(
+        f"targets: apply+revert / eval <= {AR_TARGET} (mean): "
+        f"{'ok' if ar_mean <= AR_TARGET else 'MISSED'} ({ar_mean:.3f}; worst K={rows[worst]['k']} "
+        f"alpha={rows[worst]['alpha']}: {fracs[worst]:.3f} "
+        f"{'ok' if fracs[worst] <= AR_TARGET else 'MISSED'}); sweep() <= {SWEEP_TARGET} x parts: "
+        f"{'ok' if rev['sweep_ratio'] <= SWEEP_TARGET * parts else 'MISSED'} "
+        f"({rev['sweep_ratio'] / parts:.2f} x)"
     )
     print()
     d_naive = max(r["diff_naive"] for r in rows)
