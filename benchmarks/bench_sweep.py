@@ -228,6 +228,7 @@ def child_reversible(a: dict[str, Any]) -> dict[str, Any]:
                 RankedUnits(ranking, method="random"),
                 ks=a["ks"],
                 alphas=ALPHAS,
+                control_tasks=(),  # the protocol timed here has no control task
                 progress=False,
                 report_each_method=False,
             )
