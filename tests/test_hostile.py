@@ -620,8 +620,22 @@ def big(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny(model, word_tokenizer(root / "tok"), root / "model")
 
 
+# The child's tensor writes wait 2 s first, so a signal sent once the temporary directory
+# exists always lands mid-write (a bare 130 MB write can finish before the signal does).
+_SLOW_WRITES = (
+    "import sys, time, safetensors.torch as st\n"
+    "save = st.save_file\n"
+    "def slow(*a, **k):\n"
+    "    time.sleep(2)\n"
+    "    return save(*a, **k)\n"
+    "st.save_file = slow\n"
+    "from tl_transplant.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
 def _start_export(big: Path, out: Path) -> subprocess.Popen[str]:
-    argv = [sys.executable, "-m", "tl_transplant.cli", "export", "--source", str(big),
+    argv = [sys.executable, "-c", _SLOW_WRITES, "export", "--source", str(big),
             "--target", str(big), "--units", "L0.H0", "--out", str(out)]
     return subprocess.Popen(argv, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
