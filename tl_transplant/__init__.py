@@ -6,6 +6,7 @@ Public API (the CLI and notebooks use exactly these)::
     from tl_transplant import run   # the whole pipeline from a config
 """
 
+from tl_transplant.budget import block_params, fill_budget
 from tl_transplant.config import ConfigError, load_config
 from tl_transplant.edits import (
     TransplantError,
@@ -31,6 +32,7 @@ from tl_transplant.pair import (
 from tl_transplant.patching import PatchError, patch_activations
 from tl_transplant.pipeline import RunResult, run
 from tl_transplant.report import write_report  # also registers SweepResult.save(report=True)
+from tl_transplant.retention import generic_retention
 from tl_transplant.scoring import Scores, available_methods, score
 from tl_transplant.sweeps import SweepResult, sweep
 from tl_transplant.tasks import Task, builtin_task
@@ -48,6 +50,9 @@ from tl_transplant.units import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "block_params",
+    "fill_budget",
+    "generic_retention",
     "PatchError",
     "patch_activations",
     "ConfigError",

@@ -14,6 +14,13 @@ Methods (one module each in this package, registered by name):
 * ``activation_patch``: the exact patching effect of each unit (signed); many units
   per forward (replicated batch), ``candidates=`` for a shortlist on large models
   (e.g. ``{"method": "attribution", "top": 200}``; the others get NaN);
+* ``attribution_ig``: integrated gradients of the metric along target -> source
+  activations of all scored units together (EAP-IG style; ``steps``, ``rule``);
+* ``learned_mask``: joint selection: a sigmoid gate per unit on ``W_t + m (W_s - W_t)``,
+  trained for task loss + KL to the unedited target + a parameter penalty; ranking by
+  gate, ``meta["suggested"]`` = gates > 0.5 (Localize-and-Stitch style);
+* ``iterative``: wraps any scorer (``inner=``): pick the top chunk, transplant it
+  reversibly, re-score the rest against the edited target, until ``k``/``budget``;
 * ``weight_diff``: ``||W_source - W_target||`` over the unit's slices (no data);
 * ``random``: seeded random control (no data; ``seed=``); see also :meth:`Scores.bottom`.
 
