@@ -43,6 +43,19 @@ def _load() -> str:
     return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def _tiny_dir() -> str:
+    """A random 4-layer llama with SmolLM2-135M's per-layer shape, saved to a temp dir."""
+    import tempfile
+
+    from tl_transplant.testing import save_tiny, tiny_model, word_tokenizer
+
+    root = tempfile.mkdtemp(prefix="bench_gen_tiny_")
+    model = tiny_model("llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=4,
+                       num_attention_heads=9, num_key_value_heads=3, head_dim=64)
+    return str(save_tiny(model, word_tokenizer(os.path.join(root, "tok")),
+                         os.path.join(root, "model")))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--new", default="32,128", help="comma-separated new-token counts")
@@ -50,7 +63,8 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=1, help="interleaved repetitions per size")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     p.add_argument("--model", default="smollm2-135m-instruct",
-                   help="fetch_real_model name, or a local HF directory")
+                   help="fetch_real_model name, a local HF directory, or 'tiny' (a random "
+                   "llama with SmolLM2's per-layer shape, 4 layers, word tokenizer)")
     args = p.parse_args()
     import torch
     from transformers import GenerationConfig
@@ -60,16 +74,24 @@ def main() -> None:
     from tl_transplant.real_models import fetch_real_model
 
     torch.set_num_threads(args.threads)
-    path = args.model if os.path.isdir(args.model) else fetch_real_model(args.model)
+    if args.model == "tiny":
+        path = _tiny_dir()
+    else:
+        path = args.model if os.path.isdir(args.model) else fetch_real_model(args.model)
     side = ModelSide.load(path)
     tok = side.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.n)]
-    rows = [
-        tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                tokenize=True, return_dict=True)["input_ids"]
-        for q in prompts
-    ]
+    if getattr(tok, "chat_template", None):
+        rows = [
+            tok.apply_chat_template([{"role": "user", "content": q}],
+                                    add_generation_prompt=True, tokenize=True,
+                                    return_dict=True)["input_ids"]
+            for q in prompts
+        ]
+    else:  # the tiny word tokenizer: prompts of w-words, lengths as the chat prompts'
+        rows = [[1] + [4 + (7 * i + j) % 90 for j in range(20 + 3 * i)]
+                for i in range(len(prompts))]
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
