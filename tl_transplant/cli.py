@@ -402,8 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default=None, help="output directory (default demo_out/PAIR; "
                    "the demo replaces its own previous output)")
     d.add_argument("--no-export", action="store_true", help="skip writing model/")
-    d.add_argument("--full", action="store_true", help="also activation_patch and the "
-                   "unit-count grid (K x 4 alphas): slower")
+    d.add_argument("--full", action="store_true", help="every scorer (also attribution_ig, "
+                   "activation_patch, iterative), a 0.5%% budget and the unit-count grid "
+                   "(K x 4 alphas): several minutes instead of one")
     d.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty --out that is not a previous demo output")
     d.add_argument("--quiet", action="store_true", help="no progress bars or step log")
