@@ -316,3 +316,16 @@ def test_run_without_controls_uses_generic_retention(workdir, tmp_path):
     assert ret["task"] == "generic_retention:test" and ret["before"] == 1.0
     assert ret["drop"] == pytest.approx(ret["before"] - ret["after"])
     assert f"retention control: {GENERIC_RETENTION_NOTE}" in res.table()
+
+
+@pytest.mark.parametrize("full", [False, True])
+@pytest.mark.parametrize("name", ["cross_generation", "base_instruct"])
+def test_demo_config_is_valid_and_compares_against_both_controls(name: str, full: bool) -> None:
+    """The demo compares every rule with random and weight_diff at the same budgets, on test."""
+    from tl_transplant.config import load_config
+    from tl_transplant.pipeline import demo_config
+
+    rc = load_config(demo_config(name, export=False, full=full))
+    assert {"random", "weight_diff", "learned_mask"} <= set(rc.selection.methods)
+    assert rc.sweep.budget and rc.sweep.compare and rc.export is False
+    assert bool(rc.sweep.k) is full and ("activation_patch" in rc.selection.methods) is full
