@@ -62,3 +62,17 @@ def test_fast_retrain_reproduces_the_gap(tmp_path):
     assert acc["gen1"]["add"] - acc["gen2"]["add"] >= 0.4, acc  # the target forgot it
     assert acc["gen2"]["copy"] >= 0.8 and acc["gen2"]["max"] >= 0.8, acc
     assert (tmp_path / "p" / "gen2" / "model.safetensors").exists()
+
+
+def test_finetune_pair_trains_on_rows_that_dev_and_test_never_see() -> None:
+    """smollm2_ft_tens fine-tunes on capability rows disjoint from its dev/test rows."""
+    from tl_transplant.zoo import real
+
+    s = real.spec("smollm2_ft_tens")
+    assert isinstance(s.recipe, real.FineTune)
+    rows = real.training_rows(s, s.recipe.n_train, s.seed + 1000)
+    dev, test = real.task_rows(s.capability, s.n_dev, s.n_test, s.seed)
+    held = {p for p, _ in (*dev, *test)}
+    assert len(rows) == s.recipe.n_train and len({p for p, _ in rows}) == len(rows)
+    assert not held & {p for p, _ in rows}
+    assert all(a.isdigit() and len(a) == 1 for _, a in rows)
