@@ -69,6 +69,7 @@ from tl_transplant.scoring.scores import Scores
 from tl_transplant.scoring.tensors import (
     loaded_param,
     out_weight,
+    rows_that_fit,
     take_positions,
     work,
 )
@@ -282,6 +283,7 @@ __all__ = [
     "loaded_param",
     "option_help",
     "out_weight",
+    "rows_that_fit",
     "register",
     "score",
     "take_positions",

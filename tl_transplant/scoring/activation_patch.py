@@ -57,6 +57,7 @@ from tl_transplant.scoring.registry import (
     register,
 )
 from tl_transplant.scoring.scores import Scores
+from tl_transplant.scoring.tensors import rows_that_fit
 from tl_transplant.tokens import Encoded
 from tl_transplant.units import Head, KVHead, Linear, Neuron, Unit, parse_unit
 
@@ -204,14 +205,9 @@ class ActivationPatch(Scorer):
         per = self.opts.units_per_pass
         if per != "auto":
             return min(int(per), max(1, n_units))
-        d = self.ctx.layout.dims
-        tgt = self.ctx.pair.target
-        vocab = int(getattr(getattr(tgt.bridge, "cfg", None), "d_vocab", 0) or len(tgt.tokenizer))
-        dtype = next(iter(tgt.params.values())).dtype
-        elem = max(4, torch.finfo(dtype).bits // 8) if dtype.is_floating_point else 4
         # live activations per token of one layer + logits and their log-softmax
-        per_token = elem * (2 * vocab + 6 * d.I + 12 * d.D + 2 * d.H * seq)
-        rows = int(self.opts.max_pass_mb) * 2**20 // max(1, per_token * seq)
+        rows = rows_that_fit(self.ctx.pair, self.ctx.layout, self.opts.max_pass_mb, seq,
+                             lambda d, vocab: 2 * vocab + 6 * d.I + 12 * d.D + 2 * d.H * seq)
         return max(1, min(n_units, rows // max(1, b)))
 
     # ---- run ----------------------------------------------------------------------------------

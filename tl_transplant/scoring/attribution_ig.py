@@ -61,7 +61,7 @@ from tl_transplant.scoring.registry import (
     ScoringError,
     register,
 )
-from tl_transplant.scoring.tensors import work
+from tl_transplant.scoring.tensors import rows_that_fit, work
 from tl_transplant.tokens import Encoded
 from tl_transplant.units import Unit
 
@@ -190,14 +190,11 @@ class AttributionIG(Scorer):
         per = self.opts.steps_per_pass
         if per != "auto":
             return min(int(per), steps)
-        d = self.ctx.layout.dims
-        tgt = self.ctx.pair.target
-        vocab = int(getattr(getattr(tgt.bridge, "cfg", None), "d_vocab", 0) or len(tgt.tokenizer))
-        dtype = next(iter(tgt.params.values())).dtype
-        elem = max(4, torch.finfo(dtype).bits // 8) if dtype.is_floating_point else 4
         b, seq = enc.input_ids.shape
-        per_token = elem * (3 * vocab + d.n_layers * (6 * d.I + 16 * d.D + 3 * d.H * seq))
-        rows = int(self.opts.max_pass_mb) * 2**20 // max(1, per_token * seq)
+        rows = rows_that_fit(
+            self.ctx.pair, self.ctx.layout, self.opts.max_pass_mb, seq,
+            lambda d, vocab: 3 * vocab + d.n_layers * (6 * d.I + 16 * d.D + 3 * d.H * seq),
+        )
         return max(1, min(steps, rows // max(1, b)))
 
     def _path(

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, cast
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from jaxtyping import Float, Int
@@ -13,7 +13,7 @@ from tl_transplant.units import Head, Neuron, UnitKind
 
 if TYPE_CHECKING:
     from tl_transplant.layouts import ModelLayout
-    from tl_transplant.pair import ModelSide
+    from tl_transplant.pair import ModelPair, ModelSide
 
 
 def work(t: torch.Tensor) -> torch.Tensor:
@@ -54,3 +54,21 @@ def out_weight(
 
 
 __all__ = ["loaded_param", "out_weight", "take_positions", "tensor_sum", "work"]
+
+
+def rows_that_fit(
+    pair: ModelPair, layout: ModelLayout, max_mb: int, seq: int,
+    per_token: Callable[[Any, int], int],
+) -> int:
+    """How many sequences of ``seq`` tokens fit in ``max_mb`` MiB of live activations.
+
+    ``per_token(dims, vocab)`` counts the values one token keeps alive (the caller's
+    estimate: forward only, or with the backward); each costs the target's element size
+    (at least 4 bytes, since scoring works in float32 or wider). Used to size replicated
+    batches (``activation_patch``'s units per pass, ``attribution_ig``'s steps per pass).
+    """
+    tgt = pair.target
+    vocab = int(getattr(getattr(tgt.bridge, "cfg", None), "d_vocab", 0) or len(tgt.tokenizer))
+    dtype = next(iter(tgt.params.values())).dtype
+    elem = max(4, torch.finfo(dtype).bits // 8) if dtype.is_floating_point else 4
+    return int(max_mb) * 2**20 // max(1, elem * per_token(layout.dims, vocab) * seq)
