@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Literal
@@ -28,6 +27,7 @@ from tl_transplant.manifest import MANIFEST_FORMAT as MANIFEST_FORMAT  # re-expo
 from tl_transplant.manifest import Manifest
 from tl_transplant.pair import ModelPair
 from tl_transplant.units import Head, KVHead, Unit, parse_units, unit_sort_key
+from tl_transplant.weights import Selection, WeightMask, WeightMaskError
 
 KVMode = Literal["group", "none"]
 
@@ -95,6 +95,8 @@ class Plan:
     slices: dict[Unit, tuple[TensorSlice, ...]]
     index: dict[str, Int[torch.Tensor, " n"]]
     shapes: dict[str, tuple[int, ...]]
+    #: The weight mask, for a weight-level transplant (``requested`` is then empty).
+    mask: WeightMask | None = None
 
     @property
     def units(self) -> tuple[Unit, ...]:
@@ -116,12 +118,43 @@ class Plan:
         return out
 
 
+def _mask_plan(pair: ModelPair, mask: WeightMask) -> Plan:
+    """A weight mask's plan: its flat indices are the plan's (``kv`` does not apply)."""
+    if not mask:
+        raise TransplantError(
+            "the weight mask selects no weight; a transplant moves at least one weight"
+        )
+    try:
+        mask.check({n: tuple(t.shape) for n, t in pair.target.params.items()},
+                   pair.layout.unit_tensors())
+    except WeightMaskError as e:
+        raise TransplantError(str(e)) from None
+    index = dict(mask.index)
+    _check_loaded(pair, index)
+    return Plan((), (), {}, index, dict(mask.shapes), mask)
+
+
+def _check_loaded(pair: ModelPair, index: dict[str, torch.Tensor]) -> None:
+    for side in (pair.target, pair.source):
+        off = [n for n in index if side.params[n].device.type == "meta"]
+        if off:
+            raise TransplantError(
+                f"{side.name!r} holds {off[0]} (and {len(off) - 1} more of the tensors to "
+                "transplant) offloaded by its device_map (cpu/disk offload), so it cannot be "
+                "edited in memory. Map those layers to accelerators (no 'cpu'/'disk' entries "
+                "next to GPUs), or apply the manifest with apply_manifest_out_of_core."
+            )
+
+
 def plan_transplant(
-    pair: ModelPair, units: Iterable[Unit | str] | str | Unit, kv: KVMode = "group"
+    pair: ModelPair, units: Selection | str | Unit, kv: KVMode = "group"
 ) -> Plan:
-    """Resolve units (adding KV groups of query heads when ``kv="group"``) to flat indices."""
+    """Resolve units (adding KV groups of query heads when ``kv="group"``) to flat indices;
+    a :class:`~tl_transplant.weights.WeightMask` gives its own indices."""
     if kv not in ("group", "none"):
         raise TransplantError(f"kv must be 'group' or 'none', got {kv!r}")
+    if isinstance(units, WeightMask):
+        return _mask_plan(pair, units)
     requested = tuple(dict.fromkeys(pair.validate(u) for u in parse_units(units)))
     if not requested:
         raise TransplantError(
@@ -145,15 +178,7 @@ def plan_transplant(
             shapes[s.param] = tuple(pair.target.params[s.param].shape)
             parts.setdefault(s.param, []).append(_flat_index(shapes[s.param], s))
     index = {n: (p[0] if len(p) == 1 else torch.unique(torch.cat(p))) for n, p in parts.items()}
-    for side in (pair.target, pair.source):
-        off = [n for n in index if side.params[n].device.type == "meta"]
-        if off:
-            raise TransplantError(
-                f"{side.name!r} holds {off[0]} (and {len(off) - 1} more of the tensors to "
-                "transplant) offloaded by its device_map (cpu/disk offload), so it cannot be "
-                "edited in memory. Map those layers to accelerators (no 'cpu'/'disk' entries "
-                "next to GPUs), or apply the manifest with apply_manifest_out_of_core."
-            )
+    _check_loaded(pair, index)
     return Plan(requested, tuple(kv_added), slices, index, shapes)
 
 
@@ -181,7 +206,7 @@ class transplant:  # noqa: N801 - used as a context manager, reads like a functi
     def __init__(
         self,
         pair: ModelPair,
-        units: Iterable[Unit | str] | str | Unit,
+        units: Selection | str | Unit,
         alpha: float = 1.0,
         *,
         kv: KVMode = "group",
@@ -297,7 +322,7 @@ class transplant:  # noqa: N801 - used as a context manager, reads like a functi
 
 def apply_transplant(
     pair: ModelPair,
-    units: Iterable[Unit | str] | str | Unit,
+    units: Selection | str | Unit,
     alpha: float = 1.0,
     *,
     kv: KVMode = "group",

@@ -46,7 +46,7 @@ import importlib
 import math
 import pkgutil
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 from tl_transplant.hooks import Handler, HookRunner, capturer
 from tl_transplant.scoring.accumulate import Accumulator, UnitTable, unit_index
@@ -59,6 +59,7 @@ from tl_transplant.scoring.registry import (
     Scorer,
     ScorerOptions,
     ScoringError,
+    WeightRawScores,
     available_methods,
     check_options,
     get_scorer,
@@ -85,6 +86,7 @@ from tl_transplant.units import (
     normalize_kinds,
     parse_unit,
 )
+from tl_transplant.weights import WEIGHT, WeightScores
 
 #: Modules of this package that are the scorer kit, not scorers.
 _KIT = frozenset({"accumulate", "data", "effects", "registry", "scores", "tensors"})
@@ -179,6 +181,39 @@ def _as_data(pair: Any, task_or_prompts: Any, prepend_bos: Any, scorer: type[Sco
     return ScoringData(name, prompts, answers, bos)
 
 
+def _is_weight_grain(units: Any) -> bool:
+    """``units="weight"`` (or ``["weight"]``): score individual weights; mixing is refused."""
+    if units is None or isinstance(units, (Head, KVHead, Neuron, Linear)):
+        return False
+    items = _unit_items(units)
+    has = [str(x).strip().lower() in (WEIGHT, "weights") for x in items]
+    if any(has) and not all(has):
+        raise ScoringError(
+            "units mixes 'weight' with unit kinds or units; score weights in a call of their "
+            "own (units='weight') and units in another"
+        )
+    return bool(items) and all(has)
+
+
+@overload
+def score(
+    pair: Any,
+    task_or_prompts: Any,
+    method: str,
+    units: Literal["weight"],
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+    contrast: Any = None,
+    lam: float = 1.0,
+    metric: MetricFn | None = None,
+    prepend_bos: bool | str = "auto",
+    seed: int = 0,
+    **options: Any,
+) -> WeightScores: ...
+
+
+@overload
 def score(
     pair: Any,
     task_or_prompts: Any,
@@ -193,7 +228,24 @@ def score(
     prepend_bos: bool | str = "auto",
     seed: int = 0,
     **options: Any,
-) -> Scores:
+) -> Scores: ...
+
+
+def score(
+    pair: Any,
+    task_or_prompts: Any,
+    method: str,
+    units: str | Iterable[str | Unit] | Unit | None = None,
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+    contrast: Any = None,
+    lam: float = 1.0,
+    metric: MetricFn | None = None,
+    prepend_bos: bool | str = "auto",
+    seed: int = 0,
+    **options: Any,
+) -> Scores | WeightScores:
     """Score units of ``pair`` on a task (or plain prompts) with one method.
 
     ``units``: unit kind(s) (``"head"``, ``"kv_head"``, ``"neuron"``, ``"linear"``
@@ -206,8 +258,20 @@ def score(
     ``**options``, validated against the method's ``Options`` before any model
     runs (e.g. ``positions="answer"``, ``decode_steps=8``, ``alpha=0.5``).
     Scores do not depend on ``batch_size`` (up to float rounding).
+
+    ``units="weight"`` scores every individual weight of the block linears with a
+    weight-level method (``weight_level``; see :mod:`tl_transplant.weights`) and returns
+    :class:`~tl_transplant.weights.WeightScores` instead of :class:`Scores`.
     """
     cls = get_scorer(method)
+    if _is_weight_grain(units):
+        return _score_weights(pair, task_or_prompts, cls, batch_size=batch_size,
+                              progress=progress, contrast=contrast, lam=lam, metric=metric,
+                              prepend_bos=prepend_bos, seed=seed, options=options)
+    if not cls.unit_level:
+        raise ScoringError(
+            f"{method} scores individual weights only; call it with units='weight'"
+        )
     opts = check_options(cls, options)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ScoringError(f"batch_size must be an int >= 1, got {batch_size!r}")
@@ -259,6 +323,81 @@ def score(
                   columns=raw.columns, meta=meta)
 
 
+def _check_common(batch_size: Any, seed: Any, metric: Any) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ScoringError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ScoringError(f"seed must be an int, got {seed!r}")
+    if metric is not None and not callable(metric):
+        raise ScoringError("metric must be a callable f(logits, encoded) -> per-example tensor")
+
+
+def _score_weights(
+    pair: Any, task_or_prompts: Any, cls: type[Scorer], *, batch_size: int, progress: bool,
+    contrast: Any, lam: float, metric: MetricFn | None, prepend_bos: bool | str, seed: int,
+    options: dict[str, Any],
+) -> WeightScores:
+    """:func:`score` at the weight grain: one score per weight of every block linear."""
+    if not cls.weight_level:
+        ok = ", ".join(m for m in available_methods() if m in SCORERS and SCORERS[m].weight_level)
+        raise ScoringError(
+            f"{cls.name} cannot score individual weights; weight-level methods: {ok}"
+        )
+    opts = check_options(cls, options)
+    _check_common(batch_size, seed, metric)
+    data = _as_data(pair, task_or_prompts, prepend_bos, cls)
+    cdata = None
+    if contrast is not None:
+        if not cls.needs_data:
+            raise ScoringError(
+                f"contrast= needs a data-based method; {cls.name} does not look at data"
+            )
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam):
+            raise ScoringError(f"lam must be a finite number, got {lam!r}")
+        cdata = _as_data(pair, contrast, prepend_bos, cls, role="contrast")
+    ctx = Context(pair=pair, batch_size=batch_size, progress=progress, metric=metric, seed=seed)
+    scorer = cls(ctx, opts)
+    scorer.check()
+    raw: WeightRawScores = scorer.run_weights(data)
+    if cdata is not None:
+        raw = scorer.combine_weights(raw, scorer.run_weights(cdata), float(lam))
+    want = pair.layout.unit_tensors()
+    missing = [n for n in want if n not in raw.values]
+    if missing or set(raw.values) - set(want):
+        raise ScoringError(
+            f"{cls.name}.run_weights must score exactly the block linears' tensors "
+            f"(layout.unit_tensors()); missing {missing[:2]}"
+        )
+    for n, v in raw.values.items():
+        if tuple(v.shape) != tuple(pair.layout.shapes[n]):
+            raise ScoringError(f"{cls.name}: scores of {n} have shape {tuple(v.shape)}, "
+                               f"the tensor's is {tuple(pair.layout.shapes[n])}")
+    d = pair.layout.dims
+    meta: dict[str, Any] = {
+        "method": cls.name,
+        "grain": WEIGHT,
+        "signed": cls.signed,
+        "options": opts.model_dump(),
+        "units": WEIGHT,
+        "task": None if data is None else data.name,
+        "n_prompts": None if data is None else len(data),
+        "prepend_bos": None if data is None else data.prepend_bos,
+        "batch_size": batch_size,
+        "seed": seed,
+        "metric": None if not cls.needs_answers else getattr(metric, "__name__", "answer_logprob"),
+        "contrast": None if cdata is None else cdata.name,
+        "lam": None if cdata is None else float(lam),
+        "source": pair.source.name,
+        "target": pair.target.name,
+        "family": pair.layout.family.family,
+        "dims": {"n_layers": d.n_layers, "H": d.H, "KV": d.KV, "dh": d.dh, "D": d.D, "I": d.I},
+        "linear_names": pair.layout.linear_names(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
+        **raw.meta,
+    }
+    return WeightScores(raw.values, method=cls.name, meta=meta)
+
+
 __all__ = [
     "ENTRY_POINT_GROUP",
     "SCORERS",
@@ -276,6 +415,8 @@ __all__ = [
     "ScoringData",
     "ScoringError",
     "UnitTable",
+    "WeightRawScores",
+    "WeightScores",
     "available_methods",
     "capturer",
     "check_options",

@@ -12,9 +12,20 @@ of the answer tokens (:func:`tl_transplant.tokens.answer_logprobs`); pass
 ``metric=`` to :func:`tl_transplant.scoring.score` for another one. Cost per
 batch: one forward on the source (no gradients), one forward and one backward
 (to activations only, never to weights) on the target.
+
+At the weight grain (``units="weight"``, :meth:`Attribution.run_weights`) the score
+of weight ``w`` is its first-order gain ``dM/dw * (w_s - w_t)`` (mean over prompts;
+``-dL/dw * delta`` for a loss ``L = -M``): the predicted change of the metric from
+moving that one weight to the source's value. One forward and one backward of the
+target per batch, with gradients to the block weights (through
+:class:`~tl_transplant.scoring.functional.FunctionalTarget`, so no parameter is
+written and fused-tensor copies pass their gradients back); no source forward.
+Memory: the block weights' gradients and their running sum, in float32.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,8 +33,18 @@ from tl_transplant.hooks import Handler, capturer
 from tl_transplant.scoring.accumulate import Accumulator, UnitTable
 from tl_transplant.scoring.data import ScoringData
 from tl_transplant.scoring.effects import Effects
-from tl_transplant.scoring.registry import RawScores, Scorer, ScoringError, register
+from tl_transplant.scoring.functional import FunctionalTarget
+from tl_transplant.scoring.registry import (
+    RawScores,
+    Scorer,
+    ScoringError,
+    WeightRawScores,
+    register,
+)
 from tl_transplant.units import Unit
+
+if TYPE_CHECKING:
+    from tl_transplant.pair import ModelPair
 
 
 @register
@@ -34,6 +55,34 @@ class Attribution(Scorer):
     default_kinds = ("head", "neuron")
     needs_answers = True
     signed = True
+    weight_level = True
+
+    def run_weights(self, data: ScoringData | None) -> WeightRawScores:
+        """First-order gain of each block weight: mean ``dM/dw * (w_s - w_t)``."""
+        assert data is not None
+        pair = self.ctx.pair
+        names = pair.layout.unit_tensors()
+        fn = FunctionalTarget(pair, names)
+        tgt = pair.target.params
+        grads = {n: torch.zeros(tgt[n].shape, dtype=torch.float32) for n in names}
+        metric_fn = self.ctx.metric_fn()
+        for enc, _ in self.ctx.batches(data, answers=True, desc="attribution (weights)"):
+            leaves = {n: tgt[n].detach().requires_grad_(True) for n in names}
+            with torch.enable_grad():
+                logits = fn.forward(enc.input_ids, leaves)
+                total = metric_fn(logits, enc.to(logits.device)).sum()
+                if not total.requires_grad:
+                    raise ScoringError("attribution: the metric does not depend on the weights")
+                g = torch.autograd.grad(total, [leaves[n] for n in names], allow_unused=True)
+            for n, gi in zip(names, g):
+                if gi is not None:
+                    grads[n] += gi.detach().to(device="cpu", dtype=torch.float32)
+            del logits, total, g, leaves
+        n_prompts = max(1, len(data))
+        values = {}
+        for n in names:
+            values[n] = grads.pop(n).div_(n_prompts).mul_(weight_delta(pair, n))
+        return WeightRawScores(values, {"score": "first-order gain dM/dw * (w_s - w_t)"})
 
     def run(self, units: list[Unit], data: ScoringData | None) -> RawScores:
         assert data is not None
@@ -91,3 +140,12 @@ def _both(grab: Handler, value: Handler | None) -> Handler:
         return r
 
     return h
+
+
+def weight_delta(pair: ModelPair, name: str) -> torch.Tensor:
+    """``w_s - w_t`` of one HF tensor in float32 on the CPU, the source cast to the target's
+    dtype first (as a transplant copies it)."""
+    tgt = pair.target.params[name].detach()
+    src = pair.source.params[name].detach()
+    s = src.to(dtype=tgt.dtype).to(device="cpu", dtype=torch.float32)
+    return s - tgt.to(device="cpu", dtype=torch.float32)  # never in place: s may be src itself

@@ -46,7 +46,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +55,7 @@ from pydantic import Field
 from tqdm.auto import tqdm
 
 from tl_transplant.scoring.data import ScoringData
+from tl_transplant.scoring.functional import FunctionalTarget
 from tl_transplant.scoring.registry import (
     RawScores,
     Scorer,
@@ -132,31 +133,7 @@ class GatedTarget:
             dims = [(d, *_expand(*ranges, self.device)) for d, ranges in sorted(by_dim.items())]
             self.tensors.append(_Gated(name, tuple(t.shape), t.dtype, w_t, w_s, dims))
         self.block_params = sum(layout.n_params(u) for u in layout.units("linear"))
-        self._bind(tgt)
-
-    def _bind(self, side: Any) -> None:
-        """Which bridge parameters are (views of, or copies derived from) the gated tensors."""
-        by_name = {g.name: g for g in self.tensors}
-        storage: dict[tuple[str, int], str] = {}
-        for g in self.tensors:
-            p = side.params[g.name]
-            storage[(str(p.device), p.untyped_storage().data_ptr())] = g.name
-        mirrors = {id(m): parts for m, parts in side.mirrors}
-        self.views: list[tuple[str, str, tuple[int, ...], tuple[int, ...], int]] = []
-        self.copies: list[tuple[str, list[Any]]] = []
-        for bname, p in _param_slots(side.bridge):
-            parts = mirrors.get(id(p))
-            if parts is not None:
-                if parts[0].param in by_name:
-                    self.copies.append((bname, parts))
-                continue
-            base = storage.get((str(p.device), p.untyped_storage().data_ptr()))
-            if base is None:
-                continue
-            off = p.storage_offset() - side.params[base].storage_offset()
-            self.views.append((bname, base, tuple(p.shape), tuple(p.stride()), off))
-        if not self.views and not self.copies and self.tensors:
-            raise ScoringError("learned_mask: no bridge parameter uses the gated tensors")
+        self.fn = FunctionalTarget(pair, [g.name for g in self.tensors])
 
     @property
     def dtype(self) -> torch.dtype:
@@ -185,30 +162,13 @@ class GatedTarget:
 
     def bridge_params(self, relaxed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The bridge's parameter names -> relaxed tensors (views and copies re-derived)."""
-        out: dict[str, torch.Tensor] = {}
-        for bname, base, size, stride, off in self.views:
-            w = relaxed[base]
-            if size == tuple(w.shape) and stride == tuple(w.stride()) and off == 0:
-                out[bname] = w
-            else:
-                out[bname] = w.as_strided(size, stride, w.storage_offset() + off)
-        for bname, parts in self.copies:
-            out[bname] = torch.cat(
-                [relaxed[p.param].narrow(p.dim, p.start, p.size) for p in parts], dim=parts[0].dim
-            )
-        return out
+        return self.fn.bridge_params(relaxed)
 
     def logits(
         self, ids: Int[torch.Tensor, "batch seq"], params: dict[str, torch.Tensor]
     ) -> Float[torch.Tensor, "batch seq vocab"]:
         """A forward of the target's bridge with ``params`` (from :meth:`bridge_params`)."""
-        bridge = self.pair.target.bridge
-        out = torch.func.functional_call(
-            bridge, params, (ids.to(self.device),), {"return_type": "logits"},
-            tie_weights=False, strict=False,
-        )
-        assert isinstance(out, torch.Tensor)
-        return out
+        return self.fn.logits(ids, params)
 
     def forward_gates(
         self, ids: Int[torch.Tensor, "batch seq"], gates: Float[torch.Tensor, " n"]
@@ -235,20 +195,6 @@ def _expand(
     pos = torch.repeat_interleave(st, sz) + torch.arange(int(sz.sum())) - first
     unit = torch.repeat_interleave(torch.tensor(who, dtype=torch.long), sz)
     return pos.to(device), unit.to(device)
-
-
-def _param_slots(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """One name per (module, attribute) slot holding a parameter.
-
-    The bridge reaches the same module by several paths; swapping one slot twice
-    (under two names) would make ``functional_call`` restore the wrong tensor.
-    """
-    out = []
-    for mname, mod in module.named_modules():
-        for pname, p in mod._parameters.items():
-            if p is not None:
-                out.append((f"{mname}.{pname}" if mname else pname, p))
-    return out
 
 
 def _kl_positions(enc: Encoded, context_only: bool) -> torch.Tensor:

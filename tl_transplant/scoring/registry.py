@@ -56,8 +56,17 @@ class RawScores:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class WeightRawScores:
+    """What a weight-level scorer returns: one score tensor per HF tensor (its shape)."""
+
+    values: dict[str, torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
 class Scorer:
-    """Base class. Subclasses set the class attributes and implement :meth:`run`.
+    """Base class. Subclasses set the class attributes and implement :meth:`run`
+    (and :meth:`run_weights` when ``weight_level``).
 
     ``self.ctx`` is the run's :class:`~tl_transplant.scoring.data.Context` (pair,
     batching, hooks, metric, ``seed``); ``self.opts`` the validated ``Options``.
@@ -71,6 +80,11 @@ class Scorer:
     needs_answers: ClassVar[bool] = False
     #: Signed scores (positive = the transplant should help) vs magnitudes.
     signed: ClassVar[bool] = False
+    #: Whether the scorer also scores individual weights (``units="weight"``,
+    #: :meth:`run_weights`); see :mod:`tl_transplant.weights`.
+    weight_level: ClassVar[bool] = False
+    #: Whether it scores units at all (False for weight-only scorers such as ``magnitude``).
+    unit_level: ClassVar[bool] = True
     #: The scorer's keyword options (a :class:`ScorerOptions` subclass); none by default.
     Options: ClassVar[type[BaseModel]] = ScorerOptions
     #: Option name -> default, filled in by :func:`register` (read-only introspection).
@@ -85,6 +99,17 @@ class Scorer:
 
     def run(self, units: list[Unit], data: ScoringData | None) -> RawScores:
         raise NotImplementedError
+
+    def run_weights(self, data: ScoringData | None) -> WeightRawScores:
+        """Score every weight of the block linears (``layout.unit_tensors()``)."""
+        raise NotImplementedError
+
+    def combine_weights(
+        self, task: WeightRawScores, contrast: WeightRawScores, lam: float
+    ) -> WeightRawScores:
+        """Retention-aware weight scores: ``task - lam * contrast``, tensor by tensor."""
+        vals = {n: v - lam * contrast.values[n] for n, v in task.values.items()}
+        return WeightRawScores(vals, dict(task.meta))
 
     def combine(self, task: RawScores, contrast: RawScores, lam: float) -> RawScores:
         """Retention-aware score: ``task - lam * contrast`` (consistency from the task)."""
@@ -247,6 +272,7 @@ __all__ = [
     "Scorer",
     "ScorerOptions",
     "ScoringError",
+    "WeightRawScores",
     "available_methods",
     "check_options",
     "describe_option",

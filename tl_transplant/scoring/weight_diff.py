@@ -4,6 +4,11 @@ The Frobenius norm over all of a unit's slices (weights and biases, exactly the
 slices a transplant of that unit would copy), computed in float64, so units
 whose weights are identical score exactly 0. ``relative=True`` divides by the
 target's norm over the same slices. Needs no data: a data-free control.
+
+At the weight grain (``units="weight"``) a weight scores ``|w_s - w_t|`` (``relative``:
+divided by ``|w_t|``), the source cast to the target's dtype first, as a transplant
+copies it: the top-|delta| rule (Localize-and-Stitch's dataless mask, TIES's trim),
+also registered on its own as ``magnitude``.
 """
 
 from __future__ import annotations
@@ -15,12 +20,19 @@ from jaxtyping import Float
 
 from tl_transplant.scoring.accumulate import UnitTable
 from tl_transplant.scoring.data import ScoringData
-from tl_transplant.scoring.registry import RawScores, Scorer, ScorerOptions, register
+from tl_transplant.scoring.registry import (
+    RawScores,
+    Scorer,
+    ScorerOptions,
+    WeightRawScores,
+    register,
+)
 from tl_transplant.scoring.tensors import loaded_param
 from tl_transplant.units import Head, KVHead, Linear, Neuron, Unit
 
 if TYPE_CHECKING:
     from tl_transplant.layouts import ModelLayout
+    from tl_transplant.pair import ModelPair
 
 _CLS: dict[str, type[Head] | type[KVHead] | type[Neuron]] = {
     "head": Head, "kv_head": KVHead, "neuron": Neuron
@@ -63,10 +75,16 @@ class WeightDiff(Scorer):
     name = "weight_diff"
     default_kinds = ("head", "neuron")
     needs_data = False
+    weight_level = True
 
     class Options(ScorerOptions):
         #: Divide by the target's norm over the same slices.
         relative: bool = False
+
+    def run_weights(self, data: ScoringData | None) -> WeightRawScores:
+        """``|w_s - w_t|`` per weight (``relative``: over ``|w_t|``)."""
+        return WeightRawScores(abs_delta(self.ctx.pair, relative=self.opts.relative),
+                               {"score": "|w_s - w_t|"})
 
     def run(self, units: list[Unit], data: ScoringData | None) -> RawScores:
         pair, layout = self.ctx.pair, self.ctx.layout
@@ -115,3 +133,33 @@ class WeightDiff(Scorer):
         if self.opts.relative:
             values = values / target_norm.clamp_min(torch.finfo(torch.float64).tiny)
         return RawScores(values, None, {"target_norm": target_norm})
+
+
+def abs_delta(pair: ModelPair, *, relative: bool = False) -> dict[str, torch.Tensor]:
+    """``|w_s - w_t|`` of every block tensor (float32, CPU); ``relative``: over ``|w_t|``."""
+    from tl_transplant.scoring.attribution import weight_delta
+
+    layout = pair.layout
+    out = {}
+    for n in layout.unit_tensors():
+        d = weight_delta(pair, n).abs_()
+        if relative:
+            t = pair.target.params[n].detach().to(device="cpu", dtype=torch.float32).abs()
+            d = d.div_(t.clamp_min(torch.finfo(torch.float32).tiny))
+        out[n] = d
+    return out
+
+
+@register
+class Magnitude(Scorer):
+    """Top-|delta| weights: ``|w_s - w_t|`` per weight (Localize-and-Stitch's dataless rule)."""
+
+    name = "magnitude"
+    kinds = ()
+    default_kinds = ()
+    needs_data = False
+    weight_level = True
+    unit_level = False
+
+    def run_weights(self, data: ScoringData | None) -> WeightRawScores:
+        return WeightRawScores(abs_delta(self.ctx.pair), {"score": "|w_s - w_t|"})
