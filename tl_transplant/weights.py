@@ -375,12 +375,18 @@ class WeightScores:
         *,
         method: str,
         meta: Mapping[str, Any] | None = None,
+        suggested: WeightMask | None = None,
     ) -> None:
         self.values = {n: v.detach().to(device="cpu", dtype=torch.float32)
                        for n, v in sorted(values.items())}
         self.method = method
         self.meta: dict[str, Any] = dict(meta or {})
         self.meta.setdefault("grain", WEIGHT)
+        #: The scorer's own suggested weight set (e.g. a learned mask's gates > 0.5), if any;
+        #: ``meta["suggested"]`` then holds its summary.
+        self.suggested = suggested
+        if suggested is not None:
+            self.meta["suggested"] = suggested.summary()
 
     def __repr__(self) -> str:
         return (f"WeightScores(method={self.method!r}, n={self.n_weights}, "

@@ -86,7 +86,7 @@ from tl_transplant.units import (
     normalize_kinds,
     parse_unit,
 )
-from tl_transplant.weights import WEIGHT, WeightScores
+from tl_transplant.weights import WEIGHT, WeightMask, WeightScores
 
 #: Modules of this package that are the scorer kit, not scorers.
 _KIT = frozenset({"accumulate", "data", "effects", "registry", "scores", "tensors"})
@@ -395,7 +395,10 @@ def _score_weights(
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
         **raw.meta,
     }
-    return WeightScores(raw.values, method=cls.name, meta=meta)
+    suggested = meta.pop("suggested", None)
+    if suggested is not None and not isinstance(suggested, WeightMask):
+        raise ScoringError(f"{cls.name}: a weight-level suggested set must be a WeightMask")
+    return WeightScores(raw.values, method=cls.name, meta=meta, suggested=suggested)
 
 
 __all__ = [

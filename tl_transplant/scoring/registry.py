@@ -58,7 +58,11 @@ class RawScores:
 
 @dataclass
 class WeightRawScores:
-    """What a weight-level scorer returns: one score tensor per HF tensor (its shape)."""
+    """What a weight-level scorer returns: one score tensor per HF tensor (its shape).
+
+    ``meta["suggested"]`` may hold a :class:`~tl_transplant.weights.WeightMask`: the
+    scorer's own suggested set (``WeightScores.suggested``).
+    """
 
     values: dict[str, torch.Tensor]
     meta: dict[str, Any] = field(default_factory=dict)
