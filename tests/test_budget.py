@@ -10,14 +10,17 @@ import torch
 from tl_transplant.budget import (
     ParamCounter,
     block_params,
+    budget_cap,
     check_fraction,
     count_params,
     fill_budget,
+    selection_size,
 )
 from tl_transplant.edits import plan_transplant
 from tl_transplant.scoring.scores import Scores
 from tl_transplant.sweeps import RankedUnits
 from tl_transplant.units import Head, KVHead, Neuron
+from tl_transplant.weights import WeightMask, WeightMaskError, WeightScores, unit_mask
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +152,30 @@ def test_fill_matches_the_plain_rule_on_mixed_kinds(pair):
         got = fill_budget(order, lay, f, rule="score", kv=kv)
         assert got.units == _reference_fill(order, lay, int(f * total), kv), (trial, f, kv)
         assert got.n_params == count_params(lay, got.units, kv) <= f * total
+
+
+def test_weight_masks_count_their_weights(pair):
+    """A mask costs its weights, on the same denominator and cap as units."""
+    lay = pair.layout
+    total = block_params(lay)
+    units = ["L0.H1", "L1.N3"]
+    mask = unit_mask(lay, units)  # the weights those units (and L0.H1's KV group) cover
+    assert count_params(lay, mask) == mask.n_params == count_params(lay, units)
+    assert plan_transplant(pair, mask).n_params == mask.n_params
+    assert selection_size(lay, mask) == (mask.n_params, mask.n_params / total)
+    assert selection_size(lay, units, kv="none") == (
+        lay.n_params(Head(0, 1)) + lay.n_params(Neuron(1, 3)),
+        (lay.n_params(Head(0, 1)) + lay.n_params(Neuron(1, 3))) / total,
+    )
+    g = torch.Generator().manual_seed(2)
+    ws = WeightScores({n: torch.rand(lay.shapes[n], generator=g) + 0.1
+                       for n in lay.unit_tensors()}, method="t")
+    for f in (0.001, 0.01, 0.3, 1.0):
+        cap = budget_cap(lay, f)
+        assert cap == fill_budget(pair.units("neuron"), lay, f, rule="score").budget_params
+        assert ws.budget_mask(f, lay).n_params == cap  # every score > 0: the cap is filled
+    foreign = WeightMask({"model.embed_tokens.weight": [0]},
+                         {"model.embed_tokens.weight": pair.target.params[
+                             "model.embed_tokens.weight"].shape})
+    with pytest.raises(WeightMaskError, match="not a block linear"):
+        count_params(lay, foreign)

@@ -28,6 +28,11 @@ Conventions (shared by every scorer and the sweep):
   A unit is added when its *marginal* cost (weights not already covered) fits in
   what is left, so a budget is never exceeded. The number of weights picked never
   decreases as the budget grows (tested), although the unit sets need not be nested.
+
+* **Weight-level selections** (:class:`~tl_transplant.weights.WeightMask`) cost their
+  number of weights; :func:`count_params` and :func:`selection_size` take either kind,
+  and :func:`budget_cap` is the number of weights a fraction allows (the same floor
+  for units and weights), so a unit row and a weight row can be matched in weights.
 """
 
 from __future__ import annotations
@@ -38,9 +43,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, TypeAlias
 
 from tl_transplant.units import Head, Unit, parse_unit, parse_units
+from tl_transplant.weights import WeightMask
 
 if TYPE_CHECKING:
     from tl_transplant.layouts import ModelLayout
+    from tl_transplant.weights import Selection
 
 BudgetRule: TypeAlias = Literal["per_param", "score"]
 #: The fill rules a scorer may name in ``meta["budget_rule"]``.
@@ -144,12 +151,39 @@ class ParamCounter:
         return gain
 
 
-def count_params(layout: ModelLayout, units: Iterable[Unit | str], kv: str = "group") -> int:
-    """Distinct weights a unit set covers (equals ``plan_transplant(...).n_params``)."""
+def budget_cap(layout: ModelLayout, fraction: float) -> int:
+    """The most weights ``fraction`` of the block parameters allows (floored)."""
+    return int(math.floor(check_fraction(fraction) * block_params(layout) + 1e-9))
+
+
+def count_params(
+    layout: ModelLayout, units: Selection | Iterable[Unit | str], kv: str = "group"
+) -> int:
+    """Distinct weights a selection covers (equals ``plan_transplant(...).n_params``).
+
+    ``units``: units (KV groups counted under ``kv="group"``) or a
+    :class:`~tl_transplant.weights.WeightMask` (its number of weights; it must fit the
+    layout's block tensors, else ``ValueError``).
+    """
+    if isinstance(units, WeightMask):
+        from tl_transplant.weights import block_tensors
+
+        blocks = block_tensors(layout)
+        units.check(blocks, blocks)
+        return units.n_params
     c = ParamCounter(layout, kv)
     for u in parse_units(list(units)):
         c.add(u)
     return c.n_params
+
+
+def selection_size(
+    layout: ModelLayout, selection: Selection | Iterable[Unit | str], kv: str = "group"
+) -> tuple[int, float]:
+    """``(weights moved, fraction of the block parameters)`` of units or a weight mask:
+    the size every row and control is matched on."""
+    n = count_params(layout, selection, kv)
+    return n, n / max(1, block_params(layout))
 
 
 @dataclass(frozen=True)
@@ -187,7 +221,7 @@ def fill_budget(
     check_rule(rule)
     units = list(dict.fromkeys(parse_unit(u) for u in ranked))
     total = block_params(layout)
-    cap = int(math.floor(f * total + 1e-9))
+    cap = budget_cap(layout, f)
     order: list[Unit]
     if rule == "score":
         order = units
@@ -255,9 +289,11 @@ __all__ = [
     "BudgetPick",
     "ParamCounter",
     "block_params",
+    "budget_cap",
     "budget_label",
     "check_fraction",
     "check_rule",
     "count_params",
     "fill_budget",
+    "selection_size",
 ]

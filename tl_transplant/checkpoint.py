@@ -30,7 +30,7 @@ from typing import Any, Literal, cast
 
 import torch
 
-from tl_transplant.manifest import MANIFEST_NAME
+from tl_transplant.manifest import MANIFEST_NAME, MASK_FILE_RE
 
 ST_INDEX = "model.safetensors.index.json"
 PT_INDEX = "pytorch_model.bin.index.json"
@@ -497,7 +497,11 @@ def write_pickle_shards(
 
 
 def copy_other_files(tgt: Checkpoint, tmp: Path) -> list[str]:
-    """Copy config, tokenizer and other small top-level files; returns what was skipped."""
+    """Copy config, tokenizer and other small top-level files; returns what was skipped.
+
+    The manifest and its weight-mask files are not copied here: the caller writes the
+    output's manifest, with the mask files its records (and history) name.
+    """
     skipped = []
     for p in sorted(tgt.root.iterdir()):
         name = p.name
@@ -507,7 +511,8 @@ def copy_other_files(tgt: Checkpoint, tmp: Path) -> list[str]:
             skipped.append(name + "/")
             continue
         if name == MANIFEST_NAME or name.endswith(_WEIGHT_SUFFIXES) or name.endswith(".index.json"):
-            if name not in tgt.files and name not in (ST_INDEX, PT_INDEX, MANIFEST_NAME):
+            ours = (ST_INDEX, PT_INDEX, MANIFEST_NAME)
+            if name not in tgt.files and name not in ours and not MASK_FILE_RE.match(name):
                 skipped.append(name)
             continue
         shutil.copyfile(p, tmp / name)

@@ -4,7 +4,8 @@ The written directory loads with plain ``AutoModelForCausalLM.from_pretrained``
 and ``AutoTokenizer.from_pretrained``. It holds safetensors weights written
 from the same HF tensors the bridge evaluated (not from the bridge's own
 state dict, whose keys and fused layouts differ), the config captured before
-the bridge was booted, the tokenizer, and ``transplant_manifest.json``.
+the bridge was booted, the tokenizer, and ``transplant_manifest.json`` (with the
+mask file of each weight-level transplant beside it).
 
 Writing goes to a hidden temporary sibling that is renamed into place, so an
 interrupted export never leaves a half-written directory.
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 
 from tl_transplant.manifest import MANIFEST_NAME as MANIFEST_NAME  # re-exported
-from tl_transplant.manifest import Manifest, write_manifest
+from tl_transplant.manifest import Manifest, ManifestDoc, write_manifest
 from tl_transplant.pair import ModelPair, ModelSide
 
 
@@ -220,7 +221,9 @@ def export_hf(
     """Write the target (or a side) as an HF directory; returns its path.
 
     ``manifest`` defaults to the manifests of the transplants applied to the
-    pair (all of them, in order), or an empty record if none were.
+    pair (all of them, in order, and those active in a ``with transplant(...)``
+    block, marked ``reversible_context``), or an empty record if none were. The
+    mask files of weight-level transplants are written next to the manifest.
     """
     side = _side_of(pair_or_side)
     if side.offloaded:
@@ -257,12 +260,17 @@ def _input_dirs(obj: Any) -> list[Any]:
 
 
 def _manifest_record(obj: Any, manifest: Manifest | dict[str, Any] | None) -> Any:
-    """The given manifest, else the pair's applied (and active) transplants, in order."""
+    """The given manifest, else the pair's applied (and active) transplants, in order,
+    with the weight masks of weight-level ones (to be written beside the JSON)."""
     if manifest is not None:
         return manifest
     if not isinstance(obj, ModelPair):
         return {"transplants": []}
     records = [m.to_dict() for m in obj.applied]
+    masks = {m.mask.sha256: m.mask for m in obj.applied if getattr(m, "mask", None) is not None}
     for t in obj.active:  # exported from inside a `with transplant(...)` block
-        records.append({**t.manifest().to_dict(), "reversible_context": True})
-    return {"transplants": records}
+        m = t.manifest()
+        records.append({**m.to_dict(), "reversible_context": True})
+        if m.mask is not None:
+            masks[m.mask.sha256] = m.mask
+    return ManifestDoc(records, masks=masks)

@@ -13,6 +13,9 @@ safetensors headers alone), and then walks the target's shards:
   (:func:`tl_transplant.edits.blend_values`), and written back in place.
   Blending keeps dtype and shape, so the shard's header, and the index json,
   keep the target's layout exactly.
+* a weight-level record (a mask file next to the manifest) blends only the
+  masked weights: per chunk of rows, the mask's sorted flat indices that fall
+  in those rows are found by binary search and blended by the same rule.
 
 Peak memory is a few chunks (target rows, source rows, a mask), not a model
 and not even a whole tensor. Config, tokenizer and other small files are
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import shutil
 import warnings
@@ -73,6 +77,7 @@ from tl_transplant.manifest import (
     write_manifest,
 )
 from tl_transplant.units import Head, KVHead, Neuron, UnitError
+from tl_transplant.weights import WeightMaskError
 
 log = logging.getLogger(__name__)
 
@@ -160,28 +165,57 @@ class _RecordPlan:
     alpha: float
     slices: dict[str, list[TensorSlice]]  # model tensor name -> slices it blends
     rows: dict[str, dict[str, Any]]  # model tensor name -> the manifest's tensor row
+    #: model tensor name -> sorted flat indices it blends (a weight-level record)
+    index: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def touches(self, name: str) -> bool:
+        return bool(self.slices.get(name)) or name in self.index
 
 
-
-
-def _records(manifest: ManifestLike) -> list[dict[str, Any]]:
-    """The manifest's records, checked, in the order they are applied."""
+def _records(manifest: ManifestLike) -> ManifestDoc:
+    """The manifest's records, checked, in the order they are applied (masks read)."""
     try:
-        return read_manifest(manifest, allow_empty=False).transplants
+        return read_manifest(manifest, allow_empty=False)
     except ManifestError as e:
         raise OutOfCoreError(str(e)) from e
 
 
-def _prior_records(tgt: Checkpoint) -> list[Any]:
+def _prior_records(tgt: Checkpoint) -> ManifestDoc:
     """The target's own manifest records (history first), if it was itself transplanted."""
     p = tgt.root / MANIFEST_NAME
     if not p.is_file():
-        return []
+        return ManifestDoc([])
     try:
         doc = read_manifest(p, check=False)
-    except ManifestError:
-        return []
-    return doc.history + doc.transplants
+    except ManifestError as e:
+        warnings.warn(
+            f"{tgt.where}: its own {MANIFEST_NAME} cannot be read ({e}); the output's manifest "
+            "will not carry the target's history",
+            UserWarning,
+            stacklevel=5,
+        )
+        return ManifestDoc([])
+    return ManifestDoc(doc.history + doc.transplants, masks=doc.masks)
+
+
+def _plan_mask(
+    i: int, rec: dict[str, Any], doc: ManifestDoc, layout: ModelLayout, tgt: Checkpoint
+) -> dict[str, torch.Tensor]:
+    """A weight-level record's flat indices per model tensor, checked against the layout."""
+    mask = doc.mask_of(rec)
+    if mask is None:
+        raise OutOfCoreError(
+            f"manifest transplant #{i} is a weight-level transplant, but its mask "
+            f"({rec['weights'].get('file')}) is not at hand: pass the manifest as a file or "
+            "directory path (with the mask file beside it), or a Manifest holding its mask"
+        )
+    try:
+        mask.check(layout.shapes, layout.unit_tensors())
+    except WeightMaskError as e:
+        raise OutOfCoreError(
+            f"manifest transplant #{i} does not fit {tgt.where}: {e}"
+        ) from None
+    return dict(mask.index)
 
 
 def _plan_record(
@@ -191,6 +225,7 @@ def _plan_record(
     tgt: Checkpoint,
     rename: dict[str, str],
     allow_extrapolation: bool = False,
+    doc: ManifestDoc | None = None,
 ) -> _RecordPlan:
     alpha = float(rec["alpha"])
     if not 0.0 <= alpha <= 1.0 and not allow_extrapolation:
@@ -226,12 +261,16 @@ def _plan_record(
             ) from e
         for s in parts:
             slices.setdefault(s.param, []).append(s)
+    index: dict[str, torch.Tensor] = {}
+    if rec.get("weights") is not None:
+        index = _plan_mask(i, rec, doc if doc is not None else ManifestDoc([]), layout, tgt)
     rows: dict[str, dict[str, Any]] = {}
     for row in rec.get("tensors", []):
         name = row.get("name")
-        if name not in slices:
+        if name not in slices and name not in index:
+            what = "its weight mask does" if index else "its units do"
             raise OutOfCoreError(
-                f"manifest transplant #{i} lists tensor {name!r} as changed, but its units do not "
+                f"manifest transplant #{i} lists tensor {name!r} as changed, but {what} not "
                 "touch it in this checkpoint; the manifest does not match this model (or was "
                 "edited by hand)"
             )
@@ -242,7 +281,7 @@ def _plan_record(
                 f"{tgt.where} stores it with shape {have}; the manifest was made for another model"
             )
         rows[name] = row
-    return _RecordPlan(i, alpha, slices, rows)
+    return _RecordPlan(i, alpha, slices, rows, index)
 
 
 def _check_pair(
@@ -293,6 +332,46 @@ def _chunk_mask(parts: list[TensorSlice], shape: tuple[int, ...], r0: int, r1: i
     return m
 
 
+def _blend_slices(
+    name: str,
+    t: torch.Tensor,
+    s_rows: Callable[[], torch.Tensor],
+    parts: list[TensorSlice],
+    r0: int,
+    r1: int,
+    alpha: float,
+) -> None:
+    """Blend, in place, the elements of target rows ``t`` (rows ``r0:r1``) that units cover."""
+    mask = _chunk_mask(parts, tuple(t.shape), r0, r1)
+    if not mask.any():
+        return
+    if mask.all():  # whole rows (e.g. a whole linear): skip the gathers
+        t.copy_(blend_values(name, t, s_rows(), alpha))
+    else:
+        t[mask] = blend_values(name, t[mask], s_rows()[mask], alpha)
+
+
+def _blend_masked(
+    name: str,
+    t: torch.Tensor,
+    s_rows: Callable[[], torch.Tensor],
+    index: torch.Tensor,
+    r0: int,
+    r1: int,
+    alpha: float,
+) -> None:
+    """Blend, in place, the weights of a mask (sorted flat ``index`` of the whole tensor)
+    that lie in target rows ``t`` (rows ``r0:r1``): a binary search finds them."""
+    row_numel = math.prod(t.shape[1:])
+    bounds = torch.tensor([r0 * row_numel, r1 * row_numel], dtype=index.dtype)
+    lo, hi = torch.searchsorted(index, bounds).tolist()
+    if hi <= lo:
+        return
+    local = index[lo:hi] - r0 * row_numel
+    tf, sf = t.view(-1), s_rows().reshape(-1)
+    tf[local] = blend_values(name, tf[local], sf[local], alpha)
+
+
 @dataclass
 class _Blender:
     """Blends target tensors with the source, a chunk of rows at a time, checking hashes."""
@@ -319,7 +398,7 @@ class _Blender:
         in-memory blend; the manifest's sha256 of each stage is taken over the chunks
         in order, which is the tensor's byte stream.
         """
-        plans = [p for p in self.plans if p.slices.get(name)]
+        plans = [p for p in self.plans if p.touches(name)]
         if not shape:
             raise OutOfCoreError(f"internal: 0-dim tensor {name} cannot hold a unit")
         hashers: dict[tuple[int, str], Any] = {}
@@ -338,18 +417,20 @@ class _Blender:
         for r0 in range(0, shape[0], step):
             r1 = min(shape[0], r0 + step)
             t = read_rows(r0, r1)
-            s_rows: torch.Tensor | None = None
+            src: list[torch.Tensor] = []  # the source rows, read once and only if needed
+
+            def s_rows(r0: int = r0, r1: int = r1, src: list[torch.Tensor] = src) -> torch.Tensor:
+                if not src:
+                    src.append(self.src.read_rows(self.src_names[name], r0, r1))
+                return src[0]
+
             for p in plans:
                 if (h := hashers.get((p.number, "sha256_before"))) is not None:
                     h.update(tensor_bytes(t))
-                mask = _chunk_mask(p.slices[name], tuple(t.shape), r0, r1)
-                if mask.any():
-                    if s_rows is None:
-                        s_rows = self.src.read_rows(self.src_names[name], r0, r1)
-                    if mask.all():  # whole rows (e.g. a whole linear): skip the gathers
-                        t.copy_(blend_values(name, t, s_rows, p.alpha))
-                    else:
-                        t[mask] = blend_values(name, t[mask], s_rows[mask], p.alpha)
+                if name in p.index:
+                    _blend_masked(name, t, s_rows, p.index[name], r0, r1, p.alpha)
+                else:
+                    _blend_slices(name, t, s_rows, p.slices[name], r0, r1, p.alpha)
                 if (h := hashers.get((p.number, "sha256"))) is not None:
                     h.update(tensor_bytes(t))
             write_rows(r0, t)
@@ -458,7 +539,8 @@ def _apply(
     local_files_only: bool | None,
     cache_dir: Any,
 ) -> tuple[Path, dict[str, Any]]:
-    records = _records(manifest)
+    doc = _records(manifest)
+    records = doc.transplants
     hub = dict(
         revision=revision,
         local_files_only=local_files_only,
@@ -489,9 +571,9 @@ def _apply(
     ls, rs = bind_checkpoint(src)
     _check_pair(ls, lt, src, tgt, rs, rt)
     plans = [
-        _plan_record(i, r, lt, tgt, rt, allow_extrapolation) for i, r in enumerate(records)
+        _plan_record(i, r, lt, tgt, rt, allow_extrapolation, doc) for i, r in enumerate(records)
     ]
-    touched = {n: rt[n] for p in plans for n in p.slices}
+    touched = {n: rt[n] for p in plans for n in (*p.slices, *p.index)}
     blend = _Blender(src, rs, plans)
 
     out, tmp = prepare_out_dir(out_dir, overwrite)
@@ -521,7 +603,11 @@ def _apply(
             extra = dict(r.get("extra") or {})
             extra["out_of_core"] = info
             out_records.append({**r, "extra": extra})
-        write_manifest(tmp / MANIFEST_NAME, ManifestDoc(out_records, _prior_records(tgt)))
+        prior = _prior_records(tgt)
+        write_manifest(
+            tmp / MANIFEST_NAME,
+            ManifestDoc(out_records, prior.transplants, masks={**prior.masks, **doc.masks}),
+        )
         commit_out_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

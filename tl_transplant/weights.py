@@ -220,19 +220,38 @@ class WeightMask:
         return {"n_params": self.n_params, "sha256": self.sha256, "tensors": self.counts()}
 
     # ---- files --------------------------------------------------------------------
-    def save(self, path: str | Path) -> str:
-        """Write the mask as safetensors of packed bits (1 bit per weight of each named tensor);
-        returns the file's SHA-256."""
-        from safetensors.numpy import save_file
+    def file_bytes(self) -> bytes:
+        """The bytes :meth:`save` writes: safetensors of packed bits (1 bit per weight of each
+        named tensor, little bit order), laid out canonically (sorted names and metadata keys),
+        so the same mask always gives the same file and the same file SHA-256."""
+        names = sorted(self.index)
+        blobs = [np.packbits(self.to_bool(n).reshape(-1).numpy(), bitorder="little").tobytes()
+                 for n in names]
+        meta = {"counts": json.dumps(self.counts()), "format": MASK_FORMAT,
+                "sha256": self.sha256,
+                "shapes": json.dumps({n: list(self.shapes[n]) for n in names})}
+        header: dict[str, Any] = {"__metadata__": meta}
+        off = 0
+        for n, b in zip(names, blobs):
+            header[n] = {"dtype": "U8", "shape": [len(b)], "data_offsets": [off, off + len(b)]}
+            off += len(b)
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # safetensors aligns the data to 8 bytes
+        return len(raw).to_bytes(8, "little") + raw + b"".join(blobs)
 
-        data = {n: np.packbits(self.to_bool(n).reshape(-1).numpy(), bitorder="little")
-                for n in self.index}
-        meta = {"format": MASK_FORMAT,
-                "shapes": json.dumps({n: list(s) for n, s in self.shapes.items()}),
-                "counts": json.dumps(self.counts()), "sha256": self.sha256}
-        p = Path(path)
-        save_file(data, str(p), metadata=meta)
-        return file_sha256(p)
+    @cached_property
+    def file_sha256(self) -> str:
+        """SHA-256 of :meth:`file_bytes` (what a manifest records for the mask file)."""
+        return hashlib.sha256(self.file_bytes()).hexdigest()
+
+    def save(self, path: str | Path) -> str:
+        """Write the mask as safetensors of packed bits (:meth:`file_bytes`); returns the file's
+        SHA-256 (always :attr:`file_sha256`: the file is canonical)."""
+        data = self.file_bytes()
+        Path(path).write_bytes(data)
+        digest = hashlib.sha256(data).hexdigest()
+        self.__dict__.setdefault("file_sha256", digest)
+        return digest
 
     @classmethod
     def load(cls, path: str | Path, *, sha256: str | None = None) -> WeightMask:
