@@ -400,6 +400,11 @@ def test_config_and_cli_for_weight_units(workdir, tmp_path, capsys):
         ("attribution", "unit"), ("attribution@weight", "weight"), ("weight_diff", "unit"),
         ("magnitude", "weight"), ("dense", "dense")]
     assert [r.label for r in rc.selection.runs("controls")] == ["random", "random@weight"]
+    # A weight-level baseline is a valid control of a unit-level search (not a method).
+    rc = load_config(_cfg(workdir, selection={"methods": ["attribution"], "units": ["head"],
+                                              "controls": ["random", "dare", "random@weight"]}))
+    assert [(r.label, r.grain) for r in rc.selection.runs("controls")] == [
+        ("random", "unit"), ("dare", "weight"), ("random@weight", "weight")]
     # score --units weight: .json is the unit view, .safetensors every weight's score.
     common = ["score", "--source", str(workdir / "source"), "--target", str(workdir / "target"),
               "--task", str(workdir / "task.jsonl"), "--method", "magnitude", "--units",

@@ -199,7 +199,8 @@ class SelectionConfig(_Strict):
     ``units`` lists unit kinds and/or ``weight``. A method runs at the unit grain when it
     scores some listed unit kind, and at the weight grain when it scores weights and
     ``weight`` is listed (:meth:`runs`); ``name@weight`` (``name@unit``) asks for the
-    weight (unit) grain only.
+    weight (unit) grain only. A weight-level control (``magnitude``, ``dare``,
+    ``random@weight``) is allowed whatever ``units`` lists: it is a baseline.
     ``dense`` runs once whatever the units. ``cv_folds``: folds of the cross-validated
     selection estimate on dev.
     """
@@ -259,11 +260,11 @@ class SelectionConfig(_Strict):
             raise ValueError("methods: give at least one scoring method")
         for key in ("methods", "controls"):
             for m in getattr(self, key):
-                if not self._runs_of(m):
+                if not self._runs_of(m, control=key == "controls"):
                     raise ValueError(f"{key}: {self._why_none(m)}")
         return self
 
-    def _runs_of(self, name: str) -> list[MethodRun]:
+    def _runs_of(self, name: str, *, control: bool = False) -> list[MethodRun]:
         from tl_transplant.scoring import get_scorer
 
         only_weight, only_unit = name.endswith(f"@{WEIGHT}"), name.endswith("@unit")
@@ -274,7 +275,10 @@ class SelectionConfig(_Strict):
         out = []
         if cls.unit_level and not only_weight and self.kinds_for(method):
             out.append(MethodRun(method, method, "unit"))
-        if cls.weight_level and WEIGHT in self.units and not only_unit:
+        # A control may be weight-level whatever ``units`` lists when it can only be one
+        # (magnitude, dare) or is asked as ``name@weight``: a baseline, not a search grain.
+        weights_ok = WEIGHT in self.units or (control and (only_weight or not cls.unit_level))
+        if cls.weight_level and weights_ok and not only_unit:
             label = f"{method}@{WEIGHT}" if cls.unit_level else method
             out.append(MethodRun(label, method, WEIGHT))
         return out
@@ -302,7 +306,7 @@ class SelectionConfig(_Strict):
         """Every (label, scorer, grain) the listed methods (or controls) run at, in order."""
         out: dict[str, MethodRun] = {}
         for m in getattr(self, key):
-            for r in self._runs_of(m):
+            for r in self._runs_of(m, control=key == "controls"):
                 out.setdefault(r.label, r)
         return list(out.values())
 

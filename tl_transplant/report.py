@@ -196,10 +196,12 @@ def _comparison_records(res: SweepResult) -> list[dict[str, Any]]:
     recs = []
     for c in res.comparison:
         d = c.to_dict()
+        method = d["method"] + (" (extrapolating control)" if d["extrapolates"] else "")
         rec: dict[str, Any] = {
-            "method": d["method"], "size": d["size"], "% params": _pct(d["pct_params"]),
+            "method": method, "size": d["size"], "% params": _pct(d["pct_params"]),
             "% units": _pct(d["pct_units"]), "alpha (dev)": d["alpha"],
             "test recovery [CI]": _ci(d["test_recovery"], d["test_recovery_ci"]),
+            "test recovery per % params": d["recovery_per_pct_params"],
             f"test {res.metric}": d["test_metric"], "test retention drop": d["retention_drop"],
             "dev recovery": d["dev_recovery"],
             "feasible on dev": d["feasible"],
@@ -429,7 +431,8 @@ def write_report(
             recs = []
             for meth, row in res.best_by_method.items():
                 tm = row.test.metrics if row.test is not None else None
-                recs.append({"method": meth, "% params": _pct(row.pct_params),
+                recs.append({"method": meth + (" (extrapolating)" if row.extrapolates else ""),
+                             "% params": _pct(row.pct_params),
                              "% units": _pct(row.pct_units), "size": row.size, "k": row.k,
                              "alpha": row.alpha, "dev": row.metric,
                              "test": None if tm is None else tm.transplanted,

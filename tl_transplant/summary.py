@@ -105,7 +105,7 @@ def format_controls(controls: Mapping[str, Mapping[str, Any]]) -> list[str]:
             alpha = "" if a is None else f", alpha {_fmt(a, 3)}"
             if ea is not None and a is not None and abs(ea - a) > 1e-12:
                 alpha += f" x{ea / a:.3g} = {_fmt(ea, 3)}"
-            size = f"{_pct(c['pct_params'])} params{alpha}" + (
+            size = f"{_pct(c['pct_params'])} params ({c.get('n_params')} weights){alpha}" + (
                 " (extrapolating control)" if c.get("extrapolates") else "") + ": "
         lines.append(
             f"control {name:<14} {size}test {_fmt(c['test'])}  recovery {_fmt(c['recovery'])}  "
@@ -132,18 +132,23 @@ def format_comparison(result: SweepResult) -> list[str]:
             for k, v in d["vs"].items()
         )
         drop = d["retention_drop"]
+        name = d["method"] + (" (x)" if d.get("extrapolates") else "")
         lines.append(
-            f"  {d['method']:<20} {d['size']:<15} {_pct(d['pct_params']):>7}  "
+            f"  {name:<20} {d['size']:<15} {_pct(d['pct_params']):>7}  "
             f"{_units_pct(d['pct_units'], d.get('grain')):>6}  {d['alpha']:>5g}  "
             f"{_value_ci(d['test_recovery'], d['test_recovery_ci']):<26}  "
             f"{'n/a' if drop is None else f'{drop:.3g}':>8}  "
             f"{'n/a' if d['dev_recovery'] is None else format(d['dev_recovery'], '.3g'):>8}"
             + ("" if d["feasible"] else "  (above the largest budget: not selectable)"
                if c.row.over_budget and c.row.max_drop <= _limit(result) else
-               "  (infeasible on dev)") + vs
+               "  (infeasible on dev)")
+            + ("" if d.get("grain") != "dense" or d.get("recovery_per_pct_params") is None
+               else f"  (test recovery per % of params {d['recovery_per_pct_params']:.3g})")
+            + vs
         )
     lines.append("  -X: this cell minus control X filled to the cell's own parameter count at "
-                 "its alpha (dense: at its dev retention cost; (x): extrapolating), paired CI")
+                 "its alpha (dense: at its dev retention cost), paired CI; (x): an "
+                 "extrapolating control (alpha x 1/p, DARE)")
     return lines
 
 
@@ -183,8 +188,9 @@ def format_table(results: dict[str, Any], sweep_result: SweepResult | None = Non
         for meth, r in sweep_result.best_by_method.items():
             t = r.test.metrics if r.test is not None else None
             k = "-" if r.grain != "unit" else str(r.k)
+            label = meth + (" (extrapolating)" if r.extrapolates else "")
             lines.append(
-                f"  {meth:<30} {_pct(r.pct_params):>7}  {_units_pct(r.pct_units, r.grain):>6}  "
+                f"  {label:<30} {_pct(r.pct_params):>7}  {_units_pct(r.pct_units, r.grain):>6}  "
                 f"{k:>4}  "
                 f"{r.alpha:>5.2f}  {r.metric:.3f}  "
                 f"{_fmt(t.transplanted if t else None)}  {_fmt(t.recovery if t else None)}"
