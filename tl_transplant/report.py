@@ -470,7 +470,9 @@ def write_report(
                     continue
                 figs.append(_png(fig, f"{name} {kind} heatmap"))
         body = '<div class="figs">' + "".join(figs) + "</div>"
-        body += '<div class="note">gold boxes: units in the chosen configuration; grey: not scored'
+        which = ("the 8 heads and 8 neurons with the most weights in the chosen mask"
+                 if best_mask is not None else "units in the chosen configuration")
+        body += f'<div class="note">gold boxes: {which}; grey: not scored'
         body += "</div>"
     else:
         body = '<div class="note">no scores were given (pass scores=...)</div>'
