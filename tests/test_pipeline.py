@@ -326,6 +326,11 @@ def test_demo_config_is_valid_and_compares_against_both_controls(name: str, full
     from tl_transplant.pipeline import demo_config
 
     rc = load_config(demo_config(name, export=False, full=full))
-    assert {"random", "weight_diff", "learned_mask"} <= set(rc.selection.methods)
+    labels = {r.label for r in rc.selection.runs()}
+    assert {"random", "weight_diff", "learned_mask"} <= labels
+    # issue 18: the cheap weight-level rules and the dense baseline, and their controls
+    assert {"attribution@weight", "random@weight", "magnitude", "dense"} <= labels
+    assert {"random", "random@weight", "magnitude", "dense"} <= {
+        r.label for r in rc.selection.runs("controls")}
     assert rc.sweep.budget and rc.sweep.compare and rc.export is False
-    assert bool(rc.sweep.k) is full and ("activation_patch" in rc.selection.methods) is full
+    assert bool(rc.sweep.ks()) is full and ("activation_patch" in labels) is full

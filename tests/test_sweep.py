@@ -324,15 +324,24 @@ def test_budgets_suggested_set_and_comparison_on_test(eng, tmp_path: Path):
     cells = {(c.method, c.size): c for c in res.comparison}
     assert set(cells) == {(m, s) for m in ("oracle", "random", "gate")
                           for s in ("budget 10%", "budget 25%")} | {("gate", "suggested")}
+    rnd = RankedUnits(list(reversed(RANKING)))
     for (m, size), c in cells.items():
         group = [r for r in res.rows if r.method == m and r.size == size]
         assert c.row is _rule(group) and c.row.test is not None
         assert c.row.test.metrics.n == 20
-        if m != "random" and size != "suggested":
+        if m != "random":
+            # The random control is filled to this cell's own parameter count (issue 18),
+            # by the same fill rule, so it lands at most one unit below it.
             v = c.vs["random"]
-            other = cells[("random", size)].row.test
-            assert v["diff"] == c.row.test.transplanted.mean - other.transplanted.mean
+            want = rnd.within_budget(c.row.n_params / n_block, lay) if c.row.n_params else []
+            assert v["n_units"] == len(want) and v["chosen_n_params"] == c.row.n_params
+            assert v["n_params"] <= c.row.n_params
+            assert all(v["n_params"] + lay.n_params(u) > c.row.n_params
+                       for u in rnd.units if str(u) not in map(str, want))
             assert v["ci"][0] <= v["diff"] <= v["ci"][1]
+            same = cells.get(("random", size))
+            if same is not None and same.row.n_params == v["n_params"]:
+                assert v["diff"] == c.row.test.transplanted.mean - same.row.test.transplanted.mean
         else:
             assert "random" not in c.vs
     assert cells[("oracle", "budget 25%")].vs["random"]["diff"] > 0

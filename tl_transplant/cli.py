@@ -95,7 +95,8 @@ def _budgets(text: str) -> list[float]:
 
 
 def _run_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """Config overrides from ``run``'s --budget / --only-budget / --compare / --retention."""
+    """Config overrides from ``run``'s --units / --budget / --only-budget / --compare /
+    --retention."""
     sweep: dict[str, Any] = {}
     if args.budget is not None:
         sweep["budget"] = args.budget
@@ -108,6 +109,8 @@ def _run_overrides(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"sweep": sweep} if sweep else {}
     if args.retention is not None:
         out["retention"] = args.retention
+    if getattr(args, "units", None):
+        out["selection"] = {"units": [u for u in args.units.replace(" ", "").split(",") if u]}
     return out
 
 
@@ -221,15 +224,19 @@ def cmd_score(args: argparse.Namespace) -> int:
     from tl_transplant.pair import ModelPair
     from tl_transplant.scoring import score
     from tl_transplant.units import parse_kinds_or_units
+    from tl_transplant.weights import WEIGHT, WeightScores
 
-    units = parse_kinds_or_units(args.units)  # before any model loads
+    weights = args.units.strip().lower() in (WEIGHT, "weights")
+    units: Any = WEIGHT if weights else parse_kinds_or_units(args.units)  # before loading
     try:
         opts = _scorer_options(args.method, args.option)
     except ValueError as e:
         return _fail("score", str(e))
     out = Path(args.out)
-    if out.suffix.lower() not in (".json", ".parquet", ".pq"):
-        return _fail("score", f"--out {out}: use a .json or .parquet file name")
+    allowed = (".json", ".parquet", ".pq") + ((".safetensors",) if weights else ())
+    if out.suffix.lower() not in allowed:
+        return _fail("score", f"--out {out}: use a .json or .parquet file name"
+                     + (" (or .safetensors for the full weight scores)" if weights else ""))
     if out.is_dir():
         return _fail("score", f"--out {out} is a directory; give a file name like scores.json")
     task = _load_task_arg(args.task, args.prompt_field, args.answer_field, args.metric,
@@ -238,9 +245,19 @@ def cmd_score(args: argparse.Namespace) -> int:
     s = score(pair, task, method=args.method, units=units, **opts,
               batch_size=args.batch_size, progress=not args.quiet)
     out.parent.mkdir(parents=True, exist_ok=True)
-    s.save(out)
-    print(f"top {args.top} units by {args.method}:")
-    for u in s.top(args.top):
+    if isinstance(s, WeightScores):
+        view = s.unit_view(pair.layout, ("head", "neuron"))
+        if out.suffix.lower() == ".safetensors":
+            s.save(out)  # every weight's score
+        else:
+            view.save(out)  # the unit view: per-head/neuron sums, an ordinary Scores file
+        print(f"top {args.top} units by {args.method} (single weights summed per unit):")
+        top = view.top(args.top)
+    else:
+        s.save(out)
+        print(f"top {args.top} units by {args.method}:")
+        top = s.top(args.top)
+    for u in top:
         print(f"  {u}")
     print(f"wrote {out}")
     return 0
@@ -417,11 +434,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="output directory (must be new or empty)")
     r.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     r.add_argument("--quiet", action="store_true")
+    r.add_argument("--units", default=None, metavar="KIND,...",
+                   help="unit kinds and/or weight (single weights), e.g. head,neuron,weight; "
+                   "replaces the config's selection.units")
     r.add_argument("--budget", type=_budgets, default=None, metavar="F1,F2,...",
                    help="parameter budgets (fractions of the block parameters, e.g. 0.01,0.05 "
-                   "or 1%%,5%%) swept beside K; replaces the config's sweep.budget")
+                   "or 1%%,5%%); replaces the config's sweep.budget (without sweep.k in the "
+                   "config, budgets only)")
     r.add_argument("--only-budget", action="store_true",
-                   help="with --budget: sweep the budgets only (no K rows)")
+                   help="with --budget: sweep the budgets only (no K rows), even if the "
+                   "config gives sweep.k")
     r.add_argument("--compare", action="store_true",
                    help="evaluate every (method, K or budget) at its best dev alpha on test: "
                    "the comparison table (the choice is still made on dev)")
@@ -432,8 +454,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_run, name="run")
 
     s = sub.add_parser("score", help="score units of a pair on a task and save the scores",
-                       description="Rank units with one scoring method; writes JSON or "
-                       "parquet (by the --out suffix).")
+                       description="Rank units (or single weights) with one scoring method; "
+                       "writes JSON or parquet (by the --out suffix), or safetensors for "
+                       "weight scores.")
     s.add_argument("--source", required=True, help="source model: hub id or local HF dir")
     s.add_argument("--target", required=True, help="target model: hub id or local HF dir")
     s.add_argument("--task", required=True, help="local JSONL/CSV/parquet task file")
@@ -443,7 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prepend-bos", default="auto", choices=["auto", "true", "false"])
     s.add_argument("--method", default="attribution")
     s.add_argument("--units", default="head,neuron",
-                   help="comma-separated unit kinds: head, kv_head, neuron, linear")
+                   help="comma-separated unit kinds: head, kv_head, neuron, linear; or weight "
+                   "(single weights: --out .json gets the per-unit view, .safetensors every "
+                   "weight's score)")
     s.add_argument("--batch-size", type=_positive_int, default=8)
     s.add_argument("--top", type=_positive_int, default=10, help="how many top units to print")
     s.add_argument("--out", default="scores.json", help="scores file (.json or .parquet)")

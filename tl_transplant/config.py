@@ -14,6 +14,7 @@ has. :func:`load_config` raises only :class:`ConfigError`.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -29,6 +30,7 @@ from pydantic import (
 
 from tl_transplant.tasks import _FORMATS, EXTRACTORS, METRICS
 from tl_transplant.units import normalize_kinds
+from tl_transplant.weights import WEIGHT
 
 
 class ConfigError(ValueError):
@@ -174,8 +176,34 @@ class TaskConfig(_Strict):
         )
 
 
+def _base(name: str) -> str:
+    """A method name without its grain suffix (``attribution@weight`` -> ``attribution``)."""
+    return name.removesuffix(f"@{WEIGHT}").removesuffix("@unit")
+
+
+@dataclass(frozen=True)
+class MethodRun:
+    """One scorer at one grain: ``label`` names it in results (``attribution``,
+    ``attribution@weight``; weight-only scorers such as ``magnitude`` keep their name)."""
+
+    label: str
+    method: str
+    #: ``"unit"`` (the unit kinds of :meth:`SelectionConfig.kinds_for`), ``"weight"``
+    #: (single weights, ``score(..., units="weight")``) or ``"dense"`` (every block weight).
+    grain: str
+
+
 class SelectionConfig(_Strict):
-    """Which scorers rank units, over which unit kinds; which controls to report."""
+    """Which scorers rank units (and single weights), which controls to report.
+
+    ``units`` lists unit kinds and/or ``weight``. A method runs at the unit grain when it
+    scores some listed unit kind, and at the weight grain when it scores weights and
+    ``weight`` is listed (:meth:`runs`); ``name@weight`` (``name@unit``) asks for the
+    weight (unit) grain only. A weight-level control (``magnitude``, ``dare``,
+    ``random@weight``) is allowed whatever ``units`` lists: it is a baseline.
+    ``dense`` runs once whatever the units. ``cv_folds``: folds of the cross-validated
+    selection estimate on dev.
+    """
 
     methods: list[str] = Field(default_factory=lambda: ["attribution", "activation_diff"])
     units: list[str] = Field(default_factory=lambda: ["head", "neuron"])
@@ -186,6 +214,7 @@ class SelectionConfig(_Strict):
     #: Per-method scorer options, e.g. ``{learned_mask: {steps: 100}}``; validated
     #: against each scorer's typed ``Options`` here, before any model loads.
     options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    cv_folds: StrictInt = Field(5, ge=2, le=100)
 
     @field_validator("methods", "controls", mode="before")
     @classmethod
@@ -197,9 +226,11 @@ class SelectionConfig(_Strict):
         if not isinstance(items, (list, tuple)):
             raise ValueError(f"give a list of scoring methods (got {v!r}); valid: {', '.join(ok)}")
         for m in items:
-            if not isinstance(m, str) or m not in ok:
-                raise ValueError(f"unknown scoring method {m!r}; valid: {', '.join(ok)}")
-        return list(items)
+            base = _base(m) if isinstance(m, str) else m
+            if not isinstance(m, str) or base not in ok:
+                raise ValueError(f"unknown scoring method {m!r}; valid: {', '.join(ok)} "
+                                 f"(add @{WEIGHT} or @unit for one grain only)")
+        return list(dict.fromkeys(items))
 
     @field_validator("units", mode="before")
     @classmethod
@@ -207,12 +238,21 @@ class SelectionConfig(_Strict):
         items = [v] if isinstance(v, str) else v
         if not isinstance(items, (list, tuple)) or not items:
             raise ValueError(
-                f"give at least one unit kind: head, kv_head, neuron, linear (got {v!r})"
+                f"give at least one unit kind: head, kv_head, neuron, linear, or weight "
+                f"(single weights) (got {v!r})"
             )
+        names = [str(x).strip().lower() for x in items]
+        grains = [WEIGHT if n in (WEIGHT, "weights") else n for n in names]
         try:
-            return list(normalize_kinds([str(x) for x in items]))
+            kinds = list(normalize_kinds([g for g in grains if g != WEIGHT]))
         except ValueError as e:
-            raise ValueError(str(e)) from None
+            raise ValueError(f"{e}, or weight (single weights)") from None
+        return kinds + ([WEIGHT] if WEIGHT in grains else [])
+
+    @property
+    def unit_kinds(self) -> list[str]:
+        """The listed unit kinds (``weight`` left out)."""
+        return [k for k in self.units if k != WEIGHT]
 
     @model_validator(mode="after")
     def _nonempty(self) -> SelectionConfig:
@@ -220,21 +260,61 @@ class SelectionConfig(_Strict):
             raise ValueError("methods: give at least one scoring method")
         for key in ("methods", "controls"):
             for m in getattr(self, key):
-                if not self.kinds_for(m):
-                    from tl_transplant.scoring import get_scorer
-
-                    can = ", ".join(get_scorer(m).kinds)
-                    raise ValueError(
-                        f"{key}: {m!r} scores only {can} units, none of selection.units "
-                        f"({', '.join(self.units)}); add one of {can} to units or drop {m!r}"
-                    )
+                if not self._runs_of(m, control=key == "controls"):
+                    raise ValueError(f"{key}: {self._why_none(m)}")
         return self
+
+    def _runs_of(self, name: str, *, control: bool = False) -> list[MethodRun]:
+        from tl_transplant.scoring import get_scorer
+
+        only_weight, only_unit = name.endswith(f"@{WEIGHT}"), name.endswith("@unit")
+        method = _base(name)
+        cls = get_scorer(method)
+        if getattr(cls, "grain", None) == "dense":
+            return [MethodRun(method, method, "dense")]
+        out = []
+        if cls.unit_level and not only_weight and self.kinds_for(method):
+            out.append(MethodRun(method, method, "unit"))
+        # A control may be weight-level whatever ``units`` lists when it can only be one
+        # (magnitude, dare) or is asked as ``name@weight``: a baseline, not a search grain.
+        weights_ok = WEIGHT in self.units or (control and (only_weight or not cls.unit_level))
+        if cls.weight_level and weights_ok and not only_unit:
+            label = f"{method}@{WEIGHT}" if cls.unit_level else method
+            out.append(MethodRun(label, method, WEIGHT))
+        return out
+
+    def _why_none(self, name: str) -> str:
+        from tl_transplant.scoring import get_scorer
+
+        method = _base(name)
+        cls = get_scorer(method)
+        listed = ", ".join(self.units)
+        if name.endswith("@unit") and not cls.unit_level:
+            return f"{method!r} scores single weights only; write {method!r}, not {name!r}"
+        if name.endswith(f"@{WEIGHT}") or not cls.unit_level:
+            if not cls.weight_level:
+                return f"{method!r} cannot score single weights; drop {name!r}"
+            what = ("scores single weights only" if not cls.unit_level
+                    else "is asked at the weight grain")
+            return (f"{name!r} {what}, and weight is not among selection.units ({listed}); "
+                    f"add weight to units or drop {name!r}")
+        can = ", ".join(cls.kinds) + (", weight" if cls.weight_level else "")
+        return (f"{name!r} scores only {can} units, none of selection.units ({listed}); "
+                f"add one of {can} to units or drop {name!r}")
+
+    def runs(self, key: Literal["methods", "controls"] = "methods") -> list[MethodRun]:
+        """Every (label, scorer, grain) the listed methods (or controls) run at, in order."""
+        out: dict[str, MethodRun] = {}
+        for m in getattr(self, key):
+            for r in self._runs_of(m, control=key == "controls"):
+                out.setdefault(r.label, r)
+        return list(out.values())
 
     @model_validator(mode="after")
     def _options(self) -> SelectionConfig:
         from tl_transplant.scoring import check_options, get_scorer
 
-        used = set(self.methods) | set(self.controls)
+        used = {_base(m) for m in (*self.methods, *self.controls)}
         for m, opts in self.options.items():
             if m not in used:
                 raise ValueError(
@@ -249,24 +329,29 @@ class SelectionConfig(_Strict):
 
         A method scores the intersection of ``units`` with its declared kinds
         (``get_scorer(method).kinds``): ``paper_l1`` with ``units: [head, linear]``
-        scores linears only. Validation refuses a method whose intersection is empty.
+        scores linears only. Validation refuses a method that runs at no grain.
         """
         from tl_transplant.scoring import get_scorer
 
-        kinds = get_scorer(method).kinds
-        return [k for k in self.units if k in kinds]
+        kinds = get_scorer(_base(method)).kinds
+        return [k for k in self.unit_kinds if k in kinds]
+
+
+#: ``sweep.k`` when neither ``k`` nor ``budget`` is given.
+DEFAULT_K: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
 
 
 class SweepConfig(_Strict):
     """The (K or parameter budget) x alpha grid, chosen on dev.
 
-    ``budget``: fractions of the block parameters in (0, 1] (``0.01`` = 1%), swept
-    beside ``k``; ``k: []`` with a budget sweeps budgets only. ``compare: true``
+    ``budget``: fractions of the block parameters in (0, 1] (``0.01`` = 1%). Budgets
+    mean budgets: with ``budget`` given and ``k`` left out, no K rows run
+    (:meth:`ks`); an explicit ``k`` runs beside the budgets. ``compare: true``
     evaluates every (method, K or budget) at its best dev alpha on test (the choice
     is still made on dev).
     """
 
-    k: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
+    k: list[int] | None = None
     budget: list[float] = Field(default_factory=list)
     alpha: list[float] = Field(default_factory=lambda: [0.5, 1.0])
     max_retention_drop: StrictFloat | None = Field(None, ge=0.0, le=1.0)
@@ -274,7 +359,9 @@ class SweepConfig(_Strict):
 
     @field_validator("k", mode="before")
     @classmethod
-    def _k(cls, v: Any) -> list[int]:
+    def _k(cls, v: Any) -> list[int] | None:
+        if v is None:
+            return None
         if isinstance(v, (list, tuple)) and not v:
             return []  # allowed with a budget; checked in _sizes
         if not isinstance(v, (list, tuple)) or not v:
@@ -317,11 +404,18 @@ class SweepConfig(_Strict):
 
     @model_validator(mode="after")
     def _sizes(self) -> SweepConfig:
-        if not self.k and not self.budget:
+        if self.k is not None and not self.k and not self.budget:
             raise ValueError(
                 "k: give a non-empty list of K >= 1, or a budget list (sweep.budget)"
             )
         return self
+
+    def ks(self) -> list[int]:
+        """The unit counts to sweep: ``k`` as given; left out, :data:`DEFAULT_K` without a
+        budget and none with one (budgets mean budgets)."""
+        if self.k is None:
+            return [] if self.budget else list(DEFAULT_K)
+        return list(self.k)
 
 
 class RunConfig(_Strict):
@@ -357,6 +451,16 @@ class RunConfig(_Strict):
     @classmethod
     def _device(cls, v: Any) -> str:
         return check_device(v)
+
+    @model_validator(mode="after")
+    def _weights_need_budgets(self) -> RunConfig:
+        grains = {r.grain for r in self.selection.runs()}
+        if WEIGHT in grains and not self.sweep.budget and grains <= {WEIGHT, "dense"}:
+            raise ValueError(
+                "sweep.budget: single weights are ranked by parameter budget, not by K; give "
+                "sweep.budget (e.g. [0.0001, 0.001, 0.01]) for units: [weight]"
+            )
+        return self
 
     def resolve_paths(self, base: Path) -> RunConfig:
         """Make relative task paths relative to the config file's folder."""

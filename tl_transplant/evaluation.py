@@ -63,6 +63,7 @@ if TYPE_CHECKING:
 
     from tl_transplant.edits import KVMode
     from tl_transplant.pair import ModelPair, ModelSide
+    from tl_transplant.weights import WeightMask
 
 #: What :func:`evaluate` runs: a side, a pair (with ``side=``) or any callable LM
 #: (HF causal LM, TransformerBridge) mapping input ids to logits or an output with ``.logits``.
@@ -74,9 +75,11 @@ Intervention: TypeAlias = (
 )
 #: Units as :func:`~tl_transplant.units.parse_units` takes them.
 UnitsLike: TypeAlias = "Iterable[str | Unit] | str | Unit"
-#: ``edit(pair, units, alpha)``: a reversible context manager that edits the target.
+#: ``edit(pair, selection, alpha)``: a reversible context manager that edits the target;
+#: ``selection`` is a list of units or a :class:`~tl_transplant.weights.WeightMask`.
 EditFactory: TypeAlias = (
-    "Callable[[ModelPair, list[Unit], float], contextlib.AbstractContextManager[object]]"
+    "Callable[[ModelPair, list[Unit] | WeightMask, float], "
+    "contextlib.AbstractContextManager[object]]"
 )
 
 # ---- model resolution ------------------------------------------------------------------
@@ -751,7 +754,7 @@ class TransplantReport:
 def evaluate_transplant(
     pair: ModelPair,
     task: Task,
-    units: UnitsLike,
+    units: UnitsLike | WeightMask,
     alpha: float = 1.0,
     *,
     control_tasks: Sequence[Task] = (),
@@ -767,18 +770,24 @@ def evaluate_transplant(
     seed: int = 0,
     gap_tol: float = DEFAULT_GAP_TOL,
     warn: bool = True,
+    allow_extrapolation: bool = False,
 ) -> TransplantReport:
     """Evaluate source, target and ``transplant(pair, units, alpha)`` on ``task`` and controls.
 
+    ``units``: units, or a :class:`~tl_transplant.weights.WeightMask` (a weight-level
+    transplant; the report's ``units`` is then empty and ``meta["mask"]`` describes it).
     The transplant is reversible: the target is restored bit-exactly on return.
     ``baselines`` (``{"source": ..., "target": ...}``) and ``control_before``
-    (by task name) reuse earlier results. ``edit(pair, units, alpha)`` may
+    (by task name) reuse earlier results. ``edit(pair, selection, alpha)`` may
     replace the weight transplant by any other reversible context manager.
+    ``allow_extrapolation`` lets the default transplant take alpha > 1 (DARE's 1/p).
     """
     from tl_transplant.edits import transplant
     from tl_transplant.units import parse_units
+    from tl_transplant.weights import WeightMask
 
-    unit_list = parse_units(units)
+    unit_list: list[Unit] | WeightMask = (
+        units if isinstance(units, WeightMask) else parse_units(units))
     bos = resolve_prepend_bos(pair, task.prepend_bos if prepend_bos is None else prepend_bos)
 
     def ev(side: ModelSide, t: Task) -> EvalResult:
@@ -798,7 +807,8 @@ def evaluate_transplant(
     for c in control_tasks:
         if c.name not in before:
             before[c.name] = ev(pair.target, c)
-    make: EditFactory = edit or (lambda p, u, a: transplant(p, u, a, kv=kv))
+    make: EditFactory = edit or (lambda p, u, a: transplant(
+        p, u, a, kv=kv, allow_extrapolation=allow_extrapolation))
     after: dict[str, EvalResult] = {}
     with make(pair, unit_list, alpha) if unit_list and alpha != 0 else contextlib.nullcontext():
         x = evaluate(pair.target, task, prepend_bos=bos, batch_size=batch_size, progress=progress)
@@ -818,18 +828,21 @@ def evaluate_transplant(
         retention(before[c.name], after[c.name], n_boot=n_boot, level=level, seed=seed)
         for c in control_tasks
     ]
+    meta: dict[str, Any] = {"kv": kv}
+    if isinstance(unit_list, WeightMask):
+        meta["mask"] = {"n_params": unit_list.n_params, "sha256": unit_list.sha256}
     return TransplantReport(
         task=task.name,
         metric=task.metric,
         prepend_bos=bos,
-        units=[str(u) for u in unit_list],
+        units=[] if isinstance(unit_list, WeightMask) else [str(u) for u in unit_list],
         alpha=float(alpha),
         source=base["source"],
         target=base["target"],
         transplanted=x,
         metrics=metrics,
         retention=ret,
-        meta={"kv": kv},
+        meta=meta,
     )
 
 

@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
+from tl_transplant.search import mask_summary
 from tl_transplant.summary import COMPARISON_NOTE
 from tl_transplant.sweeps import SweepResult, TaskLike, register_report_writer
 from tl_transplant.units import Head, Neuron, Unit, parse_units
@@ -41,10 +42,12 @@ from tl_transplant.viz import (
     score_heatmap,
     sweep_plot,
 )
+from tl_transplant.weights import WEIGHT, WeightMask
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+    from tl_transplant.layouts import ModelLayout
     from tl_transplant.pair import ModelPair
     from tl_transplant.scoring.scores import Scores
     from tl_transplant.tasks import Task
@@ -133,11 +136,21 @@ def _chips(units: Sequence[str]) -> str:
     return '<div class="chips">' + "".join(out) + "</div>"
 
 
-def _scores_items(scores: object) -> list[tuple[str, Scores]]:
+def _scores_items(scores: object, pair: ModelPair | None = None) -> list[tuple[str, Scores]]:
+    """Scores to draw: unit scores as given, a weight-level method's per-unit view (needs
+    ``pair``), nothing for ``dense`` (every weight scores the same)."""
     if scores is None:
         return []
     if isinstance(scores, Mapping):
-        return [(str(k), v) for k, v in scores.items() if hasattr(v, "as_grid")]
+        out = []
+        for k, v in scores.items():
+            if bool(getattr(v, "meta", {}).get("dense")):
+                continue
+            if getattr(v, "grain", None) == WEIGHT and pair is not None:
+                v = v.unit_view(pair.layout, ("head", "neuron"))
+            if hasattr(v, "as_grid"):
+                out.append((str(k), v))
+        return out
     if hasattr(scores, "as_grid"):
         return [(str(getattr(scores, "method", "scores")), cast("Scores", scores))]
     if isinstance(scores, (list, tuple)):
@@ -183,10 +196,12 @@ def _comparison_records(res: SweepResult) -> list[dict[str, Any]]:
     recs = []
     for c in res.comparison:
         d = c.to_dict()
+        method = d["method"] + (" (extrapolating control)" if d["extrapolates"] else "")
         rec: dict[str, Any] = {
-            "method": d["method"], "size": d["size"], "% params": _pct(d["pct_params"]),
+            "method": method, "size": d["size"], "% params": _pct(d["pct_params"]),
             "% units": _pct(d["pct_units"]), "alpha (dev)": d["alpha"],
             "test recovery [CI]": _ci(d["test_recovery"], d["test_recovery_ci"]),
+            "test recovery per % params": d["recovery_per_pct_params"],
             f"test {res.metric}": d["test_metric"], "test retention drop": d["retention_drop"],
             "dev recovery": d["dev_recovery"],
             "feasible on dev": d["feasible"],
@@ -195,6 +210,60 @@ def _comparison_records(res: SweepResult) -> list[dict[str, Any]]:
             rec[f"minus {ctrl} [CI]"] = _ci(v["diff"], v["ci"])
         recs.append(rec)
     return recs
+
+
+def mask_unit_scores(mask: WeightMask, layout: ModelLayout,
+                     kinds: Sequence[str] = ("head", "neuron")) -> Scores:
+    """A weight mask's unit view as Scores: weights moved per head / neuron
+    (:meth:`~tl_transplant.weights.WeightMask.by_unit`; 0 where none), for heatmaps."""
+    from tl_transplant.scoring.scores import Scores
+
+    counts = mask.by_unit(layout, kinds)
+    units = layout.units(tuple(kinds))
+    return Scores(units, [float(counts.get(u, 0)) for u in units], method="weights moved",
+                  meta={"grain": "mask_view", "n_params": mask.n_params})
+
+
+def _control_records(res: SweepResult) -> list[dict[str, Any]]:
+    recs = []
+    for name, c in res.verdict.items():
+        d = c.to_dict()
+        recs.append({
+            "control": name, "grain": d["grain"], "% params": _pct(d["pct_params"]),
+            "weights": d["n_params"], "chosen weights": d["chosen_n_params"],
+            "chosen % params": _pct(d["chosen_pct_params"]),
+            "alpha": d["alpha"], "effective alpha": d["effective_alpha"],
+            f"test {res.metric}": d["test"], "test recovery [CI]": _ci(d["recovery"],
+                                                                       d["recovery_ci"]),
+            "test retention drop": d["retention_drop"],
+            "chosen − control [CI]": _ci(d["best_minus_control"], d["best_minus_control_ci"]),
+            "note": ("extrapolating control; " if d["extrapolates"] else "") + d["note"],
+        })
+    return recs
+
+
+def verdict_html(res: SweepResult) -> str:
+    """What was searched, how much to trust the choice, and the parameter-matched controls."""
+    import pandas as pd
+
+    body = ""
+    if res.searched.get("text"):
+        body += f"<p><b>Searched:</b> {_e(res.searched['text'])}</p>"
+    t = res.trust
+    if t is not None:
+        body += f"<p><b>Selection:</b> {_e(t.text())}</p>"
+        if t.warning:
+            body += f'<p class="note" style="color:#9a6700"><b>Warning:</b> {_e(t.warning)}</p>'
+    recs = _control_records(res)
+    if recs:
+        body += ('<p class="note">each control is filled to the chosen configuration\'s '
+                 "parameter count (unit controls by the budget fill rule, at most one unit "
+                 "below; weight controls exactly) at its alpha; dense is compared at the same "
+                 "dev retention cost; differences are paired over the test examples.</p>"
+                 + frame_to_html(pd.DataFrame(recs), 4))
+    elif res.best is not None:
+        body += '<div class="note">no controls were given</div>'
+    return body or '<div class="note">nothing was chosen</div>'
 
 
 def comparison_html(res: SweepResult) -> str:
@@ -254,7 +323,13 @@ def write_report(
     path.parent.mkdir(parents=True, exist_ok=True)
     best = res.best
     best_units = parse_units(best.units) if best is not None else []
-    scored = _scores_items(scores)
+    best_mask = best.mask if best is not None else None
+    scored = _scores_items(scores, pair)
+    moved = (mask_unit_scores(best_mask, pair.layout)
+             if best_mask is not None and pair is not None else None)
+    if moved is not None:  # a weight-level winner: show the units its weights sit in
+        best_units = [u for u in moved.top(8, kinds="head") + moved.top(8, kinds="neuron")
+                      if moved[u] > 0]
     dev_task, test_task = _task_parts(task)
     sections: list[tuple[str, str, str]] = []  # (anchor, title, html)
     views = 0
@@ -322,11 +397,27 @@ def write_report(
             f"{_e(v)}</div></div>"
             for k, v in (("method", best.method), ("% of block params", _pct(best.pct_params)),
                          ("% of units", _pct(best.pct_units)), ("size", best.size),
-                         ("K", best.k), ("alpha", f"{best.alpha:g}"),
+                         ("K", best.k) if best_mask is None else ("weights", best.n_params),
+                         ("alpha", f"{best.alpha:g}" + (
+                             f" (×{best.alpha_scale:.3g})" if best.alpha_scale != 1 else "")),
                          (f"dev {res.metric}", _fmt(best.metric)),
                          ("max dev control drop", _fmt(best.max_drop, 3)))
         ) + "</div>"
-        body += f"<h3>Units ({len(best.units)})</h3>" + _chips(best.units)
+        if best_mask is not None:
+            info = mask_summary(best_mask)
+            body += "<h3>Weight mask</h3>" + _kv([
+                ("weights moved", info["n_params"]), ("tensors", info["n_tensors"]),
+                ("sha256", info["sha256"][:16] + "…"),
+                ("effective alpha", f"{best.effective_alpha:g}"),
+            ])
+            if moved is not None:
+                figs = [_png(score_heatmap(moved, kind, title=f"weights moved per {kind}"),
+                             f"mask per {kind}") for kind in ("head", "neuron")]
+                body += ('<div class="note">the chosen weight mask, counted per head and per '
+                         "neuron (weights of the unit's slices that move)</div>"
+                         '<div class="figs">' + "".join(figs) + "</div>")
+        else:
+            body += f"<h3>Units ({len(best.units)})</h3>" + _chips(best.units)
         if best.test is not None:
             m = best.test.metrics
             body += "<h3>On the test split (paired bootstrap CIs)</h3>" + _kv([
@@ -340,13 +431,16 @@ def write_report(
             recs = []
             for meth, row in res.best_by_method.items():
                 tm = row.test.metrics if row.test is not None else None
-                recs.append({"method": meth, "% params": _pct(row.pct_params),
+                recs.append({"method": meth + (" (extrapolating)" if row.extrapolates else ""),
+                             "% params": _pct(row.pct_params),
                              "% units": _pct(row.pct_units), "size": row.size, "k": row.k,
                              "alpha": row.alpha, "dev": row.metric,
                              "test": None if tm is None else tm.transplanted,
                              "test recovery": None if tm is None else tm.recovery})
             body += "<h3>Best per method</h3>" + frame_to_html(pd.DataFrame(recs), 4)
     sections.append(("choice", "Chosen units", body))
+    sections.append(("verdict", "Verdict: parameter-matched controls and selection",
+                     verdict_html(res)))
 
     # -- sweep ------------------------------------------------------------------------------
     body = _png(sweep_plot(res), "sweep plot")
@@ -376,7 +470,9 @@ def write_report(
                     continue
                 figs.append(_png(fig, f"{name} {kind} heatmap"))
         body = '<div class="figs">' + "".join(figs) + "</div>"
-        body += '<div class="note">gold boxes: units in the chosen configuration; grey: not scored'
+        which = ("the 8 heads and 8 neurons with the most weights in the chosen mask"
+                 if best_mask is not None else "units in the chosen configuration")
+        body += f'<div class="note">gold boxes: {which}; grey: not scored'
         body += "</div>"
     else:
         body = '<div class="note">no scores were given (pass scores=...)</div>'
@@ -390,8 +486,12 @@ def write_report(
         if t is not None:
             prompts += [q for q in t.prompts[: n_prompts + 1] if q not in prompts]
     prompts = prompts[: max(1, n_prompts)]
-    edit = best_units if best_units and best is not None and best.alpha != 0 else False
-    alpha = best.alpha if best is not None else 1.0
+    edit: Any = best_units if best_units and best is not None and best.alpha != 0 else False
+    alpha = best.effective_alpha if best is not None else 1.0
+    if best_mask is not None and pair is not None and best is not None and best.alpha != 0:
+        from tl_transplant.edits import transplant
+
+        edit = transplant(pair, best_mask, alpha, allow_extrapolation=best.extrapolates)
     kv = cfg.get("kv", "group")
     bos = cfg.get("prepend_bos", "auto")
     att_body = neu_body = ""
@@ -401,9 +501,11 @@ def write_report(
     else:
         heads = _pick(best_units, scored, Head, n_heads)
         neurons = _pick(best_units, scored, Neuron, n_neurons)
+        what = (f"{best_mask.n_params} single weights" if best_mask is not None
+                else f"{len(best_units)} units")
         caption = (
-            f"transplanted = the chosen configuration ({len(best_units)} units, α={alpha:g})"
-            if edit else "no transplant was chosen: source and target only"
+            f"transplanted = the chosen configuration ({what}, α={alpha:g})"
+            if edit is not False else "no transplant was chosen: source and target only"
         )
         if heads:
             v = attention_compare(pair, prompts[0], heads, edit, alpha=alpha, kv=kv,
@@ -491,4 +593,5 @@ def write_report(
 
 register_report_writer(write_report)  # SweepResult.save(report=True) calls it; see sweep.save
 
-__all__ = ["comparison_html", "comparison_markdown", "write_report"]
+__all__ = ["comparison_html", "comparison_markdown", "mask_unit_scores", "verdict_html",
+           "write_report"]

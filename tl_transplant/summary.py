@@ -12,7 +12,7 @@ them without importing each other or the report.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -45,10 +45,18 @@ def format_sweep_summary(result: SweepResult) -> str:
     if ret.get("mode") == "generic":
         lines.append(f"control: {ret.get('description')}")
     b = result.best
+    searched = getattr(result, "searched", None) or {}
+    if searched.get("text"):
+        lines.append(f"searched: {searched['text']}")
+    alpha = f"alpha={b.alpha:g}" + (f" (x{b.alpha_scale:.3g} = {b.effective_alpha:.3g}, "
+                                      "extrapolating)" if b.alpha_scale != 1.0 else "")
     lines.append(
-        f"best on dev: {b.method} {_size(b)} alpha={b.alpha:g} -> {b.metric:.4g} "
+        f"best on dev: {b.method} {_size(b)} {alpha} -> {b.metric:.4g} "
         f"(max control drop {b.max_drop:.3g})"
     )
+    trust = getattr(result, "trust", None)
+    if trust is not None:
+        lines.append(f"selection: {trust.text()}")
     if b.test is not None and t:
         m = b.test.metrics
         lines.append(
@@ -59,6 +67,10 @@ def format_sweep_summary(result: SweepResult) -> str:
         )
         for r in b.test.retention:
             lines.append(f"  retention {r.task}: {r.before:.4g} -> {r.after:.4g}")
+    verdict = getattr(result, "verdict", None) or {}
+    lines += format_controls({k: v.to_dict() for k, v in verdict.items()})
+    if trust is not None and trust.warning:
+        lines.append(f"warning: {trust.warning}")
     return "\n".join(lines + format_comparison(result))
 
 
@@ -68,8 +80,41 @@ def _pct(v: float | None) -> str:
 
 def _size(row: Any) -> str:
     """``K=3 (2.08% of block params, 21.4% of units)``: parameters first, then units."""
+    if getattr(row, "mask", None) is not None:
+        return (f"{row.size} ({_pct(row.pct_params)} of block params, {row.n_params} single "
+                "weights)")
     what = f"K={row.k}" if row.budget is None else f"{row.size} (K={row.k})"
     return f"{what} ({_pct(row.pct_params)} of block params, {_pct(row.pct_units)} of units)"
+
+
+def format_controls(controls: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The verdict's control lines from ``results.json``'s ``controls`` (both sizes, the
+    control's test figures, and chosen minus control with its CI)."""
+    if not controls:
+        return []
+    first = next(iter(controls.values()))
+    lines = []
+    if first.get("chosen_pct_params") is not None:
+        lines.append(f"controls, each filled to the chosen configuration's "
+                     f"{first.get('chosen_n_params')} weights ({_pct(first['chosen_pct_params'])} "
+                     "of block params), on test:")
+    for name, c in controls.items():
+        size = ""
+        if c.get("pct_params") is not None:
+            a, ea = c.get("alpha"), c.get("effective_alpha")
+            alpha = "" if a is None else f", alpha {_fmt(a, 3)}"
+            if ea is not None and a is not None and abs(ea - a) > 1e-12:
+                alpha += f" x{ea / a:.3g} = {_fmt(ea, 3)}"
+            size = f"{_pct(c['pct_params'])} params ({c.get('n_params')} weights){alpha}" + (
+                " (extrapolating control)" if c.get("extrapolates") else "") + ": "
+        lines.append(
+            f"control {name:<14} {size}test {_fmt(c['test'])}  recovery {_fmt(c['recovery'])}  "
+            f"best-control {_fmt(c['best_minus_control'])} CI {_fmt(c['best_minus_control_ci'])}"
+        )
+        note = c.get("note")
+        if note and not c.get("extrapolates"):
+            lines.append(f"  ({note})")
+    return lines
 
 
 def format_comparison(result: SweepResult) -> list[str]:
@@ -78,23 +123,43 @@ def format_comparison(result: SweepResult) -> list[str]:
     if not cells:
         return []
     lines = [f"comparison ({COMPARISON_NOTE}):",
-             "  method          size            %params  %units  alpha  test recovery [CI]"
+             "  method               size            %params  %units  alpha  test recovery [CI]"
              "          ret.drop  dev rec."]
     for c in cells:
         d = c.to_dict()
         vs = "".join(
-            f"  -{k} {_value_ci(v['diff'], v['ci'])}" for k, v in d["vs"].items()
+            f"  -{k}{'(x)' if v.get('extrapolates') else ''} {_value_ci(v['diff'], v['ci'])}"
+            for k, v in d["vs"].items()
         )
         drop = d["retention_drop"]
+        name = d["method"] + (" (x)" if d.get("extrapolates") else "")
         lines.append(
-            f"  {d['method']:<15} {d['size']:<15} {_pct(d['pct_params']):>7}  "
-            f"{_pct(d['pct_units']):>6}  {d['alpha']:>5g}  "
+            f"  {name:<20} {d['size']:<15} {_pct(d['pct_params']):>7}  "
+            f"{_units_pct(d['pct_units'], d.get('grain')):>6}  {d['alpha']:>5g}  "
             f"{_value_ci(d['test_recovery'], d['test_recovery_ci']):<26}  "
             f"{'n/a' if drop is None else f'{drop:.3g}':>8}  "
             f"{'n/a' if d['dev_recovery'] is None else format(d['dev_recovery'], '.3g'):>8}"
-            + ("" if d["feasible"] else "  (infeasible on dev)") + vs
+            + ("" if d["feasible"] else "  (above the largest budget: not selectable)"
+               if c.row.over_budget and c.row.max_drop <= _limit(result) else
+               "  (infeasible on dev)")
+            + ("" if d.get("grain") != "dense" or d.get("recovery_per_pct_params") is None
+               else f"  (test recovery per % of params {d['recovery_per_pct_params']:.3g})")
+            + vs
         )
+    lines.append("  -X: this cell minus control X filled to the cell's own parameter count at "
+                 "its alpha (dense: at its dev retention cost), paired CI; (x): an "
+                 "extrapolating control (alpha x 1/p, DARE)")
     return lines
+
+
+def _limit(result: Any) -> float:
+    lim = result.config.get("max_retention_drop")
+    return float("inf") if lim is None else float(lim) + 1e-12
+
+
+def _units_pct(v: float | None, grain: str | None) -> str:
+    """% of units, ``n/a`` for weight masks and dense (they are not unit sets)."""
+    return "n/a" if grain in ("weight", "dense") else _pct(v)
 
 
 def _fmt(v: Any, nd: int = 3) -> str:
@@ -122,8 +187,11 @@ def format_table(results: dict[str, Any], sweep_result: SweepResult | None = Non
                      "test  recovery")
         for meth, r in sweep_result.best_by_method.items():
             t = r.test.metrics if r.test is not None else None
+            k = "-" if r.grain != "unit" else str(r.k)
+            label = meth + (" (extrapolating)" if r.extrapolates else "")
             lines.append(
-                f"  {meth:<30} {_pct(r.pct_params):>7}  {_pct(r.pct_units):>6}  {r.k:>4}  "
+                f"  {label:<30} {_pct(r.pct_params):>7}  {_units_pct(r.pct_units, r.grain):>6}  "
+                f"{k:>4}  "
                 f"{r.alpha:>5.2f}  {r.metric:.3f}  "
                 f"{_fmt(t.transplanted if t else None)}  {_fmt(t.recovery if t else None)}"
             )
@@ -134,21 +202,33 @@ def format_table(results: dict[str, Any], sweep_result: SweepResult | None = Non
     t = results["test"]
     ci = t["ci"]
     size = f"K={best['k']}"
-    if best.get("budget") is not None:
-        b = best["budget"]
+    b = best.get("budget")
+    if best.get("mask") is not None:
+        size = (f"budget {b if isinstance(b, str) else f'{100 * b:.4g}%'}  "
+                f"{best['mask']['n_params']} single weights")
+    elif b is not None:
         size = f"budget {b if isinstance(b, str) else f'{100 * b:.4g}%'}  {size}"
+    alpha = f"alpha={best['alpha']:g}"
+    if best.get("extrapolates"):
+        alpha += f" (effective {best['effective_alpha']:.3g}, extrapolating)"
+    fu = results.get("fraction_units")
+    searched = results.get("searched") or {}
+    sel = results.get("selection") or {}
+    if searched.get("text"):
+        lines.append(f"searched: {searched['text']}")
     lines += [
-        f"chosen: {best['method']}  {size}  alpha={best['alpha']:g}  "
-        f"({results['fraction_params']:.2%} of block parameters, "
-        f"{results['fraction_units']:.1%} of units searched)",
-        f"test: transplanted {_fmt(t['transplanted'])}  TIR {_fmt(t['tir'])} "
-        f"{_fmt(ci.get('tir'))}  recovery {_fmt(t['recovery'])} {_fmt(ci.get('recovery'))}",
+        f"chosen: {best['method']}  {size}  {alpha}  "
+        f"({results['fraction_params']:.2%} of block parameters"
+        + ("" if fu is None else f", {fu:.1%} of units searched") + ")",
     ]
-    for name, c in results["controls"].items():
-        lines.append(
-            f"control {name:<10} test {_fmt(c['test'])}  recovery {_fmt(c['recovery'])}  "
-            f"best-control {_fmt(c['best_minus_control'])} CI {_fmt(c['best_minus_control_ci'])}"
-        )
+    if sel.get("text"):
+        lines.append(f"selection: {sel['text']}")
+    lines.append(
+        f"test: transplanted {_fmt(t['transplanted'])}  TIR {_fmt(t['tir'])} "
+        f"{_fmt(ci.get('tir'))}  recovery {_fmt(t['recovery'])} {_fmt(ci.get('recovery'))}")
+    lines += format_controls(results["controls"])
+    if sel.get("warning"):
+        lines.append(f"warning: {sel['warning']}")
     ret = results.get("retention_control") or {}
     if ret.get("mode") in ("generic", "none"):
         lines.append(f"retention control: {ret.get('description')}")
@@ -160,5 +240,5 @@ def format_table(results: dict[str, Any], sweep_result: SweepResult | None = Non
     return "\n".join(lines)
 
 
-__all__ = ["COMPARISON_NOTE", "NO_CHOICE", "format_comparison", "format_sweep_summary",
-           "format_table"]
+__all__ = ["COMPARISON_NOTE", "NO_CHOICE", "format_comparison", "format_controls",
+           "format_sweep_summary", "format_table"]

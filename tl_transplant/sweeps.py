@@ -1,9 +1,10 @@
-"""Sweep K (number of units) or parameter budgets x alpha on dev, report the choice on test.
+"""Sweep K, parameter budgets and weight masks x alpha on dev, report the choice on test.
 
 >>> res = sweep(pair, task, scores, ks=[8, 16, 32], alphas=[0.5, 1.0],
 ...             budgets=[0.001, 0.005, 0.01, 0.02, 0.05],            # doctest: +SKIP
 ...             control_tasks=[control], max_retention_drop=0.05, compare_on_test=True)
 >>> res.best, res.best.test.metrics.recovery                           # doctest: +SKIP
+>>> res.verdict["random"].diff        # best - random at the same parameter count  # doctest: +SKIP
 >>> res.comparison_frame()   # method x size on test, alphas chosen on dev  # doctest: +SKIP
 >>> res.save("out/")   # results.json, sweep.csv, sweep.png            # doctest: +SKIP
 
@@ -12,63 +13,88 @@ Protocol:
 1. ``task`` and every control task are split by :meth:`Task.split` with the same
    ``dev_fraction`` and ``seed`` (the split depends on indices only, never labels).
 2. Source and target are evaluated on dev; controls on the target's dev split.
-3. For each method, size (top-K, a parameter budget filled by the method's
-   ``within_budget``, or the scorer's suggested set) and alpha, the units are
-   transplanted with the
-   reversible :func:`~tl_transplant.edits.transplant` (no copies, no
-   reloads; bit-exact restore) and dev task + dev controls are evaluated.
-   K = 0 or alpha = 0 is the target itself and reuses its baseline; identical
-   (unit set, alpha) configurations are evaluated once.
-4. Best = highest dev metric among configurations whose largest dev control
-   drop is <= ``max_retention_drop`` (all, if None); ties go to fewer weights
-   moved, then the smaller K, then the smaller alpha, then the earlier method.
-   Without a control task given, a generic one is used (``control_tasks=None``,
-   see :func:`sweep`). Only then is anything run on
-   the test split: source, target and the chosen configuration(s), with paired
-   bootstrap CIs and retention on the controls' test splits.
-5. Pareto front (recovery vs retention, on dev): configurations not dominated in
-   (dev metric, -max dev control drop); recovery is an increasing affine
-   function of the metric when source > target, so this is the recovery vs
-   retention front. Among identical points only the tie-break winner is kept.
+3. Every configuration of the search space (:mod:`tl_transplant.search`: methods x
+   sizes x alphas; a size is a top-K, a parameter budget, a scorer's suggested set, or
+   dense's every weight; weight-level methods give weight masks) is applied with the
+   reversible :func:`~tl_transplant.edits.transplant` (bit-exact restore) and dev task +
+   dev controls are evaluated. An empty selection or alpha = 0 is the target itself;
+   identical (selection, effective alpha) configurations are evaluated once.
+4. Best = the rule of :func:`~tl_transplant.selection.choose_best` (highest dev metric
+   among configurations within ``max_retention_drop`` and within the largest budget;
+   ties to fewer weights moved, smaller K, smaller alpha, the earlier method). Without
+   a control task given, a generic one is used (``control_tasks=None``). Only then is
+   anything run on the test split: source, target and the chosen configuration(s), with
+   paired bootstrap CIs and retention on the controls' test splits.
+5. The verdict: every control filled to the chosen configuration's parameter count
+   (:mod:`tl_transplant.verdict`), evaluated on test, paired difference with its CI;
+   and how much to trust the choice (:mod:`tl_transplant.selection`: how many
+   configurations, the dev CI, a cross-validated estimate on dev, a warning when test
+   falls outside the dev CI).
+6. Pareto front (recovery vs retention, on dev): configurations not dominated in
+   (dev metric, -max dev control drop). Among identical points only the tie-break
+   winner is kept.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, cast, overload, runtime_checkable
+from typing import TYPE_CHECKING, Any, overload
 
-from tl_transplant.budget import (
-    block_params,
-    budget_label,
-    check_fraction,
-    count_params,
-    fill_budget,
-)
+import numpy as np
+
+from tl_transplant.budget import block_params, check_fraction
 from tl_transplant.evaluation import (
     EditFactory,
     EvalResult,
     TransplantReport,
-    UnitsLike,
     evaluate,
     evaluate_transplant,
+)
+from tl_transplant.rows import ComparisonCell, SweepRow, clean_json
+from tl_transplant.search import (
+    GRAIN_DENSE,
+    Config,
+    HasSplits,
+    Kinds,
+    RankedSource,
+    RankedUnits,
+    ScoresLike,
+    TaskLike,
+    grain_of,
+    normalize_methods,
+    plan_search,
+    resolve_ks,
+    selection_key,
+    split_task,
+)
+from tl_transplant.selection import (
+    DEFAULT_CV_FOLDS,
+    SelectionTrust,
+    SelectionWarning,
+    assess_selection,
+    check_test_against_dev,
+    choose_best,
+    describe_search,
+    is_feasible,
+    pareto_front,
 )
 from tl_transplant.stats import (
     DEFAULT_GAP_TOL,
     DEFAULT_N_BOOT,
     UndefinedMetricWarning,
-    paired_diff_ci,
     recovery,
     tir,
 )
 from tl_transplant.summary import COMPARISON_NOTE, format_sweep_summary
 from tl_transplant.tasks import Task
 from tl_transplant.tokens import resolve_prepend_bos
-from tl_transplant.units import Unit, normalize_kinds, parse_units
+from tl_transplant.units import parse_units
+from tl_transplant.verdict import ControlResult, DevPoint, compare_with_controls, control_sources
+from tl_transplant.weights import Selection, WeightMask
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -76,264 +102,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure, SubFigure
 
     from tl_transplant.edits import KVMode
-    from tl_transplant.layouts import ModelLayout
     from tl_transplant.pair import ModelPair, ModelSide
-
-#: Unit kinds as :func:`~tl_transplant.units.normalize_kinds` takes them (None: all).
-Kinds: TypeAlias = "str | Iterable[str] | None"
-
-
-@runtime_checkable
-class RankedSource(Protocol):
-    """What :func:`sweep` needs of a scores object (a :class:`~tl_transplant.Scores` is one)."""
-
-    def top(self, k: int, kinds: Kinds = None) -> Sequence[Unit | str]: ...
-
-
-@runtime_checkable
-class HasSplits(Protocol):
-    """Given dev/test splits of a task (e.g. the zoo's ``Splits``)."""
-
-    @property
-    def dev(self) -> Task: ...
-
-    @property
-    def test(self) -> Task: ...
-
-
-#: A task to split here, its given splits, or a ``(dev, test)`` tuple.
-TaskLike: TypeAlias = "Task | HasSplits | tuple[Task, Task] | list[Task]"
-#: ``scores`` as :func:`sweep` takes it (see its docstring).
-ScoresLike: TypeAlias = (
-    "RankedSource | Sequence[RankedSource] | UnitsLike "
-    "| Mapping[str, RankedSource | Sequence[Unit | str] | str]"
-)
-
-_TIE_DECIMALS = 12
-
-
-class RankedUnits:
-    """A plain ranked list of units as a scores object: ``top(k, kinds)`` filters then cuts."""
-
-    def __init__(self, units: UnitsLike, method: str = "ranked") -> None:
-        self.units = parse_units(units)
-        self.method = method
-
-    def top(self, k: int, kinds: Kinds = None) -> list[Unit]:
-        allowed = normalize_kinds(kinds)
-        return [u for u in self.units if u.kind in allowed][: int(k)]
-
-    def within_budget(
-        self, fraction: float, layout: ModelLayout, kinds: Kinds = None, kv: str = "group"
-    ) -> list[Unit]:
-        """Walk the ranking, keep each unit that still fits (a plain ranking: rule "score")."""
-        return fill_budget(self.top(len(self.units), kinds), layout, fraction, rule="score",
-                           kv=kv).units
-
-    def __repr__(self) -> str:
-        return f"RankedUnits({self.method!r}, n={len(self.units)})"
-
-
-def _is_unit_like(x: object) -> bool:
-    return isinstance(x, str) or hasattr(x, "kind") and hasattr(x, "layer")
-
-
-def _methods(scores: ScoresLike) -> list[tuple[str, RankedSource]]:
-    """Normalize ``scores`` to ``[(method name, object with .top)]``."""
-    if isinstance(scores, Mapping):
-        items: list[tuple[str | None, Any]] = [(str(k), v) for k, v in scores.items()]
-    elif hasattr(scores, "top"):
-        items = [(None, scores)]
-    elif isinstance(scores, (list, tuple)) and scores and all(hasattr(s, "top") for s in scores):
-        items = [(None, s) for s in scores]
-    elif isinstance(scores, (str, list, tuple)) and all(
-        _is_unit_like(u) for u in ([scores] if isinstance(scores, str) else scores)
-    ):
-        items = [("ranked", RankedUnits(scores))]
-    else:
-        raise TypeError(
-            "scores must be an object with .top(k, kinds=...), a ranked list of units, a list "
-            f"of scores objects or a {{method: scores}} mapping; got {type(scores).__name__}"
-        )
-    out: list[tuple[str, RankedSource]] = []
-    for name, obj in items:
-        if isinstance(obj, (list, tuple, str)):
-            obj = RankedUnits(obj, method=name or "ranked")
-        if not hasattr(obj, "top"):
-            raise TypeError(f"scores for method {name!r} has no .top(k)")
-        base = name or str(getattr(obj, "method", None) or type(obj).__name__)
-        label, n = base, 2
-        while label in {m for m, _ in out}:
-            label, n = f"{base}#{n}", n + 1
-        out.append((label, obj))
-    return out
-
-
-def _splits(t: TaskLike, dev_fraction: float, seed: int, what: str) -> tuple[str, Task, Task]:
-    """``(name, dev, test)`` from a Task (split here) or given splits (.dev/.test, or a pair)."""
-    if isinstance(t, Task):
-        dev, test = t.split(dev_fraction, seed)
-        return t.name, dev, test
-    if hasattr(t, "dev") and hasattr(t, "test"):
-        given = cast("HasSplits", t)
-        dev, test = given.dev, given.test
-    elif isinstance(t, (tuple, list)) and len(t) == 2:
-        dev, test = t
-    else:
-        raise TypeError(
-            f"{what} must be a Task (split into dev/test here) or its given (dev, test) splits, "
-            f"got {type(t).__name__}"
-        )
-    if not isinstance(dev, Task) or not isinstance(test, Task):
-        raise TypeError(f"{what}: dev and test must be Tasks")
-    if dev.metric != test.metric:
-        raise ValueError(f"{what}: dev uses {dev.metric} but test uses {test.metric}")
-    name = dev.name[: -len(":dev")] if dev.name.endswith(":dev") else dev.name
-    return name, dev, test
-
-
-def _top(obj: RankedSource, k: int, kinds: Kinds) -> list[Unit]:
-    if k == 0:
-        return []
-    got = obj.top(k) if kinds is None else obj.top(k, kinds=kinds)
-    return list(dict.fromkeys(parse_units(list(got))))
-
-
-@dataclass
-class SweepRow:
-    """One (method, K, alpha) configuration evaluated on the dev split."""
-
-    method: str
-    k: int
-    alpha: float
-    units: list[str]
-    metric: float
-    delta: float
-    tir: float | None
-    recovery: float | None
-    control: dict[str, dict[str, float]] = field(default_factory=dict)
-    feasible: bool = True
-    pareto: bool = False
-    test: TransplantReport | None = None
-    #: The budget fraction this row filled, ``"suggested"`` for a scorer's own set,
-    #: None for a top-K row.
-    budget: float | str | None = None
-    #: Distinct weights moved (KV groups brought along included), % of block
-    #: parameters, and % of all units of the scored kinds (None when unknown).
-    n_params: int | None = None
-    pct_params: float | None = None
-    pct_units: float | None = None
-
-    @property
-    def n_units(self) -> int:
-        return len(self.units)
-
-    @property
-    def size(self) -> str:
-        """What set the size: ``"K=8"``, ``"budget 1%"`` or ``"suggested"``."""
-        if self.budget is None:
-            return f"K={self.k}"
-        if isinstance(self.budget, str):
-            return self.budget
-        return f"budget {budget_label(self.budget)}"
-
-    @property
-    def size_text(self) -> str:
-        """``"1.02% params, 3.1% units (budget 1%, 5 units)"``: params first, then units."""
-        pp = "?" if self.pct_params is None else f"{100 * self.pct_params:.3g}%"
-        pu = "?" if self.pct_units is None else f"{100 * self.pct_units:.3g}%"
-        extra = self.size if self.budget is None else f"{self.size}, {self.n_units} units"
-        return f"{pp} params, {pu} units ({extra})"
-
-    @property
-    def max_drop(self) -> float:
-        """Largest dev drop over the control tasks (0 without controls)."""
-        return max((c["drop"] for c in self.control.values()), default=0.0)
-
-    def key(self) -> tuple[float, int, int, float]:
-        """Sort key of the selection rule: best metric, then fewer weights moved (when
-        counted), then smaller K, then smaller alpha."""
-        n = self.n_params if self.n_params is not None else 0
-        return (-round(self.metric, _TIE_DECIMALS), n, self.k, self.alpha)
-
-    def __repr__(self) -> str:
-        rec = "None" if self.recovery is None else f"{self.recovery:.3g}"
-        size = "" if self.budget is None else f"{self.size}, "
-        return (
-            f"SweepRow({self.method}, {size}K={self.k}, alpha={self.alpha:g}, "
-            f"dev={self.metric:.4g}, recovery={rec}, max_drop={self.max_drop:.3g})"
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        d = {
-            "method": self.method,
-            "pct_params": self.pct_params,
-            "pct_units": self.pct_units,
-            "budget": self.budget,
-            "k": self.k,
-            "alpha": self.alpha,
-            "n_params": self.n_params,
-            "n_units": self.n_units,
-            "units": list(self.units),
-            "dev_metric": self.metric,
-            "delta": self.delta,
-            "tir": self.tir,
-            "recovery": self.recovery,
-            "control": self.control,
-            "max_drop": self.max_drop,
-            "feasible": self.feasible,
-            "pareto": self.pareto,
-        }
-        if self.test is not None:
-            d["test"] = self.test.to_dict()
-        return d
-
-
-def choose_best(
-    rows: Sequence[SweepRow], max_retention_drop: float | None = None
-) -> SweepRow | None:
-    """The selection rule: highest dev metric among feasible rows; ties -> fewer weights
-    moved, smaller K, smaller alpha.
-
-    A row is feasible when its largest dev control drop is ``<= max_retention_drop``
-    (always, if None). Remaining ties keep the earliest row (method order).
-    """
-    ok = [r for r in rows if _feasible(r, max_retention_drop)]
-    return min(ok, key=lambda r: r.key()) if ok else None
-
-
-def _feasible(row: SweepRow, max_drop: float | None) -> bool:
-    return max_drop is None or row.max_drop <= max_drop + 1e-12
-
-
-def pareto_front(rows: Sequence[SweepRow]) -> list[SweepRow]:
-    """Rows not dominated in (dev metric, -max drop); one per identical point (tie rule)."""
-    pts: dict[tuple[float, float], SweepRow] = {}
-    for r in sorted(rows, key=lambda r: r.key()):
-        p = (round(r.metric, _TIE_DECIMALS), -round(r.max_drop, _TIE_DECIMALS))
-        pts.setdefault(p, r)
-    front = []
-    for p, r in pts.items():
-        dominated = any(q != p and q[0] >= p[0] and q[1] >= p[1] for q in pts)
-        if not dominated:
-            front.append(r)
-    return sorted(front, key=lambda r: (-r.metric, r.max_drop))
-
-
-def _clean(x: Any) -> Any:
-    """JSON-safe: NaN/inf -> None, tuples -> lists, numpy scalars -> Python."""
-    if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if hasattr(x, "item") and not isinstance(x, (str, bytes)):
-        try:
-            x = x.item()
-        except (ValueError, AttributeError):
-            return str(x)
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
 
 
 @dataclass
@@ -352,6 +121,14 @@ class SweepResult:
     notes: list[str] = field(default_factory=list)
     #: ``compare_on_test=True``: one cell per (method, size), best alpha on dev, on test.
     comparison: list[ComparisonCell] = field(default_factory=list)
+    #: The verdict: each control at the chosen configuration's parameter count, on test.
+    verdict: dict[str, ControlResult] = field(default_factory=dict)
+    #: How much to trust the choice: configurations, dev CI, cross-validated estimate.
+    trust: SelectionTrust | None = None
+    #: What was searched (:func:`tl_transplant.selection.describe_search`).
+    searched: dict[str, Any] = field(default_factory=dict)
+    #: Dev rows evaluated for a control's sake only (dense as a control): never chosen.
+    control_rows: list[SweepRow] = field(default_factory=list)
 
     @property
     def pareto(self) -> list[SweepRow]:
@@ -385,27 +162,32 @@ class SweepResult:
         for r in self.rows:
             rec: dict[str, Any] = {
                 "method": r.method,
+                "grain": r.grain,
                 "pct_params": r.pct_params,
                 "pct_units": r.pct_units,
                 "size": r.size,
                 "budget": r.budget,
                 "k": r.k,
                 "alpha": r.alpha,
+                "effective_alpha": r.effective_alpha,
                 "n_params": r.n_params,
                 "n_units": r.n_units,
                 f"dev_{self.metric}": r.metric,
                 "delta": r.delta,
                 "tir": r.tir,
                 "recovery": r.recovery,
+                "recovery_per_pct_params": r.recovery_per_pct,
             }
             for name, c in r.control.items():
                 rec[f"drop:{name}"] = c["drop"]
             rec.update(
                 max_drop=r.max_drop,
                 feasible=r.feasible,
+                over_budget=r.over_budget,
                 pareto=r.pareto,
                 best=r is self.best,
-                units=",".join(r.units),
+                units=(",".join(r.units) if r.mask is None
+                       else f"mask {r.mask.sha256[:16]} ({r.mask.n_params} weights)"),
             )
             recs.append(rec)
         return pd.DataFrame.from_records(recs)
@@ -463,7 +245,7 @@ class SweepResult:
                 k: v.to_dict(with_scores=False) for k, v in self.baselines.get(split, {}).items()
             }
 
-        return _clean(
+        return clean_json(
             {
                 "task": self.task,
                 "metric": self.metric,
@@ -495,6 +277,11 @@ class SweepResult:
                     "note": COMPARISON_NOTE,
                     "cells": [c.to_dict() for c in self.comparison],
                 } if self.comparison else None,
+                "searched": self.searched,
+                "verdict": {
+                    "controls": {k: v.to_dict() for k, v in self.verdict.items()},
+                    "selection": None if self.trust is None else self.trust.to_dict(),
+                },
                 "notes": self.notes,
             }
         )
@@ -506,95 +293,11 @@ class SweepResult:
     def plot(self, ax: Axes) -> Figure | SubFigure: ...
 
     def plot(self, ax: Axes | None = None) -> Figure | SubFigure:
-        """Dev metric vs K, one line per alpha (one panel per method), with baselines.
+        """Dev metric vs size, one line per alpha, one panel per method
+        (:func:`tl_transplant.sweep_figure.plot_sweep`). Returns the Figure."""
+        from tl_transplant.sweep_figure import plot_sweep
 
-        With budget rows the x axis is % of block parameters for every row (K rows as
-        circles, budget rows as squares, a scorer's suggested set as stars).
-
-        Uses matplotlib's object API with the Agg canvas (no pyplot, no global
-        backend change). Returns the Figure. Kept here because it imports only
-        matplotlib (nothing above the sweep); :func:`tl_transplant.viz.sweep_plot`
-        builds the report's figure on it.
-        """
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
-        methods = self.methods
-        fig: Figure | SubFigure
-        if ax is None:
-            fig = Figure(figsize=(4.2 * len(methods) + 0.8, 3.6), layout="constrained")
-            FigureCanvasAgg(fig)
-            axes = fig.subplots(1, len(methods), sharey=True, squeeze=False)[0]
-        else:
-            fig, axes = ax.figure, [ax] * len(methods)  # a Figure, or a SubFigure's
-        alphas = sorted({r.alpha for r in self.rows})
-        colors = [f"C{i}" for i in range(10)]
-        dev = self.baselines["dev"]
-        # With budget rows, x is % of block parameters for every row (K rows included).
-        by_params = any(r.budget is not None for r in self.rows) and all(
-            r.pct_params is not None for r in self.rows
-        )
-
-        def x_of(r: SweepRow) -> float:
-            return 100 * float(r.pct_params or 0.0) if by_params else float(r.k)
-
-        series = [("K", "o", lambda r: r.budget is None),
-                  ("budget", "s", lambda r: isinstance(r.budget, float)),
-                  ("suggested", "*", lambda r: isinstance(r.budget, str))]
-        for a_i, (m, a) in enumerate(zip(methods, axes)):
-            for j, alpha in enumerate(alphas):
-                for s_name, marker, keep in series:
-                    pts = sorted(
-                        (x_of(r), r.metric) for r in self.rows
-                        if r.method == m and r.alpha == alpha and keep(r)
-                    )
-                    if not pts:
-                        continue
-                    label = f"alpha={alpha:g}" + ("" if s_name == "K" else f" ({s_name})")
-                    a.plot(
-                        *zip(*pts),
-                        marker=marker,
-                        color=colors[j % 10],
-                        label=label,
-                        linestyle="-" if ax is None else ["-", "--", ":", "-."][a_i % 4],
-                    )
-            a.axhline(
-                dev["source"].mean, color="green", linestyle="--", linewidth=1, label="source"
-            )
-            a.axhline(dev["target"].mean, color="red", linestyle=":", linewidth=1, label="target")
-            b = self.best_by_method.get(m)
-            if b is not None:
-                a.plot(
-                    [x_of(b)],
-                    [b.metric],
-                    marker="*",
-                    markersize=14,
-                    color="gold",
-                    markeredgecolor="black",
-                    linestyle="none",
-                    label="chosen",
-                )
-            if by_params:
-                xs = sorted({x_of(r) for r in self.rows})
-                if xs and xs[0] <= 0:
-                    a.set_xscale("symlog", linthresh=max(1e-3, min((x for x in xs if x > 0),
-                                                                   default=1.0)))
-                elif len(xs) > 1:
-                    a.set_xscale("log")
-                a.set_xlabel("% of block parameters transplanted")
-            else:
-                if any(r.k == 0 for r in self.rows):
-                    a.set_xscale("symlog", linthresh=1)
-                elif len({r.k for r in self.rows}) > 1:
-                    a.set_xscale("log", base=2)
-                k_vals = sorted({r.k for r in self.rows})
-                a.set_xticks(k_vals, [str(k) for k in k_vals], minor=False)
-                a.set_xticks([], minor=True)
-                a.set_xlabel("K (units transplanted)")
-            a.set_title(m if ax is None else f"{self.task.get('name')}")
-        axes[0].set_ylabel(f"dev {self.metric}")
-        axes[0].legend(fontsize="small")
-        return fig
+        return plot_sweep(self, ax)
 
     def save(self, directory: str | Path, *, report: bool = False, **report_kwargs: Any) -> Path:
         """Write ``results.json``, ``sweep.csv`` and ``sweep.png`` under ``directory``
@@ -643,91 +346,13 @@ GENERIC_RETENTION_NOTE = (
     "generic_retention (a generic proxy: agreement with the unedited target's next-token "
     "predictions on built-in text and the task's own prompts)"
 )
-_CONTROL_METHODS = ("random", "weight_diff")  # paired test differences against these
-
-
-def _scored_kinds(obj: RankedSource, units: Kinds) -> tuple[str, ...]:
-    """The unit kinds a method ranks: ``units`` if given, else what it scored."""
-    if units is not None:
-        return normalize_kinds(units)
-    got = getattr(obj, "kinds", None)
-    if got:
-        return normalize_kinds(list(got))
-    ranked = getattr(obj, "units", None)
-    if ranked:
-        return normalize_kinds(sorted({u.kind for u in parse_units(list(ranked))}))
-    return normalize_kinds(None)
-
-
-def _budget_units(
-    obj: RankedSource, fraction: float, layout: ModelLayout, kinds: Kinds, kv: str
-) -> list[Unit]:
-    """``obj.within_budget`` if it has one; else its ranking walked with the "score" rule."""
-    if hasattr(obj, "within_budget"):
-        got = obj.within_budget(fraction, layout, kinds=kinds, kv=kv)
-    else:
-        n = len(layout.units(None))
-        ranked = obj.top(n) if kinds is None else obj.top(n, kinds=kinds)
-        got = fill_budget(list(ranked), layout, fraction, rule="score", kv=kv).units
-    return list(dict.fromkeys(parse_units(list(got))))
-
-
-def _suggested(obj: RankedSource, kinds: Kinds) -> list[Unit] | None:
-    """The scorer's suggested set (``meta["suggested"]``), filtered to ``kinds``."""
-    meta = getattr(obj, "meta", None)
-    if not isinstance(meta, Mapping) or meta.get("suggested") is None:
-        return None
-    allowed = normalize_kinds(kinds)
-    return [u for u in dict.fromkeys(parse_units(list(meta["suggested"]))) if u.kind in allowed]
-
-
-@dataclass
-class ComparisonCell:
-    """One (method, size) cell of the comparison: best alpha on dev, evaluated on test.
-
-    ``vs[name]`` is the paired test difference of this cell's transplanted metric minus
-    the ``name`` method's cell at the same size (``random``, ``weight_diff``), with its
-    paired bootstrap CI.
-    """
-
-    method: str
-    size: str
-    row: SweepRow
-    vs: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        r, t = self.row, self.row.test
-        m = t.metrics if t is not None else None
-        return {
-            "method": self.method,
-            "size": self.size,
-            "pct_params": r.pct_params,
-            "pct_units": r.pct_units,
-            "budget": r.budget,
-            "k": r.k,
-            "n_params": r.n_params,
-            "alpha": r.alpha,
-            "test_metric": None if m is None else m.transplanted,
-            "test_recovery": None if m is None else m.recovery,
-            "test_recovery_ci": None if m is None else m.ci.get("recovery"),
-            "test_delta": None if m is None else m.delta,
-            "test_delta_ci": None if m is None else m.ci.get("delta"),
-            "retention_drop": None if t is None else t.max_drop,
-            "retention": {} if t is None else {x.task: x.drop for x in t.retention},
-            "dev_metric": r.metric,
-            "dev_recovery": r.recovery,
-            "dev_max_drop": r.max_drop,
-            "feasible": r.feasible,
-            "vs": self.vs,
-            "units": list(r.units),
-        }
 
 
 def sweep(
     pair: ModelPair,
     task: TaskLike,
     scores: ScoresLike,
-    ks: Sequence[int] = (8, 16, 32, 64, 128),
+    ks: Sequence[int] | None = None,
     alphas: Sequence[float] = (1.0,),
     control_tasks: Sequence[TaskLike] | None = None,
     dev_fraction: float = 0.5,
@@ -747,8 +372,10 @@ def sweep(
     report_each_method: bool = True,
     edit: EditFactory | None = None,
     retention_kwargs: Mapping[str, Any] | None = None,
+    controls: Sequence[str] | Mapping[str, Any] | None = None,
+    cv_folds: int = DEFAULT_CV_FOLDS,
 ) -> SweepResult:
-    """Evaluate every (method, K or budget, alpha) on dev, choose on dev, report it on test.
+    """Evaluate every (method, size, alpha) on dev, choose on dev, report it on test.
 
     ``task`` and each control task: a :class:`Task`, split here by
     ``Task.split(dev_fraction, seed)``, or already-made splits (an object with
@@ -756,16 +383,26 @@ def sweep(
 
     ``scores``: an object with ``.top(k, kinds=...)`` (and optionally ``.method``,
     ``.within_budget``, ``.meta``), a ranked list of units, a list of such objects, or
-    ``{method: scores}`` to compare selection methods (and controls such as random)
-    side by side. ``units``: the unit kinds to rank (``"head"``, ``"neuron"``,
-    ``"linear"`` or a list), passed as ``top(k, kinds=units)``.
+    ``{label: scores}`` to compare methods side by side. Weight-level scores
+    (:class:`~tl_transplant.weights.WeightScores`) give weight-mask rows at each budget
+    (no K rows); the ``dense`` scorer's result gives one size, every block weight, at
+    its own alphas. ``units``: the unit kinds to rank (``top(k, kinds=units)``).
 
-    ``budgets``: fractions of the block parameters (see :mod:`tl_transplant.budget`),
-    each filled with the method's ``within_budget`` (plain rankings walk their order);
-    they sit beside ``ks`` (pass ``ks=()`` for budgets only). A scorer whose
-    ``meta["suggested"]`` holds a unit set also gets that set as rows (size
-    ``"suggested"``). Every row records ``n_params``, ``pct_params`` (of block
-    parameters) and ``pct_units`` (of all units of the scored kinds).
+    ``ks``: unit counts; None (default) means ``(8, 16, 32, 64, 128)`` unless
+    ``budgets`` are given, then none (budgets mean budgets). ``budgets``: fractions of
+    the block parameters (:mod:`tl_transplant.budget`), each filled with the method's
+    ``within_budget``. A scorer's suggested set (``meta["suggested"]``, or a
+    ``WeightScores.suggested`` mask) is a row too, selectable only within the largest
+    budget (always, without budgets). Every row records ``n_params``, ``pct_params``
+    and ``pct_units``.
+
+    ``controls``: the baselines of the verdict and of the comparison table, as labels of
+    ``scores`` or ``{label: scores}`` (other objects); None = every method that is a
+    baseline (``random``, ``weight_diff``, ``magnitude``, ``dare``, ``dense``, at any
+    grain). Each is filled to the chosen configuration's parameter count
+    (:mod:`tl_transplant.verdict`); :attr:`SweepResult.verdict` holds them.
+    ``cv_folds``: folds of the cross-validated selection estimate on dev
+    (:attr:`SweepResult.trust`).
 
     ``control_tasks``: None (default) uses
     :func:`tl_transplant.retention.generic_retention` built from the task's dev
@@ -774,26 +411,25 @@ def sweep(
     metric. ``report_each_method`` also reports each method's own best on test.
     ``compare_on_test``: for every (method, size) take the best alpha on dev and
     evaluate it on test (:attr:`SweepResult.comparison`); the overall choice is still
-    made on dev only. ``edit(pair, units, alpha)`` replaces the weight transplant by
+    made on dev only. ``edit(pair, selection, alpha)`` replaces the weight transplant by
     another reversible context manager. See the module docstring for the protocol.
     """
     from tqdm.auto import tqdm
 
     from tl_transplant.edits import transplant
 
-    methods = _methods(scores)
-    ks = [int(k) for k in ks]
+    methods = normalize_methods(scores)
     alphas = [float(a) for a in alphas]
-    fracs = [check_fraction(b, "each budget") for b in budgets]
-    fracs = list(dict.fromkeys(fracs))
+    fracs = list(dict.fromkeys(check_fraction(b, "each budget") for b in budgets))
+    ks = resolve_ks(ks, fracs)
     if (not ks and not fracs) or not alphas:
         raise ValueError("give at least one K (ks) or budget (budgets), and a non-empty alphas")
     if any(k < 0 for k in ks):
         raise ValueError(f"ks must be >= 0, got {ks}")
-    layout: ModelLayout | None = getattr(pair, "layout", None)
+    layout = getattr(pair, "layout", None)
     if fracs and layout is None:
         raise TypeError("budgets need pair.layout (a ModelPair) to count parameters")
-    name, dev, test = _splits(task, dev_fraction, seed, "task")
+    name, dev, test = split_task(task, dev_fraction, seed, "task")
     retention_mode = "given" if control_tasks else "none"
     if control_tasks is None:
         from tl_transplant.retention import generic_retention
@@ -802,15 +438,24 @@ def sweep(
               **dict(retention_kwargs or {})}
         control_tasks = [generic_retention(pair, dev, **kw)]
         retention_mode = "generic"
-    controls = [
-        _splits(c, dev_fraction, seed, f"control task {i}") for i, c in enumerate(control_tasks)
-    ]
-    names = [c[0] for c in controls]
+    ctasks = [split_task(c, dev_fraction, seed, f"control task {i}")
+              for i, c in enumerate(control_tasks)]
+    names = [c[0] for c in ctasks]
     if len(set(names)) != len(names) or name in names:
         raise ValueError(f"control tasks need distinct names, different from the task: {names}")
-    make: EditFactory = edit or (lambda p, u, a: transplant(p, u, a, kv=kv))
+    baselines_ = control_sources(controls, methods)
+    labels = [m for m, _ in methods]
+    extra = [(lb, o) for lb, o in baselines_ if lb not in labels and grain_of(o) == GRAIN_DENSE]
+    plans, plan_notes = plan_search([*methods, *extra], ks=ks, fracs=fracs, alphas=alphas,
+                                    layout=layout, units=units, kv=kv,
+                                    control_only=[lb for lb, _ in extra])
     n_active = len(getattr(pair, "active", []))
     n_block = block_params(layout) if layout is not None else None
+
+    def make_for(extrapolate: bool) -> EditFactory:
+        if edit is not None:
+            return edit
+        return lambda p, sel, a: transplant(p, sel, a, kv=kv, allow_extrapolation=extrapolate)
 
     def bos_for(t: Task) -> bool:
         return resolve_prepend_bos(pair, t.prepend_bos if prepend_bos is None else prepend_bos)
@@ -823,10 +468,11 @@ def sweep(
         notes.append(f"control task: {GENERIC_RETENTION_NOTE}; no control task was given")
     elif retention_mode == "none":
         notes.append("no control task: retention was not measured")
+    notes += plan_notes
 
     # -- dev: baselines, then every configuration ----------------------------------------
     base_dev = {"source": ev(pair.source, dev), "target": ev(pair.target, dev)}
-    c_dev_before = {n: ev(pair.target, cd) for n, cd, _ in controls}
+    c_dev_before = {n: ev(pair.target, cd) for n, cd, _ in ctasks}
     s_dev, t_dev = base_dev["source"].mean, base_dev["target"].mean
     if abs(s_dev - t_dev) < gap_tol:
         msg = (
@@ -836,84 +482,41 @@ def sweep(
         notes.append(msg)
         warnings.warn(msg, UndefinedMetricWarning, stacklevel=2)
 
-    n_kind_units: dict[str, int | None] = {}
-    plans: list[tuple[str, int, float | str | None, float, list[Unit], int | None]] = []
-    for m, obj in methods:
-        kinds_m = _scored_kinds(obj, units)
-        n_kind_units[m] = len(layout.units(kinds_m)) if layout is not None else None
-        sized: list[tuple[int, float | str | None, list[Unit]]] = []
-        for k in ks:
-            us = _top(obj, k, units)
-            if len(us) < k:
-                notes.append(f"{m}: K={k} asked but only {len(us)} units are ranked")
-            sized.append((k, None, us))
-        for f in fracs:
-            assert layout is not None
-            us = _budget_units(obj, f, layout, units, kv)
-            sized.append((len(us), f, us))
-        sugg = _suggested(obj, units)
-        if sugg is not None:
-            sized.append((len(sugg), "suggested", sugg))
-        for k, bud, us in sized:
-            cost = (count_params(layout, us, kv) if us else 0) if layout is not None else None
-            for a in alphas:
-                plans.append((m, k, bud, a, us, cost))
-    cache: dict[tuple[frozenset[Unit], float], tuple[float, dict[str, float]]] = {}
+    cache: dict[tuple[Any, ...], tuple[EvalResult, dict[str, float]]] = {}
     rows: list[SweepRow] = []
+    control_rows: list[SweepRow] = []
     bar = tqdm(total=len(plans), desc=f"sweep {name}", disable=not progress, unit="cfg")
     try:
-        for m, k, bud, a, us, n_par in plans:
-            key = (frozenset(us), a if us else 0.0)
-            if key not in cache:
-                if not us or a == 0.0:
-                    x = base_dev["target"].mean
-                    after = {n: r.mean for n, r in c_dev_before.items()}
+        for c in plans:
+            if c.key not in cache:
+                if c.key == ("target",):
+                    cache[c.key] = (base_dev["target"],
+                                    {n: r.mean for n, r in c_dev_before.items()})
                 else:
-                    with make(pair, us, a):
-                        x = ev(pair.target, dev).mean
-                        after = {n: ev(pair.target, cd).mean for n, cd, _ in controls}
-                cache[key] = (x, after)
-            x, after = cache[key]
-            control = {
-                n: {"before": c_dev_before[n].mean, "after": v, "drop": c_dev_before[n].mean - v}
-                for n, v in after.items()
-            }
-            n_kind = n_kind_units[m]
-            rows.append(
-                SweepRow(
-                    method=m,
-                    k=k,
-                    alpha=a,
-                    units=[str(u) for u in us],
-                    metric=x,
-                    delta=x - t_dev,
-                    tir=tir(x, t_dev, metric=dev.metric, warn=False),
-                    recovery=recovery(x, t_dev, s_dev, gap_tol=gap_tol, warn=False),
-                    control=control,
-                    budget=bud,
-                    n_params=n_par,
-                    pct_params=None if n_par is None or not n_block else n_par / n_block,
-                    pct_units=None if not n_kind else len(us) / n_kind,
-                )
-            )
+                    with make_for(c.effective_alpha > 1.0)(pair, c.selection, c.effective_alpha):
+                        x = ev(pair.target, dev)
+                        cache[c.key] = (x, {n: ev(pair.target, cd).mean for n, cd, _ in ctasks})
+            x, after = cache[c.key]
+            row = _row(c, x, after, c_dev_before, base_dev, dev.metric, gap_tol, n_block)
+            (control_rows if c.control_only else rows).append(row)
             bar.update(1)
     finally:
         bar.close()
     for r in rows:
-        r.feasible = _feasible(r, max_retention_drop)
-    front = pareto_front(rows)
-    for r in front:
+        r.feasible = is_feasible(r, max_retention_drop)
+    for r in pareto_front(rows):
         r.pareto = True
-    best = choose_best(rows, max_retention_drop)
+    best: SweepRow | None = choose_best(rows, max_retention_drop)
     best_by_method = {}
-    for m, _ in methods:
+    for m in labels:
         b = choose_best([r for r in rows if r.method == m], max_retention_drop)
         if b is not None:
             best_by_method[m] = b
     if best is None:
         msg = (
-            f"no configuration kept every control task's dev drop <= {max_retention_drop}; "
-            "nothing is reported on test"
+            f"no configuration kept every control task's dev drop <= {max_retention_drop}"
+            + (" and fit the largest budget" if any(r.over_budget for r in rows) else "")
+            + "; nothing is reported on test"
             + (" (the comparison table still shows every cell on test)" if compare_on_test
                else "")
         )
@@ -927,56 +530,87 @@ def sweep(
         for r in rows:
             groups.setdefault((r.method, r.size), []).append(r)
         for (m, size), grp in groups.items():
-            pick = choose_best(grp, max_retention_drop) or choose_best(grp, None)
-            assert pick is not None
+            pick = choose_best(grp, max_retention_drop) or min(grp, key=lambda r: r.key())
             cells.append(ComparisonCell(m, size, pick))
 
     # -- test: only now, and only for the chosen configuration(s) ------------------------
     base_test: dict[str, EvalResult] = {}
     c_test_before: dict[str, EvalResult] = {}
+    test_cache: dict[tuple[Any, ...], TransplantReport] = {}
+    test_warned: dict[tuple[Any, ...], list[str]] = {}
+    test_controls = [ct for _, _, ct in ctasks]
+
+    def test_eval(sel: Selection, a: float, extrapolate: bool, with_ret: bool
+                  ) -> TransplantReport:
+        """One configuration on test (cached by selection and effective alpha)."""
+        key = selection_key(sel if isinstance(sel, WeightMask) else parse_units(list(sel)), a)
+        hit = test_cache.get(key)
+        if hit is not None and (hit.retention or not with_ret or not test_controls):
+            return hit
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UndefinedMetricWarning)
+            rep = evaluate_transplant(
+                pair, test, sel, a, control_tasks=test_controls if with_ret else [],
+                prepend_bos=prepend_bos, baselines=base_test, control_before=c_test_before,
+                edit=make_for(extrapolate), batch_size=batch_size, progress=False,
+                n_boot=n_boot, level=level, seed=seed, gap_tol=gap_tol, warn=True)
+        test_warned[key] = [str(w.message) for w in caught
+                            if issubclass(w.category, UndefinedMetricWarning)]
+        test_cache[key] = rep
+        return rep
+
     if best is not None or cells:
         base_test = {"source": ev(pair.source, test), "target": ev(pair.target, test)}
-        c_test_before = {ct.name: ev(pair.target, ct) for _, _, ct in controls}
+        c_test_before = {ct.name: ev(pair.target, ct) for ct in test_controls}
         chosen = [best] if best is not None else []
         chosen += list(best_by_method.values()) if report_each_method else []
         chosen += [c.row for c in cells]
-        reports: dict[tuple[frozenset[str], float], TransplantReport] = {}
         for r in chosen:
-            key2 = (frozenset(r.units), r.alpha if r.units else 0.0)
-            if key2 not in reports:
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always", UndefinedMetricWarning)
-                    reports[key2] = evaluate_transplant(
-                        pair,
-                        test,
-                        r.units,
-                        r.alpha,
-                        control_tasks=[ct for _, _, ct in controls],
-                        prepend_bos=prepend_bos,
-                        baselines=base_test,
-                        control_before=c_test_before,
-                        edit=make,
-                        batch_size=batch_size,
-                        progress=False,
-                        n_boot=n_boot,
-                        level=level,
-                        seed=seed,
-                        gap_tol=gap_tol,
-                        warn=True,
-                    )
-                if r is best:
-                    for w in caught:
-                        warnings.warn(f"test: {w.message}", UndefinedMetricWarning, stacklevel=2)
-            r.test = reports[key2]
+            r.test = test_eval(r.selection, r.effective_alpha, r.extrapolates, True)
+        if best is not None:
+            for w in test_warned.get(selection_key(best.selection, best.effective_alpha), []):
+                warnings.warn(f"test: {w}", UndefinedMetricWarning, stacklevel=2)
+
+    # -- the verdict: controls at the chosen size, and how much to trust the choice ------
+    dense_pts = {lb: [DevPoint(r.alpha, r.metric, r.max_drop) for r in rows + control_rows
+                      if r.method == lb] for lb, o in baselines_ if grain_of(o) == GRAIN_DENSE}
+
+    def vs(row: SweepRow, retention: bool) -> dict[str, ControlResult]:
+        if row.test is None or layout is None or not baselines_:
+            return {}
+        return compare_with_controls(
+            row.test, method=row.method, n_params=row.n_params or 0, alpha=row.alpha,
+            drop=row.max_drop, controls=baselines_, evaluate=test_eval, layout=layout,
+            kinds=units, kv=kv, dense_points=dense_pts, retention=retention, n_boot=n_boot,
+            level=level, seed=seed)
+
+    verdict = vs(best, True) if best is not None else {}
+    for cell in cells:
+        cell.vs = {lb: r.vs_dict() for lb, r in vs(cell.row, False).items()}
     if len(getattr(pair, "active", [])) != n_active:  # pragma: no cover - defensive
         raise RuntimeError("a transplant was left applied after the sweep")
-    _paired_vs_controls(cells, methods, n_boot=n_boot, level=level, seed=seed)
+    n_distinct = len({c.key for c in plans if not c.control_only})
+    trust = None
+    if best is not None and best.dev_scores is not None:
+        trust = assess_selection(
+            best.dev_scores, base_dev["target"].scores, base_dev["source"].scores,
+            all_scores=[_dev_scores(r) for r in rows], eligible=[r.feasible for r in rows],
+            tiebreak=[r.key()[1:] for r in rows], n_distinct=n_distinct, metric=dev.metric,
+            folds=cv_folds, n_boot=n_boot, level=level, seed=seed, gap_tol=gap_tol)
+        if best.test is not None:
+            warn_msg = check_test_against_dev(trust, best.test.metrics)
+            if warn_msg is not None:
+                notes.append(f"warning: {warn_msg}")
+                warnings.warn(warn_msg, SelectionWarning, stacklevel=2)
+    searched = describe_search(rows, n_distinct=n_distinct, max_drop=max_retention_drop,
+                               budgets=fracs)
 
     config = {
         "ks": ks,
         "budgets": fracs,
         "alphas": alphas,
-        "methods": [m for m, _ in methods],
+        "methods": labels,
+        "controls": [lb for lb, _ in baselines_],
         "units": units if units is None or isinstance(units, str) else list(units),
         "dev_fraction": dev_fraction,
         "seed": seed,
@@ -988,10 +622,11 @@ def sweep(
         "n_boot": n_boot,
         "level": level,
         "gap_tol": gap_tol,
+        "cv_folds": cv_folds,
         "block_params": n_block,
         "split": "given" if not isinstance(task, Task) else "Task.split(dev_fraction, seed)",
         "control_tasks": [
-            {"name": n, "dev": cd.to_dict(), "test": ct.to_dict()} for n, cd, ct in controls
+            {"name": n, "dev": cd.to_dict(), "test": ct.to_dict()} for n, cd, ct in ctasks
         ],
         "retention": {
             "mode": retention_mode,
@@ -1001,8 +636,9 @@ def sweep(
                 "none": "none: retention was not measured",
             }[retention_mode],
         },
-        "selection": "max dev metric s.t. max dev control drop <= max_retention_drop; "
-        "ties -> fewer weights moved, then smaller K, then smaller alpha, then earlier method",
+        "selection": "max dev metric s.t. max dev control drop <= max_retention_drop and a "
+        "scorer's own set within the largest budget; ties -> fewer weights moved, then "
+        "smaller K, then smaller alpha, then earlier method",
         "budget": "fraction of block parameters (sum of layout.n_params over every Linear "
         "unit of every layer); distinct weights, KV groups brought along count",
         "compare_on_test": compare_on_test,
@@ -1026,45 +662,48 @@ def sweep(
         pair=pair_info,
         notes=notes,
         comparison=cells,
+        verdict=verdict,
+        trust=trust,
+        searched=searched,
+        control_rows=control_rows,
     )
 
 
-def _paired_vs_controls(
-    cells: list[ComparisonCell],
-    methods: Sequence[tuple[str, RankedSource]],
-    *,
-    n_boot: int,
-    level: float,
-    seed: int,
-) -> None:
-    """Fill ``cell.vs``: test metric minus the random / weight_diff cell of the same size."""
-    base_name = {m: str(getattr(obj, "method", m)) for m, obj in methods}
-    by_key = {(c.method, c.size): c for c in cells}
-    for ctrl in _CONTROL_METHODS:
-        label = next((m for m, _ in methods if m == ctrl), None) or next(
-            (m for m, _ in methods if base_name[m] == ctrl), None
-        )
-        if label is None:
-            continue
-        for c in cells:
-            other = by_key.get((label, c.size))
-            if c.method == label or other is None:
-                continue
-            a, b = c.row.test, other.row.test
-            if a is None or b is None:
-                continue
-            c.vs[ctrl] = {
-                "method": label,
-                "diff": a.transplanted.mean - b.transplanted.mean,
-                "ci": paired_diff_ci(a.transplanted.scores, b.transplanted.scores,
-                                     n_boot=n_boot, level=level, seed=seed),
-            }
+def _dev_scores(row: SweepRow) -> np.ndarray:
+    """A row's per-example dev scores (every row of a sweep has them)."""
+    assert row.dev_scores is not None
+    return row.dev_scores
+
+
+def _row(c: Config, x: EvalResult, after: Mapping[str, float],
+         before: Mapping[str, EvalResult], base: Mapping[str, EvalResult], metric: str,
+         gap_tol: float, n_block: int | None) -> SweepRow:
+    """A planned configuration's dev row."""
+    t_dev, s_dev = base["target"].mean, base["source"].mean
+    sel = c.selection
+    n = c.n_params
+    return SweepRow(
+        method=c.method, k=c.k, alpha=c.alpha,
+        units=[] if isinstance(sel, WeightMask) else [str(u) for u in sel],
+        metric=x.mean, delta=x.mean - t_dev,
+        tir=tir(x.mean, t_dev, metric=metric, warn=False),
+        recovery=recovery(x.mean, t_dev, s_dev, gap_tol=gap_tol, warn=False),
+        control={k: {"before": before[k].mean, "after": v, "drop": before[k].mean - v}
+                 for k, v in after.items()},
+        budget=c.budget, n_params=n,
+        pct_params=None if n is None or not n_block else n / n_block,
+        pct_units=c.pct_units, grain=c.grain,
+        mask=sel if isinstance(sel, WeightMask) else None, alpha_scale=c.alpha_scale,
+        over_budget=c.over_budget, dev_scores=np.asarray(x.scores, dtype=np.float64),
+    )
 
 
 __all__ = [
     "COMPARISON_NOTE",
     "GENERIC_RETENTION_NOTE",
     "ComparisonCell",
+    "HasSplits",
+    "RankedSource",
     "RankedUnits",
     "SweepResult",
     "SweepRow",
