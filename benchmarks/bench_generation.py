@@ -5,7 +5,7 @@
 Loads SmolLM2-135M-Instruct (``fetch_real_model``, cached offline) as a
 ``ModelSide`` (bridged, as every tl_transplant run does) and decodes ``--n``
 chat-style prompts of different lengths, left-padded in one batch, with
-:func:`tl_transplant.decoding.greedy_generate`: ``kv_cache=True`` (what
+:func:`tl_transplant.models.decoding.greedy_generate`: ``kv_cache=True`` (what
 ``evaluate`` now does for ``exact_match``) against ``kv_cache=False`` (the
 reference path: every step recomputes the prefix through the bridge). EOS is
 disabled so every row decodes exactly ``new`` tokens. The two runs are
@@ -69,9 +69,9 @@ def main() -> None:
     import torch
     from transformers import GenerationConfig
 
-    from tl_transplant.decoding import greedy_generate
-    from tl_transplant.pair import ModelSide
-    from tl_transplant.real_models import fetch_real_model
+    from tl_transplant.models.decoding import greedy_generate
+    from tl_transplant.models.pair import ModelSide
+    from tl_transplant.models.real import fetch_real_model
 
     torch.set_num_threads(args.threads)
     if args.model == "tiny":

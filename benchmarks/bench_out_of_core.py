@@ -86,7 +86,7 @@ extra = {"n_params_moved": m.n_params_moved}
 """
 
 OUT_OF_CORE = """
-from tl_transplant.out_of_core import apply_manifest_out_of_core
+from tl_transplant.io.out_of_core import apply_manifest_out_of_core
 t_import = time.perf_counter()
 a = json.loads(sys.argv[1])
 apply_manifest_out_of_core(a["root"] + "/source", a["root"] + "/target", a["manifest"], a["out"],
@@ -95,7 +95,7 @@ extra = {}
 """
 
 IMPORT_ONLY = """
-import tl_transplant.out_of_core
+import tl_transplant.io.out_of_core
 t_import = time.perf_counter()
 extra = {}
 """

@@ -19,7 +19,7 @@ import time
 import torch
 
 from tl_transplant import ModelPair, Task, available_methods, score
-from tl_transplant.real_models import fetch_real_model
+from tl_transplant.models.real import fetch_real_model
 
 WORDS = "the cat sat on a mat while seven birds flew over green hills toward the old town".split()
 

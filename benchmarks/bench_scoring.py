@@ -95,7 +95,7 @@ def build_real_pair(root: Path, scale: float = 0.01) -> tuple[Path, Path]:
     """SmolLM2 (target) and a copy with every tensor nudged (source), as HF directories."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tl_transplant.real_models import fetch_real_model
+    from tl_transplant.models.real import fetch_real_model
     from tl_transplant.testing import perturbed_copy, save_tiny
 
     tgt = Path(fetch_real_model("smollm2-135m-instruct"))
@@ -113,7 +113,7 @@ def worker(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     from tl_transplant import ModelPair
     from tl_transplant.scoring import score
-    from tl_transplant.tasks import Task
+    from tl_transplant.tasks.task import Task
 
     method, units, opts, base_kind = ALL_CASES[args.case]
     if args.case in PATCH_CASES:
@@ -145,7 +145,7 @@ def worker(args: argparse.Namespace) -> dict:
 
     from transformers import AutoModelForCausalLM
 
-    from tl_transplant.tokens import answer_logprobs, encode
+    from tl_transplant.tasks.tokens import answer_logprobs, encode
 
     hf_s = AutoModelForCausalLM.from_pretrained(args.source, attn_implementation="eager").eval()
     hf_t = AutoModelForCausalLM.from_pretrained(args.target, attn_implementation="eager").eval()

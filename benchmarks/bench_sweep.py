@@ -127,7 +127,7 @@ def load_pair(a: dict[str, Any]) -> Any:
 def real_prompts(n: int) -> Any:
     """The first ``n`` add_units prompts of ``smollm2_rtn4`` (dev, then test; 80 in all)."""
     from tl_transplant import zoo
-    from tl_transplant.tasks import Task
+    from tl_transplant.tasks.task import Task
 
     sp = zoo.load_tasks(REAL_PAIR)["task"]
     prompts, answers = [*sp.dev.prompts, *sp.test.prompts], [*sp.dev.answers, *sp.test.answers]
@@ -141,7 +141,7 @@ def _setup(a: dict[str, Any]) -> dict[str, Any]:
     """Build the pair, task splits and the ranking (identical in every child)."""
     import numpy as np
 
-    from tl_transplant.tasks import builtin_task
+    from tl_transplant.tasks.task import builtin_task
 
     pair = load_pair(a)
     if a.get("model", "tiny") == "smollm2":
@@ -165,7 +165,7 @@ def _setup(a: dict[str, Any]) -> dict[str, Any]:
 def _digest(side: Any) -> str:
     import hashlib
 
-    from tl_transplant.edits import tensor_sha256
+    from tl_transplant.edit.edits import tensor_sha256
 
     h = hashlib.sha256()
     for k in sorted(side.params):
@@ -180,8 +180,8 @@ def _naive_config(pair: Any, dev: Any, units: list[Any], alpha: float) -> tuple[
     import copy
 
     from tl_transplant import ModelPair
-    from tl_transplant.edits import transplant
-    from tl_transplant.evaluation import evaluate
+    from tl_transplant.edit.edits import transplant
+    from tl_transplant.evaluation.evaluator import evaluate
 
     t0 = time.perf_counter()
     side = copy.deepcopy(pair.target)
@@ -198,9 +198,9 @@ def child_reversible(a: dict[str, Any]) -> dict[str, Any]:
     import gc
     import warnings
 
-    from tl_transplant.edits import transplant
-    from tl_transplant.evaluation import evaluate
-    from tl_transplant.sweeps import RankedUnits, sweep
+    from tl_transplant.edit.edits import transplant
+    from tl_transplant.evaluation.evaluator import evaluate
+    from tl_transplant.sweeps.protocol import RankedUnits, sweep
 
     s = _setup(a)
     pair, dev, ranking = s["pair"], s["dev"], s["ranking"]
@@ -289,7 +289,7 @@ def child_naive(a: dict[str, Any]) -> dict[str, Any]:
     """The naive way over all configurations, for its peak RSS."""
     import gc
 
-    from tl_transplant.evaluation import evaluate
+    from tl_transplant.evaluation.evaluator import evaluate
 
     s = _setup(a)
     pair, dev, ranking = s["pair"], s["dev"], s["ranking"]

@@ -9,15 +9,15 @@ import pytest
 import torch
 
 from tl_transplant import ModelPair
-from tl_transplant.hooks import HookRunner, capturer
+from tl_transplant.arch.units import Neuron, parse_unit
+from tl_transplant.models.hooks import HookRunner, capturer
 from tl_transplant.scoring import Scores, ScoringError, score
 from tl_transplant.scoring.accumulate import UnitTable
 from tl_transplant.scoring.activation_patch import FULL_NEURON_LIMIT
 from tl_transplant.scoring.effects import Effects
-from tl_transplant.tasks import Task
+from tl_transplant.tasks.task import Task
+from tl_transplant.tasks.tokens import answer_logprobs, encode
 from tl_transplant.testing import perturbed_copy, tiny_model, word_tokenizer
-from tl_transplant.tokens import answer_logprobs, encode
-from tl_transplant.units import Neuron, parse_unit
 
 
 def make_task(n: int = 6) -> Task:

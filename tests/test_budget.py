@@ -7,7 +7,8 @@ import random
 import pytest
 import torch
 
-from tl_transplant.budget import (
+from tl_transplant.arch.units import Head, KVHead, Neuron
+from tl_transplant.edit.budget import (
     ParamCounter,
     block_params,
     budget_cap,
@@ -16,11 +17,10 @@ from tl_transplant.budget import (
     fill_budget,
     selection_size,
 )
-from tl_transplant.edits import plan_transplant
+from tl_transplant.edit.edits import plan_transplant
+from tl_transplant.edit.weights import WeightMask, WeightMaskError, WeightScores, unit_mask
 from tl_transplant.scoring.scores import Scores
-from tl_transplant.sweeps import RankedUnits
-from tl_transplant.units import Head, KVHead, Neuron
-from tl_transplant.weights import WeightMask, WeightMaskError, WeightScores, unit_mask
+from tl_transplant.sweeps.protocol import RankedUnits
 
 
 @pytest.fixture(scope="module")

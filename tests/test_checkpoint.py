@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tl_transplant.checkpoint import (
+from tl_transplant.edit.manifest import MANIFEST_NAME
+from tl_transplant.io.checkpoint import (
     ST_INDEX,
     Checkpoint,
     CheckpointError,
@@ -22,7 +23,6 @@ from tl_transplant.checkpoint import (
     write_pickle_shards,
     write_safetensors_shards,
 )
-from tl_transplant.manifest import MANIFEST_NAME
 
 TENSORS = {
     "a.weight": torch.arange(24, dtype=torch.float32).reshape(6, 4),

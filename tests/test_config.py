@@ -11,7 +11,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tl_transplant.config import ConfigError, SelectionConfig, check_device, load_config
+from tl_transplant.pipeline.config import ConfigError, SelectionConfig, check_device, load_config
 
 
 def _cfg(**change: Any) -> dict[str, Any]:

@@ -41,7 +41,7 @@ def assert_params_equal(side, snap) -> None:
     for k, v in side.params.items():
         assert torch.equal(v.detach(), snap[k]), f"{k} changed"
     for mirror, parts in side.mirrors:
-        from tl_transplant.pair import gather_slices
+        from tl_transplant.models.pair import gather_slices
 
         assert torch.equal(mirror.detach(), gather_slices(side.params, parts))
 
@@ -143,7 +143,7 @@ def test_bridge_hf_and_export_agree_after_transplant(family, tok, tmp_path):
     # The manifest hashes are the hashes of the tensors that were written.
     from safetensors.torch import load_file
 
-    from tl_transplant.edits import tensor_sha256
+    from tl_transplant.edit.edits import tensor_sha256
 
     written = {}
     for f in out.glob("*.safetensors"):
@@ -201,7 +201,7 @@ def test_property_random_unit_sets(data, alpha, tok, neox_pair):
             assert torch.equal(now[~mask], snap[name][~mask])
         # the bridge's NeoX q/k/v copies follow the edit
         for mirror, parts in pair.target.mirrors:
-            from tl_transplant.pair import gather_slices
+            from tl_transplant.models.pair import gather_slices
 
             assert torch.equal(mirror.detach(), gather_slices(pair.target.params, parts))
     assert_params_equal(pair.target, snap)
@@ -303,7 +303,7 @@ def test_export_refuses_non_empty_dir_and_is_atomic(tok, tmp_path, monkeypatch):
         ExportError, match="not empty; choose a new directory or pass overwrite=True"
     ):
         export_hf(pair, out)
-    import tl_transplant.export as ex
+    import tl_transplant.io.export as ex
 
     def broken(*a, **k):
         raise OSError("disk full")

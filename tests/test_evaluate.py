@@ -12,15 +12,15 @@ import pytest
 import torch
 
 from tl_transplant import ModelPair, ModelSide, transplant
-from tl_transplant.evaluation import (
+from tl_transplant.evaluation.evaluator import (
     EvalResult,
     evaluate,
     evaluate_transplant,
     retention,
     transplant_metrics,
 )
-from tl_transplant.stats import UndefinedMetricWarning, bootstrap_means, recovery, tir
-from tl_transplant.tasks import Task, builtin_task
+from tl_transplant.evaluation.stats import UndefinedMetricWarning, bootstrap_means, recovery, tir
+from tl_transplant.tasks.task import Task, builtin_task
 from tl_transplant.testing import same_state, snapshot_side, tiny_model, word_tokenizer
 
 V = 96  # vocab of the tiny models / word tokenizer (4 specials + w0..w91)

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoTokenizer
 
 from tl_transplant import ModelPair
-from tl_transplant.layouts import (
+from tl_transplant.arch.layouts import (
     FAMILIES,
     CheckpointAlias,
     FamilyLayout,
@@ -29,7 +29,8 @@ from tl_transplant.layouts import (
     supported_model_types,
     unregister_family,
 )
-from tl_transplant.pair import ModelSide
+from tl_transplant.arch.units import Head, Linear, Neuron
+from tl_transplant.models.pair import ModelSide
 from tl_transplant.testing import (
     TINY_FAMILIES,
     check_family,
@@ -37,7 +38,6 @@ from tl_transplant.testing import (
     tiny_model,
     tiny_model_types,
 )
-from tl_transplant.units import Head, Linear, Neuron
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "adding_an_architecture.md"
 
@@ -316,7 +316,7 @@ def test_adding_an_architecture_doc_runs(tmp_path, restore_registry):
     )
     assert len(pair.units("head")) == 8 and len(pair.units("kv_head")) == 4
     # every name the doc mentions in backticks that looks like our API exists
-    import tl_transplant.layouts as layouts
+    import tl_transplant.arch.layouts as layouts
     import tl_transplant.testing as testing
 
     for name in ("register_family", "bind_checkpoint_layout", "check_bridge", "FAMILIES",

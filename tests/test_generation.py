@@ -1,4 +1,4 @@
-"""Cached greedy decoding (tl_transplant.decoding) against the uncached reference path.
+"""Cached greedy decoding (tl_transplant.models.decoding) against the uncached reference path.
 
 The cached path runs the unwrapped HF module tree with a KV cache; the reference
 (``kv_cache=False``) recomputes the prefix through the bridged model at every step.
@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from tl_transplant import ModelPair, Task, evaluate, transplant
-from tl_transplant.decoding import can_cache, greedy_generate, hooks_active, plain_model
-from tl_transplant.evaluation import _generation_config
-from tl_transplant.patching import patch_activations
+from tl_transplant.edit.patching import patch_activations
+from tl_transplant.evaluation.evaluator import _generation_config
+from tl_transplant.models.decoding import can_cache, greedy_generate, hooks_active, plain_model
 from tl_transplant.testing import tiny_model, word_tokenizer
 
 FAMILIES = ["llama", "gpt2", "gpt_neox"]  # llama's tiny config is GQA (4 query / 2 KV heads)
@@ -221,7 +221,7 @@ def test_a_plain_forward_hook_also_forces_the_reference(gen_pair):
 def test_every_family_cached_equals_uncached_and_plain_hf(family, tmp_path):
     """Every supported model type: the unwrapped tree shares the tensors, decodes the same
     token ids as the bridged reference and as a never-booted copy of the HF model."""
-    from tl_transplant.pair import ModelSide
+    from tl_transplant.models.pair import ModelSide
 
     tok = word_tokenizer(tmp_path / "tok")
     model = _sharp(family, seed=41)

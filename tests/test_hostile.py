@@ -25,14 +25,14 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from tl_transplant import cli
-from tl_transplant.edits import TransplantError, apply_transplant, plan_transplant, transplant
+from tl_transplant.arch.units import UnitError, parse_kinds_or_units, parse_units
+from tl_transplant.edit.edits import TransplantError, apply_transplant, plan_transplant, transplant
+from tl_transplant.edit.manifest import MANIFEST_NAME, ManifestError, read_manifest
 from tl_transplant.errors import ModelLoadError, NonFiniteWeightsError
-from tl_transplant.export import ExportError, export_hf, prepare_out_dir
-from tl_transplant.manifest import MANIFEST_NAME, ManifestError, read_manifest
-from tl_transplant.out_of_core import OutOfCoreError, apply_manifest_out_of_core
-from tl_transplant.pair import ModelPair, ModelSide
+from tl_transplant.io.export import ExportError, export_hf, prepare_out_dir
+from tl_transplant.io.out_of_core import OutOfCoreError, apply_manifest_out_of_core
+from tl_transplant.models.pair import ModelPair, ModelSide
 from tl_transplant.testing import same_state, snapshot_side
-from tl_transplant.units import UnitError, parse_kinds_or_units, parse_units
 
 ZOO = Path(__file__).resolve().parents[1] / "tl_transplant" / "zoo" / "pairs" / "cross_generation"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -182,7 +182,7 @@ def test_run_refuses_out_holding_config_and_tasks(
 def test_demo_refuses_a_user_directory(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import tl_transplant.pipeline as pipeline
+    import tl_transplant.pipeline.runner as pipeline
 
     calls: list[Path] = []
 
@@ -213,7 +213,7 @@ def test_demo_lists_only_what_it_wrote(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``--no-export`` must not claim a model/ directory (it used to)."""
-    import tl_transplant.pipeline as pipeline
+    import tl_transplant.pipeline.runner as pipeline
 
     seen: dict[str, Any] = {}
 
@@ -377,7 +377,7 @@ def test_ctrl_c_during_export(
     dirs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch, pair: ModelPair,
 ) -> None:
-    import tl_transplant.export as export
+    import tl_transplant.io.export as export
 
     monkeypatch.setattr(ModelPair, "load", lambda *a, **k: pair)
 
@@ -444,7 +444,7 @@ def test_empty_unit_list_refused(
         with pytest.raises(TransplantError, match="no units"):
             plan_transplant(pair, empty)
     with pytest.raises(ManifestError, match="names no units"):
-        read_manifest({"format": "tl_transplant.manifest/1", "units": [], "alpha": 1.0})
+        read_manifest({"format": "tl_transplant.edit.manifest/1", "units": [], "alpha": 1.0})
     _no_load(monkeypatch)
     rc, err = _main(["export", "--source", "s", "--target", "t", "--units", ",", "--out",
                      str(tmp_path / "o")], capsys)
@@ -691,7 +691,7 @@ def test_sigterm_during_apply_and_ctrl_c_during_run_leave_nothing(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """In process: the CLI turns SIGTERM into an exception, so each command's cleanup runs."""
-    import tl_transplant.out_of_core as ooc
+    import tl_transplant.io.out_of_core as ooc
 
     def terminated(*a: Any, **k: Any) -> None:
         os.kill(os.getpid(), signal.SIGTERM)  # delivered to the CLI's handler

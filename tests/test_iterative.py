@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from tl_transplant import ModelPair
+from tl_transplant.arch.units import Head, KVHead, parse_unit
 from tl_transplant.scoring import RawScores, Scorer, Scores, ScoringError, register, score
-from tl_transplant.tasks import Task
+from tl_transplant.tasks.task import Task
 from tl_transplant.testing import perturbed_copy, snapshot_side, tiny_model, word_tokenizer
-from tl_transplant.units import Head, KVHead, parse_unit
 
 
 def make_task(n: int = 5) -> Task:

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from tl_transplant import ModelPair, transplant
-from tl_transplant.edits import plan_transplant
+from tl_transplant.arch.units import Linear, parse_unit
+from tl_transplant.edit.edits import plan_transplant
 from tl_transplant.scoring import ScoringError, score
 from tl_transplant.scoring.learned_mask import GatedTarget
-from tl_transplant.tasks import Task
+from tl_transplant.tasks.task import Task
 from tl_transplant.testing import (
     perturbed_copy,
     same_state,
@@ -19,7 +20,6 @@ from tl_transplant.testing import (
     tiny_model,
     word_tokenizer,
 )
-from tl_transplant.units import Linear, parse_unit
 
 #: Units whose target weights are damaged in the planted pair (a head and three neurons).
 PLANTED = ("L1.H2", "L0.N5", "L1.N17", "L1.N30")

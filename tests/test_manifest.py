@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import tl_transplant
-from tl_transplant.manifest import (
+from tl_transplant.edit.manifest import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
     Manifest,
@@ -20,8 +20,8 @@ from tl_transplant.manifest import (
 )
 
 # The package exports functions named like some modules (transplant), so import by name.
-export_mod = importlib.import_module("tl_transplant.export")
-transplant_mod = importlib.import_module("tl_transplant.edits")
+export_mod = importlib.import_module("tl_transplant.io.export")
+transplant_mod = importlib.import_module("tl_transplant.edit.edits")
 
 
 def _manifest(units: list[str] | None = None, alpha: float = 0.5) -> Manifest:
@@ -44,7 +44,7 @@ def _manifest(units: list[str] | None = None, alpha: float = 0.5) -> Manifest:
 def test_one_type_everywhere() -> None:
     assert tl_transplant.Manifest is Manifest is transplant_mod.Manifest
     assert export_mod.MANIFEST_NAME == MANIFEST_NAME == "transplant_manifest.json"
-    assert transplant_mod.MANIFEST_FORMAT == MANIFEST_FORMAT == "tl_transplant.manifest/1"
+    assert transplant_mod.MANIFEST_FORMAT == MANIFEST_FORMAT == "tl_transplant.edit.manifest/1"
 
 
 def test_write_is_the_documented_json(tmp_path: Path) -> None:

@@ -27,8 +27,8 @@ from tl_transplant import (
     transplant,
 )
 from tl_transplant.cli import add_apply_command, main
-from tl_transplant.export import MANIFEST_NAME, ExportError
-from tl_transplant.out_of_core import OutOfCoreError, apply_manifest_out_of_core
+from tl_transplant.io.export import MANIFEST_NAME, ExportError
+from tl_transplant.io.out_of_core import OutOfCoreError, apply_manifest_out_of_core
 from tl_transplant.testing import TINY_FAMILIES, perturbed_copy, tiny_model, word_tokenizer
 
 SHARD = "20KB"
@@ -204,7 +204,7 @@ def test_hand_written_manifest_adds_kv_groups(sharded, tmp_path: Path) -> None:
     s, t = sharded("mistral")
     pair = ModelPair.load(s, t)
     mem = export_hf(pair, tmp_path / "mem", apply_transplant(pair, ["L1.H3", "L0.N4"], 0.8))
-    rec = {"format": "tl_transplant.manifest/1", "units": ["L1.H3", "L0.N4"], "alpha": 0.8}
+    rec = {"format": "tl_transplant.edit.manifest/1", "units": ["L1.H3", "L0.N4"], "alpha": 0.8}
     ooc = apply_manifest_out_of_core(s, t, rec, tmp_path / "ooc")
     _assert_same_model(mem, ooc)
 
@@ -285,13 +285,13 @@ def test_unit_the_checkpoint_lacks(llama_run, tmp_path: Path) -> None:
         ("{not json", "not valid JSON"),
         ('{"transplants": []}', "holds no transplants"),
         ('{"format": "other/1", "units": [], "alpha": 1}', "not a tl_transplant manifest"),
-        ('{"format": "tl_transplant.manifest/1", "alpha": 1}', "lacks units"),
+        ('{"format": "tl_transplant.edit.manifest/1", "alpha": 1}', "lacks units"),
         (
-            '{"format": "tl_transplant.manifest/1", "units": ["L0.H0"], "alpha": "x"}',
+            '{"format": "tl_transplant.edit.manifest/1", "units": ["L0.H0"], "alpha": "x"}',
             "not a number",
         ),
         (
-            '{"format": "tl_transplant.manifest/1", "units": ["L0.H0"], "alpha": NaN}',
+            '{"format": "tl_transplant.edit.manifest/1", "units": ["L0.H0"], "alpha": NaN}',
             "must be finite",
         ),
     ],
@@ -539,7 +539,7 @@ def test_accelerate_hooks_match_single_device(family: str, sharded) -> None:
 
     # Scoring on the hooked pair gives the same scores.
     from tl_transplant.scoring import score
-    from tl_transplant.tasks import builtin_task
+    from tl_transplant.tasks.task import builtin_task
 
     task = builtin_task("successor", n=6)
     for method in ("activation_diff", "attribution"):

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from tl_transplant import ModelPair, transplant
-from tl_transplant.edits import plan_transplant
-from tl_transplant.evaluation import evaluate
-from tl_transplant.patching import PatchError, patch_activations
-from tl_transplant.sweeps import sweep
-from tl_transplant.tasks import Task, builtin_task
+from tl_transplant.edit.edits import plan_transplant
+from tl_transplant.edit.patching import PatchError, patch_activations
+from tl_transplant.evaluation.evaluator import evaluate
+from tl_transplant.sweeps.protocol import sweep
+from tl_transplant.tasks.task import Task, builtin_task
+from tl_transplant.tasks.tokens import encode
 from tl_transplant.testing import tiny_model, word_tokenizer
-from tl_transplant.tokens import encode
 
 IDS = torch.tensor([[1, 5, 9, 7, 22, 13, 40], [1, 8, 8, 30, 6, 40, 41]])
 
@@ -176,7 +176,7 @@ def test_generate_and_evaluate_follow_the_patch(qpair, tok):
     assert hooks_left(pair) == 0
 
 
-@pytest.mark.filterwarnings("ignore::tl_transplant.evaluation.UndefinedMetricWarning")
+@pytest.mark.filterwarnings("ignore::tl_transplant.evaluation.evaluator.UndefinedMetricWarning")
 def test_sweep_compares_activation_and_weight_transplant(tok):
     pair = surgical_pair("llama", tok, ["L1.H1", "L1.N3"], scale=2.0)
     pool = builtin_task("induction", n=40, seed=0).prompts

@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM
 
 from tl_transplant import ConfigError, load_config, run
 from tl_transplant.cli import main
-from tl_transplant.pipeline import RESULT_KEYS
-from tl_transplant.tasks import builtin_task
+from tl_transplant.pipeline.runner import RESULT_KEYS
+from tl_transplant.tasks.task import builtin_task
 from tl_transplant.testing import perturbed_copy, save_tiny, tiny_model, word_tokenizer
 
 
@@ -229,9 +229,9 @@ def test_every_subcommand_has_help(cmd, capsys):
 
 
 def test_run_table_from_results_dict():
-    """The CLI's table (tl_transplant.summary.format_table) is built from results.json alone."""
-    from tl_transplant.pipeline import format_table
-    from tl_transplant.summary import NO_CHOICE
+    """The CLI's table (tl_transplant.report.text.format_table) is built from results.json alone."""
+    from tl_transplant.pipeline.runner import format_table
+    from tl_transplant.report.text import NO_CHOICE
 
     base = {"source": {"dev": 0.8, "test": 0.75}, "target": {"dev": 0.2, "test": None}}
     lines = format_table({"baselines": base, "best": None}).splitlines()
@@ -262,7 +262,7 @@ def test_run_table_from_results_dict():
 
 def test_run_budgets_compare_and_no_retention(workdir, tmp_path, capsys):
     """Budgets only (--budget, --only-budget), the comparison table, retention: none."""
-    from tl_transplant.summary import COMPARISON_NOTE
+    from tl_transplant.report.text import COMPARISON_NOTE
 
     cfg = _cfg(workdir, export=False, control_tasks=[], sweep={"k": [2], "alpha": [1.0]},
                selection={"methods": ["weight_diff"], "units": ["head", "neuron"],
@@ -302,7 +302,7 @@ def test_run_budgets_compare_and_no_retention(workdir, tmp_path, capsys):
 def test_run_without_controls_uses_generic_retention(workdir, tmp_path):
     import warnings
 
-    from tl_transplant.sweeps import GENERIC_RETENTION_NOTE
+    from tl_transplant.sweeps.protocol import GENERIC_RETENTION_NOTE
 
     cfg = _cfg(workdir, export=False, control_tasks=[], sweep={"k": [2], "alpha": [1.0]},
                selection={"methods": ["weight_diff"], "units": ["head", "neuron"],
@@ -322,8 +322,8 @@ def test_run_without_controls_uses_generic_retention(workdir, tmp_path):
 @pytest.mark.parametrize("name", ["cross_generation", "base_instruct"])
 def test_demo_config_is_valid_and_compares_against_both_controls(name: str, full: bool) -> None:
     """The demo compares every rule with random and weight_diff at the same budgets, on test."""
-    from tl_transplant.config import load_config
-    from tl_transplant.pipeline import demo_config
+    from tl_transplant.pipeline.config import load_config
+    from tl_transplant.pipeline.runner import demo_config
 
     rc = load_config(demo_config(name, export=False, full=full))
     labels = {r.label for r in rc.selection.runs()}

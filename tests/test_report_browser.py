@@ -273,8 +273,8 @@ def labelled(side: Any, prompts: list[str], name: str) -> Any:
     """A task whose answers are ``side``'s own greedy next tokens (special tokens dropped)."""
     import torch
 
-    from tl_transplant.tasks import Task
-    from tl_transplant.tokens import encode
+    from tl_transplant.tasks.task import Task
+    from tl_transplant.tasks.tokens import encode
 
     tok = side.tokenizer
     enc = encode(tok, prompts, None, prepend_bos=True)
@@ -292,8 +292,8 @@ def report(pair_dirs, tmp_path_factory: pytest.TempPathFactory):
     target gets right, two score methods, a sweep with a retention limit."""
     from tl_transplant import ModelPair
     from tl_transplant.scoring import score
-    from tl_transplant.sweeps import sweep
-    from tl_transplant.tasks import builtin_task
+    from tl_transplant.sweeps.protocol import sweep
+    from tl_transplant.tasks.task import builtin_task
 
     pair = ModelPair.load(*pair_dirs("llama"))
     pool = builtin_task("induction", n=60, seed=0).prompts
@@ -359,7 +359,7 @@ def test_detector_sees_cdn_and_remote_requests(chromium, tmp_path):
     """Negative control: CircuitsVis' default (CDN) HTML and a remote image are caught."""
     import circuitsvis as cv
 
-    from tl_transplant.viz import CircuitsVisView, CVPanel
+    from tl_transplant.report.views import CircuitsVisView, CVPanel
 
     cdn = str(cv.tokens.colored_tokens(["a", "b"], [1.0, -1.0]))  # str() = the CDN form
     assert "unpkg.com" in cdn
@@ -380,7 +380,7 @@ def test_detector_sees_cdn_and_remote_requests(chromium, tmp_path):
 def test_saved_view_is_self_contained(chromium, pair_dirs, tmp_path):
     """A CircuitsVisView saved on its own also renders offline (interactive neuron view)."""
     from tl_transplant import ModelPair
-    from tl_transplant.viz import neuron_compare
+    from tl_transplant.report.views import neuron_compare
 
     pair = ModelPair.load(*pair_dirs("llama"))
     view = neuron_compare(pair, ["w1 w2 w3", "w4 w5"], ["L0.N1", "L1.N3"], view="interactive")

@@ -1,4 +1,4 @@
-"""Generic retention (tl_transplant.retention): a control task from the unedited target itself."""
+"""Generic retention (tl_transplant.evaluation.generic): a control task from the unedited target itself."""
 
 from __future__ import annotations
 
@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 
 from tl_transplant import ModelPair, evaluate, transplant, zoo
-from tl_transplant.evaluation import retention
-from tl_transplant.retention import (
+from tl_transplant.evaluation.evaluator import retention
+from tl_transplant.evaluation.generic import (
     MAX_UNKNOWN_FRACTION,
     general_text,
     generic_retention,
     text_chunks,
     unknown_fraction,
 )
-from tl_transplant.tasks import Task, builtin_task, parse_reference, reference_answer
+from tl_transplant.tasks.task import Task, builtin_task, parse_reference, reference_answer
 from tl_transplant.testing import perturbed_copy, tiny_model
 
 

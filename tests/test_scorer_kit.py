@@ -14,7 +14,14 @@ import torch
 
 import tl_transplant
 from tl_transplant import ModelPair
-from tl_transplant.hooks import HookError, kind_hooks, require_hooks, value_hooks, write_hooks
+from tl_transplant.arch.units import Head, KVHead, Linear, Neuron
+from tl_transplant.models.hooks import (
+    HookError,
+    kind_hooks,
+    require_hooks,
+    value_hooks,
+    write_hooks,
+)
 from tl_transplant.scoring import (
     SCORERS,
     RawScores,
@@ -26,9 +33,8 @@ from tl_transplant.scoring import (
     register,
     score,
 )
-from tl_transplant.tasks import Task
+from tl_transplant.tasks.task import Task
 from tl_transplant.testing import tiny_model, word_tokenizer
-from tl_transplant.units import Head, KVHead, Linear, Neuron
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "docs" / "examples" / "my_scorer.py"
@@ -106,7 +112,7 @@ def test_example_scorer_registers_and_scores_sensibly(pair, clean_registry):
     assert s["L0.H0"] > 1e-3
     assert all(s[Head(0, h)] == 0.0 for h in range(1, pair.layout.dims.H))
     # Against a direct computation with run_with_cache, for a downstream head.
-    from tl_transplant.tokens import encode
+    from tl_transplant.tasks.tokens import encode
 
     gaps = []
     for p in task.prompts:

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from tl_transplant import ModelPair, transplant
+from tl_transplant.arch.units import Head, KVHead, Linear, Neuron, parse_unit
 from tl_transplant.scoring import Scores, ScoringError, available_methods, score
-from tl_transplant.tasks import Task
+from tl_transplant.tasks.task import Task
+from tl_transplant.tasks.tokens import answer_logprobs, encode
 from tl_transplant.testing import perturbed_copy, tiny_model, word_tokenizer
-from tl_transplant.tokens import answer_logprobs, encode
-from tl_transplant.units import Head, KVHead, Linear, Neuron, parse_unit
 
 PERTURBED = ("L0.H0", "L1.H2", "L1.N7")
 

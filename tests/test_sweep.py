@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tl_transplant.stats import UndefinedMetricWarning
-from tl_transplant.sweeps import RankedUnits, SweepRow, choose_best, pareto_front, sweep
-from tl_transplant.tasks import Task
+from tl_transplant.evaluation.stats import UndefinedMetricWarning
+from tl_transplant.sweeps.protocol import RankedUnits, SweepRow, choose_best, pareto_front, sweep
+from tl_transplant.tasks.task import Task
 from tl_transplant.testing import same_state, snapshot_side
 
-sweep_mod = importlib.import_module("tl_transplant.sweeps")  # the package exports sweep()
+sweep_mod = importlib.import_module("tl_transplant.sweeps.protocol")  # the package exports sweep()
 
 TRUE_UNITS = ["L1.mlp.down_proj", "L1.attn.o_proj"]  # where source != target
 DECOYS = ["L0.attn.q_proj", "L0.mlp.up_proj", "L1.attn.q_proj"]  # identical in both: no-ops
@@ -220,13 +220,13 @@ def test_methods_side_by_side_and_save(eng, tmp_path: Path, monkeypatch: pytest.
     assert (out / "sweep.csv").read_text().count("\n") == 7
     assert (out / "sweep.png").stat().st_size > 1000
     json.dumps(res.to_dict(), allow_nan=False)
-    # report=True goes through the writer tl_transplant.report registered (sweep never imports it)
+    # report=True goes through the writer tl_transplant.report.html registered (sweep never imports it)
     calls = []
     monkeypatch.setitem(sweep_mod._REPORT_WRITER, "write", lambda p, **kw: calls.append((p, kw)))
     res.save(tmp_path / "rep", report=True, title="t")
     assert calls == [(tmp_path / "rep" / "report.html", {"sweep_result": res, "title": "t"})]
     monkeypatch.delitem(sweep_mod._REPORT_WRITER, "write")
-    with pytest.raises(RuntimeError, match="import tl_transplant.report"):
+    with pytest.raises(RuntimeError, match="import tl_transplant.report.html"):
         res.save(tmp_path / "rep2", report=True)
     assert not (tmp_path / "rep2").exists()
 
@@ -275,8 +275,8 @@ def test_given_splits_match_internal_split(eng):
 
 def test_every_row_states_params_then_units(eng):
     pair, src, ctl, _ = eng
-    from tl_transplant.budget import block_params
-    from tl_transplant.edits import plan_transplant
+    from tl_transplant.edit.budget import block_params
+    from tl_transplant.edit.edits import plan_transplant
 
     res = sweep(pair, src, RANKING, control_tasks=[ctl], **KW)
     n_block = block_params(pair.layout)
@@ -293,9 +293,9 @@ def test_every_row_states_params_then_units(eng):
 
 
 def test_budgets_suggested_set_and_comparison_on_test(eng, tmp_path: Path):
-    from tl_transplant.budget import block_params
+    from tl_transplant.edit.budget import block_params
+    from tl_transplant.report.text import COMPARISON_NOTE
     from tl_transplant.scoring.scores import Scores
-    from tl_transplant.summary import COMPARISON_NOTE
 
     pair, src, ctl, _ = eng
     lay = pair.layout
@@ -354,7 +354,7 @@ def test_budgets_suggested_set_and_comparison_on_test(eng, tmp_path: Path):
     assert res.by_budget().shape == (2, 3)
     assert (res.save(tmp_path / "b") / "sweep.png").stat().st_size > 1000
     assert (tmp_path / "b" / "comparison.csv").read_text().count("\n") == 8
-    from tl_transplant.report import comparison_markdown, write_report
+    from tl_transplant.report.html import comparison_markdown, write_report
 
     page = write_report(tmp_path / "b", sweep_result=res).read_text()
     assert "Comparison: method × budget" in page and COMPARISON_NOTE in page
@@ -366,7 +366,7 @@ def test_budgets_suggested_set_and_comparison_on_test(eng, tmp_path: Path):
 
 def test_default_control_is_generic_retention(eng, tmp_path: Path):
     """No control task given: the generic proxy is measured, and max_retention_drop binds it."""
-    from tl_transplant.sweeps import GENERIC_RETENTION_NOTE
+    from tl_transplant.sweeps.protocol import GENERIC_RETENTION_NOTE
 
     pair, src, _, _ = eng
     with warnings.catch_warnings():
@@ -385,7 +385,7 @@ def test_default_control_is_generic_retention(eng, tmp_path: Path):
     assert tight.best.k == 1 and tight.best.max_drop == 0.0  # the constraint applies to it
     assert GENERIC_RETENTION_NOTE in free.summary()
     assert json.loads(json.dumps(free.to_dict()))["config"]["retention"]["mode"] == "generic"
-    from tl_transplant.report import write_report
+    from tl_transplant.report.html import write_report
 
     page = write_report(tmp_path, sweep_result=free).read_text()
     assert html.escape(GENERIC_RETENTION_NOTE) in page

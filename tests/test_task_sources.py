@@ -11,7 +11,7 @@ import datasets
 import pytest
 import torch
 
-from tl_transplant.tasks import (
+from tl_transplant.tasks.task import (
     ACCURACY_METRICS,
     METRICS,
     Task,
@@ -19,14 +19,14 @@ from tl_transplant.tasks import (
     extract_last_number,
     normalize_answer,
 )
-from tl_transplant.testing import word_tokenizer
-from tl_transplant.tokens import (
+from tl_transplant.tasks.tokens import (
     choice_logprobs,
     context_limit,
     encode,
     encode_choices,
     mc_scores,
 )
+from tl_transplant.testing import word_tokenizer
 
 ROWS = [
     {"problem": "w1 w2", "answer": "w3", "level": 1},

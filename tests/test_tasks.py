@@ -8,7 +8,7 @@ from pathlib import Path
 import datasets
 import pytest
 
-from tl_transplant.tasks import (
+from tl_transplant.tasks.task import (
     DEFAULT_WORDS,
     EXTRACTORS,
     Task,

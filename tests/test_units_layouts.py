@@ -8,9 +8,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tl_transplant import Head, KVHead, Linear, ModelPair, Neuron, UnitError, parse_unit, transplant
-from tl_transplant.layouts import UnsupportedArchitectureError, bind_layout, family_for
+from tl_transplant.arch.layouts import UnsupportedArchitectureError, bind_layout, family_for
+from tl_transplant.arch.units import normalize_kinds, parse_units
 from tl_transplant.testing import tiny_model, word_tokenizer
-from tl_transplant.units import normalize_kinds, parse_units
 
 names = st.from_regex(r"(attn|mlp)\.[a-z_][a-z0-9_]{0,12}", fullmatch=True)
 units_st = st.one_of(

@@ -14,22 +14,22 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tl_transplant import load_config, run, score
-from tl_transplant.budget import ParamCounter, block_params
 from tl_transplant.cli import main
+from tl_transplant.edit.budget import ParamCounter, block_params
+from tl_transplant.edit.weights import WeightMask, WeightScores
+from tl_transplant.evaluation.stats import paired_metrics
 from tl_transplant.scoring.scores import Scores
-from tl_transplant.search import RankedUnits
-from tl_transplant.selection import (
+from tl_transplant.sweeps.protocol import sweep
+from tl_transplant.sweeps.search import RankedUnits
+from tl_transplant.sweeps.selection import (
     SelectionWarning,
     assess_selection,
     check_test_against_dev,
     cross_validated_selection,
     fold_indices,
 )
-from tl_transplant.stats import paired_metrics
-from tl_transplant.sweeps import sweep
-from tl_transplant.tasks import Task, builtin_task
+from tl_transplant.tasks.task import Task, builtin_task
 from tl_transplant.testing import perturbed_copy, save_tiny, tiny_model, word_tokenizer
-from tl_transplant.weights import WeightMask, WeightScores
 
 TRUE_UNITS = ["L1.mlp.down_proj", "L1.attn.o_proj"]  # where source != target
 DECOYS = ["L0.attn.q_proj", "L0.mlp.up_proj", "L1.attn.q_proj"]
@@ -378,7 +378,7 @@ def test_run_applies_and_exports_a_weight_level_winner(workdir, tmp_path):
 
 
 def test_config_and_cli_for_weight_units(workdir, tmp_path, capsys):
-    from tl_transplant.config import ConfigError
+    from tl_transplant.pipeline.config import ConfigError
 
     with pytest.raises(ConfigError, match=r"'magnitude' scores single weights only, and "
                                           r"weight is not among selection\.units"):

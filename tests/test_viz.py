@@ -10,14 +10,9 @@ import pytest
 import torch
 
 from tl_transplant import ModelPair
-from tl_transplant.edits import plan_transplant
-from tl_transplant.report import write_report
-from tl_transplant.scoring import Scores
-from tl_transplant.sweeps import sweep
-from tl_transplant.tasks import Task, builtin_task
-from tl_transplant.testing import tiny_model, word_tokenizer
-from tl_transplant.tokens import encode
-from tl_transplant.viz import (
+from tl_transplant.edit.edits import plan_transplant
+from tl_transplant.report.html import write_report
+from tl_transplant.report.views import (
     CircuitsVisView,
     CVPanel,
     attention_compare,
@@ -28,8 +23,13 @@ from tl_transplant.viz import (
     str_tokens,
     sweep_plot,
 )
+from tl_transplant.scoring import Scores
+from tl_transplant.sweeps.protocol import sweep
+from tl_transplant.tasks.task import Task, builtin_task
+from tl_transplant.tasks.tokens import encode
+from tl_transplant.testing import tiny_model, word_tokenizer
 
-pytestmark = pytest.mark.filterwarnings("ignore::tl_transplant.evaluation.UndefinedMetricWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::tl_transplant.evaluation.evaluator.UndefinedMetricWarning")
 
 CHANGED = ["L0.H1", "L1.N3"]  # the only units where source and target differ
 
@@ -171,7 +171,7 @@ def test_attention_compare_weight_transplant_reproduces_the_source_head(pair):
 
 
 def test_neuron_compare_views_and_activation_patch(pair):
-    from tl_transplant.patching import patch_activations
+    from tl_transplant.edit.patching import patch_activations
 
     prompts = ["w1 w2 w3", "w4 w5"]
     v = neuron_compare(pair, prompts, ["L1.N3", "L1.N4"],

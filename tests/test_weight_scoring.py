@@ -9,17 +9,17 @@ import pytest
 import torch
 
 from tl_transplant import ModelPair, Task, score, transplant
-from tl_transplant.edits import plan_transplant
-from tl_transplant.scoring import ScoringError
-from tl_transplant.testing import snapshot_side, tiny_model, word_tokenizer
-from tl_transplant.tokens import answer_logprobs, encode
-from tl_transplant.weights import (
+from tl_transplant.edit.edits import plan_transplant
+from tl_transplant.edit.weights import (
     WeightMask,
     WeightMaskError,
     WeightScores,
     top_weights,
     unit_mask,
 )
+from tl_transplant.scoring import ScoringError
+from tl_transplant.tasks.tokens import answer_logprobs, encode
+from tl_transplant.testing import snapshot_side, tiny_model, word_tokenizer
 
 WEIGHT_METHODS = ("attribution", "weight_diff", "magnitude", "random", "dare")
 TASK = Task(prompts=["w1 w2 w3", "w4 w5 w6", "w7 w8", "w9 w10 w11 w12"],
@@ -116,7 +116,7 @@ def test_weight_scoring_changes_neither_model(tmp_path, method):
 
 def test_budgets_count_single_weights_and_random_is_seeded(tmp_path):
     pair, _ = _planted_pair(tmp_path)
-    from tl_transplant.budget import block_params
+    from tl_transplant.edit.budget import block_params
 
     total = block_params(pair.layout)
     assert total == sum(math.prod(pair.layout.shapes[n]) for n in pair.layout.unit_tensors())
@@ -148,7 +148,7 @@ def test_top_weights_equals_a_full_sort_and_the_sampled_path(monkeypatch):
         chosen = torch.cat([vals[name].reshape(-1)[i] for name, i in sorted(got.items())])
         kth = torch.sort(flat, descending=True).values[n - 1]
         assert bool((chosen >= kth).all())
-        import tl_transplant.weights as w
+        import tl_transplant.edit.weights as w
 
         monkeypatch.setattr(w, "_EXACT_TOPK_MAX", 10)
         sampled = top_weights(vals, k)

@@ -22,10 +22,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tl_transplant import ModelPair, apply_transplant, export_hf, out_of_core, transplant
-from tl_transplant.budget import block_params
 from tl_transplant.cli import main
-from tl_transplant.edits import TransplantError, blend_values, plan_transplant
-from tl_transplant.manifest import (
+from tl_transplant.edit.budget import block_params
+from tl_transplant.edit.edits import TransplantError, blend_values, plan_transplant
+from tl_transplant.edit.manifest import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
     MASK_FILE_RE,
@@ -34,7 +34,8 @@ from tl_transplant.manifest import (
     read_manifest,
     write_manifest,
 )
-from tl_transplant.out_of_core import OutOfCoreError, apply_manifest_out_of_core
+from tl_transplant.edit.weights import WeightMask, file_sha256, unit_mask
+from tl_transplant.io.out_of_core import OutOfCoreError, apply_manifest_out_of_core
 from tl_transplant.testing import (
     perturbed_copy,
     same_state,
@@ -42,7 +43,6 @@ from tl_transplant.testing import (
     tiny_model,
     word_tokenizer,
 )
-from tl_transplant.weights import WeightMask, file_sha256, unit_mask
 
 IDS = torch.tensor([[1, 5, 9, 17, 33, 4, 60, 2]])
 

@@ -6,37 +6,12 @@ Public API (the CLI and notebooks use exactly these)::
     from tl_transplant import run   # the whole pipeline from a config
 """
 
-from tl_transplant.budget import block_params, fill_budget
-from tl_transplant.config import ConfigError, load_config
-from tl_transplant.edits import (
-    TransplantError,
-    apply_transplant,
-    plan_transplant,
-    transplant,
-)
-from tl_transplant.evaluation import evaluate, evaluate_transplant, transplant_metrics
-from tl_transplant.export import ExportError, export_hf
-from tl_transplant.layouts import (
+from tl_transplant.arch.layouts import (
     LayoutMismatchError,
     UnsupportedArchitectureError,
     supported_model_types,
 )
-from tl_transplant.manifest import Manifest, read_manifest, write_manifest
-from tl_transplant.pair import (
-    IncompatiblePairError,
-    ModelLoadError,
-    ModelPair,
-    ModelSide,
-    NonFiniteWeightsError,
-)
-from tl_transplant.patching import PatchError, patch_activations
-from tl_transplant.pipeline import RunResult, run
-from tl_transplant.report import write_report  # also registers SweepResult.save(report=True)
-from tl_transplant.retention import generic_retention
-from tl_transplant.scoring import Scores, available_methods, score
-from tl_transplant.sweeps import SweepResult, sweep
-from tl_transplant.tasks import Task, builtin_task
-from tl_transplant.units import (
+from tl_transplant.arch.units import (
     Head,
     KVHead,
     Linear,
@@ -46,6 +21,31 @@ from tl_transplant.units import (
     parse_unit,
     parse_units,
 )
+from tl_transplant.edit.budget import block_params, fill_budget
+from tl_transplant.edit.edits import (
+    TransplantError,
+    apply_transplant,
+    plan_transplant,
+    transplant,
+)
+from tl_transplant.edit.manifest import Manifest, read_manifest, write_manifest
+from tl_transplant.edit.patching import PatchError, patch_activations
+from tl_transplant.evaluation.evaluator import evaluate, evaluate_transplant, transplant_metrics
+from tl_transplant.evaluation.generic import generic_retention
+from tl_transplant.io.export import ExportError, export_hf
+from tl_transplant.models.pair import (
+    IncompatiblePairError,
+    ModelLoadError,
+    ModelPair,
+    ModelSide,
+    NonFiniteWeightsError,
+)
+from tl_transplant.pipeline.config import ConfigError, load_config
+from tl_transplant.pipeline.runner import RunResult, run
+from tl_transplant.report.html import write_report  # also registers SweepResult.save(report=True)
+from tl_transplant.scoring import Scores, available_methods, score
+from tl_transplant.sweeps.protocol import SweepResult, sweep
+from tl_transplant.tasks.task import Task, builtin_task
 
 __version__ = "0.1.0"
 
@@ -97,3 +97,7 @@ __all__ = [
     "write_manifest",
     "write_report",
 ]
+
+from tl_transplant import _compat  # noqa: E402 - old import paths (tl_transplant.edits, ...)
+
+_compat.install()

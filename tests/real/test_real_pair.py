@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tl_transplant import zoo
-from tl_transplant.tokens import encode
+from tl_transplant.tasks.tokens import encode
 from tl_transplant.zoo import real
 
 NAME = "smollm2_rtn4"

@@ -16,9 +16,9 @@ import torch
 import yaml
 
 from tl_transplant import Task, available_methods, score, zoo
+from tl_transplant.arch.units import parse_unit
 from tl_transplant.cli import main as cli_main
 from tl_transplant.scoring import get_scorer
-from tl_transplant.units import parse_unit
 
 from .test_real_models import nudged_source
 

@@ -26,7 +26,7 @@ Methods (one module each in this package, registered by name):
 
 Adding a scorer (``docs/adding_a_scorer.md``): subclass :class:`Scorer`, declare
 typed ``Options``, implement ``run`` with the kit exported here (data batching,
-:class:`UnitTable`/:class:`Accumulator`, :mod:`tl_transplant.hooks`), and
+:class:`UnitTable`/:class:`Accumulator`, :mod:`tl_transplant.models.hooks`), and
 ``@register`` it; a package can ship one through the ``tl_transplant.scorers``
 entry point group.
 
@@ -48,7 +48,19 @@ import pkgutil
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal, overload
 
-from tl_transplant.hooks import Handler, HookRunner, capturer
+from tl_transplant.arch.units import (
+    UNIT_KINDS,
+    Head,
+    KVHead,
+    Linear,
+    Neuron,
+    Unit,
+    UnitError,
+    normalize_kinds,
+    parse_unit,
+)
+from tl_transplant.edit.weights import WEIGHT, WeightMask, WeightScores
+from tl_transplant.models.hooks import Handler, HookRunner, capturer
 from tl_transplant.scoring.accumulate import Accumulator, UnitTable, unit_index
 from tl_transplant.scoring.data import Context, MetricFn, ScoringData
 from tl_transplant.scoring.effects import Delta, Effects
@@ -74,19 +86,7 @@ from tl_transplant.scoring.tensors import (
     take_positions,
     work,
 )
-from tl_transplant.tokens import resolve_prepend_bos
-from tl_transplant.units import (
-    UNIT_KINDS,
-    Head,
-    KVHead,
-    Linear,
-    Neuron,
-    Unit,
-    UnitError,
-    normalize_kinds,
-    parse_unit,
-)
-from tl_transplant.weights import WEIGHT, WeightMask, WeightScores
+from tl_transplant.tasks.tokens import resolve_prepend_bos
 
 #: Modules of this package that are the scorer kit, not scorers.
 _KIT = frozenset({"accumulate", "data", "effects", "registry", "scores", "tensors"})
@@ -260,8 +260,8 @@ def score(
     Scores do not depend on ``batch_size`` (up to float rounding).
 
     ``units="weight"`` scores every individual weight of the block linears with a
-    weight-level method (``weight_level``; see :mod:`tl_transplant.weights`) and returns
-    :class:`~tl_transplant.weights.WeightScores` instead of :class:`Scores`.
+    weight-level method (``weight_level``; see :mod:`tl_transplant.edit.weights`) and returns
+    :class:`~tl_transplant.edit.weights.WeightScores` instead of :class:`Scores`.
     """
     cls = get_scorer(method)
     if _is_weight_grain(units):

@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING
 import torch
 from jaxtyping import Float, Int
 
-from tl_transplant.hooks import value_hooks, write_hooks
-from tl_transplant.units import UNIT_KINDS, Head, KVHead, Linear, Neuron, Unit
+from tl_transplant.arch.units import UNIT_KINDS, Head, KVHead, Linear, Neuron, Unit
+from tl_transplant.models.hooks import value_hooks, write_hooks
 
 if TYPE_CHECKING:
-    from tl_transplant.layouts import ModelLayout
+    from tl_transplant.arch.layouts import ModelLayout
 
 
 def unit_index(u: Unit, layout: ModelLayout) -> int:
@@ -70,7 +70,7 @@ class UnitTable:
         return self.groups[(kind, layer)][0].tolist()
 
     def value_hooks(self) -> list[str]:
-        """Hook names carrying the scored units' activations (see :mod:`tl_transplant.hooks`)."""
+        """Hook names carrying the scored units' activations (:mod:`tl_transplant.models.hooks`)."""
         return value_hooks(self.layout, self.units)
 
     def write_hooks(self) -> list[str]:

@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Literal, get_args
 import torch
 from jaxtyping import Float
 
-from tl_transplant.hooks import capturer
+from tl_transplant.arch.units import Unit
+from tl_transplant.models.hooks import capturer
 from tl_transplant.scoring.accumulate import Accumulator, UnitTable
 from tl_transplant.scoring.data import ScoringData
 from tl_transplant.scoring.registry import (
@@ -38,11 +39,10 @@ from tl_transplant.scoring.registry import (
     register,
 )
 from tl_transplant.scoring.tensors import out_weight, take_positions, tensor_sum, work
-from tl_transplant.tokens import Encoded
-from tl_transplant.units import Unit
+from tl_transplant.tasks.tokens import Encoded
 
 if TYPE_CHECKING:
-    from tl_transplant.layouts import ModelLayout
+    from tl_transplant.arch.layouts import ModelLayout
 
 Positions = Literal["last", "answer", "all"]
 POSITIONS: tuple[str, ...] = get_args(Positions)

@@ -43,7 +43,8 @@ from typing import Annotated, Any, Literal, cast
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tl_transplant.hooks import Handler, HookRunner, capturer
+from tl_transplant.arch.units import Head, KVHead, Linear, Neuron, Unit, parse_unit
+from tl_transplant.models.hooks import Handler, HookRunner, capturer
 from tl_transplant.scoring.accumulate import Accumulator, UnitTable, unit_index
 from tl_transplant.scoring.data import ScoringData
 from tl_transplant.scoring.effects import Effects, units_in_order
@@ -58,8 +59,7 @@ from tl_transplant.scoring.registry import (
 )
 from tl_transplant.scoring.scores import Scores
 from tl_transplant.scoring.tensors import rows_that_fit
-from tl_transplant.tokens import Encoded
-from tl_transplant.units import Head, KVHead, Linear, Neuron, Unit, parse_unit
+from tl_transplant.tasks.tokens import Encoded
 
 #: Neuron-level runs over more neurons than this need ``candidates=`` or ``allow_full=True``.
 FULL_NEURON_LIMIT = 4096

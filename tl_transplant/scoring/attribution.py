@@ -8,7 +8,7 @@ into the target makes at the hook points where the unit writes (see
 positive means the transplant should raise the metric.
 
 The metric is the task's differentiable score, by default the summed log-prob
-of the answer tokens (:func:`tl_transplant.tokens.answer_logprobs`); pass
+of the answer tokens (:func:`tl_transplant.tasks.tokens.answer_logprobs`); pass
 ``metric=`` to :func:`tl_transplant.scoring.score` for another one. Cost per
 batch: one forward on the source (no gradients), one forward and one backward
 (to activations only, never to weights) on the target.
@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tl_transplant.hooks import Handler, capturer
+from tl_transplant.arch.units import Unit
+from tl_transplant.models.hooks import Handler, capturer
 from tl_transplant.scoring.accumulate import Accumulator, UnitTable
 from tl_transplant.scoring.data import ScoringData
 from tl_transplant.scoring.effects import Effects
@@ -41,10 +42,9 @@ from tl_transplant.scoring.registry import (
     WeightRawScores,
     register,
 )
-from tl_transplant.units import Unit
 
 if TYPE_CHECKING:
-    from tl_transplant.pair import ModelPair
+    from tl_transplant.models.pair import ModelPair
 
 
 @register

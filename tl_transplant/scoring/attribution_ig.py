@@ -50,7 +50,8 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
-from tl_transplant.hooks import Handler, HookRunner, capturer
+from tl_transplant.arch.units import Unit
+from tl_transplant.models.hooks import Handler, HookRunner, capturer
 from tl_transplant.scoring.accumulate import Accumulator, UnitTable
 from tl_transplant.scoring.data import ScoringData
 from tl_transplant.scoring.effects import Effects
@@ -62,8 +63,7 @@ from tl_transplant.scoring.registry import (
     register,
 )
 from tl_transplant.scoring.tensors import rows_that_fit, work
-from tl_transplant.tokens import Encoded
-from tl_transplant.units import Unit
+from tl_transplant.tasks.tokens import Encoded
 
 Rule = Literal["right", "left", "midpoint"]
 

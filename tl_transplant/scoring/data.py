@@ -1,7 +1,7 @@
 """What a scorer run sees: its data (:class:`ScoringData`) and its :class:`Context`.
 
 Streaming: prompts are tokenized batch by batch (the shared rule of
-:mod:`tl_transplant.tokens`) by :meth:`Context.batches`, and hooks are installed
+:mod:`tl_transplant.tasks.tokens`) by :meth:`Context.batches`, and hooks are installed
 once per bridge for the whole stream by :meth:`Context.hooks`, so peak memory
 depends on the batch size and model, not on the number of prompts.
 """
@@ -18,9 +18,9 @@ import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
-from tl_transplant.hooks import HookRunner
+from tl_transplant.models.hooks import HookRunner
 from tl_transplant.scoring.registry import ScoringError
-from tl_transplant.tokens import Encoded, answer_logprobs, encode
+from tl_transplant.tasks.tokens import Encoded, answer_logprobs, encode
 
 #: Logger of scoring runs (cost estimates of long runs are INFO records).
 log = logging.getLogger("tl_transplant.scoring")
@@ -82,7 +82,7 @@ class Context:
             bar.close()
 
     def hooks(self, names: Iterable[str]) -> HookRunner:
-        """A :class:`~tl_transplant.hooks.HookRunner` on both models for these hook names."""
+        """A :class:`~tl_transplant.models.hooks.HookRunner` on both models for these hook names."""
         return HookRunner(self.pair, names, error=ScoringError)
 
     def note(self, message: str) -> None:

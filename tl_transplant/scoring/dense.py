@@ -4,7 +4,7 @@ Not a ranking: the result marks itself dense (``meta["dense"] = True``) and carr
 own alpha grid (``meta["alphas"]``, option ``alphas``). A sweep gives it one size, every
 block linear (100% of the block parameters), at each of those alphas, the alpha chosen
 on dev like any other; as a control of a chosen configuration it is compared *at the
-same retention cost* (see :mod:`tl_transplant.verdict`). Partial interpolation of the
+same retention cost* (see :mod:`tl_transplant.sweeps.verdict`). Partial interpolation of the
 whole delta is the classic model-soup baseline (ParamDelta moves the whole delta at 1).
 The values are all 1 over whatever units are asked for, so it needs no data.
 """
@@ -16,9 +16,9 @@ from typing import Annotated, ClassVar
 import torch
 from pydantic import Field, field_validator
 
+from tl_transplant.arch.units import Unit, UnitKind
 from tl_transplant.scoring.data import ScoringData
 from tl_transplant.scoring.registry import RawScores, Scorer, ScorerOptions, register
-from tl_transplant.units import Unit, UnitKind
 
 #: The default alpha grid of the dense blend.
 DENSE_ALPHAS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0)

@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from jaxtyping import Float
 
+from tl_transplant.arch.units import Head, KVHead, Linear, Neuron, Unit, UnitKind
 from tl_transplant.scoring.accumulate import UnitTable, unit_index
 from tl_transplant.scoring.tensors import out_weight, tensor_sum, work
-from tl_transplant.units import Head, KVHead, Linear, Neuron, Unit, UnitKind
 
 if TYPE_CHECKING:
-    from tl_transplant.pair import ModelPair
+    from tl_transplant.models.pair import ModelPair
 
 #: (hook name, index into the activation after the batch axis, tensor to add)
 Delta = list[tuple[str, tuple[Any, ...], torch.Tensor]]

@@ -21,7 +21,7 @@ from jaxtyping import Float, Int
 from tl_transplant.scoring.registry import ScoringError
 
 if TYPE_CHECKING:
-    from tl_transplant.pair import ModelPair
+    from tl_transplant.models.pair import ModelPair
 
 
 class FunctionalTarget:

@@ -4,7 +4,7 @@ Round ``r``: score the units not yet picked with an inner method (``inner``,
 its options in ``inner_options``; not ``method``, which is ``score()``'s own
 argument), pick the best ``chunk`` of them (highest score first; with a
 ``budget`` a unit that does not fit is skipped), transplant them into the
-target at ``alpha = 1`` (:func:`tl_transplant.edits.transplant`, ``kv`` as
+target at ``alpha = 1`` (:func:`tl_transplant.edit.edits.transplant`, ``kv`` as
 given: a query head brings its KV group), and go on with the rest.
 The loop stops when ``k`` units are picked, when nothing left fits in the
 ``budget``, or when no unit is left. Every edit is undone at the end, also on
@@ -51,7 +51,8 @@ import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from tl_transplant.edits import transplant
+from tl_transplant.arch.units import Head, Unit
+from tl_transplant.edit.edits import transplant
 from tl_transplant.scoring.data import ScoringData
 from tl_transplant.scoring.registry import (
     RawScores,
@@ -62,7 +63,6 @@ from tl_transplant.scoring.registry import (
     get_scorer,
     register,
 )
-from tl_transplant.units import Head, Unit
 
 
 @register

@@ -2,7 +2,7 @@
 
 Each unit ``u`` gets a gate ``m_u = sigmoid(theta_u)``. Every weight element ``w`` of
 the target that some unit covers (the slices of ``layout.slices(u)``, the very ones
-:func:`tl_transplant.edits.transplant` blends) becomes
+:func:`tl_transplant.edit.edits.transplant` blends) becomes
 
     ``w_t + G * (w_s - w_t)``,   ``G = 1 - prod over the units covering w of (1 - m_u)``
 
@@ -54,6 +54,7 @@ from jaxtyping import Float, Int
 from pydantic import Field
 from tqdm.auto import tqdm
 
+from tl_transplant.arch.units import Head, Unit
 from tl_transplant.scoring.data import ScoringData
 from tl_transplant.scoring.functional import FunctionalTarget
 from tl_transplant.scoring.registry import (
@@ -64,11 +65,10 @@ from tl_transplant.scoring.registry import (
     register,
 )
 from tl_transplant.scoring.tensors import work
-from tl_transplant.tokens import Encoded
-from tl_transplant.units import Head, Unit
+from tl_transplant.tasks.tokens import Encoded
 
 if TYPE_CHECKING:
-    from tl_transplant.pair import ModelPair
+    from tl_transplant.models.pair import ModelPair
 
 KVMode = Literal["group", "none"]
 

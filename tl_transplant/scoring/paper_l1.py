@@ -24,16 +24,16 @@ from typing import TYPE_CHECKING, Annotated
 import torch
 from pydantic import Field
 
-from tl_transplant.hooks import HookRunner
+from tl_transplant.arch.units import Unit
+from tl_transplant.models.hooks import HookRunner
 from tl_transplant.scoring.accumulate import Accumulator, UnitTable
 from tl_transplant.scoring.data import ScoringData
 from tl_transplant.scoring.registry import RawScores, Scorer, ScorerOptions, register
 from tl_transplant.scoring.tensors import take_positions, tensor_sum, work
-from tl_transplant.tokens import Encoded
-from tl_transplant.units import Unit
+from tl_transplant.tasks.tokens import Encoded
 
 if TYPE_CHECKING:
-    from tl_transplant.pair import ModelSide
+    from tl_transplant.models.pair import ModelSide
 
 
 @register

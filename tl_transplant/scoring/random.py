@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from tl_transplant.arch.units import Unit
 from tl_transplant.scoring.data import ScoringData
 from tl_transplant.scoring.registry import RawScores, Scorer, WeightRawScores, register
-from tl_transplant.units import Unit
 
 if TYPE_CHECKING:
-    from tl_transplant.pair import ModelPair
+    from tl_transplant.models.pair import ModelPair
 
 
 @register

@@ -24,7 +24,7 @@ from jaxtyping import Float
 from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic.fields import FieldInfo
 
-from tl_transplant.units import UNIT_KINDS, Unit, UnitKind
+from tl_transplant.arch.units import UNIT_KINDS, Unit, UnitKind
 
 if TYPE_CHECKING:
     from tl_transplant.scoring.data import Context, ScoringData
@@ -60,7 +60,7 @@ class RawScores:
 class WeightRawScores:
     """What a weight-level scorer returns: one score tensor per HF tensor (its shape).
 
-    ``meta["suggested"]`` may hold a :class:`~tl_transplant.weights.WeightMask`: the
+    ``meta["suggested"]`` may hold a :class:`~tl_transplant.edit.weights.WeightMask`: the
     scorer's own suggested set (``WeightScores.suggested``).
     """
 
@@ -85,7 +85,7 @@ class Scorer:
     #: Signed scores (positive = the transplant should help) vs magnitudes.
     signed: ClassVar[bool] = False
     #: Whether the scorer also scores individual weights (``units="weight"``,
-    #: :meth:`run_weights`); see :mod:`tl_transplant.weights`.
+    #: :meth:`run_weights`); see :mod:`tl_transplant.edit.weights`.
     weight_level: ClassVar[bool] = False
     #: Whether it scores units at all (False for weight-only scorers such as ``magnitude``).
     unit_level: ClassVar[bool] = True

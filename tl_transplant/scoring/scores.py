@@ -11,8 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from jaxtyping import Float
 
-from tl_transplant.budget import DEFAULT_BUDGET_RULE, BudgetPick, check_rule, fill_budget
-from tl_transplant.units import (
+from tl_transplant.arch.units import (
     UNIT_KINDS,
     Head,
     KVHead,
@@ -22,9 +21,10 @@ from tl_transplant.units import (
     parse_unit,
     unit_sort_key,
 )
+from tl_transplant.edit.budget import DEFAULT_BUDGET_RULE, BudgetPick, check_rule, fill_budget
 
 if TYPE_CHECKING:
-    from tl_transplant.layouts import ModelLayout
+    from tl_transplant.arch.layouts import ModelLayout
 
 SCORES_FORMAT = "tl_transplant.scores/1"
 _COUNT_KEYS = {"head": "H", "kv_head": "KV", "neuron": "I"}
@@ -167,8 +167,8 @@ class Scores:
     ) -> list[Unit]:
         """Units (of ``kinds``) whose distinct weights fit ``fraction`` of the block parameters.
 
-        ``layout``: the pair's :class:`~tl_transplant.layouts.ModelLayout` (``pair.layout``).
-        The fill rule is :attr:`budget_rule` (see :mod:`tl_transplant.budget`); KV groups
+        ``layout``: the pair's :class:`~tl_transplant.arch.layouts.ModelLayout` (``pair.layout``).
+        The fill rule is :attr:`budget_rule` (see :mod:`tl_transplant.edit.budget`); KV groups
         that ``kv="group"`` brings along count against the budget.
         """
         return self.budget_pick(fraction, layout, kinds, kv).units
@@ -180,7 +180,7 @@ class Scores:
         kinds: str | Iterable[str] | None = None,
         kv: str = "group",
     ) -> BudgetPick:
-        """:meth:`within_budget` with its cost: a :class:`~tl_transplant.budget.BudgetPick`."""
+        """:meth:`within_budget` with its cost: a :class:`~tl_transplant.edit.budget.BudgetPick`."""
         idx = self._ranked(kinds, True)
         return fill_budget([self.units[i] for i in idx], layout, fraction,
                            values=[float(self.values[i]) for i in idx], rule=self.budget_rule,

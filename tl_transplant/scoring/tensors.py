@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from jaxtyping import Float, Int
 
+from tl_transplant.arch.units import Head, Neuron, UnitKind
 from tl_transplant.scoring.registry import ScoringError
-from tl_transplant.units import Head, Neuron, UnitKind
 
 if TYPE_CHECKING:
-    from tl_transplant.layouts import ModelLayout
-    from tl_transplant.pair import ModelPair, ModelSide
+    from tl_transplant.arch.layouts import ModelLayout
+    from tl_transplant.models.pair import ModelPair, ModelSide
 
 
 def work(t: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from jaxtyping import Float
 
+from tl_transplant.arch.units import Head, KVHead, Linear, Neuron, Unit
 from tl_transplant.scoring.accumulate import UnitTable
 from tl_transplant.scoring.data import ScoringData
 from tl_transplant.scoring.registry import (
@@ -28,11 +29,10 @@ from tl_transplant.scoring.registry import (
     register,
 )
 from tl_transplant.scoring.tensors import loaded_param
-from tl_transplant.units import Head, KVHead, Linear, Neuron, Unit
 
 if TYPE_CHECKING:
-    from tl_transplant.layouts import ModelLayout
-    from tl_transplant.pair import ModelPair
+    from tl_transplant.arch.layouts import ModelLayout
+    from tl_transplant.models.pair import ModelPair
 
 _CLS: dict[str, type[Head] | type[KVHead] | type[Neuron]] = {
     "head": Head, "kv_head": KVHead, "neuron": Neuron

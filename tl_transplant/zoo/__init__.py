@@ -105,11 +105,11 @@ def pair_info(name: str) -> dict[str, Any]:
 
 
 def load_pair(name: str, **kwargs: Any) -> Any:
-    """Load a pair as a :class:`~tl_transplant.pair.ModelPair` (source, target).
+    """Load a pair as a :class:`~tl_transplant.models.pair.ModelPair` (source, target).
 
     A real pair that is not built yet is built first (minutes, once).
     """
-    from tl_transplant.pair import ModelPair
+    from tl_transplant.models.pair import ModelPair
 
     src, tgt = pair_dirs(name, build_missing=True)
     return ModelPair.load(src, tgt, **kwargs)
@@ -142,7 +142,7 @@ def load_tasks(name: str) -> dict[str, Splits]:
     The models were trained with BOS prepended, so the tasks force ``prepend_bos=True``
     (a real pair's tasks use :data:`tl_transplant.zoo.real.PREPEND_BOS`).
     """
-    from tl_transplant.tasks import Task
+    from tl_transplant.tasks.task import Task
 
     bos = True
     if is_real(name):

