@@ -12,6 +12,12 @@ from tl_transplant.zoo.train import PRESETS, _WordIds, make_tokenizer, sample_ex
 
 @pytest.mark.parametrize("name", zoo.PAIR_NAMES)
 def test_shipped_pair_has_a_gap_and_shared_retention(name):
+    """No training here: the shipped weights are fixed and only evaluated, so only a near-tie
+    logit could flip between CPUs. Test-split numbers were equal to 4 decimals on every kernel
+    and thread count measured (see the table below): cross_generation gap 0.977 - 0.247 = 0.73
+    (margin 0.23), retention 0.975 / 0.995 (margin 0.075); base_instruct gap 0.941 - 0.071 =
+    0.87 (margin 0.37), retention 0.970 / 0.960 (margin 0.06).
+    """
     pair = zoo.load_pair(name)
     tasks = zoo.load_tasks(name)
     cap = tasks["task"].test
@@ -50,17 +56,52 @@ def test_training_word_ids_equal_the_tokenizer(tmp_path):
         train_pair("cross_generation", tmp_path / "p", tmp_path / "t", preset="tiny")
 
 
+# Training dynamics differ across CPUs: the float path of a short run depends on the kernels
+# (MKL/oneDNN AVX-512 vs AVX2 vs the default kernels), so thresholds below are properties that
+# held on every setting measured, with a margin, not the figures of one machine. Measured
+# (AMD EPYC, torch 2.13.0+cpu; ATEN_CPU_CAPABILITY=default / avx2 / unset = avx512, each with
+# OMP_NUM_THREADS=1 and 2; the smoke preset pins torch to one thread, so 1 and 2 gave equal
+# numbers) for the smoke retrain of cross_generation with seed 0, the test's:
+#
+#   probe accuracy      default  avx2  avx512 | seeds 1-3 x 3 kernels | assert   margin
+#   gen1 add            0.56     0.98  0.65   | 0.71 .. 1.00          | >= 0.40  0.16
+#   gen1 add - gen2 add 0.28     0.73  0.39   | 0.43 .. 0.78          | >= 0.15  0.13
+#   gen2 add            0.28     0.25  0.26   | 0.20 .. 0.29          | <= 0.35  0.06 (*)
+#   gen2 max            0.99     1.00  0.99   | 0.98 .. 1.00          | >= 0.80  0.18
+#   gen2 copy           0.92     0.98  0.92   | 0.91 .. 1.00          | >= 0.80  0.11
+#   gen2 steps (of 1200) 500     700   800    | 600 .. 850            | < 1200   350 steps
+#
+# (*) gen2 stops at the first probe with add <= 0.30 and max, copy >= 0.90 (its stop rule), so
+# the bound on gen2 is the recipe's own, reached well before the step cap everywhere. gen1 is
+# the fragile side: at 1200 smoke steps (lr 3e-3) it is sometimes mid-way through learning
+# addition (default kernels: 0.32, 0.39, 0.44, 0.56 at steps 900..1200) or just after a loss
+# spike (avx512: 0.95 at step 1100, 0.65 at 1200), hence "well above chance (1/13)", not 0.9.
+SMOKE_MIN_SOURCE_ADD = 0.40
+SMOKE_MIN_GAP = 0.15
+SMOKE_MAX_TARGET_ADD = 0.35
+SMOKE_MIN_RETENTION = 0.80
+
+
 @pytest.mark.slow
 def test_fast_retrain_reproduces_the_gap(tmp_path):
-    """Retraining with the same recipe at smoke size gives a newer model that forgot addition."""
-    assert PRESETS["smoke"].max_steps < PRESETS["full"].max_steps
+    """Retraining with the same recipe at smoke size gives a newer model that forgot addition.
+
+    Asserts what held on every CPU kernel and thread count measured (table above): the
+    source learned addition well above chance, the target stopped by its forgetting rule
+    and is below the source by a margin, and the target kept list-max and copying.
+    """
+    smoke = PRESETS["smoke"]
+    assert smoke.max_steps < PRESETS["full"].max_steps
     info = train_pair("cross_generation", tmp_path / "p", tmp_path / "t", preset="smoke",
                       log=lambda *_: None)
     assert info["preset"] == "smoke" and info["fast"]
     acc = info["probe_accuracy"]
-    assert acc["gen1"]["add"] >= 0.9, acc  # the source learned the skill
-    assert acc["gen1"]["add"] - acc["gen2"]["add"] >= 0.4, acc  # the target forgot it
-    assert acc["gen2"]["copy"] >= 0.8 and acc["gen2"]["max"] >= 0.8, acc
+    gen1, gen2 = acc["gen1"], acc["gen2"]
+    assert gen1["add"] >= SMOKE_MIN_SOURCE_ADD, acc  # the source learned the skill
+    assert gen1["add"] - gen2["add"] >= SMOKE_MIN_GAP, acc  # the target forgot it
+    assert gen2["add"] <= SMOKE_MAX_TARGET_ADD, acc
+    assert gen2["steps"] < smoke.max_steps, acc  # stopped by its rule, not by the step cap
+    assert min(gen2["copy"], gen2["max"]) >= SMOKE_MIN_RETENTION, acc  # retention holds
     assert (tmp_path / "p" / "gen2" / "model.safetensors").exists()
 
 

@@ -55,7 +55,9 @@ LIGHT: dict[str, dict[str, Any]] = {
 }
 
 
-@pytest.mark.parametrize("method", sorted(available_methods()))
+@pytest.mark.parametrize(
+    "method", sorted(m for m in available_methods() if get_scorer(m).unit_level)
+)
 def test_every_scorer_runs_on_real_prompts_and_ignores_batch_size(nudged: Any, method: str) -> None:
     kinds = get_scorer(method).kinds
     units = [u for u in UNITS if parse_unit(u).kind in kinds]
@@ -72,6 +74,28 @@ def test_every_scorer_runs_on_real_prompts_and_ignores_batch_size(nudged: Any, m
             assert (v != 0) == (parse_unit(u).layer == 4), (u, v)
     elif method not in ("random",):
         assert scale > 0, f"{method} scored every unit 0 on a pair that differs"
+
+
+@pytest.mark.parametrize(
+    "method", sorted(m for m in available_methods() if get_scorer(m).weight_level)
+)
+def test_every_weight_scorer_runs_on_real_prompts_and_ignores_batch_size(
+    nudged: Any, method: str
+) -> None:
+    """Weight-level scores: one finite score per block weight, independent of batch size."""
+    task = Task.from_records(RECORDS, name="real", metric="next_token_acc")
+    opts = LIGHT.get(method, {})
+    a = score(nudged, task, method, units="weight", batch_size=1, progress=False, seed=1, **opts)
+    b = score(nudged, task, method, units="weight", batch_size=4, progress=False, seed=1, **opts)
+    assert set(a.values) == set(nudged.layout.unit_tensors())
+    top = max(float(v.abs().max()) for v in a.values.values()) or 1.0
+    for n, va in a.values.items():
+        assert bool(torch.isfinite(va).all()), (method, n)
+        # per-weight values are tiny: compare against the largest score (float32 batch noise)
+        assert torch.allclose(va, b.values[n], rtol=1e-3, atol=1e-4 * top), (method, n)
+    if method in ("weight_diff", "magnitude"):  # data-free: exactly 0 away from the nudged layer
+        for n, va in a.values.items():
+            assert bool((va != 0).any()) == (n in NUDGED), (method, n)
 
 
 def test_a_real_tl_transplant_run_finishes(tmp_path: Path) -> None:
