@@ -32,6 +32,7 @@ from tl_transplant.edit.manifest import Manifest, read_manifest, write_manifest
 from tl_transplant.edit.patching import PatchError, patch_activations
 from tl_transplant.evaluation.evaluator import evaluate, evaluate_transplant, transplant_metrics
 from tl_transplant.evaluation.generic import generic_retention
+from tl_transplant.errors import TLTransplantError
 from tl_transplant.io.export import ExportError, export_hf
 from tl_transplant.models.pair import (
     IncompatiblePairError,
@@ -50,6 +51,7 @@ from tl_transplant.tasks.task import Task, builtin_task
 __version__ = "0.1.0"
 
 __all__ = [
+    "TLTransplantError",
     "block_params",
     "fill_budget",
     "generic_retention",
@@ -98,6 +100,6 @@ __all__ = [
     "write_report",
 ]
 
-from tl_transplant import _compat  # noqa: E402 - old import paths (tl_transplant.edits, ...)
+from tl_transplant import _compat  # noqa: E402 - the pre-0.2 flat module paths
 
 _compat.install()

@@ -56,13 +56,14 @@ from tl_transplant.arch.units import (
     normalize_kinds,
     parse_unit,
 )
+from tl_transplant.errors import TLTransplantError
 
 
-class UnsupportedArchitectureError(ValueError):
+class UnsupportedArchitectureError(TLTransplantError, ValueError):
     """The model's architecture has no layout table."""
 
 
-class LayoutMismatchError(RuntimeError):
+class LayoutMismatchError(TLTransplantError, RuntimeError):
     """A checkpoint or bridge does not look the way its layout table says."""
 
 

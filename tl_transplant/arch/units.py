@@ -18,11 +18,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
+from tl_transplant.errors import TLTransplantError
+
 UnitKind = Literal["head", "kv_head", "neuron", "linear"]
 UNIT_KINDS: tuple[UnitKind, ...] = ("head", "kv_head", "neuron", "linear")
 
 
-class UnitError(ValueError):
+class UnitError(TLTransplantError, ValueError):
     """A unit string or reference that cannot be used with this model."""
 
 

@@ -29,12 +29,13 @@ from tl_transplant.arch.units import Head, KVHead, Unit, UnitError, parse_units,
 from tl_transplant.edit.manifest import MANIFEST_FORMAT as MANIFEST_FORMAT  # re-exported
 from tl_transplant.edit.manifest import Manifest
 from tl_transplant.edit.weights import Selection, WeightMask, WeightMaskError
+from tl_transplant.errors import TLTransplantError
 from tl_transplant.models.pair import ModelPair
 
 KVMode = Literal["group", "none"]
 
 
-class TransplantError(ValueError):
+class TransplantError(TLTransplantError, ValueError):
     """A transplant request that cannot be carried out safely."""
 
 

@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tl_transplant.errors import TLTransplantError
+
 if TYPE_CHECKING:
     from tl_transplant.edit.weights import WeightMask
 
@@ -65,7 +67,7 @@ _RECORD_KEYS = (
 MASK_FILE_RE = re.compile(r"^weights-[0-9a-f]{16}\.safetensors$")
 
 
-class ManifestError(ValueError):
+class ManifestError(TLTransplantError, ValueError):
     """A manifest that cannot be read: missing, not JSON, or not a tl_transplant manifest."""
 
 

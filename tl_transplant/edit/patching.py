@@ -63,6 +63,7 @@ from tl_transplant.arch.units import (
     parse_units,
     unit_sort_key,
 )
+from tl_transplant.errors import TLTransplantError
 from tl_transplant.models.hooks import kind_hooks, require_hooks
 
 if TYPE_CHECKING:
@@ -77,7 +78,7 @@ HookFn = Callable[..., torch.Tensor]
 _CACHE_KEYS = ("cache", "past_key_values")
 
 
-class PatchError(ValueError):
+class PatchError(TLTransplantError, ValueError):
     """An activation patch that cannot be set up as asked."""
 
 

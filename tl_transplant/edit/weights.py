@@ -37,6 +37,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 
 from tl_transplant.arch.units import Head, Unit, normalize_kinds
+from tl_transplant.errors import TLTransplantError
 
 if TYPE_CHECKING:
     from tl_transplant.arch.layouts import ModelLayout
@@ -51,7 +52,7 @@ WEIGHT_SCORES_FORMAT = "tl_transplant.weight_scores/1"
 _EXACT_TOPK_MAX = 1 << 25
 
 
-class WeightMaskError(ValueError):
+class WeightMaskError(TLTransplantError, ValueError):
     """A weight mask that does not fit the model, or a mask file that cannot be read."""
 
 

@@ -45,7 +45,7 @@ NAME = "generic_retention"
 #: The metric it uses (per example: fraction of positions agreeing with the unedited target).
 METRIC = "next_token_agreement"
 #: The shipped general-English sample (paragraphs separated by blank lines).
-TEXT_PATH = Path(__file__).resolve().parent / "data" / "general_text.txt"
+TEXT_PATH = Path(__file__).resolve().parents[1] / "data" / "general_text.txt"
 #: Above this fraction of unknown tokens the sample is not used (the tokenizer cannot read it).
 MAX_UNKNOWN_FRACTION = 0.25
 #: Chunks shorter than this many tokens are dropped (too little context to say anything).

@@ -31,6 +31,7 @@ from typing import Any, Literal, cast
 import torch
 
 from tl_transplant.edit.manifest import MANIFEST_NAME, MASK_FILE_RE
+from tl_transplant.errors import TLTransplantError
 
 ST_INDEX = "model.safetensors.index.json"
 PT_INDEX = "pytorch_model.bin.index.json"
@@ -86,7 +87,7 @@ _WEIGHT_SUFFIXES = (
 _MAX_HEADER = 100 * 1024 * 1024
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja", "*.py"]
 
-class CheckpointError(ValueError):
+class CheckpointError(TLTransplantError, ValueError):
     """A checkpoint on disk cannot be read as asked (missing, corrupt, or pickle refused)."""
 
 

@@ -27,10 +27,11 @@ import torch
 
 from tl_transplant.edit.manifest import MANIFEST_NAME as MANIFEST_NAME  # re-exported
 from tl_transplant.edit.manifest import Manifest, ManifestDoc, write_manifest
+from tl_transplant.errors import TLTransplantError
 from tl_transplant.models.pair import ModelPair, ModelSide
 
 
-class ExportError(ValueError):
+class ExportError(TLTransplantError, ValueError):
     """The export cannot be written as asked."""
 
 

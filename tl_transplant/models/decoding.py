@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from jaxtyping import Int
 
+from tl_transplant.errors import TLTransplantError
+
 if TYPE_CHECKING:
     from transformers import GenerationConfig
 
@@ -69,7 +71,7 @@ _PLAIN: weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module] = (
 )
 
 
-class DecodingError(RuntimeError):
+class DecodingError(TLTransplantError, RuntimeError):
     """The unwrapped module tree would not compute with the bridged model's tensors."""
 
 

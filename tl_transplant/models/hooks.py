@@ -25,6 +25,7 @@ import torch
 from jaxtyping import Float, Int
 
 from tl_transplant.arch.units import UNIT_KINDS, Linear, Unit, UnitKind
+from tl_transplant.errors import TLTransplantError
 
 if TYPE_CHECKING:
     from tl_transplant.arch.layouts import ModelLayout
@@ -47,7 +48,7 @@ WRITE_POINTS: Mapping[str, tuple[str, ...]] = {
 }
 
 
-class HookError(ValueError):
+class HookError(TLTransplantError, ValueError):
     """A bridge lacks a hook point that is needed (non-standard TransformerLens hook names)."""
 
 

@@ -22,12 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from tl_transplant.errors import TLTransplantError
+
 RealModelName = Literal["smollm2-135m-instruct", "gemma3-270m"]
 MARKER = "tl_transplant_real_model.json"
 CACHE_ENV = "TL_TRANSPLANT_CACHE"
 
 
-class RealModelError(RuntimeError):
+class RealModelError(TLTransplantError, RuntimeError):
     """A real model could not be fetched or converted."""
 
 

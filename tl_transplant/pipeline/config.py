@@ -30,10 +30,11 @@ from pydantic import (
 
 from tl_transplant.arch.units import normalize_kinds
 from tl_transplant.edit.weights import WEIGHT
+from tl_transplant.errors import TLTransplantError
 from tl_transplant.tasks.task import _FORMATS, EXTRACTORS, METRICS
 
 
-class ConfigError(ValueError):
+class ConfigError(TLTransplantError, ValueError):
     """A malformed run configuration; the message names the key and the fix."""
 
 

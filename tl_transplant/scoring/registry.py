@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic.fields import FieldInfo
 
 from tl_transplant.arch.units import UNIT_KINDS, Unit, UnitKind
+from tl_transplant.errors import TLTransplantError
 
 if TYPE_CHECKING:
     from tl_transplant.scoring.data import Context, ScoringData
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 ENTRY_POINT_GROUP = "tl_transplant.scorers"
 
 
-class ScoringError(ValueError):
+class ScoringError(TLTransplantError, ValueError):
     """A scoring request that cannot be carried out (bad method, units, data or option)."""
 
 
