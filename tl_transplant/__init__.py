@@ -30,9 +30,9 @@ from tl_transplant.edit.edits import (
 )
 from tl_transplant.edit.manifest import Manifest, read_manifest, write_manifest
 from tl_transplant.edit.patching import PatchError, patch_activations
+from tl_transplant.errors import TLTransplantError
 from tl_transplant.evaluation.evaluator import evaluate, evaluate_transplant, transplant_metrics
 from tl_transplant.evaluation.generic import generic_retention
-from tl_transplant.errors import TLTransplantError
 from tl_transplant.io.export import ExportError, export_hf
 from tl_transplant.models.pair import (
     IncompatiblePairError,
