@@ -70,8 +70,8 @@ def main() -> None:
     from transformers import GenerationConfig
 
     from tl_transplant.models.decoding import greedy_generate
-    from tl_transplant.models.pair import ModelSide
     from tl_transplant.models.real import fetch_real_model
+    from tl_transplant.models.side import ModelSide
 
     torch.set_num_threads(args.threads)
     if args.model == "tiny":

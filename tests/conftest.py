@@ -17,7 +17,7 @@ from collections.abc import Callable  # noqa: E402
 import torch  # noqa: E402
 
 from tl_transplant import ModelPair, ModelSide  # noqa: E402
-from tl_transplant.arch.layouts import supported_model_types  # noqa: E402
+from tl_transplant.arch.registry import supported_model_types  # noqa: E402
 from tl_transplant.testing import tiny_model, tiny_pair_dirs, word_tokenizer  # noqa: E402
 
 

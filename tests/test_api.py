@@ -21,7 +21,7 @@ from jaxtyping import TypeCheckError, jaxtyped
 
 import tl_transplant
 from tl_transplant import stats, tokens
-from tl_transplant.arch.layouts import ModelLayout, bind_layout
+from tl_transplant.arch.model_layout import ModelLayout, bind_layout
 from tl_transplant.arch.units import Head, Neuron
 from tl_transplant.scoring.accumulate import UnitTable
 

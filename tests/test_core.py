@@ -41,7 +41,7 @@ def assert_params_equal(side, snap) -> None:
     for k, v in side.params.items():
         assert torch.equal(v.detach(), snap[k]), f"{k} changed"
     for mirror, parts in side.mirrors:
-        from tl_transplant.models.pair import gather_slices
+        from tl_transplant.models.side import gather_slices
 
         assert torch.equal(mirror.detach(), gather_slices(side.params, parts))
 
@@ -201,7 +201,7 @@ def test_property_random_unit_sets(data, alpha, tok, neox_pair):
             assert torch.equal(now[~mask], snap[name][~mask])
         # the bridge's NeoX q/k/v copies follow the edit
         for mirror, parts in pair.target.mirrors:
-            from tl_transplant.models.pair import gather_slices
+            from tl_transplant.models.side import gather_slices
 
             assert torch.equal(mirror.detach(), gather_slices(pair.target.params, parts))
     assert_params_equal(pair.target, snap)

@@ -12,25 +12,29 @@ import torch
 from transformers import AutoTokenizer
 
 from tl_transplant import ModelPair
-from tl_transplant.arch.layouts import (
-    FAMILIES,
-    CheckpointAlias,
-    FamilyLayout,
-    LayoutMismatchError,
+from tl_transplant.arch.bridge import check_bridge
+from tl_transplant.arch.families import FAMILIES
+from tl_transplant.arch.model_layout import (
     ModelLayout,
     TensorSlice,
-    UnsupportedArchitectureError,
     bind_checkpoint_layout,
     bind_layout,
-    check_bridge,
+)
+from tl_transplant.arch.registry import (
     family_for,
     register_family,
     registered_families,
     supported_model_types,
     unregister_family,
 )
+from tl_transplant.arch.schema import (
+    CheckpointAlias,
+    FamilyLayout,
+    LayoutMismatchError,
+    UnsupportedArchitectureError,
+)
 from tl_transplant.arch.units import Head, Linear, Neuron
-from tl_transplant.models.pair import ModelSide
+from tl_transplant.models.side import ModelSide
 from tl_transplant.testing import (
     TINY_FAMILIES,
     check_family,
@@ -316,7 +320,7 @@ def test_adding_an_architecture_doc_runs(tmp_path, restore_registry):
     )
     assert len(pair.units("head")) == 8 and len(pair.units("kv_head")) == 4
     # every name the doc mentions in backticks that looks like our API exists
-    import tl_transplant.arch.layouts as layouts
+    import tl_transplant.arch as layouts
     import tl_transplant.testing as testing
 
     for name in ("register_family", "bind_checkpoint_layout", "check_bridge", "FAMILIES",

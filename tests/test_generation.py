@@ -221,7 +221,7 @@ def test_a_plain_forward_hook_also_forces_the_reference(gen_pair):
 def test_every_family_cached_equals_uncached_and_plain_hf(family, tmp_path):
     """Every supported model type: the unwrapped tree shares the tensors, decodes the same
     token ids as the bridged reference and as a never-booted copy of the HF model."""
-    from tl_transplant.models.pair import ModelSide
+    from tl_transplant.models.side import ModelSide
 
     tok = word_tokenizer(tmp_path / "tok")
     model = _sharp(family, seed=41)

@@ -31,7 +31,8 @@ from tl_transplant.edit.manifest import MANIFEST_NAME, ManifestError, read_manif
 from tl_transplant.errors import ModelLoadError, NonFiniteWeightsError
 from tl_transplant.io.export import ExportError, export_hf, prepare_out_dir
 from tl_transplant.io.out_of_core import OutOfCoreError, apply_manifest_out_of_core
-from tl_transplant.models.pair import ModelPair, ModelSide
+from tl_transplant.models.pair import ModelPair
+from tl_transplant.models.side import ModelSide
 from tl_transplant.testing import same_state, snapshot_side
 
 ZOO = Path(__file__).resolve().parents[1] / "tl_transplant" / "zoo" / "pairs" / "cross_generation"

@@ -340,6 +340,6 @@ def test_no_hook_names_hard_coded_outside_layouts():
     found = {
         str(p.relative_to(pkg)): lines
         for p in sorted(pkg.rglob("*.py"))
-        if p.name != "layouts.py" and (lines := _block_literals(p))
+        if p.name != "model_layout.py" and (lines := _block_literals(p))
     }
-    assert found == {}, f"hook names outside layouts.py (use layout.hook): {found}"
+    assert found == {}, f"hook names outside arch/model_layout.py (use layout.hook): {found}"

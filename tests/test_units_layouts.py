@@ -8,7 +8,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tl_transplant import Head, KVHead, Linear, ModelPair, Neuron, UnitError, parse_unit, transplant
-from tl_transplant.arch.layouts import UnsupportedArchitectureError, bind_layout, family_for
+from tl_transplant.arch.model_layout import bind_layout
+from tl_transplant.arch.registry import family_for
+from tl_transplant.arch.schema import UnsupportedArchitectureError
 from tl_transplant.arch.units import normalize_kinds, parse_units
 from tl_transplant.testing import tiny_model, word_tokenizer
 

@@ -6,11 +6,8 @@ Public API (the CLI and notebooks use exactly these)::
     from tl_transplant import run   # the whole pipeline from a config
 """
 
-from tl_transplant.arch.layouts import (
-    LayoutMismatchError,
-    UnsupportedArchitectureError,
-    supported_model_types,
-)
+from tl_transplant.arch.registry import supported_model_types
+from tl_transplant.arch.schema import LayoutMismatchError, UnsupportedArchitectureError
 from tl_transplant.arch.units import (
     Head,
     KVHead,
@@ -30,17 +27,17 @@ from tl_transplant.edit.edits import (
 )
 from tl_transplant.edit.manifest import Manifest, read_manifest, write_manifest
 from tl_transplant.edit.patching import PatchError, patch_activations
-from tl_transplant.errors import TLTransplantError
+from tl_transplant.errors import (
+    IncompatiblePairError,
+    ModelLoadError,
+    NonFiniteWeightsError,
+    TLTransplantError,
+)
 from tl_transplant.evaluation.evaluator import evaluate, evaluate_transplant, transplant_metrics
 from tl_transplant.evaluation.generic import generic_retention
 from tl_transplant.io.export import ExportError, export_hf
-from tl_transplant.models.pair import (
-    IncompatiblePairError,
-    ModelLoadError,
-    ModelPair,
-    ModelSide,
-    NonFiniteWeightsError,
-)
+from tl_transplant.models.pair import ModelPair
+from tl_transplant.models.side import ModelSide
 from tl_transplant.pipeline.config import ConfigError, load_config
 from tl_transplant.pipeline.runner import RunResult, run
 from tl_transplant.report.html import write_report  # also registers SweepResult.save(report=True)

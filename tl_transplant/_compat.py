@@ -20,7 +20,7 @@ from types import ModuleType
 #: Old module (under ``tl_transplant.``) -> its new home.
 MOVED: dict[str, str] = {
     "units": "arch.units",
-    "layouts": "arch.layouts",
+    "layouts": "arch",
     "pair": "models.pair",
     "gguf": "models.gguf",
     "hooks": "models.hooks",

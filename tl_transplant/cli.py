@@ -400,7 +400,7 @@ def main_apply(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from tl_transplant import __version__
-    from tl_transplant.arch.layouts import supported_model_types
+    from tl_transplant.arch.registry import supported_model_types
 
     p = argparse.ArgumentParser(
         prog="tl-transplant",

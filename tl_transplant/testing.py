@@ -13,11 +13,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from tl_transplant.arch.layouts import (
-    UnsupportedArchitectureError,
-    supported_model_types,
-    tiny_config_kwargs,
-)
+from tl_transplant.arch.registry import supported_model_types, tiny_config_kwargs
+from tl_transplant.arch.schema import UnsupportedArchitectureError
 
 if TYPE_CHECKING:
     from transformers import (
@@ -26,9 +23,9 @@ if TYPE_CHECKING:
         PreTrainedTokenizerBase,
     )
 
-    from tl_transplant.arch.layouts import ModelLayout
+    from tl_transplant.arch.model_layout import ModelLayout
     from tl_transplant.arch.units import Unit
-    from tl_transplant.models.pair import ModelSide
+    from tl_transplant.models.side import ModelSide
 
 _M = TypeVar("_M", bound=torch.nn.Module)
 

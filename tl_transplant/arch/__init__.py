@@ -1,8 +1,20 @@
-"""Architectures as data: unit references (``units``) and the per-family layout table
-(``layouts``: which slices of which HF tensors make up a head, KV group, neuron or linear).
+"""Architectures as data: everything the package knows about how a Hugging Face model
+stores a unit's weights.
 
-Names are imported lazily (PEP 562), so importing the package does not load every
-submodule (and cannot create an import cycle).
+- ``units``: unit references (``Head``, ``KVHead``, ``Neuron``, ``Linear``) and their parsing;
+- ``schema``: what a family table says (``FamilyLayout``, ``Piece``, ``Mirror``,
+  ``CheckpointAlias``) and the checks every table passes;
+- ``families/``: the built-in tables, one file per family (adding an architecture is one
+  new file there, see ``docs/adding_an_architecture.md``);
+- ``registry``: the tables by HF ``model_type`` (``register_family``, ``family_for``);
+- ``model_layout``: a table bound to one model's dims and tensors (``ModelLayout``,
+  ``bind_layout``): the exact slices of every unit;
+- ``bridge``: the check of a table against a booted TransformerLens bridge.
+
+Before 0.2 all but ``units`` was one module, ``layouts``; its old import path gives this
+package, which still serves every one of its names. Names are imported lazily (PEP 562),
+so importing the package does not load every submodule (and cannot create an import
+cycle).
 """
 
 from __future__ import annotations
@@ -11,28 +23,32 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS: dict[str, str] = {
-    "DEFAULT_HOOK_POINTS": "layouts",
-    "FAMILIES": "layouts",
-    "CheckpointAlias": "layouts",
-    "Dims": "layouts",
-    "FamilyLayout": "layouts",
-    "LayoutMismatchError": "layouts",
-    "Mirror": "layouts",
-    "ModelLayout": "layouts",
-    "Piece": "layouts",
-    "TensorSlice": "layouts",
-    "UnsupportedArchitectureError": "layouts",
-    "bind_checkpoint_layout": "layouts",
-    "bind_layout": "layouts",
-    "check_bridge": "layouts",
-    "describe_families": "layouts",
-    "dims_from_config": "layouts",
-    "family_for": "layouts",
-    "register_family": "layouts",
-    "registered_families": "layouts",
-    "supported_model_types": "layouts",
-    "tiny_config_kwargs": "layouts",
-    "unregister_family": "layouts",
+    "DEFAULT_HOOK_POINTS": "schema",
+    "CheckpointAlias": "schema",
+    "FamilyLayout": "schema",
+    "LayoutMismatchError": "schema",
+    "Mirror": "schema",
+    "Piece": "schema",
+    "UnsupportedArchitectureError": "schema",
+    "bias_piece": "schema",
+    "check_table": "schema",
+    "weight_piece": "schema",
+    "FAMILIES": "families",
+    "collect_families": "families",
+    "describe_families": "registry",
+    "family_for": "registry",
+    "register_family": "registry",
+    "registered_families": "registry",
+    "supported_model_types": "registry",
+    "tiny_config_kwargs": "registry",
+    "unregister_family": "registry",
+    "Dims": "model_layout",
+    "ModelLayout": "model_layout",
+    "TensorSlice": "model_layout",
+    "bind_checkpoint_layout": "model_layout",
+    "bind_layout": "model_layout",
+    "dims_from_config": "model_layout",
+    "check_bridge": "bridge",
     "UnitKind": "units",
     "UNIT_KINDS": "units",
     "UnitError": "units",
@@ -49,71 +65,83 @@ _EXPORTS: dict[str, str] = {
 }
 
 if TYPE_CHECKING:
-    from tl_transplant.arch.layouts import (
-        DEFAULT_HOOK_POINTS as DEFAULT_HOOK_POINTS,
-    )
-    from tl_transplant.arch.layouts import (
-        FAMILIES as FAMILIES,
-    )
-    from tl_transplant.arch.layouts import (
-        CheckpointAlias as CheckpointAlias,
-    )
-    from tl_transplant.arch.layouts import (
-        Dims as Dims,
-    )
-    from tl_transplant.arch.layouts import (
-        FamilyLayout as FamilyLayout,
-    )
-    from tl_transplant.arch.layouts import (
-        LayoutMismatchError as LayoutMismatchError,
-    )
-    from tl_transplant.arch.layouts import (
-        Mirror as Mirror,
-    )
-    from tl_transplant.arch.layouts import (
-        ModelLayout as ModelLayout,
-    )
-    from tl_transplant.arch.layouts import (
-        Piece as Piece,
-    )
-    from tl_transplant.arch.layouts import (
-        TensorSlice as TensorSlice,
-    )
-    from tl_transplant.arch.layouts import (
-        UnsupportedArchitectureError as UnsupportedArchitectureError,
-    )
-    from tl_transplant.arch.layouts import (
-        bind_checkpoint_layout as bind_checkpoint_layout,
-    )
-    from tl_transplant.arch.layouts import (
-        bind_layout as bind_layout,
-    )
-    from tl_transplant.arch.layouts import (
+    from tl_transplant.arch.bridge import (
         check_bridge as check_bridge,
     )
-    from tl_transplant.arch.layouts import (
-        describe_families as describe_families,
+    from tl_transplant.arch.families import (
+        FAMILIES as FAMILIES,
     )
-    from tl_transplant.arch.layouts import (
+    from tl_transplant.arch.families import (
+        collect_families as collect_families,
+    )
+    from tl_transplant.arch.model_layout import (
+        Dims as Dims,
+    )
+    from tl_transplant.arch.model_layout import (
+        ModelLayout as ModelLayout,
+    )
+    from tl_transplant.arch.model_layout import (
+        TensorSlice as TensorSlice,
+    )
+    from tl_transplant.arch.model_layout import (
+        bind_checkpoint_layout as bind_checkpoint_layout,
+    )
+    from tl_transplant.arch.model_layout import (
+        bind_layout as bind_layout,
+    )
+    from tl_transplant.arch.model_layout import (
         dims_from_config as dims_from_config,
     )
-    from tl_transplant.arch.layouts import (
+    from tl_transplant.arch.registry import (
+        describe_families as describe_families,
+    )
+    from tl_transplant.arch.registry import (
         family_for as family_for,
     )
-    from tl_transplant.arch.layouts import (
+    from tl_transplant.arch.registry import (
         register_family as register_family,
     )
-    from tl_transplant.arch.layouts import (
+    from tl_transplant.arch.registry import (
         registered_families as registered_families,
     )
-    from tl_transplant.arch.layouts import (
+    from tl_transplant.arch.registry import (
         supported_model_types as supported_model_types,
     )
-    from tl_transplant.arch.layouts import (
+    from tl_transplant.arch.registry import (
         tiny_config_kwargs as tiny_config_kwargs,
     )
-    from tl_transplant.arch.layouts import (
+    from tl_transplant.arch.registry import (
         unregister_family as unregister_family,
+    )
+    from tl_transplant.arch.schema import (
+        DEFAULT_HOOK_POINTS as DEFAULT_HOOK_POINTS,
+    )
+    from tl_transplant.arch.schema import (
+        CheckpointAlias as CheckpointAlias,
+    )
+    from tl_transplant.arch.schema import (
+        FamilyLayout as FamilyLayout,
+    )
+    from tl_transplant.arch.schema import (
+        LayoutMismatchError as LayoutMismatchError,
+    )
+    from tl_transplant.arch.schema import (
+        Mirror as Mirror,
+    )
+    from tl_transplant.arch.schema import (
+        Piece as Piece,
+    )
+    from tl_transplant.arch.schema import (
+        UnsupportedArchitectureError as UnsupportedArchitectureError,
+    )
+    from tl_transplant.arch.schema import (
+        bias_piece as bias_piece,
+    )
+    from tl_transplant.arch.schema import (
+        check_table as check_table,
+    )
+    from tl_transplant.arch.schema import (
+        weight_piece as weight_piece,
     )
     from tl_transplant.arch.units import (
         UNIT_KINDS as UNIT_KINDS,

@@ -1,7 +1,7 @@
 """Unit references: the things a transplant moves.
 
 A unit is a pure address (layer + index or name); what weights it covers is the
-business of :mod:`tl_transplant.arch.layouts`. The string forms are stable and
+business of :mod:`tl_transplant.arch.model_layout`. The string forms are stable and
 round-trip exactly::
 
     L3.H5             query head 5 of layer 3 (its q rows and o columns)

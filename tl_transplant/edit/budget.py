@@ -46,7 +46,7 @@ from tl_transplant.arch.units import Head, Unit, parse_unit, parse_units
 from tl_transplant.edit.weights import WeightMask
 
 if TYPE_CHECKING:
-    from tl_transplant.arch.layouts import ModelLayout
+    from tl_transplant.arch.model_layout import ModelLayout
     from tl_transplant.edit.weights import Selection
 
 BudgetRule: TypeAlias = Literal["per_param", "score"]

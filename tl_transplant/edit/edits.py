@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 from jaxtyping import Bool, Int
 
-from tl_transplant.arch.layouts import TensorSlice
+from tl_transplant.arch.model_layout import TensorSlice
 from tl_transplant.arch.units import Head, KVHead, Unit, UnitError, parse_units, unit_sort_key
 from tl_transplant.edit.manifest import MANIFEST_FORMAT as MANIFEST_FORMAT  # re-exported
 from tl_transplant.edit.manifest import Manifest

@@ -69,8 +69,9 @@ from tl_transplant.models.hooks import kind_hooks, require_hooks
 if TYPE_CHECKING:
     from transformers import Cache, PretrainedConfig
 
-    from tl_transplant.arch.layouts import ModelLayout
-    from tl_transplant.models.pair import ModelPair, ModelSide
+    from tl_transplant.arch.model_layout import ModelLayout
+    from tl_transplant.models.pair import ModelPair
+    from tl_transplant.models.side import ModelSide
 
 PatchMode = Literal["activation", "output"]
 #: A TransformerLens forward hook: ``hook(activation, hook=HookPoint)`` -> activation.

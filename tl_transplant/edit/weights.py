@@ -40,7 +40,7 @@ from tl_transplant.arch.units import Head, Unit, normalize_kinds
 from tl_transplant.errors import TLTransplantError
 
 if TYPE_CHECKING:
-    from tl_transplant.arch.layouts import ModelLayout
+    from tl_transplant.arch.model_layout import ModelLayout
     from tl_transplant.scoring.scores import Scores
 
 #: The grain name of weight-level units (``units: [weight]`` in YAML, ``--units weight``).

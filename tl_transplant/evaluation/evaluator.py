@@ -63,7 +63,8 @@ if TYPE_CHECKING:
 
     from tl_transplant.edit.edits import KVMode
     from tl_transplant.edit.weights import WeightMask
-    from tl_transplant.models.pair import ModelPair, ModelSide
+    from tl_transplant.models.pair import ModelPair
+    from tl_transplant.models.side import ModelSide
 
 #: What :func:`evaluate` runs: a side, a pair (with ``side=``) or any callable LM
 #: (HF causal LM, TransformerBridge) mapping input ids to logits or an output with ``.logits``.

@@ -28,7 +28,8 @@ import torch
 from tl_transplant.edit.manifest import MANIFEST_NAME as MANIFEST_NAME  # re-exported
 from tl_transplant.edit.manifest import Manifest, ManifestDoc, write_manifest
 from tl_transplant.errors import TLTransplantError
-from tl_transplant.models.pair import ModelPair, ModelSide
+from tl_transplant.models.pair import ModelPair
+from tl_transplant.models.side import ModelSide
 
 
 class ExportError(TLTransplantError, ValueError):

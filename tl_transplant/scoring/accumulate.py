@@ -16,7 +16,7 @@ from tl_transplant.arch.units import UNIT_KINDS, Head, KVHead, Linear, Neuron, U
 from tl_transplant.models.hooks import value_hooks, write_hooks
 
 if TYPE_CHECKING:
-    from tl_transplant.arch.layouts import ModelLayout
+    from tl_transplant.arch.model_layout import ModelLayout
 
 
 def unit_index(u: Unit, layout: ModelLayout) -> int:

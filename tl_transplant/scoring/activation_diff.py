@@ -42,7 +42,7 @@ from tl_transplant.scoring.tensors import out_weight, take_positions, tensor_sum
 from tl_transplant.tasks.tokens import Encoded
 
 if TYPE_CHECKING:
-    from tl_transplant.arch.layouts import ModelLayout
+    from tl_transplant.arch.model_layout import ModelLayout
 
 Positions = Literal["last", "answer", "all"]
 POSITIONS: tuple[str, ...] = get_args(Positions)

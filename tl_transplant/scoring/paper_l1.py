@@ -33,7 +33,7 @@ from tl_transplant.scoring.tensors import take_positions, tensor_sum, work
 from tl_transplant.tasks.tokens import Encoded
 
 if TYPE_CHECKING:
-    from tl_transplant.models.pair import ModelSide
+    from tl_transplant.models.side import ModelSide
 
 
 @register

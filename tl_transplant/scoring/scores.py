@@ -24,7 +24,7 @@ from tl_transplant.arch.units import (
 from tl_transplant.edit.budget import DEFAULT_BUDGET_RULE, BudgetPick, check_rule, fill_budget
 
 if TYPE_CHECKING:
-    from tl_transplant.arch.layouts import ModelLayout
+    from tl_transplant.arch.model_layout import ModelLayout
 
 SCORES_FORMAT = "tl_transplant.scores/1"
 _COUNT_KEYS = {"head": "H", "kv_head": "KV", "neuron": "I"}
@@ -167,7 +167,7 @@ class Scores:
     ) -> list[Unit]:
         """Units (of ``kinds``) whose distinct weights fit ``fraction`` of the block parameters.
 
-        ``layout``: the pair's :class:`~tl_transplant.arch.layouts.ModelLayout` (``pair.layout``).
+        ``layout``: the pair's :class:`~tl_transplant.arch.ModelLayout` (``pair.layout``).
         The fill rule is :attr:`budget_rule` (see :mod:`tl_transplant.edit.budget`); KV groups
         that ``kv="group"`` brings along count against the budget.
         """

@@ -12,8 +12,9 @@ from tl_transplant.arch.units import Head, Neuron, UnitKind
 from tl_transplant.scoring.registry import ScoringError
 
 if TYPE_CHECKING:
-    from tl_transplant.arch.layouts import ModelLayout
-    from tl_transplant.models.pair import ModelPair, ModelSide
+    from tl_transplant.arch.model_layout import ModelLayout
+    from tl_transplant.models.pair import ModelPair
+    from tl_transplant.models.side import ModelSide
 
 
 def work(t: torch.Tensor) -> torch.Tensor:

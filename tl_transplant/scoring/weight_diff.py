@@ -31,7 +31,7 @@ from tl_transplant.scoring.registry import (
 from tl_transplant.scoring.tensors import loaded_param
 
 if TYPE_CHECKING:
-    from tl_transplant.arch.layouts import ModelLayout
+    from tl_transplant.arch.model_layout import ModelLayout
     from tl_transplant.models.pair import ModelPair
 
 _CLS: dict[str, type[Head] | type[KVHead] | type[Neuron]] = {

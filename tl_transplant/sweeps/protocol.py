@@ -107,7 +107,8 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure, SubFigure
 
     from tl_transplant.edit.edits import KVMode
-    from tl_transplant.models.pair import ModelPair, ModelSide
+    from tl_transplant.models.pair import ModelPair
+    from tl_transplant.models.side import ModelSide
 
 
 @dataclass

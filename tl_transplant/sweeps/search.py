@@ -33,7 +33,7 @@ from tl_transplant.edit.weights import WEIGHT, WeightMask
 from tl_transplant.tasks.task import Task
 
 if TYPE_CHECKING:
-    from tl_transplant.arch.layouts import ModelLayout
+    from tl_transplant.arch.model_layout import ModelLayout
     from tl_transplant.evaluation.evaluator import UnitsLike
 
 #: Unit kinds as :func:`~tl_transplant.arch.units.normalize_kinds` takes them (None: all).

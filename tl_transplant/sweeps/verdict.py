@@ -44,7 +44,7 @@ from tl_transplant.sweeps.search import (
 )
 
 if TYPE_CHECKING:
-    from tl_transplant.arch.layouts import ModelLayout
+    from tl_transplant.arch.model_layout import ModelLayout
     from tl_transplant.evaluation.evaluator import TransplantReport
 
 #: Scorer names that are baselines: a method of one of these names is also a control.

@@ -26,7 +26,8 @@ from jaxtyping import Float, Int
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
-    from tl_transplant.models.pair import ModelPair, ModelSide
+    from tl_transplant.models.pair import ModelPair
+    from tl_transplant.models.side import ModelSide
 
 PrependBos = bool | Literal["auto"]
 
