@@ -110,7 +110,7 @@ def _prompts(a: dict[str, Any], n: int) -> Any:
     """n prompts of the model's task (the same first n in every child)."""
     if a["model"] == "smollm2":
         return bench_sweep.real_prompts(n)
-    from tl_transplant.tasks.task import builtin_task
+    from tl_transplant.tasks.builtin import builtin_task
 
     return builtin_task("induction", n=n, seed=0, metric="answer_logprob", prepend_bos=True)
 

@@ -141,7 +141,7 @@ def _setup(a: dict[str, Any]) -> dict[str, Any]:
     """Build the pair, task splits and the ranking (identical in every child)."""
     import numpy as np
 
-    from tl_transplant.tasks.task import builtin_task
+    from tl_transplant.tasks.builtin import builtin_task
 
     pair = load_pair(a)
     if a.get("model", "tiny") == "smollm2":

@@ -20,7 +20,8 @@ from tl_transplant.evaluation.evaluator import (
     transplant_metrics,
 )
 from tl_transplant.evaluation.stats import UndefinedMetricWarning, bootstrap_means, recovery, tir
-from tl_transplant.tasks.task import Task, builtin_task
+from tl_transplant.tasks.builtin import builtin_task
+from tl_transplant.tasks.task import Task
 from tl_transplant.testing import same_state, snapshot_side, tiny_model, word_tokenizer
 
 V = 96  # vocab of the tiny models / word tokenizer (4 specials + w0..w91)

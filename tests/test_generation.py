@@ -16,7 +16,7 @@ import torch
 
 from tl_transplant import ModelPair, Task, evaluate, transplant
 from tl_transplant.edit.patching import patch_activations
-from tl_transplant.evaluation.evaluator import _generation_config
+from tl_transplant.evaluation.generation import generation_config as _generation_config
 from tl_transplant.models.decoding import can_cache, greedy_generate, hooks_active, plain_model
 from tl_transplant.testing import tiny_model, word_tokenizer
 

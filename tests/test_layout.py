@@ -39,12 +39,9 @@ LAYERS: dict[str, int] = {
 KNOWN_UPWARD: set[tuple[str, str]] = {
     ("tl_transplant.edit.weights", "tl_transplant.scoring.scores"),
     ("tl_transplant.sweeps.protocol", "tl_transplant.report.text"),
-    ("tl_transplant.tasks.task", "tl_transplant.evaluation.stats"),
 }
 #: Modules over the size limit, to be split.
-KNOWN_LARGE: set[str] = {
-    "tl_transplant.evaluation.evaluator", "tl_transplant.tasks.task",
-}
+KNOWN_LARGE: set[str] = set()
 MAX_LINES = 800
 
 

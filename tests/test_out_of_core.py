@@ -539,7 +539,7 @@ def test_accelerate_hooks_match_single_device(family: str, sharded) -> None:
 
     # Scoring on the hooked pair gives the same scores.
     from tl_transplant.scoring import score
-    from tl_transplant.tasks.task import builtin_task
+    from tl_transplant.tasks.builtin import builtin_task
 
     task = builtin_task("successor", n=6)
     for method in ("activation_diff", "attribution"):

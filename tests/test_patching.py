@@ -13,7 +13,8 @@ from tl_transplant.edit.edits import plan_transplant
 from tl_transplant.edit.patching import PatchError, patch_activations
 from tl_transplant.evaluation.evaluator import evaluate
 from tl_transplant.sweeps.protocol import sweep
-from tl_transplant.tasks.task import Task, builtin_task
+from tl_transplant.tasks.builtin import builtin_task
+from tl_transplant.tasks.task import Task
 from tl_transplant.tasks.tokens import encode
 from tl_transplant.testing import tiny_model, word_tokenizer
 

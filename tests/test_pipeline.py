@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from tl_transplant import ConfigError, load_config, run
 from tl_transplant.cli import main
 from tl_transplant.pipeline.runner import RESULT_KEYS
-from tl_transplant.tasks.task import builtin_task
+from tl_transplant.tasks.builtin import builtin_task
 from tl_transplant.testing import perturbed_copy, save_tiny, tiny_model, word_tokenizer
 
 

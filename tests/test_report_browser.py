@@ -293,7 +293,7 @@ def report(pair_dirs, tmp_path_factory: pytest.TempPathFactory):
     from tl_transplant import ModelPair
     from tl_transplant.scoring import score
     from tl_transplant.sweeps.protocol import sweep
-    from tl_transplant.tasks.task import builtin_task
+    from tl_transplant.tasks.builtin import builtin_task
 
     pair = ModelPair.load(*pair_dirs("llama"))
     pool = builtin_task("induction", n=60, seed=0).prompts

@@ -17,7 +17,9 @@ from tl_transplant.evaluation.generic import (
     text_chunks,
     unknown_fraction,
 )
-from tl_transplant.tasks.task import Task, builtin_task, parse_reference, reference_answer
+from tl_transplant.tasks.builtin import builtin_task
+from tl_transplant.tasks.metrics import parse_reference, reference_answer
+from tl_transplant.tasks.task import Task
 from tl_transplant.testing import perturbed_copy, tiny_model
 
 

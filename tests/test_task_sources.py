@@ -11,14 +11,9 @@ import datasets
 import pytest
 import torch
 
-from tl_transplant.tasks.task import (
-    ACCURACY_METRICS,
-    METRICS,
-    Task,
-    extract_boxed,
-    extract_last_number,
-    normalize_answer,
-)
+from tl_transplant.tasks.extract import extract_boxed, extract_last_number, normalize_answer
+from tl_transplant.tasks.metrics import ACCURACY_METRICS, METRICS
+from tl_transplant.tasks.task import Task
 from tl_transplant.tasks.tokens import (
     choice_logprobs,
     context_limit,

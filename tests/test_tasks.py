@@ -8,14 +8,9 @@ from pathlib import Path
 import datasets
 import pytest
 
-from tl_transplant.tasks.task import (
-    DEFAULT_WORDS,
-    EXTRACTORS,
-    Task,
-    builtin_task,
-    list_builtin_tasks,
-    resolve_extract,
-)
+from tl_transplant.tasks.builtin import DEFAULT_WORDS, builtin_task, list_builtin_tasks
+from tl_transplant.tasks.extract import EXTRACTORS, resolve_extract
+from tl_transplant.tasks.task import Task
 from tl_transplant.testing import word_tokenizer
 
 RECORDS = [

@@ -28,7 +28,8 @@ from tl_transplant.sweeps.selection import (
     cross_validated_selection,
     fold_indices,
 )
-from tl_transplant.tasks.task import Task, builtin_task
+from tl_transplant.tasks.builtin import builtin_task
+from tl_transplant.tasks.task import Task
 from tl_transplant.testing import perturbed_copy, save_tiny, tiny_model, word_tokenizer
 
 TRUE_UNITS = ["L1.mlp.down_proj", "L1.attn.o_proj"]  # where source != target

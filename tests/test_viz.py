@@ -25,7 +25,8 @@ from tl_transplant.report.views import (
 )
 from tl_transplant.scoring import Scores
 from tl_transplant.sweeps.protocol import sweep
-from tl_transplant.tasks.task import Task, builtin_task
+from tl_transplant.tasks.builtin import builtin_task
+from tl_transplant.tasks.task import Task
 from tl_transplant.tasks.tokens import encode
 from tl_transplant.testing import tiny_model, word_tokenizer
 

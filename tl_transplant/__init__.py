@@ -43,7 +43,8 @@ from tl_transplant.pipeline.runner import RunResult, run
 from tl_transplant.report.html import write_report  # also registers SweepResult.save(report=True)
 from tl_transplant.scoring import Scores, available_methods, score
 from tl_transplant.sweeps.protocol import SweepResult, sweep
-from tl_transplant.tasks.task import Task, builtin_task
+from tl_transplant.tasks.builtin import builtin_task
+from tl_transplant.tasks.task import Task
 
 __version__ = "0.1.0"
 

@@ -1,5 +1,7 @@
-"""Evaluation: running a model on a task (``evaluator``), the statistics (``stats``: TIR,
-recovery, paired bootstrap) and the generic retention proxy (``generic``).
+"""Evaluation: running a model on a task (``evaluator``; how a model is run: ``runner``;
+greedy decoding for generative metrics: ``generation``), the statistics (``stats``: TIR,
+recovery, paired bootstrap) and the generic retention proxy (``generic``). What each
+metric computes is the metric registry's (:mod:`tl_transplant.tasks.metrics`).
 
 ``tl_transplant.evaluation`` was one module before 0.2; its names are still importable
 from here.
@@ -29,6 +31,12 @@ _EXPORTS: dict[str, str] = {
     "retention": "evaluator",
     "tir": "evaluator",
     "transplant_metrics": "evaluator",
+    "EvalModel": "runner",
+    "Intervention": "runner",
+    "Runner": "runner",
+    "resolve_model": "runner",
+    "generate_texts": "generation",
+    "generation_config": "generation",
     "MAX_UNKNOWN_FRACTION": "generic",
     "METRIC": "generic",
     "NAME": "generic",
@@ -89,6 +97,12 @@ if TYPE_CHECKING:
     from tl_transplant.evaluation.evaluator import (
         transplant_metrics as transplant_metrics,
     )
+    from tl_transplant.evaluation.generation import (
+        generate_texts as generate_texts,
+    )
+    from tl_transplant.evaluation.generation import (
+        generation_config as generation_config,
+    )
     from tl_transplant.evaluation.generic import (
         MAX_UNKNOWN_FRACTION as MAX_UNKNOWN_FRACTION,
     )
@@ -112,6 +126,18 @@ if TYPE_CHECKING:
     )
     from tl_transplant.evaluation.generic import (
         unknown_fraction as unknown_fraction,
+    )
+    from tl_transplant.evaluation.runner import (
+        EvalModel as EvalModel,
+    )
+    from tl_transplant.evaluation.runner import (
+        Intervention as Intervention,
+    )
+    from tl_transplant.evaluation.runner import (
+        Runner as Runner,
+    )
+    from tl_transplant.evaluation.runner import (
+        resolve_model as resolve_model,
     )
     from tl_transplant.evaluation.stats import (
         ACCURACY_METRICS as ACCURACY_METRICS,

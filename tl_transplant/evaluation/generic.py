@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tl_transplant.evaluation.evaluator import evaluate, reference_top1
-from tl_transplant.tasks.task import Task, reference_answer
+from tl_transplant.tasks.metrics import reference_answer
+from tl_transplant.tasks.task import Task
 from tl_transplant.tasks.tokens import PrependBos, resolve_prepend_bos
 
 if TYPE_CHECKING:

@@ -1,6 +1,8 @@
 """Statistics of paired per-example scores: TIR, recovery, paired bootstrap CIs.
 
-Pure numpy: no models, no torch. :mod:`tl_transplant.evaluation.evaluator` (per-example
+Pure numpy: no models. Which metrics are accuracies (TIR is defined only for those) is
+the metric registry's to say (:func:`tl_transplant.tasks.metrics.is_accuracy`).
+:mod:`tl_transplant.evaluation.evaluator` (per-example
 scores of models), :mod:`tl_transplant.sweeps.protocol` (dev numbers per configuration)
 and :mod:`tl_transplant.pipeline.runner` (best vs control) all compute their numbers
 here.
@@ -9,7 +11,7 @@ Definitions (``s``, ``t``, ``x``: mean metric of source, target, transplanted
 target on the *same* examples):
 
 * ``delta = x - t``;
-* ``TIR = x / t``: only for accuracy metrics (:data:`ACCURACY_METRICS`),
+* ``TIR = x / t``: only for accuracy metrics (``Metric.accuracy``; :data:`ACCURACY_METRICS`),
   ``None`` when ``t == 0``;
 * ``recovery = (x - t) / (s - t)``: ``None`` (with an
   :class:`UndefinedMetricWarning`) when ``|s - t| < gap_tol`` (default 1e-3);
@@ -32,11 +34,18 @@ from typing import Any
 import numpy as np
 from jaxtyping import Float
 
+from tl_transplant.tasks.metrics import accuracy_metrics, is_accuracy
+
 DEFAULT_GAP_TOL = 1e-3
 DEFAULT_N_BOOT = 2000
-#: The accuracy metrics (per example in [0, 1]: 0/1, or a fraction of agreeing positions for
-#: ``next_token_agreement``), for which TIR is defined (tl_transplant.tasks.task re-exports this).
-ACCURACY_METRICS = ("next_token_acc", "exact_match", "mc_logprob", "next_token_agreement")
+
+
+def __getattr__(name: str) -> Any:
+    # ACCURACY_METRICS: the registered accuracy metrics now (per example in [0, 1]: 0/1, or a
+    # fraction of agreeing positions for next_token_agreement), for which TIR is defined.
+    if name == "ACCURACY_METRICS":
+        return accuracy_metrics()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class UndefinedMetricWarning(UserWarning):
@@ -59,7 +68,7 @@ def tir(
     notes: list[str] | None = None,
 ) -> float | None:
     """TIR = transplanted / target for 0/1 metrics; None when target is 0 (or not an accuracy)."""
-    if metric not in ACCURACY_METRICS:
+    if not is_accuracy(metric):
         if notes is not None:
             notes.append(f"TIR not reported: {metric} is not an accuracy")
         return None
@@ -255,7 +264,6 @@ def paired_metrics(
 
 
 __all__ = [
-    "ACCURACY_METRICS",
     "DEFAULT_GAP_TOL",
     "DEFAULT_N_BOOT",
     "TransplantMetrics",

@@ -31,7 +31,9 @@ from pydantic import (
 from tl_transplant.arch.units import normalize_kinds
 from tl_transplant.edit.weights import WEIGHT
 from tl_transplant.errors import TLTransplantError
-from tl_transplant.tasks.task import _FORMATS, EXTRACTORS, METRICS
+from tl_transplant.tasks.extract import EXTRACTORS
+from tl_transplant.tasks.metrics import available_metrics
+from tl_transplant.tasks.sources import FORMATS as _FORMATS
 
 
 class ConfigError(TLTransplantError, ValueError):
@@ -129,8 +131,9 @@ class TaskConfig(_Strict):
     @field_validator("metric", mode="before")
     @classmethod
     def _metric(cls, v: Any) -> Any:
-        if not isinstance(v, str) or v not in METRICS:
-            raise ValueError(f"must be one of {', '.join(METRICS)} (got {v!r})")
+        valid = available_metrics()  # the metric registry (tl_transplant.tasks.metrics)
+        if not isinstance(v, str) or v not in valid:
+            raise ValueError(f"must be one of {', '.join(valid)} (got {v!r})")
         return v
 
     @field_validator("prepend_bos", mode="before")

@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from tl_transplant.models.hooks import HookRunner
 from tl_transplant.scoring.registry import ScoringError
-from tl_transplant.tasks.tokens import Encoded, answer_logprobs, encode
+from tl_transplant.tasks.metrics import default_differentiable
+from tl_transplant.tasks.tokens import Encoded, encode
 
 #: Logger of scoring runs (cost estimates of long runs are INFO records).
 log = logging.getLogger("tl_transplant.scoring")
@@ -93,8 +94,9 @@ class Context:
             tqdm.write(message, file=sys.stderr)
 
     def metric_fn(self) -> MetricFn:
-        """The differentiable per-example task metric (default: answer log-prob)."""
-        return self.metric or answer_logprobs
+        """The differentiable per-example task metric (default: the metric registry's
+        default differentiable form, the answer log-prob)."""
+        return self.metric or default_differentiable()
 
 
 __all__ = ["Context", "MetricFn", "ScoringData"]

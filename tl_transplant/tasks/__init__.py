@@ -1,5 +1,7 @@
-"""Tasks: the ``Task`` model, its loaders and built-in generators (``task``) and the
-tokenization rule shared by scoring and evaluation (``tokens``).
+"""Tasks: the ``Task`` model (``task``), where tasks come from (``sources``), the built-in
+synthetic tasks (``builtin``), answer extraction (``extract``), the metric registry
+(``metrics``: one object per metric, read by evaluation, statistics, config and scorers)
+and the tokenization rule shared by scoring and evaluation (``tokens``).
 
 ``tl_transplant.tasks`` was one module before 0.2; its names are still importable
 from here.
@@ -14,24 +16,36 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS: dict[str, str] = {
-    "ACCURACY_METRICS": "task",
-    "METRICS": "task",
-    "AGREEMENT_ATOL": "task",
-    "reference_answer": "task",
-    "parse_reference": "task",
-    "extract_strip": "task",
-    "extract_first_word": "task",
-    "extract_first_line": "task",
-    "extract_last_number": "task",
-    "normalize_answer": "task",
-    "extract_boxed": "task",
-    "EXTRACTORS": "task",
-    "NORMALIZED_EXTRACTORS": "task",
-    "resolve_extract": "task",
     "Task": "task",
-    "DEFAULT_WORDS": "task",
-    "list_builtin_tasks": "task",
-    "builtin_task": "task",
+    "ACCURACY_METRICS": "metrics",
+    "METRICS": "metrics",
+    "AGREEMENT_ATOL": "metrics",
+    "METRIC_REGISTRY": "metrics",
+    "Metric": "metrics",
+    "LogitMetric": "metrics",
+    "GenerationMetric": "metrics",
+    "MetricError": "metrics",
+    "Rows": "metrics",
+    "Batch": "metrics",
+    "register_metric": "metrics",
+    "get_metric": "metrics",
+    "available_metrics": "metrics",
+    "is_accuracy": "metrics",
+    "reference_answer": "metrics",
+    "parse_reference": "metrics",
+    "extract_strip": "extract",
+    "extract_first_word": "extract",
+    "extract_first_line": "extract",
+    "extract_last_number": "extract",
+    "normalize_answer": "extract",
+    "extract_boxed": "extract",
+    "EXTRACTORS": "extract",
+    "NORMALIZED_EXTRACTORS": "extract",
+    "resolve_extract": "extract",
+    "FORMATS": "sources",
+    "DEFAULT_WORDS": "builtin",
+    "list_builtin_tasks": "builtin",
+    "builtin_task": "builtin",
     "PrependBos": "tokens",
     "resolve_prepend_bos": "tokens",
     "Encoded": "tokens",
@@ -45,62 +59,99 @@ _EXPORTS: dict[str, str] = {
     "encode_choices": "tokens",
     "choice_logprobs": "tokens",
     "mc_scores": "tokens",
+    "run_batches": "tokens",
 }
 
 if TYPE_CHECKING:
-    from tl_transplant.tasks.task import (
-        ACCURACY_METRICS as ACCURACY_METRICS,
-    )
-    from tl_transplant.tasks.task import (
-        AGREEMENT_ATOL as AGREEMENT_ATOL,
-    )
-    from tl_transplant.tasks.task import (
+    from tl_transplant.tasks.builtin import (
         DEFAULT_WORDS as DEFAULT_WORDS,
     )
-    from tl_transplant.tasks.task import (
+    from tl_transplant.tasks.builtin import (
+        builtin_task as builtin_task,
+    )
+    from tl_transplant.tasks.builtin import (
+        list_builtin_tasks as list_builtin_tasks,
+    )
+    from tl_transplant.tasks.extract import (
         EXTRACTORS as EXTRACTORS,
     )
-    from tl_transplant.tasks.task import (
+    from tl_transplant.tasks.extract import (
+        NORMALIZED_EXTRACTORS as NORMALIZED_EXTRACTORS,
+    )
+    from tl_transplant.tasks.extract import (
+        extract_boxed as extract_boxed,
+    )
+    from tl_transplant.tasks.extract import (
+        extract_first_line as extract_first_line,
+    )
+    from tl_transplant.tasks.extract import (
+        extract_first_word as extract_first_word,
+    )
+    from tl_transplant.tasks.extract import (
+        extract_last_number as extract_last_number,
+    )
+    from tl_transplant.tasks.extract import (
+        extract_strip as extract_strip,
+    )
+    from tl_transplant.tasks.extract import (
+        normalize_answer as normalize_answer,
+    )
+    from tl_transplant.tasks.extract import (
+        resolve_extract as resolve_extract,
+    )
+    from tl_transplant.tasks.metrics import (
+        ACCURACY_METRICS as ACCURACY_METRICS,
+    )
+    from tl_transplant.tasks.metrics import (
+        AGREEMENT_ATOL as AGREEMENT_ATOL,
+    )
+    from tl_transplant.tasks.metrics import (
+        METRIC_REGISTRY as METRIC_REGISTRY,
+    )
+    from tl_transplant.tasks.metrics import (
         METRICS as METRICS,
     )
-    from tl_transplant.tasks.task import (
-        NORMALIZED_EXTRACTORS as NORMALIZED_EXTRACTORS,
+    from tl_transplant.tasks.metrics import (
+        Batch as Batch,
+    )
+    from tl_transplant.tasks.metrics import (
+        GenerationMetric as GenerationMetric,
+    )
+    from tl_transplant.tasks.metrics import (
+        LogitMetric as LogitMetric,
+    )
+    from tl_transplant.tasks.metrics import (
+        Metric as Metric,
+    )
+    from tl_transplant.tasks.metrics import (
+        MetricError as MetricError,
+    )
+    from tl_transplant.tasks.metrics import (
+        Rows as Rows,
+    )
+    from tl_transplant.tasks.metrics import (
+        available_metrics as available_metrics,
+    )
+    from tl_transplant.tasks.metrics import (
+        get_metric as get_metric,
+    )
+    from tl_transplant.tasks.metrics import (
+        is_accuracy as is_accuracy,
+    )
+    from tl_transplant.tasks.metrics import (
+        parse_reference as parse_reference,
+    )
+    from tl_transplant.tasks.metrics import (
+        reference_answer as reference_answer,
+    )
+    from tl_transplant.tasks.metrics import (
+        register_metric as register_metric,
+    )
+    from tl_transplant.tasks.sources import (
+        FORMATS as FORMATS,
     )
     from tl_transplant.tasks.task import (
         Task as Task,
-    )
-    from tl_transplant.tasks.task import (
-        builtin_task as builtin_task,
-    )
-    from tl_transplant.tasks.task import (
-        extract_boxed as extract_boxed,
-    )
-    from tl_transplant.tasks.task import (
-        extract_first_line as extract_first_line,
-    )
-    from tl_transplant.tasks.task import (
-        extract_first_word as extract_first_word,
-    )
-    from tl_transplant.tasks.task import (
-        extract_last_number as extract_last_number,
-    )
-    from tl_transplant.tasks.task import (
-        extract_strip as extract_strip,
-    )
-    from tl_transplant.tasks.task import (
-        list_builtin_tasks as list_builtin_tasks,
-    )
-    from tl_transplant.tasks.task import (
-        normalize_answer as normalize_answer,
-    )
-    from tl_transplant.tasks.task import (
-        parse_reference as parse_reference,
-    )
-    from tl_transplant.tasks.task import (
-        reference_answer as reference_answer,
-    )
-    from tl_transplant.tasks.task import (
-        resolve_extract as resolve_extract,
     )
     from tl_transplant.tasks.tokens import (
         ChoiceBatch as ChoiceBatch,
@@ -140,6 +191,9 @@ if TYPE_CHECKING:
     )
     from tl_transplant.tasks.tokens import (
         resolve_prepend_bos as resolve_prepend_bos,
+    )
+    from tl_transplant.tasks.tokens import (
+        run_batches as run_batches,
     )
 
 

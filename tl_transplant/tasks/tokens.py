@@ -162,6 +162,43 @@ def first_answer_token(enc: Encoded) -> Int[torch.Tensor, " batch"]:
     return enc.input_ids[torch.arange(len(enc)), enc.prompt_len]
 
 
+# ---- the batch loop ------------------------------------------------------------------
+
+
+def run_batches(
+    logits_fn: Callable[[Int[torch.Tensor, "b seq"]], Float[torch.Tensor, "b seq vocab"]],
+    enc: Encoded,
+    need: Int[torch.Tensor, " rows"],
+    batch_size: int,
+    score: Callable[
+        [Float[torch.Tensor, "b seq vocab"], Int[torch.Tensor, " b"], Encoded],
+        Float[torch.Tensor, " b"],
+    ],
+    done: Callable[[int], object] | None = None,
+) -> Float[torch.Tensor, " rows"]:
+    """One float64 per row of ``enc``: ``score(logits, rows, their Encoded)`` per batch.
+
+    Rows run longest ``need`` first (ties by index), ``batch_size`` at a time, each batch
+    cut to its longest ``need`` (right padding after a row never changes its logits, see
+    the module docstring). Only the scores are kept: each batch's logits are dropped before
+    the next forward. ``done(n)`` is called after each batch of ``n`` rows (progress).
+    """
+    order = sorted(range(len(enc)), key=lambda r: (-int(need[r]), r))
+    out = torch.zeros(len(enc), dtype=torch.float64)
+    size = max(1, int(batch_size))
+    for lo in range(0, len(order), size):
+        idx = torch.tensor(order[lo : lo + size], dtype=torch.long)
+        width = int(need[idx].max())
+        sub = Encoded(enc.input_ids[idx, :width], enc.prompt_len[idx], enc.answer_len[idx],
+                      enc.pad_id)
+        logits = logits_fn(sub.input_ids)
+        out[idx] = score(logits, idx, sub)
+        del logits
+        if done is not None:
+            done(len(idx))
+    return out
+
+
 # ---- context length -------------------------------------------------------------------
 
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length")
@@ -268,22 +305,13 @@ def choice_logprobs(
     """Total teacher-forced log-prob of each row's choice (:func:`answer_logprobs`), float64.
 
     ``logits_fn(input_ids)`` is the model's forward (wrap any per-batch intervention
-    in it); rows are run longest first, ``batch_size`` at a time, each batch cut to
-    its longest row, so padding never changes a result (see the module docstring).
+    in it); rows are run by :func:`run_batches`, so padding never changes a result.
     """
     enc = batch.enc
-    need = enc.prompt_len + enc.answer_len
-    order = sorted(range(len(enc)), key=lambda r: (-int(need[r]), r))
-    out = torch.zeros(len(enc), dtype=torch.float64)
-    size = max(1, int(batch_size))
-    for lo in range(0, len(order), size):
-        idx = torch.tensor(order[lo : lo + size], dtype=torch.long)
-        width = int(need[idx].max())
-        sub = Encoded(enc.input_ids[idx, :width], enc.prompt_len[idx], enc.answer_len[idx],
-                      enc.pad_id)
-        logits = logits_fn(sub.input_ids)
-        out[idx] = answer_logprobs(logits, sub.to(logits.device)).double().cpu()
-    return out
+    return run_batches(
+        logits_fn, enc, enc.prompt_len + enc.answer_len, batch_size,
+        lambda logits, idx, sub: answer_logprobs(logits, sub.to(logits.device)).double().cpu(),
+    )
 
 
 def mc_scores(
