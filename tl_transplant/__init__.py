@@ -4,6 +4,10 @@ Public API (the CLI and notebooks use exactly these)::
 
     from tl_transplant import ModelPair, score, sweep, transplant, apply_transplant, export_hf
     from tl_transplant import run   # the whole pipeline from a config
+    from tl_transplant import save_sweep, write_report   # a sweep's files and its report.html
+
+Every error tl_transplant raises derives from :class:`TLTransplantError` (a user error:
+bad input, a file or model that cannot be used as asked).
 """
 
 from tl_transplant.arch.layouts import (
@@ -30,7 +34,7 @@ from tl_transplant.edit.edits import (
 )
 from tl_transplant.edit.manifest import Manifest, read_manifest, write_manifest
 from tl_transplant.edit.patching import PatchError, patch_activations
-from tl_transplant.errors import TLTransplantError
+from tl_transplant.errors import InputError, OutputError, TLTransplantError
 from tl_transplant.evaluation.evaluator import evaluate, evaluate_transplant, transplant_metrics
 from tl_transplant.evaluation.generic import generic_retention
 from tl_transplant.io.export import ExportError, export_hf
@@ -43,15 +47,20 @@ from tl_transplant.models.pair import (
 )
 from tl_transplant.pipeline.config import ConfigError, load_config
 from tl_transplant.pipeline.runner import RunResult, run
-from tl_transplant.report.html import write_report  # also registers SweepResult.save(report=True)
+from tl_transplant.report.html import save_sweep, write_report
 from tl_transplant.scoring import Scores, available_methods, score
 from tl_transplant.sweeps.protocol import SweepResult, sweep
+from tl_transplant.sweeps.records import Results
 from tl_transplant.tasks.task import Task, builtin_task
 
 __version__ = "0.1.0"
 
 __all__ = [
     "TLTransplantError",
+    "InputError",
+    "OutputError",
+    "Results",
+    "save_sweep",
     "block_params",
     "fill_budget",
     "generic_retention",

@@ -12,7 +12,7 @@ import logging
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float
@@ -21,6 +21,10 @@ from tqdm.auto import tqdm
 from tl_transplant.models.hooks import HookRunner
 from tl_transplant.scoring.registry import ScoringError
 from tl_transplant.tasks.tokens import Encoded, answer_logprobs, encode
+
+if TYPE_CHECKING:
+    from tl_transplant.arch.layouts import ModelLayout
+    from tl_transplant.models.pair import ModelPair
 
 #: Logger of scoring runs (cost estimates of long runs are INFO records).
 log = logging.getLogger("tl_transplant.scoring")
@@ -52,14 +56,14 @@ class Context:
     (``torch.Generator().manual_seed(ctx.seed)``), the others ignore it.
     """
 
-    pair: Any
+    pair: ModelPair
     batch_size: int
     progress: bool
     metric: MetricFn | None = None
     seed: int = 0
 
     @property
-    def layout(self) -> Any:
+    def layout(self) -> ModelLayout:
         return self.pair.layout
 
     def batches(
