@@ -114,7 +114,7 @@ def main() -> None:
     t0 = time.perf_counter()
     res = run(pair_config(args.pair, args), out, overwrite=True, progress=False, log=log)
     wall = time.perf_counter() - t0
-    r = res.results
+    r = res.results.to_dict()  # results.json as plain data
 
     # Scoring cost: the time between "scoring X" and the next log line.
     cost: dict[str, float] = {}

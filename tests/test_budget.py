@@ -18,8 +18,9 @@ from tl_transplant.edit.budget import (
     selection_size,
 )
 from tl_transplant.edit.edits import plan_transplant
-from tl_transplant.edit.weights import WeightMask, WeightMaskError, WeightScores, unit_mask
+from tl_transplant.edit.weights import WeightMask, WeightMaskError, unit_mask
 from tl_transplant.scoring.scores import Scores
+from tl_transplant.scoring.weight_scores import WeightScores
 from tl_transplant.sweeps.protocol import RankedUnits
 
 

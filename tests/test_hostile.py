@@ -374,6 +374,69 @@ def test_out_below_a_file_or_unwritable(
         export_hf(pair, tmp_path / "ro" / "out")
 
 
+# ---- the user-error boundary: ours -> one line, anything else -> a bug report --------------
+
+
+def test_boundary_our_errors_are_one_line_anything_else_is_a_bug(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Exactly tl_transplant's errors (TLTransplantError) are user errors. A KeyError,
+    ValueError or OSError from anywhere else is a bug: its traceback and a request for a
+    report, status 1; never a one-line "missing key"."""
+
+    def ours(args: Any) -> int:
+        raise ModelLoadError("source: no model at 'x'; check the path\n(more detail)")
+
+    monkeypatch.setattr(cli, "cmd_pairs", ours)
+    rc, err = _main(["pairs"], capsys)
+    assert (rc, err) == (2, "tl-transplant pairs: error: source: no model at 'x'; check the path\n")
+    for exc in (KeyError("layers"), ValueError("bad shape"), OSError(5, "I/O error", "x")):
+
+        def bug(args: Any, exc: Exception = exc) -> int:
+            raise exc
+
+        monkeypatch.setattr(cli, "cmd_pairs", bug)
+        rc, err = _main(["pairs"], capsys)
+        lines = err.strip().splitlines()
+        assert rc == 1 and lines[0] == "Traceback (most recent call last):", err
+        assert lines[-2].startswith(type(exc).__name__) and "missing key" not in err
+        assert lines[-1] == (f"tl-transplant pairs: internal error ({type(exc).__name__}): "
+                             f"{cli.BUG_LINE}")
+
+
+def test_third_party_user_errors_become_ours_where_raised(
+    pair: ModelPair, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An unreadable path, a corrupt file, a folder under a file: converted to our errors
+    where they are raised (not matched by name in the CLI), so the CLI prints one line."""
+    from tl_transplant.errors import InputError, OutputError
+    from tl_transplant.scoring import ScoringError
+    from tl_transplant.scoring.scores import Scores
+    from tl_transplant.scoring.weight_scores import WeightScores
+
+    monkeypatch.setattr(ModelPair, "load", lambda *a, **k: pair)
+    base = ["score", "--source", "s", "--target", "t", "--method", "weight_diff", "--quiet"]
+    rc, err = _main([*base, "--task", str(tmp_path / "none.jsonl"),
+                     "--out", str(tmp_path / "s.json")], capsys)  # FileNotFoundError
+    assert rc == 2 and err.count("\n") == 1 and "none.jsonl" in err, err
+    (tmp_path / "f").write_text("x")
+    task = ZOO.parents[1] / "tasks" / "cross_generation_task_dev.jsonl"
+    rc, err = _main([*base, "--task", str(task), "--out", str(tmp_path / "f" / "s.json")],
+                    capsys)  # NotADirectoryError / FileExistsError
+    assert rc == 2 and err.count("\n") == 1 and "choose a path you can write to" in err, err
+    assert issubclass(InputError, ValueError) and issubclass(OutputError, OSError)
+    bad = tmp_path / "w.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")  # safetensors' SafetensorError
+    with pytest.raises(ScoringError, match="corrupt or truncated"):
+        WeightScores.load(bad)
+    (tmp_path / "s.json").write_text("{")  # json's JSONDecodeError
+    with pytest.raises(ScoringError, match="cannot read scores"):
+        Scores.load(tmp_path / "s.json")
+    with pytest.raises(ScoringError, match="cannot read scores"):
+        Scores.load(tmp_path / "missing.json")  # FileNotFoundError
+
+
 def test_ctrl_c_during_export(
     dirs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch, pair: ModelPair,

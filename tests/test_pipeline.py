@@ -228,38 +228,6 @@ def test_every_subcommand_has_help(cmd, capsys):
     assert "usage: tl-transplant" in capsys.readouterr().out
 
 
-def test_run_table_from_results_dict():
-    """The CLI's table (tl_transplant.report.text.format_table) is built from results.json alone."""
-    from tl_transplant.pipeline.runner import format_table
-    from tl_transplant.report.text import NO_CHOICE
-
-    base = {"source": {"dev": 0.8, "test": 0.75}, "target": {"dev": 0.2, "test": None}}
-    lines = format_table({"baselines": base, "best": None}).splitlines()
-    assert lines == [
-        "baselines           dev      test",
-        "  source           0.800     0.750",
-        "  target           0.200       n/a",
-        NO_CHOICE,
-    ]
-    results = {
-        "baselines": base,
-        "best": {"method": "attribution", "k": 4, "alpha": 0.5},
-        "test": {"transplanted": 0.6, "tir": 3.0, "recovery": 0.7,
-                 "ci": {"tir": [2.5, 3.5], "recovery": None}},
-        "controls": {"random": {"test": 0.3, "recovery": 0.1, "best_minus_control": 0.3,
-                                "best_minus_control_ci": [0.1, 0.5]}},
-        "retention": [{"task": "ret", "before": 0.9, "after": 0.85, "drop": 0.05}],
-        "fraction_units": 0.25,
-        "fraction_params": 0.0123,
-    }
-    text = format_table(results)
-    assert ("chosen: attribution  K=4  alpha=0.5  (1.23% of block parameters, 25.0% of units "
-            "searched)") in text
-    assert "TIR 3.000 [2.500, 3.500]  recovery 0.700 n/a" in text
-    assert "best-control 0.300 CI [0.100, 0.500]" in text
-    assert text.endswith("retention ret: 0.900 -> 0.850 (drop 0.050)")
-
-
 def test_run_budgets_compare_and_no_retention(workdir, tmp_path, capsys):
     """Budgets only (--budget, --only-budget), the comparison table, retention: none."""
     from tl_transplant.report.text import COMPARISON_NOTE
@@ -310,12 +278,15 @@ def test_run_without_controls_uses_generic_retention(workdir, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # word-level vocab: task contexts only
         res = run(cfg, tmp_path / "g", progress=False, report=False, log=lambda *_: None)
-    r = res.results
-    assert r["retention_control"] == {"mode": "generic", "description": GENERIC_RETENTION_NOTE}
-    (ret,) = r["retention"]
-    assert ret["task"] == "generic_retention:test" and ret["before"] == 1.0
-    assert ret["drop"] == pytest.approx(ret["before"] - ret["after"])
+    r = res.results  # typed: what results.json holds
+    assert r.retention_control is not None
+    assert (r.retention_control.mode, r.retention_control.description) == (
+        "generic", GENERIC_RETENTION_NOTE)
+    (ret,) = r.retention
+    assert ret.task == "generic_retention:test" and ret.before == 1.0
+    assert ret.drop == pytest.approx(ret.before - ret.after)
     assert f"retention control: {GENERIC_RETENTION_NOTE}" in res.table()
+    assert json.loads((tmp_path / "g" / "results.json").read_text()) == r.to_dict()
 
 
 @pytest.mark.parametrize("full", [False, True])

@@ -291,6 +291,7 @@ def report(pair_dirs, tmp_path_factory: pytest.TempPathFactory):
     """A full report of a tiny llama pair: a task the source gets right, a control the
     target gets right, two score methods, a sweep with a retention limit."""
     from tl_transplant import ModelPair
+    from tl_transplant.report import save_sweep
     from tl_transplant.scoring import score
     from tl_transplant.sweeps.protocol import sweep
     from tl_transplant.tasks.builtin import builtin_task
@@ -308,7 +309,7 @@ def report(pair_dirs, tmp_path_factory: pytest.TempPathFactory):
                 control_tasks=[control], units=("head", "neuron"), max_retention_drop=0.6,
                 progress=False, n_boot=200)
     out = tmp_path_factory.mktemp("report")
-    res.save(out, report=True, pair=pair, task=task, scores=scores)
+    save_sweep(res, out, pair=pair, task=task, scores=scores)
     path = out / "report.html"
     keep = os.environ.get("TL_TRANSPLANT_ARTIFACTS")
     if keep:

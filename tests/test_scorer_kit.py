@@ -33,6 +33,8 @@ from tl_transplant.scoring import (
     register,
     score,
 )
+from tl_transplant.scoring.scores import Scores
+from tl_transplant.sweeps.protocol import sweep
 from tl_transplant.tasks.task import Task
 from tl_transplant.testing import tiny_model, word_tokenizer
 
@@ -215,6 +217,51 @@ def test_seed_reaches_every_scorer_through_the_context(pair, clean_registry):
     assert torch.equal(w0.values, w9.values)
     with pytest.raises(ScoringError, match="seed must be an int"):
         score(pair, None, "random", "head", seed="3")
+
+
+def test_sweep_traits_are_typed_fields_and_old_meta_keys_still_work(pair, clean_registry,
+                                                                     tmp_path):
+    """How a sweep uses scores (budget rule, suggested set, DARE's alpha scale, dense) are
+    typed fields; a scorer may set them as fields or, as before 0.2, as meta keys; a saved
+    scores file records them under the old keys and reloads them."""
+
+    @register
+    class Typed(Scorer):
+        name = "kit_typed"
+        needs_data = False
+
+        def run(self, units, data):
+            return RawScores(torch.arange(len(units), dtype=torch.float64),
+                             budget_rule="score", suggested=[units[1]])
+
+    @register
+    class OldStyle(Scorer):
+        name = "kit_meta"
+        needs_data = False
+
+        def run(self, units, data):
+            return RawScores(torch.arange(len(units), dtype=torch.float64),
+                             meta={"budget_rule": "score", "suggested": [str(units[1])]})
+
+    a, b = score(pair, None, "kit_typed", "head"), score(pair, None, "kit_meta", "head")
+    second = pair.units("head")[1]
+    for s in (a, b):
+        assert s.budget_rule == "score" and s.suggested == [second]
+        assert s.meta["budget_rule"] == "score" and s.meta["suggested"] == [str(second)]
+        back = Scores.load(s.save(tmp_path / f"{s.method}.json"))
+        assert back.budget_rule == "score" and back.suggested == [second]
+        assert (back.grain, back.alpha_scale, back.dense_alphas) == ("unit", None, None)
+    dense = score(pair, None, "dense", "linear")  # a built-in that still says it in meta
+    assert dense.grain == "dense" and dense.dense_alphas == sorted(dense.meta["alphas"])
+    dare = score(pair, None, "dare", "weight")
+    assert (dare.budget_rule, dare.alpha_scale) == ("score", "inverse_fraction")
+    with pytest.raises(ScoringError, match="budget_rule must be one of"):
+        RawScores(torch.zeros(1), budget_rule="magic")  # type: ignore[arg-type]
+    # The sweep reads the fields: the typed suggested set is a row of its own.
+    res = sweep(pair, make_task(8), {"kit_typed": a}, ks=[1], control_tasks=(), n_boot=50,
+                progress=False)
+    (sugg,) = [r for r in res.rows if r.budget == "suggested"]
+    assert sugg.units == [str(second)]
 
 
 # ---- plugins through entry points ------------------------------------------------------------

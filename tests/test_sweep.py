@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import html
-import importlib
 import json
 import warnings
 from pathlib import Path
@@ -13,10 +12,9 @@ import pytest
 
 from tl_transplant.evaluation.stats import UndefinedMetricWarning
 from tl_transplant.sweeps.protocol import RankedUnits, SweepRow, choose_best, pareto_front, sweep
+from tl_transplant.sweeps.search import SweepError
 from tl_transplant.tasks.task import Task
 from tl_transplant.testing import same_state, snapshot_side
-
-sweep_mod = importlib.import_module("tl_transplant.sweeps.protocol")  # the package exports sweep()
 
 TRUE_UNITS = ["L1.mlp.down_proj", "L1.attn.o_proj"]  # where source != target
 DECOYS = ["L0.attn.q_proj", "L0.mlp.up_proj", "L1.attn.q_proj"]  # identical in both: no-ops
@@ -190,7 +188,7 @@ class FakeScores:
         return [str(u) for u in self.ranked.top(k, kinds)]
 
 
-def test_methods_side_by_side_and_save(eng, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_methods_side_by_side_and_save(eng, tmp_path: Path):
     pair, src, ctl, _ = eng
     fake = FakeScores(["L0.H1", *RANKING])
     scores = {"oracle": RANKING, "reverse": list(reversed(RANKING)), "fake": fake}
@@ -220,15 +218,18 @@ def test_methods_side_by_side_and_save(eng, tmp_path: Path, monkeypatch: pytest.
     assert (out / "sweep.csv").read_text().count("\n") == 7
     assert (out / "sweep.png").stat().st_size > 1000
     json.dumps(res.to_dict(), allow_nan=False)
-    # report=True goes through the writer tl_transplant.report.html registered (sweep never imports it)
-    calls = []
-    monkeypatch.setitem(sweep_mod._REPORT_WRITER, "write", lambda p, **kw: calls.append((p, kw)))
-    res.save(tmp_path / "rep", report=True, title="t")
-    assert calls == [(tmp_path / "rep" / "report.html", {"sweep_result": res, "title": "t"})]
-    monkeypatch.delitem(sweep_mod._REPORT_WRITER, "write")
-    with pytest.raises(RuntimeError, match="import tl_transplant.report.html"):
+    # The sweep never imports the report: saving with report.html is a call one level up.
+    with pytest.raises(SweepError, match=r"tl_transplant\.report\.save_sweep"):
         res.save(tmp_path / "rep2", report=True)
+    with pytest.raises(SweepError, match="save_sweep"):
+        res.save(tmp_path / "rep2", title="t")
     assert not (tmp_path / "rep2").exists()
+    from tl_transplant.report import save_sweep
+
+    rep = save_sweep(res, tmp_path / "rep", title="t <&>")
+    assert rep == tmp_path / "rep" and (rep / "results.json").read_text() == (
+        out / "results.json").read_text()
+    assert "<title>t &lt;&amp;&gt;</title>" in (rep / "report.html").read_text()
 
 
 def test_bad_arguments(eng):
@@ -334,17 +335,17 @@ def test_budgets_suggested_set_and_comparison_on_test(eng, tmp_path: Path):
             # by the same fill rule, so it lands at most one unit below it.
             v = c.vs["random"]
             want = rnd.within_budget(c.row.n_params / n_block, lay) if c.row.n_params else []
-            assert v["n_units"] == len(want) and v["chosen_n_params"] == c.row.n_params
-            assert v["n_params"] <= c.row.n_params
-            assert all(v["n_params"] + lay.n_params(u) > c.row.n_params
+            assert v.n_units == len(want) and v.chosen_n_params == c.row.n_params
+            assert v.n_params <= c.row.n_params
+            assert all(v.n_params + lay.n_params(u) > c.row.n_params
                        for u in rnd.units if str(u) not in map(str, want))
-            assert v["ci"][0] <= v["diff"] <= v["ci"][1]
+            assert v.ci[0] <= v.diff <= v.ci[1]
             same = cells.get(("random", size))
-            if same is not None and same.row.n_params == v["n_params"]:
-                assert v["diff"] == c.row.test.transplanted.mean - same.row.test.transplanted.mean
+            if same is not None and same.row.n_params == v.n_params:
+                assert v.diff == c.row.test.transplanted.mean - same.row.test.transplanted.mean
         else:
             assert "random" not in c.vs
-    assert cells[("oracle", "budget 25%")].vs["random"]["diff"] > 0
+    assert cells[("oracle", "budget 25%")].vs["random"].diff > 0
     frame = res.comparison_frame()
     assert list(frame.columns[:4]) == ["method", "size", "pct_params", "pct_units"]
     assert "minus_random" in frame.columns and len(frame) == 7

@@ -16,9 +16,10 @@ from transformers import AutoModelForCausalLM
 from tl_transplant import load_config, run, score
 from tl_transplant.cli import main
 from tl_transplant.edit.budget import ParamCounter, block_params
-from tl_transplant.edit.weights import WeightMask, WeightScores
+from tl_transplant.edit.weights import WeightMask
 from tl_transplant.evaluation.stats import paired_metrics
 from tl_transplant.scoring.scores import Scores
+from tl_transplant.scoring.weight_scores import WeightScores
 from tl_transplant.sweeps.protocol import sweep
 from tl_transplant.sweeps.search import RankedUnits
 from tl_transplant.sweeps.selection import (
@@ -147,9 +148,10 @@ def test_budget_without_k_runs_no_k_row_and_the_suggested_set_must_fit(eng, weig
     assert all(r.over_budget and not r.feasible for r in sugg)  # shown, never chosen
     assert max(r.metric for r in sugg) > res.best.metric  # although it is better on dev
     assert res.best.budget == 0.1 and res.best.n_params <= 0.1 * block_params(pair.layout)
-    assert "within the largest budget 10%" in res.searched["text"]
-    assert res.searched["n_configs"] == len(res.rows)
-    assert res.searched["n_feasible"] == sum(r.feasible for r in res.rows)
+    assert res.searched is not None
+    assert "within the largest budget 10%" in res.searched.text
+    assert res.searched.n_configs == len(res.rows)
+    assert res.searched.n_feasible == sum(r.feasible for r in res.rows)
     # Without any budget a suggested set is selectable, and the default K list runs.
     free = sweep(pair, src, {"gate": gate}, control_tasks=[ctl], units="linear", controls={},
                  ks=None, **KW)
@@ -195,15 +197,15 @@ def test_baselines_at_every_budget_and_dare_extrapolates(eng, weight_scores):
         others = {"random@weight", "magnitude", "dare", "dense"} - {c.method}
         assert set(c.vs) == others, c
         if "dare" in c.vs:
-            assert c.vs["dare"]["extrapolates"] is True
+            assert c.vs["dare"].extrapolates is True
         dense_vs = c.vs["dense"]
-        assert dense_vs["n_params"] == n_block and "the same retention cost" in dense_vs["note"]
+        assert dense_vs.n_params == n_block and "the same retention cost" in dense_vs.note
         dev_ok = [r for r in dense_rows if r.max_drop <= c.row.max_drop + 1e-12]
         if dev_ok:
             pick = min(dev_ok, key=lambda r: (-r.metric, r.alpha))
-            assert dense_vs["alpha"] == pick.alpha
+            assert dense_vs.alpha == pick.alpha
         else:
-            assert dense_vs["alpha"] == 0.0
+            assert dense_vs.alpha == 0.0
     assert "(x)" in res.summary() and not pair.active
 
 

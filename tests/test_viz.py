@@ -11,7 +11,7 @@ import torch
 
 from tl_transplant import ModelPair
 from tl_transplant.edit.edits import plan_transplant
-from tl_transplant.report.html import write_report
+from tl_transplant.report.html import save_sweep, write_report
 from tl_transplant.report.views import (
     CircuitsVisView,
     CVPanel,
@@ -25,6 +25,7 @@ from tl_transplant.report.views import (
 )
 from tl_transplant.scoring import Scores
 from tl_transplant.sweeps.protocol import sweep
+from tl_transplant.sweeps.search import SweepError
 from tl_transplant.tasks.builtin import builtin_task
 from tl_transplant.tasks.task import Task
 from tl_transplant.tasks.tokens import encode
@@ -229,7 +230,7 @@ def test_sweep_plot_panels(swept):
 
 def test_report_contents_and_save_wiring(swept, pair, tmp_path):
     res, task, scores = swept
-    out = res.save(tmp_path / "run", report=True, pair=pair, task=task, scores=scores)
+    out = save_sweep(res, tmp_path / "run", pair=pair, task=task, scores=scores)
     page = (out / "report.html").read_text(encoding="utf-8")
     for anchor in ("pair", "baselines", "choice", "sweep", "heatmaps", "attention", "neurons",
                    "retention"):
@@ -247,5 +248,5 @@ def test_report_contents_and_save_wiring(swept, pair, tmp_path):
     bare = write_report(tmp_path / "bare.html", sweep_result=res)
     text = bare.read_text(encoding="utf-8")
     assert "var CircuitsVis=" not in text and "pass pair=" in text and "pass scores=" in text
-    with pytest.raises(TypeError, match="report=True"):
+    with pytest.raises(SweepError, match="save_sweep"):  # the sweep does not import the report
         res.save(tmp_path / "x", pair=pair)

@@ -13,11 +13,11 @@ from tl_transplant.edit.edits import plan_transplant
 from tl_transplant.edit.weights import (
     WeightMask,
     WeightMaskError,
-    WeightScores,
     top_weights,
     unit_mask,
 )
 from tl_transplant.scoring import ScoringError
+from tl_transplant.scoring.weight_scores import WeightScores
 from tl_transplant.tasks.tokens import answer_logprobs, encode
 from tl_transplant.testing import snapshot_side, tiny_model, word_tokenizer
 

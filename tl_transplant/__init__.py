@@ -4,6 +4,10 @@ Public API (the CLI and notebooks use exactly these)::
 
     from tl_transplant import ModelPair, score, sweep, transplant, apply_transplant, export_hf
     from tl_transplant import run   # the whole pipeline from a config
+    from tl_transplant import save_sweep, write_report   # a sweep's files and its report.html
+
+Every error tl_transplant raises derives from :class:`TLTransplantError` (a user error:
+bad input, a file or model that cannot be used as asked).
 """
 
 from tl_transplant.arch.registry import supported_model_types
@@ -29,8 +33,10 @@ from tl_transplant.edit.manifest import Manifest, read_manifest, write_manifest
 from tl_transplant.edit.patching import PatchError, patch_activations
 from tl_transplant.errors import (
     IncompatiblePairError,
+    InputError,
     ModelLoadError,
     NonFiniteWeightsError,
+    OutputError,
     TLTransplantError,
 )
 from tl_transplant.evaluation.evaluator import evaluate, evaluate_transplant, transplant_metrics
@@ -40,9 +46,10 @@ from tl_transplant.models.pair import ModelPair
 from tl_transplant.models.side import ModelSide
 from tl_transplant.pipeline.config import ConfigError, load_config
 from tl_transplant.pipeline.runner import RunResult, run
-from tl_transplant.report.html import write_report  # also registers SweepResult.save(report=True)
+from tl_transplant.report.html import save_sweep, write_report
 from tl_transplant.scoring import Scores, available_methods, score
 from tl_transplant.sweeps.protocol import SweepResult, sweep
+from tl_transplant.sweeps.records import Results
 from tl_transplant.tasks.builtin import builtin_task
 from tl_transplant.tasks.task import Task
 
@@ -50,6 +57,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "TLTransplantError",
+    "InputError",
+    "OutputError",
+    "Results",
+    "save_sweep",
     "block_params",
     "fill_budget",
     "generic_retention",

@@ -1,7 +1,10 @@
 """``tl-transplant``: demo, run, score, apply, export. A thin shell over the public API.
 
-Every subcommand has ``--help``. Bad input gives a one-line ``error:`` message
-and exit status 2; success exits 0.
+Every subcommand has ``--help``. The user-error boundary is :func:`main`: an error of
+ours (:class:`~tl_transplant.errors.TLTransplantError`: bad input, a file or model that
+cannot be used as asked) prints as one ``error:`` line and exits with status 2; anything
+else is a bug in tl_transplant and prints its traceback and a line asking for a report
+(status 1). Success exits 0.
 """
 
 from __future__ import annotations
@@ -12,12 +15,14 @@ import json
 import signal
 import sys
 import threading
+import traceback
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, KeyError)
+from tl_transplant.errors import InputError, OutputError, TLTransplantError, os_reason
+
 DEMO_MARKER = ".tl_transplant_demo"  # written into demo output: the demo may replace it
 
 
@@ -25,15 +30,24 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised as an exception so that temporary directories are cleaned up."""
 
 
-def _err(cmd: str, e: BaseException) -> int:
+def _err(cmd: str, e: TLTransplantError) -> int:
+    """A user error: its message's first line (it names the problem and the fix)."""
     text = str(e).strip()
-    if isinstance(e, KeyError) and e.args:
-        text = f"missing key {e.args[0]!r}"
     msg = text.splitlines()[0] if text else type(e).__name__
-    if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and e.filename:
-        msg = f"{e.strerror or msg}: {e.filename}; choose a path you can write to"
     print(f"tl-transplant {cmd}: error: {msg}", file=sys.stderr)
     return 2
+
+
+BUG_LINE = ("this is a bug in tl_transplant, not a problem with your input; please report it "
+            "with the command you ran and this traceback")
+
+
+def _bug(cmd: str, e: BaseException) -> int:
+    """Not an error of ours: a bug. Its traceback, then what to do about it."""
+    traceback.print_exception(e, file=sys.stderr)
+    print(f"tl-transplant {cmd}: internal error ({type(e).__name__}): {BUG_LINE}",
+          file=sys.stderr)
+    return 1
 
 
 def _fail(cmd: str, msg: str) -> int:
@@ -199,8 +213,14 @@ def _load_task_arg(path: str, prompt_field: str, answer_field: str, metric: str,
     bos: Any = prepend_bos
     if prepend_bos in ("true", "false"):
         bos = prepend_bos == "true"
-    return Task.from_dataset(path, prompt_field=prompt_field, answer_field=answer_field,
-                             metric=metric, prepend_bos=bos)
+    try:
+        return Task.from_dataset(path, prompt_field=prompt_field, answer_field=answer_field,
+                                 metric=metric, prepend_bos=bos)
+    except TLTransplantError:
+        raise
+    except (OSError, ValueError) as e:  # unreadable, or not a task file (rows, fields, format)
+        why = os_reason(e) if isinstance(e, OSError) else str(e)
+        raise InputError(why if path in why else f"--task {path}: {why}") from e
 
 
 def _scorer_options(method: str, items: Sequence[str]) -> dict[str, Any]:
@@ -211,7 +231,7 @@ def _scorer_options(method: str, items: Sequence[str]) -> dict[str, Any]:
     for item in items:
         key, eq, raw = item.partition("=")
         if not eq or not key.strip():
-            raise ValueError(f"--option {item!r}: write KEY=VALUE, e.g. --option steps=100")
+            raise InputError(f"--option {item!r}: write KEY=VALUE, e.g. --option steps=100")
         try:
             opts[key.strip()] = json.loads(raw)
         except json.JSONDecodeError:
@@ -222,16 +242,14 @@ def _scorer_options(method: str, items: Sequence[str]) -> dict[str, Any]:
 
 def cmd_score(args: argparse.Namespace) -> int:
     from tl_transplant.arch.units import parse_kinds_or_units
-    from tl_transplant.edit.weights import WEIGHT, WeightScores
+    from tl_transplant.edit.weights import WEIGHT
     from tl_transplant.models.pair import ModelPair
     from tl_transplant.scoring import score
+    from tl_transplant.scoring.weight_scores import WeightScores
 
     weights = args.units.strip().lower() in (WEIGHT, "weights")
     units: Any = WEIGHT if weights else parse_kinds_or_units(args.units)  # before loading
-    try:
-        opts = _scorer_options(args.method, args.option)
-    except ValueError as e:
-        return _fail("score", str(e))
+    opts = _scorer_options(args.method, args.option)  # InputError / ScoringError: one line
     out = Path(args.out)
     allowed = (".json", ".parquet", ".pq") + ((".safetensors",) if weights else ())
     if out.suffix.lower() not in allowed:
@@ -244,7 +262,10 @@ def cmd_score(args: argparse.Namespace) -> int:
     pair = ModelPair.load(args.source, args.target, device=args.device, **_load_options(args))
     s = score(pair, task, method=args.method, units=units, **opts,
               batch_size=args.batch_size, progress=not args.quiet)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"--out {out}: {os_reason(e)}; choose a path you can write to") from e
     if isinstance(s, WeightScores):
         view = s.unit_view(pair.layout, ("head", "neuron"))
         if out.suffix.lower() == ".safetensors":
@@ -558,13 +579,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             print(f"tl-transplant {args.name}: interrupted; nothing written", file=sys.stderr)
             return 130
-        except USER_ERRORS as e:
+        except TLTransplantError as e:  # ours: a user error, one line
             return _err(args.name, e)
-        except Exception as e:  # safetensors' SafetensorError derives from Exception only
-            if type(e).__name__ != "SafetensorError":
-                raise
-            return _fail(args.name, f"corrupt or truncated safetensors file ({e}); "
-                         "re-download or re-export the checkpoint")
+        except Exception as e:  # anything else is a bug: say so, with its traceback
+            return _bug(args.name, e)
 
 
 @contextlib.contextmanager

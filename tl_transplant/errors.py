@@ -8,7 +8,11 @@ callers relied on before (``ValueError`` for bad values, ``RuntimeError`` for a 
 does not behave as its table says), so ``except ValueError`` code keeps working.
 
 The errors of loading and pairing models, shared by the loaders (``models.pair``,
-``models.gguf``), live here too; the others live beside the code that raises them.
+``models.gguf``), and the two generic ones of reading inputs and writing outputs
+(:class:`InputError`, :class:`OutputError`) live here; the others live beside the code
+that raises them. A third-party error that is a user error (an unreadable path, a corrupt
+file, an invalid value) is converted to one of ours where it is raised, never matched by
+name at the boundary.
 """
 
 from __future__ import annotations
@@ -30,5 +34,27 @@ class NonFiniteWeightsError(TLTransplantError, ValueError):
     """A model holds NaN or inf weights where a transplant would read them."""
 
 
+class InputError(TLTransplantError, ValueError):
+    """An input (a file, a path, a value given on the command line) that cannot be used."""
+
+
+class OutputError(TLTransplantError, OSError):
+    """An output path that cannot be written (read-only, a file where a folder goes, ...)."""
+
+
+def os_reason(e: OSError) -> str:
+    """``Permission denied: /x/y`` from an OSError (its own text when it names no file)."""
+    if e.strerror and e.filename:
+        return f"{e.strerror}: {e.filename}"
+    return str(e) or type(e).__name__
+
+
 __all__ = [
-    "TLTransplantError","IncompatiblePairError", "ModelLoadError", "NonFiniteWeightsError"]
+    "IncompatiblePairError",
+    "InputError",
+    "ModelLoadError",
+    "NonFiniteWeightsError",
+    "OutputError",
+    "TLTransplantError",
+    "os_reason",
+]

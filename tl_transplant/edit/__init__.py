@@ -51,7 +51,6 @@ _EXPORTS: dict[str, str] = {
     "Selection": "weights",
     "WeightMask": "weights",
     "WeightMaskError": "weights",
-    "WeightScores": "weights",
     "block_tensors": "weights",
     "file_sha256": "weights",
     "is_mask": "weights",
@@ -176,9 +175,6 @@ if TYPE_CHECKING:
     )
     from tl_transplant.edit.weights import (
         WeightMaskError as WeightMaskError,
-    )
-    from tl_transplant.edit.weights import (
-        WeightScores as WeightScores,
     )
     from tl_transplant.edit.weights import (
         block_tensors as block_tensors,

@@ -10,16 +10,17 @@ they are not :class:`~tl_transplant.arch.units.Unit` objects but tensors:
   reversible and bit-exact on revert like a unit transplant. On disk a mask is one
   safetensors file of packed bits (:meth:`WeightMask.save`), named in the manifest
   with its SHA-256.
-* :class:`WeightScores`: one score per weight (per HF tensor, the tensor's shape),
-  made by a weight-level scorer (``score(pair, task, method, units="weight")``).
-  :meth:`WeightScores.within_budget` turns it into the mask of the best weights that
-  fit a fraction of the block parameters, so the sweep treats it like a unit ranking.
+* :func:`top_weights`: the ``k`` best weights of per-tensor scores; the scores themselves
+  (one per weight, made by a weight-level scorer) are
+  :class:`~tl_transplant.scoring.weight_scores.WeightScores`, whose ``within_budget``
+  turns them into the mask of the best weights that fit a fraction of the block
+  parameters, so the sweep treats them like a unit ranking.
 
 Budgets count weights one by one, against the same denominator as unit budgets
 (:func:`tl_transplant.edit.budget.block_params`: every weight and bias of every block
 linear, i.e. every element of ``layout.unit_tensors()``). For interpretability a
 mask (or a score) is summed per head or neuron: :meth:`WeightMask.by_unit`,
-:meth:`WeightScores.unit_view`.
+:meth:`~tl_transplant.scoring.weight_scores.WeightScores.unit_view`.
 """
 
 from __future__ import annotations
@@ -34,19 +35,17 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Int
 
 from tl_transplant.arch.units import Head, Unit, normalize_kinds
 from tl_transplant.errors import TLTransplantError
 
 if TYPE_CHECKING:
     from tl_transplant.arch.model_layout import ModelLayout
-    from tl_transplant.scoring.scores import Scores
 
 #: The grain name of weight-level units (``units: [weight]`` in YAML, ``--units weight``).
 WEIGHT = "weight"
 MASK_FORMAT = "tl_transplant.weight_mask/1"
-WEIGHT_SCORES_FORMAT = "tl_transplant.weight_scores/1"
 #: Above this many eligible scores, the k-th largest is bracketed on a sample first
 #: (two passes over the scores) instead of concatenating them all.
 _EXACT_TOPK_MAX = 1 << 25
@@ -377,143 +376,6 @@ def top_weights(
     return out
 
 
-class WeightScores:
-    """One score per weight of the block linears, by one method. Higher = more worth moving.
-
-    ``values[name]`` is a float32 CPU tensor of the target tensor's shape. ``meta`` says
-    how the scores were made; ``meta["budget_rule"]`` is ``"per_param"`` (default: only
-    weights with a score > 0 are bought, as for unit scores) or ``"score"`` (rank-like
-    values: walk the ranking whatever the sign). ``meta["alpha_scale"]`` (DARE) is a
-    factor the sweep multiplies alpha by for this method's rows.
-    """
-
-    grain = WEIGHT
-
-    def __init__(
-        self,
-        values: Mapping[str, Float[torch.Tensor, "..."]],
-        *,
-        method: str,
-        meta: Mapping[str, Any] | None = None,
-        suggested: WeightMask | None = None,
-    ) -> None:
-        self.values = {n: v.detach().to(device="cpu", dtype=torch.float32)
-                       for n, v in sorted(values.items())}
-        self.method = method
-        self.meta: dict[str, Any] = dict(meta or {})
-        self.meta.setdefault("grain", WEIGHT)
-        #: The scorer's own suggested weight set (e.g. a learned mask's gates > 0.5), if any;
-        #: ``meta["suggested"]`` then holds its summary.
-        self.suggested = suggested
-        if suggested is not None:
-            self.meta["suggested"] = suggested.summary()
-
-    def __repr__(self) -> str:
-        return (f"WeightScores(method={self.method!r}, n={self.n_weights}, "
-                f"tensors={len(self.values)})")
-
-    @property
-    def n_weights(self) -> int:
-        return int(sum(v.numel() for v in self.values.values()))
-
-    @property
-    def signed(self) -> bool:
-        return bool(self.meta.get("signed", False))
-
-    @property
-    def budget_rule(self) -> str:
-        return str(self.meta.get("budget_rule", "per_param"))
-
-    @property
-    def kinds(self) -> tuple[str, ...]:
-        return (WEIGHT,)
-
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {n: tuple(v.shape) for n, v in self.values.items()}
-
-    def top_n(self, k: int) -> WeightMask:
-        """The ``k`` best weights (only those scored > 0 under the ``per_param`` rule)."""
-        idx = top_weights(self.values, k, positive_only=self.budget_rule == "per_param")
-        return WeightMask(idx, self.shapes())
-
-    def budget_mask(self, fraction: float, layout: ModelLayout) -> WeightMask:
-        """The best weights that fit ``fraction`` of the block parameters."""
-        from tl_transplant.edit.budget import block_params, check_fraction
-
-        f = check_fraction(fraction)
-        return self.top_n(int(math.floor(f * block_params(layout) + 1e-9)))
-
-    def within_budget(
-        self, fraction: float, layout: ModelLayout, kinds: Any = None, kv: str = "group"
-    ) -> WeightMask:
-        """:meth:`budget_mask` under the unit rankings' signature (``kinds``/``kv`` unused)."""
-        return self.budget_mask(fraction, layout)
-
-    def top(self, k: int, kinds: Any = None) -> list[Unit]:
-        """Weight scores rank weights, not units: use :meth:`top_n` or a budget."""
-        raise TypeError(
-            f"{self.method} scored individual weights: rank them by parameter budget "
-            "(within_budget / sweep budgets) or top_n(k), not by a number of units"
-        )
-
-    def unit_view(
-        self, layout: ModelLayout, kinds: str | Iterable[str] = ("head", "neuron"),
-        *, positive: bool = True,
-    ) -> Scores:
-        """Per-unit sums of the weight scores (only the positive ones if ``positive``):
-        the interpretable map of a weight-level ranking, as ordinary :class:`Scores`."""
-        from tl_transplant.scoring.scores import Scores
-
-        units: list[Unit] = []
-        vals: list[float] = []
-        cache: dict[tuple[str, int], torch.Tensor] = {}
-
-        def profile(param: str, dim: int) -> torch.Tensor:
-            if (param, dim) not in cache:
-                v = self.values[param].double()
-                if positive:
-                    v = v.clamp_min(0)
-                v = torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)
-                other = [d for d in range(v.dim()) if d != dim]
-                cache[(param, dim)] = v.sum(other) if other else v
-            return cache[(param, dim)]
-
-        for kind in normalize_kinds(kinds):
-            for u in layout.units(kind):
-                total = 0.0
-                for s in layout.slices(u):
-                    if s.param in self.values:
-                        total += float(profile(s.param, s.dim)[s.start : s.stop].sum())
-                units.append(u)
-                vals.append(total)
-        meta = {**self.meta, "grain": "unit_view", "of": self.method,
-                "positive_only": positive}
-        return Scores(units, vals, method=f"{self.method}@weight", meta=meta)
-
-    # ---- files --------------------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
-        """Write the scores as safetensors (float32, one tensor per HF tensor) with ``meta``."""
-        from safetensors.torch import save_file
-
-        p = Path(path)
-        save_file({n: v.contiguous() for n, v in self.values.items()}, str(p),
-                  metadata={"format": WEIGHT_SCORES_FORMAT, "method": self.method,
-                            "meta": json.dumps(self.meta, default=str)})
-        return p
-
-    @classmethod
-    def load(cls, path: str | Path) -> WeightScores:
-        from safetensors import safe_open
-
-        p = Path(path)
-        with safe_open(str(p), framework="pt") as f:
-            md = f.metadata() or {}
-            if md.get("format") != WEIGHT_SCORES_FORMAT:
-                raise WeightMaskError(f"{p} is not a tl_transplant weight-scores file")
-            vals = {n: f.get_tensor(n) for n in f.keys()}  # noqa: SIM118
-        return cls(vals, method=md["method"], meta=json.loads(md.get("meta", "{}")))
-
-
 def unit_mask(layout: ModelLayout, units: Iterable[Unit | str], kv: str = "group") -> WeightMask:
     """The weights a unit set covers (with KV groups under ``kv="group"``), as a mask."""
     from tl_transplant.arch.units import parse_unit
@@ -536,7 +398,6 @@ __all__ = [
     "Selection",
     "WeightMask",
     "WeightMaskError",
-    "WeightScores",
     "block_tensors",
     "file_sha256",
     "is_mask",

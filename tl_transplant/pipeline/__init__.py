@@ -1,5 +1,5 @@
-"""The whole job: the run config (``config``), the run (``runner``: ``run``) and its
-stages (``stages``).
+"""The whole job: the run config (``config``), the run (``runner``: ``run``), its stages
+(``stages``) and what it returns (``result``: ``RunResult``).
 
 ``tl_transplant.pipeline`` was one module before 0.2; its names are still importable
 from here.
@@ -14,10 +14,10 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS: dict[str, str] = {
-    "RunResult": "runner",
-    "load_task_splits": "runner",
     "run": "runner",
     "demo_config": "runner",
+    "RunResult": "result",
+    "MethodScores": "result",
     "ConfigError": "config",
     "StrictInt": "config",
     "StrictFloat": "config",
@@ -33,8 +33,19 @@ _EXPORTS: dict[str, str] = {
     "RunConfig": "config",
     "load_config": "config",
     "RESULT_KEYS": "stages",
-    "run_results": "stages",
+    "RunInputs": "stages",
+    "Scored": "stages",
+    "load_inputs": "stages",
+    "load_task_splits": "stages",
     "score_runs": "stages",
+    "score_methods": "stages",
+    "sweep_on_dev": "stages",
+    "write_sweep_files": "stages",
+    "write_run_report": "stages",
+    "apply_choice": "stages",
+    "export_choice": "stages",
+    "write_results": "stages",
+    "run_results": "stages",
 }
 
 if TYPE_CHECKING:
@@ -80,14 +91,14 @@ if TYPE_CHECKING:
     from tl_transplant.pipeline.config import (
         load_config as load_config,
     )
-    from tl_transplant.pipeline.runner import (
+    from tl_transplant.pipeline.result import (
+        MethodScores as MethodScores,
+    )
+    from tl_transplant.pipeline.result import (
         RunResult as RunResult,
     )
     from tl_transplant.pipeline.runner import (
         demo_config as demo_config,
-    )
-    from tl_transplant.pipeline.runner import (
-        load_task_splits as load_task_splits,
     )
     from tl_transplant.pipeline.runner import (
         run as run,
@@ -96,10 +107,43 @@ if TYPE_CHECKING:
         RESULT_KEYS as RESULT_KEYS,
     )
     from tl_transplant.pipeline.stages import (
+        RunInputs as RunInputs,
+    )
+    from tl_transplant.pipeline.stages import (
+        Scored as Scored,
+    )
+    from tl_transplant.pipeline.stages import (
+        apply_choice as apply_choice,
+    )
+    from tl_transplant.pipeline.stages import (
+        export_choice as export_choice,
+    )
+    from tl_transplant.pipeline.stages import (
+        load_inputs as load_inputs,
+    )
+    from tl_transplant.pipeline.stages import (
+        load_task_splits as load_task_splits,
+    )
+    from tl_transplant.pipeline.stages import (
         run_results as run_results,
     )
     from tl_transplant.pipeline.stages import (
+        score_methods as score_methods,
+    )
+    from tl_transplant.pipeline.stages import (
         score_runs as score_runs,
+    )
+    from tl_transplant.pipeline.stages import (
+        sweep_on_dev as sweep_on_dev,
+    )
+    from tl_transplant.pipeline.stages import (
+        write_results as write_results,
+    )
+    from tl_transplant.pipeline.stages import (
+        write_run_report as write_run_report,
+    )
+    from tl_transplant.pipeline.stages import (
+        write_sweep_files as write_sweep_files,
     )
 
 

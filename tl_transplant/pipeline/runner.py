@@ -11,49 +11,27 @@ export. The CLI's ``run`` and ``demo`` are thin shells over this function.
 
 from __future__ import annotations
 
-import json
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tl_transplant.edit.manifest import MANIFEST_NAME, write_manifest
-from tl_transplant.io.export import commit_out_dir, export_hf, prepare_out_dir
-from tl_transplant.pipeline.config import RunConfig, TaskConfig, load_config
-from tl_transplant.pipeline.stages import RESULT_KEYS, run_results, score_runs
+from tl_transplant.errors import OutputError, os_reason
+from tl_transplant.io.export import commit_out_dir, prepare_out_dir
+from tl_transplant.pipeline.config import RunConfig, load_config
+from tl_transplant.pipeline.result import RunResult
+from tl_transplant.pipeline.stages import (
+    RESULT_KEYS,
+    apply_choice,
+    export_choice,
+    load_inputs,
+    load_task_splits,
+    score_methods,
+    sweep_on_dev,
+    write_results,
+    write_run_report,
+    write_sweep_files,
+)
 from tl_transplant.report.text import format_table
-from tl_transplant.tasks.task import Task
-from tl_transplant.tasks.tokens import resolve_prepend_bos
-
-
-@dataclass
-class RunResult:
-    """What a run produced: the ``results.json`` dict plus the live objects behind it."""
-
-    results: dict[str, Any]
-    out_dir: Path
-    sweep: Any
-    scores: dict[str, Any]
-    pair: Any
-    manifest: Any = None
-    config: RunConfig | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def table(self) -> str:
-        """The short text table the CLI prints."""
-        return format_table(self.results, self.sweep)
-
-
-def load_task_splits(tc: TaskConfig, seed: int, default_name: str) -> tuple[Task, Task]:
-    """(dev, test) from a task entry: a separate ``test_path``, or a seeded split."""
-    kw = tc.task_kwargs()
-    name = tc.name or default_name
-    if tc.test_path:
-        dev = Task.from_dataset(tc.path, name=f"{name}:dev", **kw)
-        test = Task.from_dataset(tc.test_path, name=f"{name}:test", **kw)
-        return dev, test
-    full = Task.from_dataset(tc.path, name=name, **kw)
-    return full.split(tc.dev_fraction, seed)
 
 
 def run(
@@ -71,9 +49,9 @@ def run(
 ) -> RunResult:
     """Run the pipeline described by ``config`` and write everything under ``out_dir``.
 
-    Output: ``results.json`` (keys: :data:`RESULT_KEYS`; ``fraction_params`` is of the
-    block parameters, see :mod:`tl_transplant.edit.budget`), ``sweep.csv``, ``sweep.png``,
-    ``sweep.json``,
+    Output: ``results.json`` (:class:`~tl_transplant.sweeps.records.Results`, keys
+    :data:`RESULT_KEYS`; ``fraction_params`` is of the block parameters, see
+    :mod:`tl_transplant.edit.budget`), ``sweep.csv``, ``sweep.png``, ``sweep.json``,
     ``scores_<label>.json`` (a weight-level method's per-unit view), ``transplant_manifest.json``
     (with the mask file of a weight-level winner), ``model/`` (if
     ``export``) and ``report.html``. Written to a temporary sibling first and
@@ -85,83 +63,32 @@ def run(
     Retention: the config's control tasks; without any, ``retention: auto`` (default)
     uses :func:`tl_transplant.evaluation.generic.generic_retention` and ``retention: none``
     measures none. ``sweep.max_retention_drop`` applies to whichever is used.
-    """
-    from tl_transplant.edit.edits import apply_transplant
-    from tl_transplant.models.pair import ModelPair
-    from tl_transplant.sweeps.protocol import sweep
 
+    The stages (:mod:`tl_transplant.pipeline.stages`): load, score, the sweep (on dev,
+    the choice, the controls, the test report with retention), the results, the report,
+    the permanent edit, the export.
+    """
     cfg = load_config(config, overrides)
     out, tmp = prepare_out_dir(out_dir, overwrite, inputs=_run_inputs(config, cfg))
     try:
-        log(f"loading pair: source={cfg.source} target={cfg.target}")
-        dtype = None if cfg.dtype in (None, "auto") else cfg.dtype
-        pair = ModelPair.load(cfg.source, cfg.target, device=cfg.device, dtype=dtype,
-                              check_tokenizer=check_tokenizer, check_finite=check_finite,
-                              allow_pickle=allow_pickle)
-        dev, test = load_task_splits(cfg.task, cfg.seed, "task")
-        controls = [load_task_splits(c, cfg.seed, f"control{i}")
-                    for i, c in enumerate(cfg.control_tasks)]
-        for t in (dev, test, *(x for split in controls for x in split)):
-            t.check_fits(pair.target.tokenizer, resolve_prepend_bos(pair, t.prepend_bos),
-                         pair.target.config)
-        kinds = tuple(cfg.selection.unit_kinds)
-        n_search = len(pair.units(kinds)) if kinds else 0
-        want_k = cfg.sweep.ks() if kinds else []
-        ks = [k for k in want_k if k <= n_search] or ([n_search] if want_k else [])
-
-        contrast = controls[0][0] if (controls and cfg.selection.contrast_lambda) else None
-        scores, ctrl = score_runs(pair, dev, cfg, contrast=contrast, progress=progress,
-                                  log=log, save_dir=tmp)
-        control_arg: list[tuple[Task, Task]] | None = controls
-        if not controls:
-            control_arg = None if cfg.retention == "auto" else []
-        budgets = cfg.sweep.budget
-        log(f"sweep: K in {ks}, budgets {budgets}, alpha in {cfg.sweep.alpha}, "
-            f"methods {list(scores)}, controls {list(ctrl)}, retention "
-            f"{'given' if controls else ('generic' if control_arg is None else 'none')}")
-        res = sweep(pair, (dev, test), scores, ks=ks, alphas=cfg.sweep.alpha,
-                    control_tasks=control_arg, units=kinds or None, budgets=budgets,
-                    compare_on_test=cfg.sweep.compare,
-                    max_retention_drop=cfg.sweep.max_retention_drop, seed=cfg.seed,
-                    batch_size=cfg.batch_size, progress=progress, controls=ctrl,
-                    cv_folds=cfg.selection.cv_folds)
-        res.save(tmp)
-        (tmp / "sweep.json").write_text((tmp / "results.json").read_text())
-
-        results = run_results(res, n_search)
-        best = res.best
-        manifest = None
-        if best is None:
-            log("no configuration met the retention constraint; nothing applied")
-        else:
-            if report:  # before the permanent edit: the report compares against the target
-                _write_report(pair, res, scores, dev, results, tmp)
-            if not best.selection:  # a budget below every unit's cost: the target itself won
-                log("the chosen configuration moves no weights (its budget fits no unit); "
-                    "nothing applied or exported")
-            else:
-                manifest = apply_transplant(pair, best.selection, best.effective_alpha,
-                                            allow_extrapolation=best.extrapolates)
-                assert best.test is not None
-                manifest.extra.update(method=best.method, grain=best.grain, k=best.k,
-                                      budget=best.budget, task=dev.name,
-                                      dev_metric=best.metric,
-                                      test_recovery=best.test.metrics.recovery)
-                if best.mask is not None:
-                    manifest.extra.update(mask_sha256=best.mask.sha256,
-                                          mask_n_params=best.mask.n_params)
-                write_manifest(tmp / MANIFEST_NAME, manifest)
-            if cfg.export and manifest is not None:
-                log("exporting the transplanted target to model/")
-                export_hf(pair, tmp / "model", manifest=manifest)
-        assert tuple(results) == RESULT_KEYS, tuple(results)
-        (tmp / "results.json").write_text(json.dumps(results, indent=2, default=str))
-        (tmp / "config.json").write_text(cfg.model_dump_json(indent=2))
-        if report and best is None:
-            _write_report(pair, res, scores, dev, results, tmp)
-        result = RunResult(results=results, out_dir=out, sweep=res, scores=scores, pair=pair,
-                           manifest=manifest, config=cfg)
-        commit_out_dir(tmp, out)
+        inputs = load_inputs(cfg, log=log, check_tokenizer=check_tokenizer,
+                             check_finite=check_finite, allow_pickle=allow_pickle)
+        scored = score_methods(inputs, cfg, progress=progress, log=log, save_dir=tmp)
+        res = sweep_on_dev(inputs, scored, cfg, progress=progress, log=log)
+        write_sweep_files(res, tmp)
+        results = res.results(inputs.n_search)
+        if report:  # before the permanent edit: the report compares against the target
+            write_run_report(inputs, res, scored, results, tmp)
+        manifest = apply_choice(inputs, res, tmp, log=log)
+        export_choice(inputs, manifest, cfg, tmp, log=log)
+        write_results(results, cfg, tmp)
+        result = RunResult(results=results, out_dir=out, sweep=res, scores=scored.methods,
+                           pair=inputs.pair, manifest=manifest, config=cfg)
+        try:
+            commit_out_dir(tmp, out)
+        except OSError as e:
+            raise OutputError(f"cannot move the finished run into {out}: {os_reason(e)}; "
+                              "choose a path you can write to") from e
         return result
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -176,15 +103,6 @@ def _run_inputs(config: Any, cfg: RunConfig) -> list[Any]:
     for tc in (cfg.task, *cfg.control_tasks):
         items += [tc.path, tc.test_path]
     return [i for i in items if isinstance(i, (str, Path)) and i]
-
-
-def _write_report(pair: Any, res: Any, scores: dict[str, Any], dev: Task,
-                  results: dict[str, Any], tmp: Path) -> None:
-    """report.html: one self-contained page (CircuitsVis inlined, figures embedded)."""
-    from tl_transplant.report.html import write_report
-
-    write_report(tmp / "report.html", sweep_result=res, pair=pair, task=dev, scores=scores,
-                 extra={"Run summary": format_table(results, res)})
 
 
 def demo_config(
@@ -254,3 +172,6 @@ def demo_config(
         "seed": 0,
         "export": export,
     }
+
+
+__all__ = ["RESULT_KEYS", "RunResult", "demo_config", "format_table", "load_task_splits", "run"]

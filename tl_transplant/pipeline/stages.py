@@ -1,39 +1,125 @@
-"""Stages of :func:`tl_transplant.run` that are more than a call: scoring every method at
-its grains, and the ``results.json`` of a finished sweep.
+"""The stages of :func:`tl_transplant.run`, each a function with typed inputs and outputs.
+
+    inputs = load_inputs(cfg, ...)                  # load: the pair, task splits, controls
+    scored = score_methods(inputs, cfg, ...)        # score: every method on dev, at its grains
+    res = sweep_on_dev(inputs, scored, cfg, ...)    # sweep on dev -> choose -> controls ->
+                                                    #   test report -> retention
+    results = res.results(inputs.n_search)          # the typed results.json
+    write_sweep_files(res, tmp)                     # sweep.csv, sweep.png, sweep.json
+    write_run_report(...)                           # report.html (before the edit)
+    manifest = apply_choice(inputs, res, tmp, ...)  # the permanent edit and its manifest
+    export_choice(inputs, manifest, tmp, ...)       # model/ (HF format)
+    write_results(results, cfg, tmp)                # results.json, config.json
+
+The sweep's own stages (:mod:`tl_transplant.sweeps.stages`) are the middle ones.
 
 * :func:`score_runs`: every ``selection.methods`` entry at each grain it runs at
   (:meth:`~tl_transplant.pipeline.config.SelectionConfig.runs`: ``attribution``,
   ``attribution@weight``, ``magnitude``, ``dense``), plus the controls that are not
   methods; writes ``scores_<label>.json`` for each method (a weight-level method's
-  :meth:`~tl_transplant.edit.weights.WeightScores.unit_view`: per-head/neuron sums, an
-  ordinary Scores file; never the full weight scores; ``dense`` has none).
-* :func:`run_results`: the run's ``results.json`` from a
-  :class:`~tl_transplant.sweeps.protocol.SweepResult` (keys :data:`RESULT_KEYS`).
+  :meth:`~tl_transplant.scoring.weight_scores.WeightScores.unit_view`: per-head/neuron
+  sums, an ordinary Scores file; never the full weight scores; ``dense`` has none).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tl_transplant.edit.weights import WEIGHT
-from tl_transplant.sweeps.search import mask_summary
+from tl_transplant.errors import InputError, TLTransplantError, os_reason
+from tl_transplant.pipeline.result import MethodScores
+from tl_transplant.sweeps.records import RESULT_KEYS, Results
+from tl_transplant.tasks.task import Task
 
 if TYPE_CHECKING:
+    from tl_transplant.edit.manifest import Manifest
     from tl_transplant.models.pair import ModelPair
-    from tl_transplant.pipeline.config import MethodRun, RunConfig
-    from tl_transplant.sweeps.protocol import SweepResult
-    from tl_transplant.tasks.task import Task
+    from tl_transplant.pipeline.config import MethodRun, RunConfig, TaskConfig
+    from tl_transplant.sweeps.result import SweepResult
 
-#: The keys of a run's ``results.json``, in order.
-RESULT_KEYS = ("baselines", "best", "test", "controls", "retention", "retention_control",
-               "fraction_params", "fraction_units", "comparison", "searched", "selection",
-               "notes")
+Log = Callable[..., Any]
+
+
+# ---- load ------------------------------------------------------------------------------
+
+
+def load_task_splits(tc: TaskConfig, seed: int, default_name: str) -> tuple[Task, Task]:
+    """(dev, test) from a task entry: a separate ``test_path``, or a seeded split. A task
+    file that cannot be read is an :class:`~tl_transplant.errors.InputError`."""
+    kw = tc.task_kwargs()
+    name = tc.name or default_name
+    try:
+        if tc.test_path:
+            dev = Task.from_dataset(tc.path, name=f"{name}:dev", **kw)
+            test = Task.from_dataset(tc.test_path, name=f"{name}:test", **kw)
+            return dev, test
+        full = Task.from_dataset(tc.path, name=name, **kw)
+    except TLTransplantError:
+        raise
+    except (OSError, ValueError) as e:  # unreadable, or not a task file (rows, fields, format)
+        raise InputError(os_reason(e) if isinstance(e, OSError) else str(e)) from e
+    return full.split(tc.dev_fraction, seed)
+
+
+@dataclass
+class RunInputs:
+    """What the load stage gives: the pair, the task's and control tasks' (dev, test)
+    splits, the unit kinds searched (their count: ``n_search``) and the K rows to run."""
+
+    pair: ModelPair
+    dev: Task
+    test: Task
+    controls: list[tuple[Task, Task]]
+    kinds: tuple[str, ...]
+    n_search: int
+    ks: list[int]
+
+
+def load_inputs(cfg: RunConfig, *, log: Log = print, check_tokenizer: bool = True,
+                check_finite: bool = True, allow_pickle: bool = False) -> RunInputs:
+    """Load the pair and the tasks, and check every prompt fits the target's context."""
+    from tl_transplant.models.pair import ModelPair
+    from tl_transplant.tasks.tokens import resolve_prepend_bos
+
+    log(f"loading pair: source={cfg.source} target={cfg.target}")
+    dtype = None if cfg.dtype in (None, "auto") else cfg.dtype
+    pair = ModelPair.load(cfg.source, cfg.target, device=cfg.device, dtype=dtype,
+                          check_tokenizer=check_tokenizer, check_finite=check_finite,
+                          allow_pickle=allow_pickle)
+    dev, test = load_task_splits(cfg.task, cfg.seed, "task")
+    controls = [load_task_splits(c, cfg.seed, f"control{i}")
+                for i, c in enumerate(cfg.control_tasks)]
+    for t in (dev, test, *(x for split in controls for x in split)):
+        try:
+            t.check_fits(pair.target.tokenizer, resolve_prepend_bos(pair, t.prepend_bos),
+                         pair.target.config)
+        except TLTransplantError:
+            raise
+        except ValueError as e:  # a prompt longer than the model's context, an empty answer
+            raise InputError(str(e)) from e
+    kinds = tuple(cfg.selection.unit_kinds)
+    n_search = len(pair.units(kinds)) if kinds else 0
+    want_k = cfg.sweep.ks() if kinds else []
+    ks = [k for k in want_k if k <= n_search] or ([n_search] if want_k else [])
+    return RunInputs(pair, dev, test, controls, kinds, n_search, ks)
+
+
+# ---- score -----------------------------------------------------------------------------
+
+
+@dataclass
+class Scored:
+    """Every method's scores on dev (``{label: scores}``), and the verdict's controls."""
+
+    methods: dict[str, MethodScores]
+    controls: dict[str, MethodScores]
 
 
 def _score_one(pair: ModelPair, dev: Task, run: MethodRun, cfg: RunConfig, *,
-               progress: bool, extra: dict[str, Any]) -> Any:
+               progress: bool, extra: dict[str, Any]) -> MethodScores:
     from tl_transplant.scoring import score
 
     units: Any = {"dense": "linear", WEIGHT: WEIGHT}.get(
@@ -50,19 +136,20 @@ def score_runs(
     *,
     contrast: Task | None = None,
     progress: bool = True,
-    log: Callable[..., Any] = print,
+    log: Log = print,
     save_dir: Path | None = None,
-) -> tuple[dict[str, Any], dict[str, Any]]:
+) -> tuple[dict[str, MethodScores], dict[str, MethodScores]]:
     """Score every method (at each grain) on dev; returns ``({label: scores}, {label:
     control scores})``. The controls are ``selection.controls`` at their grains
     (``random`` with ``units: [head, neuron, weight]`` is ``random`` and ``random@weight``);
     a control that is also a method shares its scores. ``contrast`` (retention-aware
     scoring) goes to the data-based methods only."""
     from tl_transplant.scoring import get_scorer
+    from tl_transplant.scoring.weight_scores import WeightScores
 
     sel = cfg.selection
     runs = sel.runs("methods")
-    scores: dict[str, Any] = {}
+    scores: dict[str, MethodScores] = {}
     for r in runs:
         needs = get_scorer(r.method).needs_data
         extra: dict[str, Any] = (
@@ -75,10 +162,10 @@ def score_runs(
         scores[r.label] = _score_one(pair, dev, r, cfg, progress=progress, extra=extra)
         if save_dir is not None and r.grain != "dense":
             s = scores[r.label]
-            if r.grain == WEIGHT:
+            if isinstance(s, WeightScores):
                 s = s.unit_view(pair.layout, sel.unit_kinds or ("head", "neuron"))
             s.save(save_dir / f"scores_{r.label}.json")
-    ctrl: dict[str, Any] = {}
+    ctrl: dict[str, MethodScores] = {}
     for r in sel.runs("controls"):
         if r.label not in scores:
             log(f"scoring control {r.label}")
@@ -87,52 +174,127 @@ def score_runs(
     return scores, ctrl
 
 
-def run_results(res: SweepResult, n_search: int) -> dict[str, Any]:
-    """``results.json`` of a run from its sweep: baselines, the choice and its test
-    numbers, the parameter-matched controls (both sizes), retention, sizes, the
-    comparison, what was searched, how much to trust the choice, and the notes."""
-    base_test = res.baselines.get("test", {})
-    base_dev = res.baselines["dev"]
-    baselines = {side: {"dev": base_dev[side].mean,
-                        "test": base_test[side].mean if side in base_test else None}
-                 for side in ("source", "target")}
-    d = res.to_dict()
-    out: dict[str, Any] = {"baselines": baselines}
+def score_methods(inputs: RunInputs, cfg: RunConfig, *, progress: bool = True,
+                  log: Log = print, save_dir: Path | None = None) -> Scored:
+    """The score stage: :func:`score_runs` on dev, retention-aware against the first
+    control task when ``selection.contrast_lambda`` is set."""
+    contrast = (inputs.controls[0][0]
+                if inputs.controls and cfg.selection.contrast_lambda else None)
+    methods, controls = score_runs(inputs.pair, inputs.dev, cfg, contrast=contrast,
+                                   progress=progress, log=log, save_dir=save_dir)
+    return Scored(methods, controls)
+
+
+# ---- sweep on dev, choose, controls, test report, retention ----------------------------
+
+
+def sweep_on_dev(inputs: RunInputs, scored: Scored, cfg: RunConfig, *, progress: bool = True,
+                 log: Log = print) -> SweepResult:
+    """The sweep's stages (:func:`tl_transplant.sweeps.stages.run_sweep`) with the config's
+    settings: every (method, size, alpha) on dev, the choice on dev, its test report with
+    retention, and the parameter-matched controls."""
+    from tl_transplant.sweeps.options import SweepOptions
+    from tl_transplant.sweeps.stages import run_sweep
+
+    control_arg: list[tuple[Task, Task]] | None = inputs.controls
+    if not inputs.controls:
+        control_arg = None if cfg.retention == "auto" else []
+    log(f"sweep: K in {inputs.ks}, budgets {cfg.sweep.budget}, alpha in {cfg.sweep.alpha}, "
+        f"methods {list(scored.methods)}, controls {list(scored.controls)}, retention "
+        f"{'given' if inputs.controls else ('generic' if control_arg is None else 'none')}")
+    opts = SweepOptions(
+        ks=inputs.ks, alphas=cfg.sweep.alpha, units=inputs.kinds or None,
+        budgets=cfg.sweep.budget, compare_on_test=cfg.sweep.compare,
+        max_retention_drop=cfg.sweep.max_retention_drop, seed=cfg.seed,
+        batch_size=cfg.batch_size, progress=progress, cv_folds=cfg.selection.cv_folds)
+    return run_sweep(inputs.pair, (inputs.dev, inputs.test), scored.methods,
+                     control_tasks=control_arg, controls=scored.controls, opts=opts)
+
+
+# ---- outputs ---------------------------------------------------------------------------
+
+
+def write_sweep_files(res: SweepResult, out: Path) -> None:
+    """``sweep.json`` (the sweep's own record), ``sweep.csv``, ``sweep.png`` and
+    ``comparison.csv``; ``results.json`` is the run's (:func:`write_results`)."""
+    res.save(out)
+    (out / "sweep.json").write_text((out / "results.json").read_text())
+
+
+def write_run_report(inputs: RunInputs, res: SweepResult, scored: Scored, results: Results,
+                     out: Path) -> None:
+    """``report.html``: one self-contained page (CircuitsVis inlined, figures embedded),
+    with the run summary. Written before the permanent edit (it compares with the target)."""
+    from tl_transplant.report.html import write_report
+
+    write_report(out / "report.html", sweep_result=res, pair=inputs.pair, task=inputs.dev,
+                 scores=scored.methods, results=results)
+
+
+def apply_choice(inputs: RunInputs, res: SweepResult, out: Path, *,
+                 log: Log = print) -> Manifest | None:
+    """Apply the chosen configuration to the target for good (units or a weight mask) and
+    write its manifest; None when nothing was chosen or the choice moves no weight."""
+    from tl_transplant.edit.edits import apply_transplant
+    from tl_transplant.edit.manifest import MANIFEST_NAME, write_manifest
+
     best = res.best
-    ret_info = res.config.get("retention", {})
-    if best is None or best.test is None:
-        out.update(best=None, test=None, controls={}, retention=[],
-                   retention_control=ret_info, fraction_params=0.0, fraction_units=0.0)
-    else:
-        met = best.test.metrics
-        out["best"] = {
-            "method": best.method, "grain": best.grain, "pct_params": best.pct_params,
-            "pct_units": best.pct_units, "budget": best.budget, "k": best.k,
-            "alpha": best.alpha, "effective_alpha": best.effective_alpha,
-            "extrapolates": best.extrapolates, "n_params": best.n_params,
-            "units": list(best.units),
-            "mask": None if best.mask is None else mask_summary(best.mask),
-            "dev_metric": best.metric,
-        }
-        out["test"] = {"transplanted": met.transplanted, "tir": met.tir,
-                       "recovery": met.recovery,
-                       "ci": {k: (list(v) if v is not None else None)
-                              for k, v in met.ci.items()}}
-        out["controls"] = d["verdict"]["controls"]
-        out["retention"] = [
-            {"task": r.task, "before": r.before, "after": r.after, "drop": r.drop}
-            for r in best.test.retention
-        ]
-        out["retention_control"] = ret_info
-        out["fraction_params"] = best.pct_params or 0.0
-        out["fraction_units"] = (best.k / n_search if best.grain == "unit" and n_search
-                                 else None)
-    out["comparison"] = d.get("comparison")
-    out["searched"] = d.get("searched")
-    out["selection"] = d["verdict"]["selection"]
-    out["notes"] = d.get("notes", [])
-    assert tuple(out) == RESULT_KEYS, tuple(out)
-    return out
+    if best is None:
+        log("no configuration met the retention constraint; nothing applied")
+        return None
+    if not best.selection:  # a budget below every unit's cost: the target itself won
+        log("the chosen configuration moves no weights (its budget fits no unit); "
+            "nothing applied or exported")
+        return None
+    manifest = apply_transplant(inputs.pair, best.selection, best.effective_alpha,
+                                allow_extrapolation=best.extrapolates)
+    assert best.test is not None
+    manifest.extra.update(method=best.method, grain=best.grain, k=best.k, budget=best.budget,
+                          task=inputs.dev.name, dev_metric=best.metric,
+                          test_recovery=best.test.metrics.recovery)
+    if best.mask is not None:
+        manifest.extra.update(mask_sha256=best.mask.sha256, mask_n_params=best.mask.n_params)
+    write_manifest(out / MANIFEST_NAME, manifest)
+    return manifest
 
 
-__all__ = ["RESULT_KEYS", "run_results", "score_runs"]
+def export_choice(inputs: RunInputs, manifest: Manifest | None, cfg: RunConfig, out: Path, *,
+                  log: Log = print) -> None:
+    """``model/``: the transplanted target in Hugging Face format (``export: true``)."""
+    from tl_transplant.io.export import export_hf
+
+    if cfg.export and manifest is not None:
+        log("exporting the transplanted target to model/")
+        export_hf(inputs.pair, out / "model", manifest=manifest)
+
+
+def write_results(results: Results, cfg: RunConfig, out: Path) -> None:
+    """``results.json`` (the typed results, keys :data:`RESULT_KEYS`) and ``config.json``."""
+    text = results.to_json()
+    assert tuple(results.to_dict()) == RESULT_KEYS
+    (out / "results.json").write_text(text)
+    (out / "config.json").write_text(cfg.model_dump_json(indent=2))
+
+
+def run_results(res: SweepResult, n_search: int) -> Results:
+    """The run's typed results of a sweep (:meth:`SweepResult.results
+    <tl_transplant.sweeps.result.SweepResult.results>`)."""
+    return res.results(n_search)
+
+
+__all__ = [
+    "RESULT_KEYS",
+    "RunInputs",
+    "Scored",
+    "apply_choice",
+    "export_choice",
+    "load_inputs",
+    "load_task_splits",
+    "run_results",
+    "score_methods",
+    "score_runs",
+    "sweep_on_dev",
+    "write_results",
+    "write_run_report",
+    "write_sweep_files",
+]

@@ -1,5 +1,6 @@
-"""Reports: the self-contained HTML page (``html``), CircuitsVis and matplotlib views
-(``views``) and the text summaries (``text``).
+"""Reports: the self-contained HTML page (``html``; ``save_sweep`` saves a sweep with its
+page), CircuitsVis and matplotlib views (``views``) and the text summary of a run
+(``text``).
 
 ``tl_transplant.report`` was one module before 0.2; its names are still importable
 from here.
@@ -17,6 +18,7 @@ _EXPORTS: dict[str, str] = {
     "comparison_html": "html",
     "comparison_markdown": "html",
     "mask_unit_scores": "html",
+    "save_sweep": "html",
     "verdict_html": "html",
     "write_report": "html",
     "COMPARISON_NOTE": "text",
@@ -47,6 +49,9 @@ if TYPE_CHECKING:
     )
     from tl_transplant.report.html import (
         mask_unit_scores as mask_unit_scores,
+    )
+    from tl_transplant.report.html import (
+        save_sweep as save_sweep,
     )
     from tl_transplant.report.html import (
         verdict_html as verdict_html,

@@ -8,10 +8,10 @@ table), the chosen units, score heatmaps, CircuitsVis attention and neuron
 comparisons for the top units, and the retention table. It needs nothing but
 the file: figures are PNG data URIs, the CircuitsVis bundle from the installed
 ``circuitsvis`` package is inlined once (see :mod:`tl_transplant.report.views`), there
-are no links, fonts or stylesheets to fetch. ``SweepResult.save(dir,
-report=True, pair=..., scores=...)`` and the CLI call :func:`write_report`
-(this module registers it with the sweep on import, so the sweep never imports
-the report).
+are no links, fonts or stylesheets to fetch. :func:`save_sweep` saves a sweep's
+files with its page; a run (``tl_transplant.run``, the CLI) calls :func:`write_report`
+with its typed results (:class:`~tl_transplant.sweeps.records.Results`), which the page
+shows as its run summary. The sweep never imports the report.
 Sections that need the models (attention, neurons) or scores are skipped,
 with a note, when those are not given.
 """
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 from tl_transplant.arch.units import Head, Neuron, Unit, parse_units
 from tl_transplant.edit.weights import WEIGHT, WeightMask
-from tl_transplant.report.text import COMPARISON_NOTE
+from tl_transplant.report.text import format_table
 from tl_transplant.report.views import (
     CircuitsVisView,
     attention_compare,
@@ -41,8 +41,10 @@ from tl_transplant.report.views import (
     score_heatmap,
     sweep_plot,
 )
-from tl_transplant.sweeps.protocol import SweepResult, TaskLike, register_report_writer
-from tl_transplant.sweeps.search import mask_summary
+from tl_transplant.sweeps.records import Results
+from tl_transplant.sweeps.result import SweepResult
+from tl_transplant.sweeps.search import GRAIN_DENSE, TaskLike, mask_summary
+from tl_transplant.sweeps.summary import COMPARISON_NOTE
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -50,10 +52,14 @@ if TYPE_CHECKING:
     from tl_transplant.arch.model_layout import ModelLayout
     from tl_transplant.models.pair import ModelPair
     from tl_transplant.scoring.scores import Scores
+    from tl_transplant.scoring.weight_scores import WeightScores
     from tl_transplant.tasks.task import Task
 
-#: ``scores=`` of :func:`write_report`: one Scores, a list, or ``{method: Scores}``.
-ScoresArg: TypeAlias = "Scores | Sequence[Scores] | Mapping[str, Scores] | None"
+#: ``scores=`` of :func:`write_report`: one Scores, a list, or ``{method: scores}`` (a
+#: weight-level method's scores are drawn as their per-unit view).
+ScoresArg: TypeAlias = (
+    "Scores | Sequence[Scores] | Mapping[str, Scores | WeightScores] | None"
+)
 
 _CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:0;color:#1f2328;
@@ -144,7 +150,7 @@ def _scores_items(scores: object, pair: ModelPair | None = None) -> list[tuple[s
     if isinstance(scores, Mapping):
         out = []
         for k, v in scores.items():
-            if bool(getattr(v, "meta", {}).get("dense")):
+            if getattr(v, "grain", None) == GRAIN_DENSE:
                 continue
             if getattr(v, "grain", None) == WEIGHT and pair is not None:
                 v = v.unit_view(pair.layout, ("head", "neuron"))
@@ -195,19 +201,19 @@ def _comparison_records(res: SweepResult) -> list[dict[str, Any]]:
     """One record per comparison cell, % of parameters first, % of units second."""
     recs = []
     for c in res.comparison:
-        d = c.to_dict()
-        method = d["method"] + (" (extrapolating control)" if d["extrapolates"] else "")
+        d = c.record()
+        method = d.method + (" (extrapolating control)" if d.extrapolates else "")
         rec: dict[str, Any] = {
-            "method": method, "size": d["size"], "% params": _pct(d["pct_params"]),
-            "% units": _pct(d["pct_units"]), "alpha (dev)": d["alpha"],
-            "test recovery [CI]": _ci(d["test_recovery"], d["test_recovery_ci"]),
-            "test recovery per % params": d["recovery_per_pct_params"],
-            f"test {res.metric}": d["test_metric"], "test retention drop": d["retention_drop"],
-            "dev recovery": d["dev_recovery"],
-            "feasible on dev": d["feasible"],
+            "method": method, "size": d.size, "% params": _pct(d.pct_params),
+            "% units": _pct(d.pct_units), "alpha (dev)": d.alpha,
+            "test recovery [CI]": _ci(d.test_recovery, d.test_recovery_ci),
+            "test recovery per % params": d.recovery_per_pct_params,
+            f"test {res.metric}": d.test_metric, "test retention drop": d.retention_drop,
+            "dev recovery": d.dev_recovery,
+            "feasible on dev": d.feasible,
         }
-        for ctrl, v in d["vs"].items():
-            rec[f"minus {ctrl} [CI]"] = _ci(v["diff"], v["ci"])
+        for ctrl, v in d.vs.items():
+            rec[f"minus {ctrl} [CI]"] = _ci(v.diff, v.ci)
         recs.append(rec)
     return recs
 
@@ -226,18 +232,16 @@ def mask_unit_scores(mask: WeightMask, layout: ModelLayout,
 
 def _control_records(res: SweepResult) -> list[dict[str, Any]]:
     recs = []
-    for name, c in res.verdict.items():
-        d = c.to_dict()
+    for name, d in res.control_records().items():
         recs.append({
-            "control": name, "grain": d["grain"], "% params": _pct(d["pct_params"]),
-            "weights": d["n_params"], "chosen weights": d["chosen_n_params"],
-            "chosen % params": _pct(d["chosen_pct_params"]),
-            "alpha": d["alpha"], "effective alpha": d["effective_alpha"],
-            f"test {res.metric}": d["test"], "test recovery [CI]": _ci(d["recovery"],
-                                                                       d["recovery_ci"]),
-            "test retention drop": d["retention_drop"],
-            "chosen − control [CI]": _ci(d["best_minus_control"], d["best_minus_control_ci"]),
-            "note": ("extrapolating control; " if d["extrapolates"] else "") + d["note"],
+            "control": name, "grain": d.grain, "% params": _pct(d.pct_params),
+            "weights": d.n_params, "chosen weights": d.chosen_n_params,
+            "chosen % params": _pct(d.chosen_pct_params),
+            "alpha": d.alpha, "effective alpha": d.effective_alpha,
+            f"test {res.metric}": d.test, "test recovery [CI]": _ci(d.recovery, d.recovery_ci),
+            "test retention drop": d.retention_drop,
+            "chosen − control [CI]": _ci(d.best_minus_control, d.best_minus_control_ci),
+            "note": ("extrapolating control; " if d.extrapolates else "") + d.note,
         })
     return recs
 
@@ -247,8 +251,8 @@ def verdict_html(res: SweepResult) -> str:
     import pandas as pd
 
     body = ""
-    if res.searched.get("text"):
-        body += f"<p><b>Searched:</b> {_e(res.searched['text'])}</p>"
+    if res.searched is not None and res.searched.text:
+        body += f"<p><b>Searched:</b> {_e(res.searched.text)}</p>"
     t = res.trust
     if t is not None:
         body += f"<p><b>Selection:</b> {_e(t.text())}</p>"
@@ -304,6 +308,7 @@ def write_report(
     prompt: str | None = None,
     title: str | None = None,
     extra: Mapping[str, Any] | None = None,
+    results: Results | None = None,
 ) -> Path:
     """Write one self-contained ``report.html``; returns its path.
 
@@ -314,8 +319,10 @@ def write_report(
     (``best.units`` at ``best.alpha``) on ``prompt`` (default: the first test
     prompt of ``task``) and the first ``n_prompts`` prompts. ``scores``: a
     Scores object, a list, or ``{name: Scores}``; gives heatmaps and ranks the
-    units shown (``n_heads``, ``n_neurons``). ``extra``: more sections, title ->
-    matplotlib Figure, CircuitsVisView, pandas DataFrame or text.
+    units shown (``n_heads``, ``n_neurons``). ``results``: a run's typed results
+    (:meth:`SweepResult.results <tl_transplant.sweeps.result.SweepResult.results>`), shown
+    as the run summary (:func:`~tl_transplant.report.text.format_table`). ``extra``: more
+    sections, title -> matplotlib Figure, CircuitsVisView, pandas DataFrame or text.
     """
     res = sweep_result
     p = Path(out)
@@ -545,8 +552,10 @@ def write_report(
         body = f'<p class="note">control task: {_e(ret.get("description"))}</p>' + body
     sections.append(("retention", "Retention", body))
 
-    # -- extra and notes --------------------------------------------------------------------
-    for name, obj in (extra or {}).items():
+    # -- run summary, extra and notes ----------------------------------------------------------
+    more: dict[str, Any] = {} if results is None else {"Run summary": format_table(results, res)}
+    more.update(extra or {})
+    for name, obj in more.items():
         if isinstance(obj, CircuitsVisView):
             body = obj.to_html(include_bundle=False)
             views += len(obj.panels)
@@ -590,8 +599,17 @@ def write_report(
     return path
 
 
+def save_sweep(result: SweepResult, directory: str | Path, **report_kwargs: Any) -> Path:
+    """Save a sweep's files (:meth:`SweepResult.save
+    <tl_transplant.sweeps.result.SweepResult.save>`: ``results.json``, ``sweep.csv``,
+    ``sweep.png``, ``comparison.csv``) and its ``report.html`` under ``directory``; keyword
+    arguments (``pair=``, ``task=``, ``scores=``, ...) go to :func:`write_report`. Returns
+    the directory. (``SweepResult.save(dir, report=True, ...)`` of 0.1.)
+    """
+    d = result.save(directory)
+    write_report(d / "report.html", sweep_result=result, **report_kwargs)
+    return d
 
-register_report_writer(write_report)  # SweepResult.save(report=True) calls it; see sweep.save
 
-__all__ = ["comparison_html", "comparison_markdown", "mask_unit_scores", "verdict_html",
-           "write_report"]
+__all__ = ["comparison_html", "comparison_markdown", "mask_unit_scores", "save_sweep",
+           "verdict_html", "write_report"]

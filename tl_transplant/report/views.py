@@ -38,6 +38,7 @@ import torch
 from jaxtyping import Float
 
 from tl_transplant.arch.units import Head, Linear, Neuron, Unit, parse_units
+from tl_transplant.errors import TLTransplantError
 from tl_transplant.models.hooks import capture
 from tl_transplant.tasks.tokens import encode, resolve_prepend_bos
 
@@ -113,6 +114,10 @@ def js_literal(obj: Any, digits: int = 4) -> str:
     """JSON for inlining inside ``<script>``: ``<``, ``>`` and ``&`` escaped, ASCII only."""
     s = json.dumps(_plain(obj, digits), ensure_ascii=True, allow_nan=False)
     return s.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+class ReportError(TLTransplantError, ValueError):
+    """A view that cannot be drawn as asked (no units, wrong unit kind, no prompt)."""
 
 
 @dataclass
@@ -318,7 +323,7 @@ def _edit_context(pair: ModelPair, transplant: EditArg, default_units: list[Unit
     else:
         units = _as_units(transplant, "transplant")
     if not units:
-        raise ValueError("nothing to transplant: give units or a context manager as transplant=")
+        raise ReportError("nothing to transplant: give units or a context manager as transplant=")
     n = len(units)
     return (
         weight_transplant(pair, units, alpha, kv=kv),
@@ -371,7 +376,7 @@ def attention_compare(
     asked = _as_units(heads, "heads")
     bad = [u for u in asked if not isinstance(u, Head)]
     if bad or not asked:
-        raise ValueError(
+        raise ReportError(
             f"attention_compare takes query heads such as 'L1.H2'; got {bad[0] if bad else 'none'}"
         )
     head_list = [cast(Head, pair.validate(u)) for u in asked]
@@ -451,14 +456,14 @@ def neuron_compare(
     themselves, with ``alpha``).
     """
     if view not in ("tokens", "interactive"):
-        raise ValueError(f"view must be 'tokens' or 'interactive', got {view!r}")
+        raise ReportError(f"view must be 'tokens' or 'interactive', got {view!r}")
     prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompt_list:
-        raise ValueError("neuron_compare needs at least one prompt")
+        raise ReportError("neuron_compare needs at least one prompt")
     asked = _as_units(neurons, "neurons")
     bad = [u for u in asked if not isinstance(u, Neuron)]
     if bad or not asked:
-        raise ValueError(
+        raise ReportError(
             f"neuron_compare takes MLP neurons such as 'L0.N7'; got {bad[0] if bad else 'none'}"
         )
     units = [cast(Neuron, pair.validate(u)) for u in asked]
@@ -632,7 +637,7 @@ def score_heatmap(
 
     k = {"heads": "head", "neurons": "neuron", "kv": "kv_head", "linears": "linear"}.get(kind, kind)
     if k not in ("head", "kv_head", "neuron", "linear"):
-        raise ValueError(f"kind must be 'head', 'kv_head', 'neuron' or 'linear', got {kind!r}")
+        raise ReportError(f"kind must be 'head', 'kv_head', 'neuron' or 'linear', got {kind!r}")
     if not hasattr(scores, "as_grid"):
         raise TypeError(f"score_heatmap needs a Scores object (with .as_grid), got {type(scores)}")
     full = torch.as_tensor(scores.as_grid(k), dtype=torch.float64)  # [layers, n]

@@ -46,7 +46,7 @@ import importlib
 import math
 import pkgutil
 from collections.abc import Iterable, Sequence
-from typing import Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from tl_transplant.arch.units import (
     UNIT_KINDS,
@@ -59,7 +59,7 @@ from tl_transplant.arch.units import (
     normalize_kinds,
     parse_unit,
 )
-from tl_transplant.edit.weights import WEIGHT, WeightMask, WeightScores
+from tl_transplant.edit.weights import WEIGHT
 from tl_transplant.models.hooks import Handler, HookRunner, capturer
 from tl_transplant.scoring.accumulate import Accumulator, UnitTable, unit_index
 from tl_transplant.scoring.data import Context, MetricFn, ScoringData
@@ -86,10 +86,15 @@ from tl_transplant.scoring.tensors import (
     take_positions,
     work,
 )
+from tl_transplant.scoring.weight_scores import WeightScores
 from tl_transplant.tasks.tokens import resolve_prepend_bos
 
+if TYPE_CHECKING:
+    from tl_transplant.models.pair import ModelPair
+
 #: Modules of this package that are the scorer kit, not scorers.
-_KIT = frozenset({"accumulate", "data", "effects", "registry", "scores", "tensors"})
+_KIT = frozenset({"accumulate", "data", "effects", "registry", "scores", "tensors",
+                  "weight_scores"})
 
 # Import every scorer module so that each registers itself (a new scorer is one new file).
 for _mod in pkgutil.iter_modules(__path__):
@@ -113,7 +118,7 @@ def _unit_items(units: Any) -> list[Any]:
         raise ScoringError(f"invalid units {units!r}; valid values are {_UNITS_HELP}") from None
 
 
-def _resolve_units(pair: Any, units: Any, scorer: type[Scorer]) -> tuple[list[Unit], str]:
+def _resolve_units(pair: ModelPair, units: Any, scorer: type[Scorer]) -> tuple[list[Unit], str]:
     """Turn ``units`` (kinds or explicit units) into the list to score, plus a description."""
     explicit: list[Unit] | None = None
     if units is None:
@@ -145,7 +150,7 @@ def _resolve_units(pair: Any, units: Any, scorer: type[Scorer]) -> tuple[list[Un
     return pair.units(wanted), "+".join(wanted)
 
 
-def _as_data(pair: Any, task_or_prompts: Any, prepend_bos: Any, scorer: type[Scorer],
+def _as_data(pair: ModelPair, task_or_prompts: Any, prepend_bos: Any, scorer: type[Scorer],
              role: str = "task") -> ScoringData | None:
     if task_or_prompts is None:
         if scorer.needs_data:
@@ -197,7 +202,7 @@ def _is_weight_grain(units: Any) -> bool:
 
 @overload
 def score(
-    pair: Any,
+    pair: ModelPair,
     task_or_prompts: Any,
     method: str,
     units: Literal["weight"],
@@ -215,7 +220,7 @@ def score(
 
 @overload
 def score(
-    pair: Any,
+    pair: ModelPair,
     task_or_prompts: Any,
     method: str,
     units: str | Iterable[str | Unit] | Unit | None = None,
@@ -232,7 +237,7 @@ def score(
 
 
 def score(
-    pair: Any,
+    pair: ModelPair,
     task_or_prompts: Any,
     method: str,
     units: str | Iterable[str | Unit] | Unit | None = None,
@@ -261,7 +266,7 @@ def score(
 
     ``units="weight"`` scores every individual weight of the block linears with a
     weight-level method (``weight_level``; see :mod:`tl_transplant.edit.weights`) and returns
-    :class:`~tl_transplant.edit.weights.WeightScores` instead of :class:`Scores`.
+    :class:`~tl_transplant.scoring.weight_scores.WeightScores` instead of :class:`Scores`.
     """
     cls = get_scorer(method)
     if _is_weight_grain(units):
@@ -320,7 +325,9 @@ def score(
         **raw.meta,
     }
     return Scores(unit_list, raw.values, method=method, consistency=raw.consistency,
-                  columns=raw.columns, meta=meta)
+                  columns=raw.columns, meta=meta, budget_rule=raw.budget_rule,
+                  suggested=raw.suggested, alpha_scale=raw.alpha_scale,
+                  dense_alphas=raw.dense_alphas)
 
 
 def _check_common(batch_size: Any, seed: Any, metric: Any) -> None:
@@ -333,7 +340,7 @@ def _check_common(batch_size: Any, seed: Any, metric: Any) -> None:
 
 
 def _score_weights(
-    pair: Any, task_or_prompts: Any, cls: type[Scorer], *, batch_size: int, progress: bool,
+    pair: ModelPair, task_or_prompts: Any, cls: type[Scorer], *, batch_size: int, progress: bool,
     contrast: Any, lam: float, metric: MetricFn | None, prepend_bos: bool | str, seed: int,
     options: dict[str, Any],
 ) -> WeightScores:
@@ -395,10 +402,9 @@ def _score_weights(
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
         **raw.meta,
     }
-    suggested = meta.pop("suggested", None)
-    if suggested is not None and not isinstance(suggested, WeightMask):
-        raise ScoringError(f"{cls.name}: a weight-level suggested set must be a WeightMask")
-    return WeightScores(raw.values, method=cls.name, meta=meta, suggested=suggested)
+    meta.pop("suggested", None)  # WeightScores records the typed set's summary
+    return WeightScores(raw.values, method=cls.name, meta=meta, suggested=raw.suggested,
+                        budget_rule=raw.budget_rule, alpha_scale=raw.alpha_scale)
 
 
 __all__ = [

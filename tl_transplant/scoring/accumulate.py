@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 from jaxtyping import Float, Int
 
-from tl_transplant.arch.units import UNIT_KINDS, Head, KVHead, Linear, Neuron, Unit
+from tl_transplant.arch.units import UNIT_KINDS, Head, KVHead, Linear, Neuron, Unit, UnitKind
 from tl_transplant.models.hooks import value_hooks, write_hooks
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ class UnitTable:
     def layers(self, kind: str | None = None) -> list[int]:
         return sorted({layer for (k, layer) in self.groups if kind is None or k == kind})
 
-    def kinds(self) -> list[str]:
+    def kinds(self) -> list[UnitKind]:
         return [k for k in UNIT_KINDS if k in self.kind_pos]
 
     def max_layer(self) -> int:

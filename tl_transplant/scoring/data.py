@@ -12,7 +12,7 @@ import logging
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float
@@ -22,6 +22,10 @@ from tl_transplant.models.hooks import HookRunner
 from tl_transplant.scoring.registry import ScoringError
 from tl_transplant.tasks.metrics import default_differentiable
 from tl_transplant.tasks.tokens import Encoded, encode
+
+if TYPE_CHECKING:
+    from tl_transplant.arch.model_layout import ModelLayout
+    from tl_transplant.models.pair import ModelPair
 
 #: Logger of scoring runs (cost estimates of long runs are INFO records).
 log = logging.getLogger("tl_transplant.scoring")
@@ -53,14 +57,14 @@ class Context:
     (``torch.Generator().manual_seed(ctx.seed)``), the others ignore it.
     """
 
-    pair: Any
+    pair: ModelPair
     batch_size: int
     progress: bool
     metric: MetricFn | None = None
     seed: int = 0
 
     @property
-    def layout(self) -> Any:
+    def layout(self) -> ModelLayout:
         return self.pair.layout
 
     def batches(

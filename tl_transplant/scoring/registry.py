@@ -14,9 +14,9 @@ from __future__ import annotations
 import importlib.metadata as _md
 import types
 import typing
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeAlias, cast
 
 import annotated_types
 import torch
@@ -24,7 +24,9 @@ from jaxtyping import Float
 from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic.fields import FieldInfo
 
-from tl_transplant.arch.units import UNIT_KINDS, Unit, UnitKind
+from tl_transplant.arch.units import UNIT_KINDS, Unit, UnitError, UnitKind, parse_units
+from tl_transplant.edit.budget import BudgetRule, check_rule
+from tl_transplant.edit.weights import WeightMask
 from tl_transplant.errors import TLTransplantError
 
 if TYPE_CHECKING:
@@ -47,26 +49,125 @@ class ScorerOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+#: ``alpha_scale`` of a method whose alpha the sweep multiplies by block params / params
+#: moved (DARE's 1/p): an extrapolating control.
+INVERSE_FRACTION = "inverse_fraction"
+AlphaScale: TypeAlias = Literal["inverse_fraction"]
+
+
+def _rule(meta: Mapping[str, Any], given: str | None, who: str) -> BudgetRule | None:
+    """The fill rule: ``given``, else ``meta["budget_rule"]`` (how scorers said it before the
+    typed field), checked; None when neither says."""
+    rule = given if given is not None else meta.get("budget_rule")
+    if rule is None:
+        return None
+    try:
+        return check_rule(rule)
+    except ValueError as e:
+        raise ScoringError(f"{who}: {e}") from None
+
+
+def _alpha_scale(meta: Mapping[str, Any], given: str | None, who: str) -> AlphaScale | None:
+    scale = given if given is not None else meta.get("alpha_scale")
+    if scale is not None and scale != INVERSE_FRACTION:
+        raise ScoringError(f"{who}: alpha_scale must be {INVERSE_FRACTION!r} or None, got "
+                           f"{scale!r}")
+    return cast("AlphaScale | None", scale)
+
+
+def _dense_alphas(meta: Mapping[str, Any], given: Sequence[float] | None) -> list[float] | None:
+    if given is not None:
+        return sorted({float(a) for a in given})
+    if meta.get("dense"):
+        got = meta.get("alphas")
+        if not got:
+            raise ScoringError("a dense method's scores need its own alpha grid "
+                               "(dense_alphas, or meta['alphas'])")
+        return sorted({float(a) for a in got})
+    return None
+
+
 @dataclass
 class RawScores:
-    """What a scorer returns: one value per unit, in the order of the units it was given."""
+    """What a scorer returns: one value per unit, in the order of the units it was given.
+
+    The typed fields say how the sweep uses the scores: ``budget_rule`` (how a parameter
+    budget is filled, :mod:`tl_transplant.edit.budget`; None = ``"per_param"``),
+    ``suggested`` (the scorer's own unit set, e.g. learned_mask's gates > 0.5),
+    ``alpha_scale`` and ``dense_alphas`` (the ``dense`` baseline: every block weight at
+    its own alpha grid). A scorer may still set them as ``meta`` keys (``"budget_rule"``,
+    ``"suggested"``, ``"alpha_scale"``, ``"dense"`` + ``"alphas"``), as before 0.2: they
+    are read into the fields here. :meth:`meta_record` is ``meta`` with the fields
+    written in (what a scores file records).
+    """
 
     values: Float[torch.Tensor, " n"]
     consistency: Float[torch.Tensor, " n"] | None = None
     columns: dict[str, Float[torch.Tensor, " n"]] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    budget_rule: BudgetRule | None = None
+    suggested: list[Unit] | None = None
+    alpha_scale: AlphaScale | None = None
+    dense_alphas: list[float] | None = None
+
+    def __post_init__(self) -> None:
+        self.budget_rule = _rule(self.meta, self.budget_rule, "RawScores")
+        self.alpha_scale = _alpha_scale(self.meta, self.alpha_scale, "RawScores")
+        self.dense_alphas = _dense_alphas(self.meta, self.dense_alphas)
+        sugg: Any = self.suggested if self.suggested is not None else self.meta.get("suggested")
+        if sugg is not None:
+            try:
+                self.suggested = parse_units(list(sugg))
+            except (UnitError, TypeError) as e:
+                raise ScoringError(f"RawScores: suggested must be a list of units: {e}") from None
+
+    def metatraits_meta(self) -> dict[str, Any]:
+        """``meta`` with the typed fields written in under their old keys (for files)."""
+        return traits_meta(self.meta, budget_rule=self.budget_rule, alpha_scale=self.alpha_scale,
+                       suggested=None if self.suggested is None
+                       else [str(u) for u in self.suggested],
+                       dense_alphas=self.dense_alphas)
+
+
+def traits_meta(meta: Mapping[str, Any], *, budget_rule: str | None, alpha_scale: str | None,
+                suggested: Any, dense_alphas: list[float] | None) -> dict[str, Any]:
+    """``meta`` with the typed fields written under the keys scorers used before 0.2 (a key
+    already there is kept): what a scores file records, so it reloads the same."""
+    out = dict(meta)
+    if budget_rule is not None:
+        out.setdefault("budget_rule", budget_rule)
+    if alpha_scale is not None:
+        out.setdefault("alpha_scale", alpha_scale)
+    if suggested is not None:
+        out.setdefault("suggested", suggested)
+    if dense_alphas is not None:
+        out.setdefault("dense", True)
+        out.setdefault("alphas", list(dense_alphas))
+    return out
 
 
 @dataclass
 class WeightRawScores:
     """What a weight-level scorer returns: one score tensor per HF tensor (its shape).
 
-    ``meta["suggested"]`` may hold a :class:`~tl_transplant.edit.weights.WeightMask`: the
-    scorer's own suggested set (``WeightScores.suggested``).
+    Typed fields as :class:`RawScores`: ``budget_rule``, ``alpha_scale`` (DARE) and
+    ``suggested``, here a :class:`~tl_transplant.edit.weights.WeightMask` (the scorer's own
+    weight set, ``WeightScores.suggested``); the same ``meta`` keys are still read.
     """
 
     values: dict[str, torch.Tensor]
     meta: dict[str, Any] = field(default_factory=dict)
+    budget_rule: BudgetRule | None = None
+    suggested: WeightMask | None = None
+    alpha_scale: AlphaScale | None = None
+
+    def __post_init__(self) -> None:
+        self.budget_rule = _rule(self.meta, self.budget_rule, "WeightRawScores")
+        self.alpha_scale = _alpha_scale(self.meta, self.alpha_scale, "WeightRawScores")
+        sugg = self.suggested if self.suggested is not None else self.meta.get("suggested")
+        if sugg is not None and not isinstance(sugg, WeightMask):
+            raise ScoringError("a weight-level suggested set must be a WeightMask")
+        self.suggested = sugg
 
 
 class Scorer:
@@ -114,7 +215,7 @@ class Scorer:
     ) -> WeightRawScores:
         """Retention-aware weight scores: ``task - lam * contrast``, tensor by tensor."""
         vals = {n: v - lam * contrast.values[n] for n, v in task.values.items()}
-        return WeightRawScores(vals, dict(task.meta))
+        return replace(task, values=vals, meta=dict(task.meta))
 
     def combine(self, task: RawScores, contrast: RawScores, lam: float) -> RawScores:
         """Retention-aware score: ``task - lam * contrast`` (consistency from the task)."""
@@ -122,7 +223,7 @@ class Scorer:
         cols.update({f"{k}_contrast": v for k, v in contrast.columns.items()})
         cols["score_task"] = task.values
         cols["score_contrast"] = contrast.values
-        return RawScores(task.values - lam * contrast.values, task.consistency, cols, task.meta)
+        return replace(task, values=task.values - lam * contrast.values, columns=cols)
 
 
 # ---- registry -------------------------------------------------------------------------
@@ -272,7 +373,9 @@ def check_options(scorer: type[Scorer], options: Mapping[str, Any]) -> BaseModel
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "INVERSE_FRACTION",
     "SCORERS",
+    "AlphaScale",
     "RawScores",
     "Scorer",
     "ScorerOptions",
@@ -284,4 +387,5 @@ __all__ = [
     "get_scorer",
     "option_help",
     "register",
+    "traits_meta",
 ]

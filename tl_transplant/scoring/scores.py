@@ -21,7 +21,19 @@ from tl_transplant.arch.units import (
     parse_unit,
     unit_sort_key,
 )
-from tl_transplant.edit.budget import DEFAULT_BUDGET_RULE, BudgetPick, check_rule, fill_budget
+from tl_transplant.edit.budget import (
+    DEFAULT_BUDGET_RULE,
+    BudgetPick,
+    BudgetRule,
+    check_rule,
+    fill_budget,
+)
+from tl_transplant.scoring.registry import (
+    INVERSE_FRACTION,
+    AlphaScale,
+    ScoringError,
+    traits_meta,
+)
 
 if TYPE_CHECKING:
     from tl_transplant.arch.model_layout import ModelLayout
@@ -59,7 +71,16 @@ class Scores:
     ``values``, ``consistency`` and the extra ``columns`` are float64 vectors
     aligned with ``units``. ``meta`` records how the scores were made (method
     options, task, pair, model dims), and survives ``save``/``load``.
+
+    How a sweep uses them is typed: :attr:`budget_rule` (how a parameter budget is
+    filled), :attr:`suggested` (the scorer's own unit set), :attr:`alpha_scale` and
+    :attr:`dense_alphas` (see :class:`~tl_transplant.scoring.registry.RawScores`). Each
+    is read from ``meta`` when not given (files and code of 0.1 keep working) and written
+    into ``meta`` when given, so a saved file reloads the same.
     """
+
+    #: The grain of unit scores (``"dense"`` for the dense baseline).
+    grain: str
 
     def __init__(
         self,
@@ -70,24 +91,54 @@ class Scores:
         consistency: Float[torch.Tensor, " n"] | Sequence[float] | None = None,
         columns: dict[str, Float[torch.Tensor, " n"]] | None = None,
         meta: dict[str, Any] | None = None,
+        budget_rule: BudgetRule | str | None = None,
+        suggested: Sequence[Unit | str] | None = None,
+        alpha_scale: AlphaScale | None = None,
+        dense_alphas: Sequence[float] | None = None,
     ) -> None:
         self.units: list[Unit] = [parse_unit(u) for u in units]
         self.values = torch.as_tensor(values, dtype=torch.float64).detach().cpu().reshape(-1)
         n = len(self.units)
         if self.values.numel() != n:
-            raise ValueError(f"{n} units but {self.values.numel()} scores")
+            raise ScoringError(f"{n} units but {self.values.numel()} scores")
         self.consistency = (
             None if consistency is None
             else torch.as_tensor(consistency, dtype=torch.float64).detach().cpu().reshape(-1)
         )
         if self.consistency is not None and self.consistency.numel() != n:
-            raise ValueError(f"{n} units but {self.consistency.numel()} consistency values")
+            raise ScoringError(f"{n} units but {self.consistency.numel()} consistency values")
         self.columns = {
             k: torch.as_tensor(v, dtype=torch.float64).detach().cpu().reshape(-1)
             for k, v in (columns or {}).items()
         }
         self.method = method
-        self.meta: dict[str, Any] = dict(meta or {})
+        m: dict[str, Any] = dict(meta or {})
+        # The rule is checked when a budget is filled (budget_rule), not here.
+        self._budget_rule: str | None = (
+            str(budget_rule) if budget_rule is not None else m.get("budget_rule"))
+        got = suggested if suggested is not None else m.get("suggested")
+        #: The scorer's own suggested unit set (e.g. learned_mask's gates > 0.5), if any.
+        self.suggested: list[Unit] | None = (
+            [parse_unit(u) for u in got] if isinstance(got, (list, tuple)) else None)
+        scale = alpha_scale if alpha_scale is not None else m.get("alpha_scale")
+        if scale is not None and scale != INVERSE_FRACTION:
+            raise ScoringError(f"alpha_scale must be {INVERSE_FRACTION!r} or None, got {scale!r}")
+        #: ``"inverse_fraction"``: the sweep moves this method's sets at alpha x block params /
+        #: params moved (DARE's 1/p, an extrapolating control).
+        self.alpha_scale: AlphaScale | None = scale
+        alphas = dense_alphas if dense_alphas is not None else (
+            m.get("alphas") if m.get("dense") else None)
+        if m.get("dense") and not alphas:
+            raise ScoringError("a dense method's scores need its own alpha grid "
+                               "(dense_alphas, or meta['alphas'])")
+        #: The dense baseline's own alpha grid (every block weight at one alpha), else None.
+        self.dense_alphas: list[float] | None = (
+            None if alphas is None else sorted({float(a) for a in alphas}))
+        self.grain = "dense" if self.dense_alphas is not None else "unit"
+        self.meta: dict[str, Any] = traits_meta(
+            m, budget_rule=self._budget_rule, alpha_scale=self.alpha_scale,
+            suggested=None if self.suggested is None else [str(u) for u in self.suggested],
+            dense_alphas=self.dense_alphas)
         self._pos = {u: i for i, u in enumerate(self.units)}
 
     # ---- basics -------------------------------------------------------------------------
@@ -136,7 +187,7 @@ class Scores:
 
     def _check_k(self, k: int) -> int:
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise ValueError(f"k must be an int >= 0, got {k!r}")
+            raise ScoringError(f"k must be an int >= 0, got {k!r}")
         return k
 
     def top(self, k: int, kinds: str | Iterable[str] | None = None) -> list[Unit]:
@@ -148,15 +199,10 @@ class Scores:
         return [self.units[i] for i in self._ranked(kinds, False)[: self._check_k(k)]]
 
     @property
-    def budget_rule(self) -> str:
-        """How a parameter budget is filled: ``meta["budget_rule"]``, default "per_param"."""
-        return check_rule(self.meta.get("budget_rule", DEFAULT_BUDGET_RULE))
-
-    @property
-    def suggested(self) -> list[Unit] | None:
-        """The scorer's own suggested unit set (``meta["suggested"]``), if it made one."""
-        got = self.meta.get("suggested")
-        return None if got is None else [parse_unit(u) for u in got]
+    def budget_rule(self) -> BudgetRule:
+        """How a parameter budget is filled (:mod:`tl_transplant.edit.budget`), default
+        ``"per_param"``; an unknown rule is refused here."""
+        return check_rule(self._budget_rule or DEFAULT_BUDGET_RULE)
 
     def within_budget(
         self,
@@ -198,6 +244,8 @@ class Scores:
             [self.units[i] for i in keep], self.values[idx], method=self.method,
             consistency=None if self.consistency is None else self.consistency[idx],
             columns={k: v[idx] for k, v in self.columns.items()}, meta=self.meta,
+            budget_rule=self._budget_rule, suggested=self.suggested,
+            alpha_scale=self.alpha_scale, dense_alphas=self.dense_alphas,
         )
 
     # ---- views --------------------------------------------------------------------------
@@ -227,7 +275,7 @@ class Scores:
         (k,) = normalize_kinds(kind)
         units = [(i, u) for i, u in enumerate(self.units) if u.kind == k]
         if not units:
-            raise ValueError(f"no {k} units were scored (scored kinds: {', '.join(self.kinds)})")
+            raise ScoringError(f"no {k} units were scored (scored kinds: {', '.join(self.kinds)})")
         names = self.meta.get("linear_names", [])
         dims = self.meta.get("dims", {})
         n_layers = int(dims.get("n_layers", max(u.layer for _, u in units) + 1))
@@ -255,14 +303,14 @@ class Scores:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Scores:
         if d.get("format") != SCORES_FORMAT:
-            raise ValueError(
+            raise ScoringError(
                 f"not a tl_transplant scores file (format={d.get('format')!r}, "
                 f"expected {SCORES_FORMAT!r})"
             )
         cols = {k: _tensor(v) for k, v in d.get("columns", {}).items()}
         values = _tensor(d["score"])
         if values is None:
-            raise ValueError("not a usable scores file: 'score' is null; re-run score() and save")
+            raise ScoringError("not a usable scores file: 'score' is null; re-run score() and save")
         return cls(
             d["units"], values, method=d["method"],
             consistency=_tensor(d.get("consistency")),
@@ -272,6 +320,13 @@ class Scores:
     def save(self, path: str | Path) -> Path:
         """Write ``.json`` or ``.parquet`` (chosen by the suffix); returns the path."""
         p = Path(path)
+        try:
+            return self._save(p)
+        except OSError as e:
+            raise ScoringError(f"cannot write scores to {p}: {e.strerror or e}; choose a path "
+                               "you can write to") from e
+
+    def _save(self, p: Path) -> Path:
         suffix = p.suffix.lower()
         if suffix == ".json":
             p.write_text(json.dumps(self.to_dict(), indent=1, default=str, allow_nan=False))
@@ -285,13 +340,23 @@ class Scores:
             md[b"tl_transplant"] = json.dumps(head, default=str).encode()
             pq.write_table(table.replace_schema_metadata(md), p)
         else:
-            raise ValueError(f"cannot save scores as {p.name!r}: use a .json or .parquet path")
+            raise ScoringError(f"cannot save scores as {p.name!r}: use a .json or .parquet path")
         return p
 
     @classmethod
     def load(cls, path: str | Path) -> Scores:
-        """Read scores written by :meth:`save`."""
+        """Read scores written by :meth:`save` (a :class:`ScoringError` says why not)."""
         p = Path(path)
+        try:
+            return cls._load(p)
+        except ScoringError:
+            raise
+        except (OSError, ValueError, KeyError) as e:  # unreadable, not JSON, a key missing
+            why = e.strerror if isinstance(e, OSError) and e.strerror else e
+            raise ScoringError(f"cannot read scores from {p}: {why}") from e
+
+    @classmethod
+    def _load(cls, p: Path) -> Scores:
         suffix = p.suffix.lower()
         if suffix == ".json":
             return cls.from_dict(json.loads(p.read_text()))
@@ -300,7 +365,7 @@ class Scores:
             table = pq.read_table(p)
             raw = (table.schema.metadata or {}).get(b"tl_transplant")
             if raw is None:
-                raise ValueError(f"{p} is a parquet file but not a tl_transplant scores file")
+                raise ScoringError(f"{p} is a parquet file but not a tl_transplant scores file")
             head = json.loads(raw)
             df = table.to_pandas()
             d = dict(head)
@@ -310,7 +375,7 @@ class Scores:
             d["columns"] = {k: df[k].tolist() for k in head["columns"]}
             d["score"] = [None if math.isnan(x) else x for x in d["score"]]
             return cls.from_dict(d)
-        raise ValueError(f"cannot load scores from {p.name!r}: expected .json or .parquet")
+        raise ScoringError(f"cannot load scores from {p.name!r}: expected .json or .parquet")
 
 
 def _pyarrow() -> tuple[Any, Any]:

@@ -14,6 +14,7 @@ import numpy as np
 from tl_transplant.arch.units import parse_units
 from tl_transplant.edit.budget import budget_label
 from tl_transplant.edit.weights import WeightMask
+from tl_transplant.sweeps.records import CellRecord, MaskRecord, VsRecord
 from tl_transplant.sweeps.search import GRAIN_UNIT, Chosen, mask_summary
 
 if TYPE_CHECKING:
@@ -155,47 +156,56 @@ class ComparisonCell:
     ``vs[label]`` is the paired test difference of this cell's transplanted metric minus
     the control ``label`` filled to *this cell's* parameter count at its alpha (dense: at
     its dev retention cost), with its paired bootstrap CI and the control's size
-    (:meth:`tl_transplant.sweeps.verdict.ControlResult.vs_dict`).
+    (:meth:`tl_transplant.sweeps.verdict.ControlResult.vs_record`).
     """
 
     method: str
     size: str
     row: SweepRow
-    vs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    vs: dict[str, VsRecord] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
+    def record(self) -> CellRecord:
+        """The cell as a typed record (``results.json`` ``comparison.cells``)."""
         r, t = self.row, self.row.test
         m = t.metrics if t is not None else None
-        return {
-            "method": self.method,
-            "size": self.size,
-            "pct_params": r.pct_params,
-            "pct_units": r.pct_units,
-            "budget": r.budget,
-            "k": r.k,
-            "n_params": r.n_params,
-            "grain": r.grain,
-            "alpha": r.alpha,
-            "effective_alpha": r.effective_alpha,
-            "extrapolates": r.extrapolates,
-            "test_metric": None if m is None else m.transplanted,
-            "test_recovery": None if m is None else m.recovery,
-            "test_recovery_ci": None if m is None else m.ci.get("recovery"),
-            "test_delta": None if m is None else m.delta,
-            "test_delta_ci": None if m is None else m.ci.get("delta"),
-            "retention_drop": None if t is None else t.max_drop,
-            "retention": {} if t is None else {x.task: x.drop for x in t.retention},
-            "dev_metric": r.metric,
-            "dev_recovery": r.recovery,
-            "recovery_per_pct_params": (
+        return CellRecord(
+            method=self.method,
+            size=self.size,
+            pct_params=r.pct_params,
+            pct_units=r.pct_units,
+            budget=r.budget,
+            k=r.k,
+            n_params=r.n_params,
+            grain=r.grain,
+            alpha=r.alpha,
+            effective_alpha=r.effective_alpha,
+            extrapolates=r.extrapolates,
+            test_metric=None if m is None else m.transplanted,
+            test_recovery=None if m is None else m.recovery,
+            test_recovery_ci=None if m is None else _ci(m.ci.get("recovery")),
+            test_delta=None if m is None else m.delta,
+            test_delta_ci=None if m is None else _ci(m.ci.get("delta")),
+            retention_drop=None if t is None else t.max_drop,
+            retention={} if t is None else {x.task: x.drop for x in t.retention},
+            dev_metric=r.metric,
+            dev_recovery=r.recovery,
+            recovery_per_pct_params=(
                 None if m is None or m.recovery is None or not r.pct_params
                 else m.recovery / (100 * r.pct_params)),
-            "dev_max_drop": r.max_drop,
-            "feasible": r.feasible,
-            "vs": self.vs,
-            "units": list(r.units),
-            "mask": None if r.mask is None else mask_summary(r.mask),
-        }
+            dev_max_drop=r.max_drop,
+            feasible=r.feasible,
+            vs=dict(self.vs),
+            units=list(r.units),
+            mask=None if r.mask is None else MaskRecord(**mask_summary(r.mask)),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """:meth:`record` as JSON-ready data."""
+        return self.record().to_dict()
+
+
+def _ci(ci: tuple[float, float] | None) -> list[float] | None:
+    return None if ci is None else [float(ci[0]), float(ci[1])]
 
 
 def clean_json(x: Any) -> Any:

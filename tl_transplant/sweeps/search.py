@@ -4,20 +4,25 @@ A *method* is a scores object under a label (``{"attribution": scores}``). Its *
 says what it ranks and so which sizes it gets (:func:`grain_of`):
 
 * ``"unit"`` (heads, KV groups, neurons, linears): top-K rows, one row per parameter
-  budget (filled by its ``within_budget``), and its suggested set (``meta["suggested"]``);
+  budget (filled by its ``within_budget``), and its suggested set (``Scores.suggested``);
 * ``"weight"`` (:class:`~tl_transplant.edit.weights.WeightScores`): budget rows only (each a
   :class:`~tl_transplant.edit.weights.WeightMask`; weights have no K) and its suggested mask
   (``WeightScores.suggested``);
-* ``"dense"`` (the ``dense`` scorer, ``meta["dense"]``): one size, every block weight,
-  at its own alpha grid (``meta["alphas"]``), the interpolation baseline.
+* ``"dense"`` (the ``dense`` scorer, ``Scores.grain == "dense"``): one size, every block
+  weight, at its own alpha grid (``Scores.dense_alphas``), the interpolation baseline.
 
 :func:`plan_search` turns methods x sizes x alphas into :class:`Config` objects; the
 sweep evaluates each once on dev (identical (selection, effective alpha) pairs share one
 evaluation, :func:`selection_key`). A scorer's own size (suggested set, dense) is shown
 but *selectable* only within the largest budget asked for (:attr:`Config.over_budget`);
-with no budget asked, it is selectable. A method whose ``meta["alpha_scale"]`` is
+with no budget asked, it is selectable. A method whose ``alpha_scale`` is
 ``"inverse_fraction"`` (DARE) moves its weights at ``alpha x block_params / n_params``:
 an extrapolating control, labelled so.
+
+These traits are typed attributes of the scores objects
+(:class:`~tl_transplant.scoring.scores.Scores`,
+:class:`~tl_transplant.scoring.weight_scores.WeightScores`); a plain ranking without them
+is a unit ranking with none of them.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, cast, runtime_checka
 from tl_transplant.arch.units import Unit, normalize_kinds, parse_units
 from tl_transplant.edit.budget import block_params, count_params, fill_budget
 from tl_transplant.edit.weights import WEIGHT, WeightMask
+from tl_transplant.errors import TLTransplantError
+from tl_transplant.scoring.registry import INVERSE_FRACTION
 from tl_transplant.tasks.task import Task
 
 if TYPE_CHECKING:
@@ -44,9 +51,12 @@ Chosen: TypeAlias = "list[Unit] | WeightMask"
 GRAIN_UNIT, GRAIN_WEIGHT, GRAIN_DENSE = "unit", WEIGHT, "dense"
 #: ``sweep(ks=None)`` without budgets: these unit counts.
 DEFAULT_KS: tuple[int, ...] = (8, 16, 32, 64, 128)
-#: ``meta["alpha_scale"]`` of a method whose alpha is multiplied by block_params / n_params.
-INVERSE_FRACTION = "inverse_fraction"
 EXTRAPOLATING = "extrapolating control: alpha x block params / params moved (DARE's 1/p)"
+
+
+class SweepError(TLTransplantError, ValueError):
+    """A sweep that cannot run as asked (no size or alpha, clashing task names, a control
+    that is not a method, ...)."""
 
 
 @runtime_checkable
@@ -175,7 +185,7 @@ def split_task(t: TaskLike, dev_fraction: float, seed: int, what: str) -> tuple[
     if not isinstance(dev, Task) or not isinstance(test, Task):
         raise TypeError(f"{what}: dev and test must be Tasks")
     if dev.metric != test.metric:
-        raise ValueError(f"{what}: dev uses {dev.metric} but test uses {test.metric}")
+        raise SweepError(f"{what}: dev uses {dev.metric} but test uses {test.metric}")
     name = dev.name[: -len(":dev")] if dev.name.endswith(":dev") else dev.name
     return name, dev, test
 
@@ -184,19 +194,17 @@ def split_task(t: TaskLike, dev_fraction: float, seed: int, what: str) -> tuple[
 
 
 def grain_of(obj: object) -> str:
-    """``"dense"`` (``meta["dense"]``), ``"weight"`` (weight scores) or ``"unit"``."""
-    meta = getattr(obj, "meta", None)
-    if isinstance(meta, Mapping) and meta.get("dense"):
-        return GRAIN_DENSE
-    if getattr(obj, "grain", None) == WEIGHT:
-        return GRAIN_WEIGHT
-    return GRAIN_UNIT
+    """``"dense"``, ``"weight"`` (weight scores) or ``"unit"``: the object's ``grain``
+    (:class:`~tl_transplant.scoring.scores.Scores` and ``WeightScores`` have one; a plain
+    ranking is a unit ranking)."""
+    grain = getattr(obj, "grain", None)
+    return grain if grain in (GRAIN_DENSE, GRAIN_WEIGHT) else GRAIN_UNIT
 
 
 def alpha_scale_of(obj: object, n_params: int | None, n_block: int | None) -> float:
-    """The factor a method's alpha is multiplied by: ``block / n_params`` for DARE, else 1."""
-    meta = getattr(obj, "meta", None)
-    if not isinstance(meta, Mapping) or meta.get("alpha_scale") != INVERSE_FRACTION:
+    """The factor a method's alpha is multiplied by: ``block / n_params`` for a method whose
+    ``alpha_scale`` is ``"inverse_fraction"`` (DARE), else 1."""
+    if getattr(obj, "alpha_scale", None) != INVERSE_FRACTION:
         return 1.0
     if not n_params or not n_block:
         return 1.0
@@ -204,11 +212,10 @@ def alpha_scale_of(obj: object, n_params: int | None, n_block: int | None) -> fl
 
 
 def dense_alphas(obj: object) -> list[float]:
-    """The dense method's own alpha grid (``meta["alphas"]``)."""
-    meta = getattr(obj, "meta", None)
-    got = meta.get("alphas") if isinstance(meta, Mapping) else None
+    """The dense method's own alpha grid (``dense_alphas``)."""
+    got = getattr(obj, "dense_alphas", None)
     if not got:
-        raise ValueError("a dense method's scores need meta['alphas'] (its own alpha grid)")
+        raise SweepError("a dense method's scores need their own alpha grid (dense_alphas)")
     return sorted({float(a) for a in got})
 
 
@@ -248,12 +255,12 @@ def budget_units(
 
 
 def suggested_units(obj: object, kinds: Kinds) -> list[Unit] | None:
-    """A unit scorer's suggested set (``meta["suggested"]``), filtered to ``kinds``."""
-    meta = getattr(obj, "meta", None)
-    if not isinstance(meta, Mapping) or meta.get("suggested") is None:
+    """A unit scorer's suggested set (its ``suggested`` units), filtered to ``kinds``."""
+    got = getattr(obj, "suggested", None)
+    if got is None or isinstance(got, WeightMask):
         return None
     allowed = normalize_kinds(kinds)
-    return [u for u in dict.fromkeys(parse_units(list(meta["suggested"]))) if u.kind in allowed]
+    return [u for u in dict.fromkeys(parse_units(list(got))) if u.kind in allowed]
 
 
 def budget_cap(fraction: float, n_block: int) -> int:
@@ -403,6 +410,7 @@ __all__ = [
     "DEFAULT_KS",
     "EXTRAPOLATING",
     "GRAIN_DENSE",
+    "INVERSE_FRACTION",
     "GRAIN_UNIT",
     "GRAIN_WEIGHT",
     "Config",
@@ -411,6 +419,7 @@ __all__ = [
     "RankedSource",
     "RankedUnits",
     "ScoresLike",
+    "SweepError",
     "TaskLike",
     "alpha_scale_of",
     "budget_units",

@@ -34,6 +34,13 @@ from tl_transplant.evaluation.stats import (
     percentile_ci,
     recovery,
 )
+from tl_transplant.sweeps.records import (
+    CrossValidationRecord,
+    DevEstimateRecord,
+    SearchRecord,
+    TestVsDevRecord,
+    TrustRecord,
+)
 
 _TIE_DECIMALS = 12
 DEFAULT_CV_FOLDS = 5
@@ -85,7 +92,7 @@ def pareto_front(rows: Sequence[Row]) -> list[Any]:
 
 def describe_search(
     rows: Sequence[Any], *, n_distinct: int, max_drop: float | None, budgets: Sequence[float]
-) -> dict[str, Any]:
+) -> SearchRecord:
     """What a sweep searched: methods, sizes and alphas, how many configurations, how many
     distinct evaluations, how many feasible; ``text`` says it in one line."""
     dense = [r for r in rows if r.budget == "dense"]
@@ -108,9 +115,9 @@ def describe_search(
         why.append(f"a scorer's own set within the largest budget {100 * max(budgets):.4g}%")
     text = (f"{len(rows)} configurations ({'; '.join(parts)}), {n_distinct} distinct "
             f"evaluations; {n_ok} feasible" + (f" ({', '.join(why)})" if why else ""))
-    return {"methods": list(dict.fromkeys(r.method for r in rows)), "sizes": sizes,
-            "alphas": alphas, "n_configs": len(rows), "n_distinct": n_distinct,
-            "n_feasible": n_ok, "text": text}
+    return SearchRecord(methods=list(dict.fromkeys(r.method for r in rows)), sizes=sizes,
+                        alphas=alphas, n_configs=len(rows), n_distinct=n_distinct,
+                        n_feasible=n_ok, text=text)
 
 
 # ---- cross-validated selection ---------------------------------------------------------
@@ -132,10 +139,13 @@ class CrossValidation:
     winners: list[int] = field(default_factory=list)
     fold_metrics: list[float] = field(default_factory=list)
 
+    def record(self) -> CrossValidationRecord:
+        return CrossValidationRecord(folds=self.folds, metric=self.metric, target=self.target,
+                                     source=self.source, recovery=self.recovery,
+                                     fold_metrics=list(self.fold_metrics))
+
     def to_dict(self) -> dict[str, Any]:
-        return {"folds": self.folds, "metric": self.metric, "target": self.target,
-                "source": self.source, "recovery": self.recovery,
-                "fold_metrics": list(self.fold_metrics)}
+        return self.record().to_dict()
 
 
 def fold_indices(n: int, folds: int, seed: int) -> list[np.ndarray]:
@@ -211,21 +221,25 @@ class SelectionTrust:
     test_check: dict[str, Any] | None = None
     warning: str | None = None
 
-    def to_dict(self) -> dict[str, Any]:
+    def record(self) -> TrustRecord:
+        """The typed record (``results.json`` ``selection``)."""
         d = self.dev
-        return {
-            "n_configs": self.n_configs,
-            "n_feasible": self.n_feasible,
-            "n_distinct": self.n_distinct,
-            "dev": {"metric": d.transplanted, "metric_ci": _list(self.dev_metric_ci),
-                    "delta": d.delta, "delta_ci": _list(d.ci.get("delta")),
-                    "recovery": d.recovery, "recovery_ci": _list(d.ci.get("recovery")),
-                    "level": d.level, "n_boot": d.n_boot},
-            "cv": None if self.cv is None else self.cv.to_dict(),
-            "test_vs_dev": self.test_check,
-            "warning": self.warning,
-            "text": self.text(),
-        }
+        return TrustRecord(
+            n_configs=self.n_configs,
+            n_feasible=self.n_feasible,
+            n_distinct=self.n_distinct,
+            dev=DevEstimateRecord(
+                metric=d.transplanted, metric_ci=_list(self.dev_metric_ci), delta=d.delta,
+                delta_ci=_list(d.ci.get("delta")), recovery=d.recovery,
+                recovery_ci=_list(d.ci.get("recovery")), level=d.level, n_boot=d.n_boot),
+            cv=None if self.cv is None else self.cv.record(),
+            test_vs_dev=None if self.test_check is None else TestVsDevRecord(**self.test_check),
+            warning=self.warning,
+            text=self.text(),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.record().to_dict()
 
     def text(self) -> str:
         """One line: ``chosen among 62 configurations (40 feasible); dev ... ; CV ...``."""

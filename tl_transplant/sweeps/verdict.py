@@ -31,12 +31,14 @@ from typing import TYPE_CHECKING, Any
 from tl_transplant.edit.budget import block_params, count_params
 from tl_transplant.edit.weights import WeightMask
 from tl_transplant.evaluation.stats import DEFAULT_N_BOOT, paired_diff_ci
+from tl_transplant.sweeps.records import ControlRecord, MaskRecord, VsRecord
 from tl_transplant.sweeps.search import (
     EXTRAPOLATING,
     GRAIN_DENSE,
     GRAIN_WEIGHT,
     Chosen,
     Kinds,
+    SweepError,
     alpha_scale_of,
     budget_units,
     grain_of,
@@ -76,7 +78,7 @@ def control_sources(
     out = []
     for lb in controls:
         if lb not in by_label:
-            raise ValueError(f"control {lb!r} is not among the methods ({', '.join(by_label)}); "
+            raise SweepError(f"control {lb!r} is not among the methods ({', '.join(by_label)}); "
                              "pass controls={label: scores} for a control that is not a method")
         out.append((lb, by_label[lb]))
     return out
@@ -188,28 +190,36 @@ class ControlResult:
             "note": c.note,
         }
 
-    def to_dict(self) -> dict[str, Any]:
+    def record(self) -> ControlRecord:
         """The verdict's entry (``results.json`` ``controls``): both sizes, test, difference."""
         c, m = self.control, self.report.metrics
         sel = c.selection
-        return {
-            "method": c.method,
+        return ControlRecord(
+            method=c.method,
             **self._sizes(),
-            "units": None if isinstance(sel, WeightMask) or c.grain == GRAIN_DENSE
+            units=None if isinstance(sel, WeightMask) or c.grain == GRAIN_DENSE
             else [str(u) for u in sel],
-            "mask": mask_summary(sel) if isinstance(sel, WeightMask) else None,
-            "test": self.report.transplanted.mean,
-            "recovery": m.recovery,
-            "recovery_ci": _list(m.ci.get("recovery")),
-            "retention_drop": self.report.max_drop if self.report.retention else None,
-            "best_minus_control": self.diff,
-            "best_minus_control_ci": _list(self.ci),
-        }
+            mask=MaskRecord(**mask_summary(sel)) if isinstance(sel, WeightMask) else None,
+            test=self.report.transplanted.mean,
+            recovery=m.recovery,
+            recovery_ci=_list(m.ci.get("recovery")),
+            retention_drop=self.report.max_drop if self.report.retention else None,
+            best_minus_control=self.diff,
+            best_minus_control_ci=_list(self.ci),
+        )
+
+    def vs_record(self) -> VsRecord:
+        """A comparison cell's entry (``cell.vs[label]``)."""
+        return VsRecord(method=self.control.label, diff=self.diff, ci=_list(self.ci),
+                        **self._sizes())
+
+    def to_dict(self) -> dict[str, Any]:
+        """:meth:`record` as JSON-ready data."""
+        return self.record().to_dict()
 
     def vs_dict(self) -> dict[str, Any]:
-        """A comparison cell's entry (``cell.vs[label]``)."""
-        return {"method": self.control.label, "diff": self.diff, "ci": self.ci,
-                **self._sizes()}
+        """:meth:`vs_record` as JSON-ready data."""
+        return self.vs_record().to_dict()
 
 
 def _list(ci: tuple[float, float] | None) -> list[float] | None:
