@@ -34,6 +34,22 @@ class NonFiniteWeightsError(TLTransplantError, ValueError):
     """A model holds NaN or inf weights where a transplant would read them."""
 
 
+class TaskError(TLTransplantError, ValueError):
+    """A task that cannot be built or used as given (fields, files, metric, splits)."""
+
+
+class EvaluationError(TLTransplantError, ValueError):
+    """An evaluation that cannot run as asked (model, task, batch size, split)."""
+
+
+class BudgetError(TLTransplantError, ValueError):
+    """A parameter budget or fill rule that cannot be used (a fraction outside (0, 1], ...)."""
+
+
+class ZooError(TLTransplantError, ValueError):
+    """A zoo pair or task that does not exist, or a build that did not come out as meant."""
+
+
 class InputError(TLTransplantError, ValueError):
     """An input (a file, a path, a value given on the command line) that cannot be used."""
 
@@ -50,11 +66,15 @@ def os_reason(e: OSError) -> str:
 
 
 __all__ = [
+    "BudgetError",
+    "EvaluationError",
     "IncompatiblePairError",
     "InputError",
     "ModelLoadError",
     "NonFiniteWeightsError",
     "OutputError",
     "TLTransplantError",
+    "TaskError",
+    "ZooError",
     "os_reason",
 ]

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Literal, TypeAlias
 
 from tl_transplant.arch.units import Head, Unit, parse_unit, parse_units
 from tl_transplant.edit.weights import WeightMask
+from tl_transplant.errors import BudgetError
 
 if TYPE_CHECKING:
     from tl_transplant.arch.model_layout import ModelLayout
@@ -58,13 +59,13 @@ DEFAULT_BUDGET_RULE: BudgetRule = "per_param"
 def check_fraction(fraction: object, what: str = "budget") -> float:
     """A budget fraction in (0, 1] as a float; ``ValueError`` names the bad value."""
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
-        raise ValueError(
+        raise BudgetError(
             f"{what} must be a fraction of the block parameters in (0, 1], e.g. 0.01 for 1% "
             f"(got {fraction!r})"
         )
     f = float(fraction)
     if not (math.isfinite(f) and 0.0 < f <= 1.0):
-        raise ValueError(
+        raise BudgetError(
             f"{what} must be a fraction of the block parameters in (0, 1], e.g. 0.01 for 1% "
             f"(got {fraction!r})"
         )
@@ -74,7 +75,7 @@ def check_fraction(fraction: object, what: str = "budget") -> float:
 def check_rule(rule: object) -> BudgetRule:
     """A valid fill rule, or ``ValueError`` listing the valid ones."""
     if rule not in BUDGET_RULES:
-        raise ValueError(f"budget_rule must be one of {', '.join(BUDGET_RULES)} (got {rule!r})")
+        raise BudgetError(f"budget_rule must be one of {', '.join(BUDGET_RULES)} (got {rule!r})")
     return rule  # type: ignore[return-value]
 
 
@@ -93,7 +94,7 @@ class ParamCounter:
 
     def __init__(self, layout: ModelLayout, kv: str = "group") -> None:
         if kv not in ("group", "none"):
-            raise ValueError(f"kv must be 'group' or 'none', got {kv!r}")
+            raise BudgetError(f"kv must be 'group' or 'none', got {kv!r}")
         self.layout = layout
         self.kv = kv
         self.units: list[Unit] = []
@@ -227,10 +228,10 @@ def fill_budget(
         order = units
     else:
         if values is None:
-            raise ValueError("budget_rule 'per_param' needs the scores (values=...)")
+            raise BudgetError("budget_rule 'per_param' needs the scores (values=...)")
         vals = dict(zip((parse_unit(u) for u in ranked), (float(v) for v in values)))
         if len(values) != len(ranked):
-            raise ValueError(f"{len(ranked)} units but {len(values)} values")
+            raise BudgetError(f"{len(ranked)} units but {len(values)} values")
         cand = [(i, u) for i, u in enumerate(units) if math.isfinite(vals[u]) and vals[u] > 0]
         # A unit's own cost depends on its kind and layer only (every head of a layer has
         # the same slices' sizes, ...); only the order uses it, the fit check is exact.

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from tl_transplant.arch.units import Unit
+from tl_transplant.errors import EvaluationError
 from tl_transplant.evaluation.generation import generate_texts
 from tl_transplant.evaluation.runner import (
     EvalModel,
@@ -210,7 +211,7 @@ def evaluate(
     patch that needs the batch).
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise EvaluationError(f"batch_size must be >= 1, got {batch_size}")
     runner = resolve_model(model, side, tokenizer, forward)
     setting = task.prepend_bos if prepend_bos is None else prepend_bos
     if setting is None or (isinstance(setting, str) and setting.strip().lower() in ("auto", "")):
@@ -289,7 +290,7 @@ def transplant_metrics(
         )
     results = [r for r in (target, transplanted, source) if isinstance(r, EvalResult)]
     if len({(r.task, r.n) for r in results}) > 1:
-        raise ValueError(
+        raise EvaluationError(
             "transplant_metrics needs paired scores on the same task; got "
             + ", ".join(f"{r.model}: {r.task} (n={r.n})" for r in results)
         )
@@ -345,7 +346,7 @@ def retention(
     ``relative = after / before`` for 0/1 metrics with ``before > 0``, else None.
     """
     if before.task != after.task or before.n != after.n:
-        raise ValueError(
+        raise EvaluationError(
             f"retention needs the same control task before and after; got {before.task!r} "
             f"(n={before.n}) and {after.task!r} (n={after.n})"
         )

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from tl_transplant.errors import EvaluationError
 from tl_transplant.evaluation.runner import Intervention, Runner, device_of, per_batch
 from tl_transplant.tasks.tokens import encode
 
@@ -82,12 +83,12 @@ def generate_texts(
 
     gen = runner.generator
     if gen is None:
-        raise ValueError(
+        raise EvaluationError(
             f"task {task.name!r} uses {task.metric}, which needs a model with .generate "
             "(an HF causal LM or a ModelSide)"
         )
     if generation not in ("left_pad", "by_length"):
-        raise ValueError(f"generation must be 'left_pad' or 'by_length', got {generation!r}")
+        raise EvaluationError(f"generation must be 'left_pad' or 'by_length', got {generation!r}")
     tok = runner.tokenizer
     enc = encode(tok, task.prompts, None, prepend_bos=bos)
     rows = [enc.input_ids[i, : int(enc.prompt_len[i])] for i in range(len(task))]

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tl_transplant.errors import EvaluationError
 from tl_transplant.evaluation.evaluator import evaluate, reference_top1
 from tl_transplant.tasks.metrics import reference_answer
 from tl_transplant.tasks.task import Task
@@ -148,11 +149,13 @@ def generic_retention(
     """
     for name, v in (("n_text", n_text), ("n_task", n_task)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ValueError(f"generic_retention: {name} must be an int >= 0, got {v!r}")
+            raise EvaluationError(f"generic_retention: {name} must be an int >= 0, got {v!r}")
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise ValueError(f"generic_retention: max_tokens must be an int >= 1, got {max_tokens!r}")
+        raise EvaluationError(
+            f"generic_retention: max_tokens must be an int >= 1, got {max_tokens!r}")
     if n_text + n_task == 0:
-        raise ValueError("generic_retention: n_text + n_task is 0; ask for some contexts")
+        raise EvaluationError(
+            "generic_retention: n_text + n_task is 0; ask for some contexts")
     if task is not None and not isinstance(task, Task):
         raise TypeError(f"generic_retention: task must be a Task or None, got {type(task)}")
     setting = prepend_bos if prepend_bos is not None else (task.prepend_bos if task else "auto")
@@ -186,7 +189,7 @@ def generic_retention(
 
     prompts_all = texts + contexts
     if not prompts_all:
-        raise ValueError(
+        raise EvaluationError(
             "generic_retention: no contexts: "
             + ("; ".join(notes) if notes else "n_text and n_task drew nothing")
             + "; pass task=... (its prompts serve as contexts) or raise n_text/n_task"

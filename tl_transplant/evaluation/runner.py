@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, TypeAlias, cast
 import torch
 from jaxtyping import Int
 
+from tl_transplant.errors import EvaluationError
+
 if TYPE_CHECKING:
     from transformers import GenerationMixin, PreTrainedTokenizerBase
 
@@ -73,14 +75,14 @@ def resolve_model(
     model: Any = what  # duck-typed: pairs and sides are recognised by their attributes
     if hasattr(model, "source") and hasattr(model, "target") and hasattr(model, "layout"):
         if side not in ("source", "target"):
-            raise ValueError(
+            raise EvaluationError(
                 "evaluate() got a ModelPair; pass side='source' or side='target' (or the side "
                 "itself, e.g. pair.target)"
             )
         model = getattr(model, side)
     if hasattr(model, "bridge") and hasattr(model, "hf") and hasattr(model, "tokenizer"):
         if forward not in ("bridge", "hf"):
-            raise ValueError(f"forward must be 'bridge' or 'hf', got {forward!r}")
+            raise EvaluationError(f"forward must be 'bridge' or 'hf', got {forward!r}")
         mod = model.bridge if forward == "bridge" else model.hf
         return Runner(
             name=str(model.name),
@@ -97,7 +99,7 @@ def resolve_model(
         )
     tok = tokenizer or getattr(model, "tokenizer", None)
     if tok is None:
-        raise ValueError("evaluate() needs tokenizer=... for a bare model")
+        raise EvaluationError("evaluate() needs tokenizer=... for a bare model")
     cfg = getattr(model, "cfg", None)
     if cfg is not None and hasattr(cfg, "default_prepend_bos"):
         default_bos = bool(cfg.default_prepend_bos)

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 from jaxtyping import Float
 
+from tl_transplant.errors import EvaluationError
 from tl_transplant.tasks.metrics import accuracy_metrics, is_accuracy
 
 DEFAULT_GAP_TOL = 1e-3
@@ -107,9 +108,9 @@ def bootstrap_means(
     arrs = [np.asarray(a, dtype=np.float64) for a in arrays]
     n = len(arrs[0])
     if any(len(a) != n for a in arrs):
-        raise ValueError(f"paired bootstrap needs equal lengths, got {[len(a) for a in arrs]}")
+        raise EvaluationError(f"paired bootstrap needs equal lengths, got {[len(a) for a in arrs]}")
     if n == 0:
-        raise ValueError("cannot bootstrap zero examples")
+        raise EvaluationError("cannot bootstrap zero examples")
     rng = np.random.default_rng(seed)
     out = np.empty((n_boot, len(arrs)))
     chunk = max(1, 1_000_000 // n)

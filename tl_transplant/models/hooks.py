@@ -59,7 +59,7 @@ def kind_hooks(
     """Value (or ``write=True``: write) hook names of a head/KV/neuron kind in one layer."""
     points = (WRITE_POINTS if write else VALUE_POINTS).get(kind)
     if points is None:
-        raise ValueError(f"kind_hooks covers head, kv_head and neuron, not {kind!r}; "
+        raise HookError(f"kind_hooks covers head, kv_head and neuron, not {kind!r}; "
                          "use layout.linear_hooks(unit) for a whole linear")
     return tuple(layout.hook(p, layer) for p in points)
 

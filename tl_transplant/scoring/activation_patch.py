@@ -89,7 +89,7 @@ def _unit_strings(units: Sequence[Any]) -> list[str]:
     try:
         return [str(parse_unit(u)) for u in units]
     except (ValueError, TypeError) as e:
-        raise ValueError(f"candidates holds something that is not a unit ({e})") from None
+        raise ScoringError(f"candidates holds something that is not a unit ({e})") from None
 
 
 def _normalize_candidates(v: Any) -> Any:
@@ -103,10 +103,11 @@ def _normalize_candidates(v: Any) -> Any:
             extra = sorted(set(v) - {"scores", "top"})
             s, top = v["scores"], v.get("top")
             if extra or not isinstance(s, Scores):
-                raise ValueError("{'scores': <Scores>, 'top': N} takes a Scores object and an int "
-                                 f"top, and nothing else{f' (got {extra})' if extra else ''}")
+                raise ScoringError(
+                    "{'scores': <Scores>, 'top': N} takes a Scores object and an int "
+                    f"top, and nothing else{f' (got {extra})' if extra else ''}")
             if isinstance(top, bool) or not isinstance(top, int) or top < 1:
-                raise ValueError(f"candidates 'top' must be an int >= 1, got {top!r}")
+                raise ScoringError(f"candidates 'top' must be an int >= 1, got {top!r}")
             return [str(u) for k in s.kinds for u in s.top(top, kinds=k)]
         return CandidateRule(**v)
     if isinstance(v, str):
@@ -115,9 +116,9 @@ def _normalize_candidates(v: Any) -> Any:
         v = [v]
     if isinstance(v, (list, tuple)):
         if not v:
-            raise ValueError("candidates is empty")
+            raise ScoringError("candidates is empty")
         return list(dict.fromkeys(_unit_strings(v)))
-    raise ValueError(
+    raise ScoringError(
         "candidates must be a list of units, a Scores, {'method': 'attribution', 'top': N} "
         f"or {{'scores': <Scores>, 'top': N}}, got {type(v).__name__}"
     )

@@ -18,7 +18,7 @@ from pydantic import Field, field_validator
 
 from tl_transplant.arch.units import Unit, UnitKind
 from tl_transplant.scoring.data import ScoringData
-from tl_transplant.scoring.registry import RawScores, Scorer, ScorerOptions, register
+from tl_transplant.scoring.registry import RawScores, Scorer, ScorerOptions, ScoringError, register
 
 #: The default alpha grid of the dense blend.
 DENSE_ALPHAS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0)
@@ -45,7 +45,7 @@ class Dense(Scorer):
         def _alphas(cls, v: list[float]) -> list[float]:
             for a in v:
                 if not 0.0 < a <= 1.0:
-                    raise ValueError(f"each dense alpha must be in (0, 1], got {a}")
+                    raise ScoringError(f"each dense alpha must be in (0, 1], got {a}")
             return sorted(set(v))
 
     def run(self, units: list[Unit], data: ScoringData | None) -> RawScores:

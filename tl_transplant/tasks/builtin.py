@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from tl_transplant.errors import TaskError
 from tl_transplant.tasks.task import Task
 from tl_transplant.tasks.tokens import PrependBos
 
@@ -22,11 +23,11 @@ DEFAULT_WORDS: tuple[str, ...] = tuple(f"w{i}" for i in range(92))
 def _words(words: Sequence[str] | None, need: int, task: str) -> list[str]:
     ws = list(DEFAULT_WORDS if words is None else words)
     if len(set(ws)) != len(ws):
-        raise ValueError(f"builtin task {task!r}: the word list has duplicates")
+        raise TaskError(f"builtin task {task!r}: the word list has duplicates")
     if any(not isinstance(w, str) or not w.strip() or len(w.split()) != 1 for w in ws):
-        raise ValueError(f"builtin task {task!r}: each word must be one non-empty token-like word")
+        raise TaskError(f"builtin task {task!r}: each word must be one non-empty token-like word")
     if len(ws) < need:
-        raise ValueError(f"builtin task {task!r} needs at least {need} words, got {len(ws)}")
+        raise TaskError(f"builtin task {task!r} needs at least {need} words, got {len(ws)}")
     return ws
 
 
@@ -47,7 +48,7 @@ def _induction(
     rng: np.random.Generator, ws: list[str], length: int = 6, repeat: int = 2, n_answer: int = 1
 ) -> _Example:
     if repeat + n_answer > length:
-        raise ValueError("induction: repeat + n_answer must be <= length")
+        raise TaskError("induction: repeat + n_answer must be <= length")
     seq = [ws[int(i)] for i in rng.choice(len(ws), size=length, replace=False)]
     prompt = seq + seq[:repeat]
     answer = seq[repeat : repeat + n_answer]
@@ -116,7 +117,7 @@ def builtin_task(
     ``max_new_tokens`` defaults to the number of answer words. Deterministic in ``seed``.
     """
     if name not in _BUILTINS:
-        raise ValueError(f"unknown builtin task {name!r}; choose from {', '.join(_BUILTINS)}")
+        raise TaskError(f"unknown builtin task {name!r}; choose from {', '.join(_BUILTINS)}")
     fn, need, _ = _BUILTINS[name]
     ws = _words(words, need(params), name)
     rng = np.random.default_rng(seed)
@@ -125,7 +126,7 @@ def builtin_task(
         try:
             p, a, w = fn(rng, ws, **params)
         except TypeError as e:
-            raise ValueError(f"builtin task {name!r}: bad parameters {params}: {e}") from None
+            raise TaskError(f"builtin task {name!r}: bad parameters {params}: {e}") from None
         prompts.append(" ".join(p))
         answers.append(answer_prefix + " ".join(a))
         wrongs.append([answer_prefix + x for x in w])

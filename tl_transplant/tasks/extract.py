@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+from tl_transplant.errors import TaskError
+
 
 def extract_strip(text: str) -> str:
     """The generation with surrounding whitespace removed (the default)."""
@@ -112,12 +114,12 @@ def resolve_extract(extract: Callable[[str], str] | str | None) -> Callable[[str
         return extract_strip
     if isinstance(extract, str):
         if extract not in EXTRACTORS:
-            raise ValueError(
+            raise TaskError(
                 f"unknown extract {extract!r}; use a callable or one of: {', '.join(EXTRACTORS)}"
             )
         return EXTRACTORS[extract]
     if not callable(extract):
-        raise ValueError(f"extract must be a callable or a name, got {type(extract).__name__}")
+        raise TaskError(f"extract must be a callable or a name, got {type(extract).__name__}")
     return extract
 
 

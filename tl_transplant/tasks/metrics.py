@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from jaxtyping import Float, Int
 
-from tl_transplant.errors import TLTransplantError
+from tl_transplant.errors import TaskError, TLTransplantError
 from tl_transplant.tasks.tokens import (
     ChoiceBatch,
     Encoded,
@@ -161,7 +161,7 @@ class LogitMetric(Metric):
         enc = encode(tokenizer, task.prompts, task.answers, prepend_bos=prepend_bos)
         if bool((enc.answer_len == 0).any()):
             i = int((enc.answer_len == 0).nonzero()[0])
-            raise ValueError(f"task {task.name!r}: example {i}: answer is empty after tokenization")
+            raise TaskError(f"task {task.name!r}: example {i}: answer is empty after tokenization")
         return Rows(task, enc, enc.prompt_len + enc.answer_len, prepend_bos)
 
     def score_batch(
@@ -356,9 +356,9 @@ def _wrong_first_tokens(
         for j, w in enumerate(ws):
             toks = tokenizer(w, add_special_tokens=False)["input_ids"]
             if not toks:
-                raise ValueError(f"task {task.name!r}: example {i}: wrong answer {w!r} is empty")
+                raise TaskError(f"task {task.name!r}: example {i}: wrong answer {w!r} is empty")
             if toks[0] == int(first[i]):
-                raise ValueError(
+                raise TaskError(
                     f"task {task.name!r}: example {i}: wrong answer {w!r} starts with the same "
                     f"token as the answer {task.answers[i]!r}; logit_diff compares first tokens"
                 )
@@ -416,7 +416,7 @@ def reference_answer(token_ids: Sequence[int]) -> str:
     """The answer string of a ``next_token_agreement`` example: its reference token ids."""
     ids = [int(t) for t in token_ids]
     if not ids or any(t < 0 for t in ids):
-        raise ValueError(f"reference token ids must be a non-empty list of ids >= 0, got {ids}")
+        raise TaskError(f"reference token ids must be a non-empty list of ids >= 0, got {ids}")
     return " ".join(map(str, ids))
 
 
@@ -425,7 +425,7 @@ def parse_reference(answer: str, where: str = "answer") -> list[int]:
     :func:`reference_answer`); anything else raises naming ``where``."""
     parts = answer.split()
     if not parts or not all(p.isdigit() for p in parts):
-        raise ValueError(
+        raise TaskError(
             f"{where}: metric 'next_token_agreement' needs the answer to be the reference "
             f"token ids separated by spaces (build the task with "
             f"tl_transplant.evaluation.generic.generic_retention), got {answer!r:.80}"
@@ -475,7 +475,7 @@ class NextTokenAgreement(LogitMetric):
         ref_info = task.meta.get("reference")
         if (isinstance(ref_info, dict) and "prepend_bos" in ref_info
                 and ref_info["prepend_bos"] != prepend_bos):
-            raise ValueError(
+            raise TaskError(
                 f"task {task.name!r}: its reference tokens were computed with prepend_bos="
                 f"{ref_info['prepend_bos']} but it is evaluated with prepend_bos={prepend_bos}; "
                 "evaluate with the task's own setting or rebuild it "
@@ -499,7 +499,7 @@ class NextTokenAgreement(LogitMetric):
             if len(ref) != lg.shape[0] or int(ref.max()) >= lg.shape[-1]:
                 info = task.meta.get("reference")
                 built = info.get("model", "?") if isinstance(info, dict) else "?"
-                raise ValueError(
+                raise TaskError(
                     f"task {task.name!r}: {task.row_label(i)}: the prompt has {lg.shape[0]} "
                     f"predicted positions (vocab {lg.shape[-1]}) but {len(ref)} reference "
                     f"tokens (max id {int(ref.max())}); the references were built for another "

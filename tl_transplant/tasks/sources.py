@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tl_transplant.errors import TaskError
 from tl_transplant.tasks.metrics import needs_of
 
 if TYPE_CHECKING:
@@ -35,15 +36,15 @@ FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".pa
 def _as_text(value: Any, where: str, field_name: str) -> str:
     """A string field of a record; numbers are accepted and converted, anything else is an error."""
     if value is None:
-        raise ValueError(f"{where}: field {field_name!r} is missing or null")
+        raise TaskError(f"{where}: field {field_name!r} is missing or null")
     if isinstance(value, bool) or not isinstance(value, (str, int, float, np.integer, np.floating)):
-        raise ValueError(
+        raise TaskError(
             f"{where}: field {field_name!r} must be a string, got {type(value).__name__}: "
             f"{value!r:.80}"
         )
     text = value if isinstance(value, str) else str(value)
     if not text.strip():
-        raise ValueError(f"{where}: field {field_name!r} is empty")
+        raise TaskError(f"{where}: field {field_name!r} is empty")
     return text
 
 
@@ -53,26 +54,26 @@ def _choice_answer(
     """(choices, correct choice text) of one record of a metric that needs choices
     (``mc_logprob``); an int answer is an index."""
     if choices_field not in rec:
-        raise ValueError(
+        raise TaskError(
             f"{where}: no field {choices_field!r} (fields: {', '.join(map(str, rec)) or 'none'}); "
             f"metric {metric!r} needs a list of choices per example"
         )
     raw = rec[choices_field]
     if isinstance(raw, (str, bytes)) or not isinstance(raw, Sequence) or len(raw) < 2:
-        raise ValueError(
+        raise TaskError(
             f"{where}: field {choices_field!r} must be a list of 2+ strings, got {raw!r:.80}"
         )
     cs = [_as_text(c, where, f"{choices_field}[{j}]") for j, c in enumerate(raw)]
     a = rec[answer_field]
     if isinstance(a, (int, np.integer)) and not isinstance(a, bool):
         if not 0 <= int(a) < len(cs):
-            raise ValueError(
+            raise TaskError(
                 f"{where}: answer index {int(a)} is out of range for {len(cs)} choices"
             )
         return cs, cs[int(a)]
     text = _as_text(a, where, answer_field)
     if text not in cs:
-        raise ValueError(
+        raise TaskError(
             f"{where}: answer {text!r:.40} is neither one of the choices {cs!r:.80} nor an "
             "integer index into them"
         )
@@ -83,14 +84,14 @@ def _as_text_list(value: Any, where: str, field_name: str) -> list[str]:
     if isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return [_as_text(value, where, field_name)]
     if value is None:
-        raise ValueError(f"{where}: field {field_name!r} is missing or null")
+        raise TaskError(f"{where}: field {field_name!r} is missing or null")
     if not isinstance(value, (list, tuple)):
-        raise ValueError(
+        raise TaskError(
             f"{where}: field {field_name!r} must be a string or a list of strings, got "
             f"{type(value).__name__}"
         )
     if not value:
-        raise ValueError(f"{where}: field {field_name!r} is an empty list")
+        raise TaskError(f"{where}: field {field_name!r} is an empty list")
     return [_as_text(v, where, f"{field_name}[{j}]") for j, v in enumerate(value)]
 
 
@@ -134,10 +135,10 @@ def from_records(
     for i, rec in enumerate(records):
         where = f"task {name!r}: {label(i)}"
         if not isinstance(rec, Mapping):
-            raise ValueError(f"{where}: expected a mapping of fields, got {type(rec).__name__}")
+            raise TaskError(f"{where}: expected a mapping of fields, got {type(rec).__name__}")
         for f in (prompt_field, answer_field):
             if f not in rec:
-                raise ValueError(
+                raise TaskError(
                     f"{where}: no field {f!r} (fields: {', '.join(map(str, rec)) or 'none'})"
                 )
         prompts.append(_as_text(rec[prompt_field], where, prompt_field))
@@ -151,7 +152,7 @@ def from_records(
         w = rec.get(wrong_field) if wrong_field else None
         if w is None:
             if "wrong_answers" in needs:
-                raise ValueError(
+                raise TaskError(
                     f"{where}: field {wrong_field!r} is missing or null; metric {metric!r} "
                     "needs wrong answers for every example"
                 )
@@ -160,7 +161,7 @@ def from_records(
             any_wrong = True
             wrongs.append(_as_text_list(w, where, str(wrong_field)))
     if not prompts:
-        raise ValueError(f"task {name!r}: no records")
+        raise TaskError(f"task {name!r}: no records")
     # Wrong answers are kept only when every record has them (a metric needing them checks).
     wrong_answers = wrongs if any_wrong and all(wrongs) else None
     if row_label is not None:
@@ -235,7 +236,7 @@ def from_dataset(
                     row_label=lambda i: f"line {bad_lines[i]}",
                     **{k: v for k, v in kwargs.items() if k != "meta"},
                 )
-                raise ValueError(str(e)) from e.__cause__
+                raise TaskError(str(e)) from e.__cause__
         elif path.is_dir():
             name = name or path.name
             ds = _load_folder(path, split, config_name)
@@ -260,12 +261,12 @@ def from_dataset(
     cols = list(ds.column_names)
     for f in (prompt_field, answer_field):
         if f not in cols:
-            raise ValueError(
+            raise TaskError(
                 f"task {name!r}: the dataset has no field {f!r} (fields: {', '.join(cols)})"
             )
     if wrong_field is not None and wrong_field not in cols:
         if "wrong_answers" in needs:
-            raise ValueError(
+            raise TaskError(
                 f"task {name!r}: metric {metric!r} needs a wrong-answers field, but the "
                 f"dataset has no field {wrong_field!r} (fields: {', '.join(cols)})"
             )
@@ -282,7 +283,7 @@ def from_dataset(
     if "choices" in needs:
         meta["fields"]["choices"] = choices_field
         if choices_field not in cols:
-            raise ValueError(
+            raise TaskError(
                 f"task {name!r}: metric {metric!r} needs a choices field, but the dataset "
                 f"has no field {choices_field!r} (fields: {', '.join(cols)})"
             )
@@ -319,7 +320,7 @@ def _check_utf8(path: Path) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise ValueError(
+        raise TaskError(
             f"{path}: line {line}: not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r}); "
             "save the file as UTF-8"
         ) from None
@@ -327,7 +328,7 @@ def _check_utf8(path: Path) -> str:
 
 def _pick_split(dd: datasets.DatasetDict, split: str, what: str) -> datasets.Dataset:
     if split not in dd:
-        raise ValueError(f"{what} has no split {split!r} (splits: {', '.join(dd)})")
+        raise TaskError(f"{what} has no split {split!r} (splits: {', '.join(dd)})")
     return dd[split]
 
 
@@ -341,14 +342,14 @@ def _load_folder(path: Path, split: str, config_name: str | None) -> datasets.Da
         try:
             loaded = datasets.load_from_disk(str(path))
         except Exception as e:  # datasets raises many types; name the folder
-            raise ValueError(f"{path}: could not read the save_to_disk folder: {e}") from e
+            raise TaskError(f"{path}: could not read the save_to_disk folder: {e}") from e
         if isinstance(loaded, datasets.DatasetDict):
             return _pick_split(loaded, split, f"{path}")
         return loaded
     try:
         ds = datasets.load_dataset(str(path), config_name, split=split)
     except Exception as e:
-        raise ValueError(
+        raise TaskError(
             f"{path}: could not load the folder with datasets.load_dataset (split {split!r}"
             f"{'' if config_name is None else f', config {config_name!r}'}): {e}"
         ) from e
@@ -362,7 +363,7 @@ def _load_hub(name: str, split: str, config_name: str | None) -> datasets.Datase
     try:
         return datasets.load_dataset(name, config_name, split=split)
     except Exception as e:  # offline, unknown name, bad split: all name the dataset
-        raise ValueError(
+        raise TaskError(
             f"{name!r} is not a local file or folder, and could not load dataset {name!r} "
             f"from the hub (split {split!r}"
             f"{'' if config_name is None else f', config {config_name!r}'}): "
@@ -384,9 +385,9 @@ def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[int], bool]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {n}: invalid JSON ({e.msg})") from None
+                raise TaskError(f"{path}: line {n}: invalid JSON ({e.msg})") from None
             if not isinstance(obj, dict):
-                raise ValueError(
+                raise TaskError(
                     f"{path}: line {n}: expected a JSON object, got {type(obj).__name__}"
                 )
             records.append(obj)
@@ -402,7 +403,7 @@ def _load_local(path: Path, split: str) -> tuple[Any, Callable[[int], str]]:
     suffix = path.suffix.lower()
     fmt = FORMATS.get(suffix)
     if fmt is None:
-        raise ValueError(
+        raise TaskError(
             f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(FORMATS)}"
         )
     extra: dict[str, Any] = {"delimiter": "\t"} if suffix == ".tsv" else {}
@@ -412,13 +413,13 @@ def _load_local(path: Path, split: str) -> tuple[Any, Callable[[int], str]]:
         try:
             ds = datasets.load_dataset(fmt, data_files=str(path), split=split, **extra)
         except Exception as e:  # datasets raises many types; name the file
-            raise ValueError(f"{path}: could not read as {fmt}: {e}") from e
+            raise TaskError(f"{path}: could not read as {fmt}: {e}") from e
         if fmt == "csv":
             return ds, lambda i: f"row {i} (data row {i + 1} after the header)"
         return ds, lambda i: f"row {i}"
     records, lines, blank = _read_jsonl(path)  # validates each line first: precise errors
     if not records:
-        raise ValueError(f"{path}: no records")
+        raise TaskError(f"{path}: no records")
     with tempfile.TemporaryDirectory(prefix="tl_transplant_jsonl_") as tmp:
         src = path
         if blank:  # datasets' fallback parser trips on blank lines; give it a clean copy

@@ -66,6 +66,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tl_transplant.errors import TaskError
 from tl_transplant.tasks import sources
 from tl_transplant.tasks.extract import (
     NORMALIZED_EXTRACTORS,
@@ -107,11 +108,11 @@ class Task:
         self.prompts = list(self.prompts)
         self.answers = list(self.answers)
         if len(self.prompts) != len(self.answers):
-            raise ValueError(
+            raise TaskError(
                 f"task {self.name!r}: {len(self.prompts)} prompts but {len(self.answers)} answers"
             )
         if not isinstance(self.metric, str) or self.metric not in available_metrics():
-            raise ValueError(
+            raise TaskError(
                 f"task {self.name!r}: unknown metric {self.metric!r}; valid: "
                 f"{', '.join(available_metrics())}"
             )
@@ -119,55 +120,55 @@ class Task:
         for i, (p, a) in enumerate(zip(self.prompts, self.answers)):
             where = f"task {self.name!r}: example {i}"
             if not isinstance(p, str) or not p.strip():
-                raise ValueError(f"{where}: prompt must be a non-empty string, got {p!r:.80}")
+                raise TaskError(f"{where}: prompt must be a non-empty string, got {p!r:.80}")
             if not isinstance(a, str) or not a.strip():
-                raise ValueError(f"{where}: answer must be a non-empty string, got {a!r:.80}")
+                raise TaskError(f"{where}: answer must be a non-empty string, got {a!r:.80}")
         if self.wrong_answers is not None:
             self.wrong_answers = [
                 [w] if isinstance(w, str) else list(w) for w in self.wrong_answers
             ]
             if len(self.wrong_answers) != len(self.prompts):
-                raise ValueError(
+                raise TaskError(
                     f"task {self.name!r}: {len(self.prompts)} prompts but "
                     f"{len(self.wrong_answers)} wrong-answer lists"
                 )
             for i, ws in enumerate(self.wrong_answers):
                 if not ws or not all(isinstance(w, str) and w.strip() for w in ws):
-                    raise ValueError(
+                    raise TaskError(
                         f"task {self.name!r}: example {i}: wrong_answers must be a non-empty "
                         f"list of non-empty strings, got {ws!r:.80}"
                     )
         if self.choices is not None:
             self.choices = [list(c) for c in self.choices]
             if len(self.choices) != len(self.prompts):
-                raise ValueError(
+                raise TaskError(
                     f"task {self.name!r}: {len(self.prompts)} prompts but "
                     f"{len(self.choices)} choice lists"
                 )
             for i, (cs, a) in enumerate(zip(self.choices, self.answers)):
                 where = f"task {self.name!r}: {self.row_label(i)}"
                 if len(cs) < 2 or not all(isinstance(c, str) and c.strip() for c in cs):
-                    raise ValueError(
+                    raise TaskError(
                         f"{where}: choices must be a list of 2+ non-empty strings, got {cs!r:.80}"
                     )
                 if a not in cs:
-                    raise ValueError(
+                    raise TaskError(
                         f"{where}: the answer {a!r:.40} is not one of its choices {cs!r:.80}"
                     )
         for needed in metric.needs:
             if getattr(self, needed) is None:
-                raise ValueError(
+                raise TaskError(
                     f"task {self.name!r}: metric {self.metric!r} needs {needed}, one list per "
                     "example"
                 )
         metric.check_task(self)
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(
+            raise TaskError(
                 f"task {self.name!r}: max_new_tokens must be a positive int, got "
                 f"{self.max_new_tokens!r}"
             )
         if not (self.prepend_bos == "auto" or isinstance(self.prepend_bos, bool)):
-            raise ValueError(
+            raise TaskError(
                 f"task {self.name!r}: prepend_bos must be 'auto', True or False, got "
                 f"{self.prepend_bos!r}"
             )
@@ -202,7 +203,7 @@ class Task:
     def correct_choice(self) -> list[int]:
         """For ``mc_logprob``: the index of the correct choice of each example."""
         if self.choices is None:
-            raise ValueError(f"task {self.name!r} has no choices")
+            raise TaskError(f"task {self.name!r} has no choices")
         return [cs.index(a) for cs, a in zip(self.choices, self.answers)]
 
     def row_label(self, i: int) -> str:
@@ -222,7 +223,7 @@ class Task:
     def encode_choices(self, tokenizer: PreTrainedTokenizerBase, prepend_bos: bool) -> ChoiceBatch:
         """For ``mc_logprob``: one ``[BOS] prompt choice`` row per (example, choice)."""
         if self.choices is None:
-            raise ValueError(f"task {self.name!r} has no choices")
+            raise TaskError(f"task {self.name!r} has no choices")
         return encode_choices(tokenizer, self.prompts, self.choices, prepend_bos=prepend_bos)
 
     def check_context(
@@ -310,9 +311,9 @@ class Task:
         """
         n = len(self)
         if not 0.0 < dev_fraction < 1.0:
-            raise ValueError(f"dev_fraction must be in (0, 1), got {dev_fraction}")
+            raise TaskError(f"dev_fraction must be in (0, 1), got {dev_fraction}")
         if n < 2:
-            raise ValueError(f"task {self.name!r} has {n} example(s); a dev/test split needs 2+")
+            raise TaskError(f"task {self.name!r} has {n} example(s); a dev/test split needs 2+")
         n_dev = min(max(int(round(n * dev_fraction)), 1), n - 1)
         perm = np.random.default_rng(seed).permutation(n)
         dev_idx, test_idx = sorted(perm[:n_dev].tolist()), sorted(perm[n_dev:].tolist())

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Literal, cast
 import torch
 from jaxtyping import Float, Int
 
+from tl_transplant.errors import TaskError
+
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
@@ -46,7 +48,7 @@ def resolve_prepend_bos(
         elif low in ("false", "0", "no"):
             setting = False
         else:
-            raise ValueError(f"prepend_bos must be 'auto', true or false, got {setting!r}")
+            raise TaskError(f"prepend_bos must be 'auto', true or false, got {setting!r}")
     if setting is None or setting == "auto":
         side = cast("ModelSide", getattr(side_or_pair, "target", side_or_pair))
         return bool(side.prepend_bos)
@@ -100,10 +102,10 @@ def encode(
 ) -> Encoded:
     """Tokenize prompts (and answers, teacher-forced after them) into a right-padded batch."""
     if answers is not None and len(answers) != len(prompts):
-        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+        raise TaskError(f"{len(prompts)} prompts but {len(answers)} answers")
     bos = tokenizer.bos_token_id
     if prepend_bos and bos is None:
-        raise ValueError(
+        raise TaskError(
             "prepend_bos=True but the tokenizer has no BOS token; pass prepend_bos=False"
         )
     pad = tokenizer.pad_token_id
@@ -117,7 +119,7 @@ def encode(
         if prepend_bos:
             ids = [bos, *ids]
         if not ids:
-            raise ValueError(f"prompt {i} is empty after tokenization: {p!r}")
+            raise TaskError(f"prompt {i} is empty after tokenization: {p!r}")
         a_ids = (
             []
             if answers is None
@@ -158,7 +160,7 @@ def last_prompt_logits(
 def first_answer_token(enc: Encoded) -> Int[torch.Tensor, " batch"]:
     """The first answer token id of each example (requires answers)."""
     if bool((enc.answer_len == 0).any()):
-        raise ValueError("some examples have an empty answer after tokenization")
+        raise TaskError("some examples have an empty answer after tokenization")
     return enc.input_ids[torch.arange(len(enc)), enc.prompt_len]
 
 
@@ -243,7 +245,7 @@ def check_context(
     if extra:
         parts += f" + {int(extra)} to generate"
     n_bad = len({int(rows[x]) for x in over} if rows is not None else over)
-    raise ValueError(
+    raise TaskError(
         f"task {task_name!r}: {where} needs {int(need[r])} tokens ({parts}), more than the "
         f"model's context of {int(limit)}; {n_bad} example(s) are too long: shorten or drop "
         "them (or lower max_new_tokens)"
@@ -277,14 +279,14 @@ def encode_choices(
 ) -> ChoiceBatch:
     """Flatten (prompt, choice) pairs into rows encoded by :func:`encode`."""
     if len(choices) != len(prompts):
-        raise ValueError(f"{len(prompts)} prompts but {len(choices)} choice lists")
+        raise TaskError(f"{len(prompts)} prompts but {len(choices)} choice lists")
     flat_p: list[str] = []
     flat_c: list[str] = []
     ex: list[int] = []
     ch: list[int] = []
     for i, (p, cs) in enumerate(zip(prompts, choices)):
         if not cs:
-            raise ValueError(f"example {i} has no choices")
+            raise TaskError(f"example {i} has no choices")
         for j, c in enumerate(cs):
             flat_p.append(p)
             flat_c.append(c)
@@ -293,7 +295,7 @@ def encode_choices(
     enc = encode(tokenizer, flat_p, flat_c, prepend_bos=prepend_bos)
     if bool((enc.answer_len == 0).any()):
         r = int((enc.answer_len == 0).nonzero()[0])
-        raise ValueError(f"example {ex[r]}: choice {ch[r]} is empty after tokenization")
+        raise TaskError(f"example {ex[r]}: choice {ch[r]} is empty after tokenization")
     return ChoiceBatch(enc, torch.tensor(ex), torch.tensor(ch), len(prompts))
 
 
@@ -323,7 +325,7 @@ def mc_scores(
     no credit for whichever choice happens to come first.
     """
     if len(correct) != batch.n_examples:
-        raise ValueError(f"{batch.n_examples} examples but {len(correct)} correct indices")
+        raise TaskError(f"{batch.n_examples} examples but {len(correct)} correct indices")
     lp = row_logprobs.detach().double().cpu()
     out = torch.zeros(batch.n_examples, dtype=torch.float64)
     for i in range(batch.n_examples):
@@ -331,7 +333,7 @@ def mc_scores(
         vals = lp[rows]
         right = vals[batch.choice[rows] == int(correct[i])]
         if len(right) != 1:
-            raise ValueError(f"example {i}: correct index {correct[i]} is not one of its choices")
+            raise TaskError(f"example {i}: correct index {correct[i]} is not one of its choices")
         others = vals[batch.choice[rows] != int(correct[i])]
         out[i] = float(bool((right[0] > others).all()))
     return out

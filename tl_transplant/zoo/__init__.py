@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tl_transplant.errors import ZooError
+
 ZOO_DIR = Path(__file__).resolve().parent
 PAIRS_DIR = ZOO_DIR / "pairs"
 TASKS_DIR = ZOO_DIR / "tasks"
@@ -47,7 +49,7 @@ class Splits:
 
 def _check(name: str) -> None:
     if name not in ALL_PAIR_NAMES:
-        raise ValueError(f"unknown zoo pair {name!r}; available: {', '.join(ALL_PAIR_NAMES)}")
+        raise ZooError(f"unknown zoo pair {name!r}; available: {', '.join(ALL_PAIR_NAMES)}")
 
 
 def is_real(name: str) -> bool:
@@ -62,7 +64,7 @@ def build(name: str, out: str | Path | None = None, *, force: bool = False,
     from tl_transplant.zoo.real import build_real_pair
 
     if not is_real(name):
-        raise ValueError(f"zoo pair {name!r} is embedded and needs no build; real pairs: "
+        raise ZooError(f"zoo pair {name!r} is embedded and needs no build; real pairs: "
                          f"{', '.join(REAL_PAIR_NAMES)}")
     return build_real_pair(name, out, force=force, log=log)
 

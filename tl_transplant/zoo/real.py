@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from jaxtyping import Float
 
+from tl_transplant.errors import ZooError
+
 MARKER = "tl_transplant_zoo_pair.json"
 CACHE_ENV = "TL_TRANSPLANT_ZOO_CACHE"
 BUILD_VERSION = 2  # bump when the recipe or the task generators change
@@ -168,7 +170,7 @@ def _split_items(items: Iterable[Any], n_dev: int, n_test: int, seed: int) -> tu
     pool = sorted(set(items))
     random.Random(seed).shuffle(pool)
     if len(pool) < n_dev + n_test:
-        raise ValueError(f"only {len(pool)} distinct items for {n_dev} dev + {n_test} test")
+        raise ZooError(f"only {len(pool)} distinct items for {n_dev} dev + {n_test} test")
     return pool[:n_dev], pool[n_dev : n_dev + n_test]
 
 
@@ -251,7 +253,7 @@ def _generated(
         rows.append((prompt, answer))
         if len(rows) == n_dev + n_test:
             return rows[:n_dev], rows[n_dev:]
-    raise ValueError(f"could not draw {n_dev + n_test} distinct rows")
+    raise ZooError(f"could not draw {n_dev + n_test} distinct rows")
 
 
 TASK_GENERATORS: dict[str, Callable[[int, int, int], tuple[list[Row], list[Row]]]] = {
@@ -298,14 +300,14 @@ REAL_PAIRS: dict[str, RealPairSpec] = {
 def spec(name: str) -> RealPairSpec:
     """The spec of a real pair, or a clear error listing the known ones."""
     if name not in REAL_PAIRS:
-        raise ValueError(f"unknown real zoo pair {name!r}; available: {', '.join(REAL_PAIRS)}")
+        raise ZooError(f"unknown real zoo pair {name!r}; available: {', '.join(REAL_PAIRS)}")
     return REAL_PAIRS[name]
 
 
 def task_rows(task: str, n_dev: int, n_test: int, seed: int) -> tuple[list[Row], list[Row]]:
     """(dev, test) rows of a generated task."""
     if task not in TASK_GENERATORS:
-        raise ValueError(f"unknown task {task!r}; available: {', '.join(TASK_GENERATORS)}")
+        raise ZooError(f"unknown task {task!r}; available: {', '.join(TASK_GENERATORS)}")
     return TASK_GENERATORS[task](n_dev, n_test, seed)
 
 
@@ -320,11 +322,11 @@ def rtn_quantize(
     Deterministic (no data, no randomness); returns the dequantized weights in ``w``'s dtype.
     """
     if bits < 2:
-        raise ValueError(f"bits must be >= 2, got {bits}")
+        raise ZooError(f"bits must be >= 2, got {bits}")
     rows, cols = w.shape
     g = cols if group == 0 else group
     if cols % g:
-        raise ValueError(f"group {group} does not divide {cols} input columns")
+        raise ZooError(f"group {group} does not divide {cols} input columns")
     qmax = 2 ** (bits - 1) - 1
     wg = w.detach().to(torch.float32).reshape(rows, cols // g, g)
     scale = wg.abs().amax(-1, keepdim=True).clamp_min(1e-12) / qmax
@@ -441,7 +443,7 @@ def training_rows(s: RealPairSpec, n: int, seed: int) -> list[Row]:
     _, pool = task_rows(s.capability, 0, 2 * n, seed)
     rows = [r for r in pool if r[0] not in held][:n]
     if len(rows) < n:
-        raise ValueError(f"only {len(rows)} training rows outside dev/test for {s.capability}")
+        raise ZooError(f"only {len(rows)} training rows outside dev/test for {s.capability}")
     return rows
 
 

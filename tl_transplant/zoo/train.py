@@ -38,6 +38,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from tl_transplant.errors import ZooError
+
 ZOO_DIR = Path(__file__).resolve().parent
 PAIRS_DIR = ZOO_DIR / "pairs"
 TASKS_DIR = ZOO_DIR / "tasks"
@@ -135,7 +137,7 @@ PRESETS: dict[str, Preset] = {
 
 def get_preset(name: str) -> Preset:
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
+        raise ZooError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
     return PRESETS[name]
 
 
