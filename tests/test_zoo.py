@@ -205,3 +205,22 @@ def test_continued_training_text_shares_nothing_with_dev_and_test() -> None:
     for task in ("antonyms", "capitals"):
         for p, _ in (*rows[task][0], *rows[task][1]):
             assert p.splitlines()[-1] not in text
+
+
+def test_a_continued_training_build_is_refused_when_it_misses_its_gap() -> None:
+    """The build-time dev check (training differs across CPUs, so it runs where the pair is
+    built): a regression below the margin, or a domain not learned, refuses the build."""
+    from tl_transplant.zoo.checks import CT_MIN_GAP, ZooBuildError, check_continued
+
+    ok = check_continued({"times": 0.85, "aisles": 0.0}, {"times": 0.425, "aisles": 1.0},
+                         "times", "aisles")
+    assert ok["gap"] == pytest.approx(0.425) and ok["thresholds"]["min_gap"] == CT_MIN_GAP
+    with pytest.raises(ZooBuildError, match="capability fell by 0.100"):
+        check_continued({"times": 0.85, "aisles": 0.0}, {"times": 0.75, "aisles": 1.0},
+                        "times", "aisles")
+    with pytest.raises(ZooBuildError, match="reaches 0.500 on aisles"):
+        check_continued({"times": 0.85, "aisles": 0.0}, {"times": 0.4, "aisles": 0.5},
+                        "times", "aisles")
+    with pytest.raises(ZooBuildError, match="source already reaches"):
+        check_continued({"times": 0.85, "aisles": 0.9}, {"times": 0.4, "aisles": 1.0},
+                        "times", "aisles")

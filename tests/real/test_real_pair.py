@@ -124,8 +124,9 @@ def test_gap_on_dev_is_larger_than_retention_drops(smol_hf: Any, smol_tok: Any) 
 
 # ---- smollm2_ct_catalog: continued training on a synthetic catalog --------------------------
 # The continued-training pair is built by command only (`tl-transplant zoo build
-# smollm2_ct_catalog`, minutes of training): no CI test builds it. The first two tests need
-# only the tokenizer; the last runs on a build that already exists and skips otherwise.
+# smollm2_ct_catalog`, minutes of training): no CI test builds it. These tests need only the
+# tokenizer; the build itself checks, on the machine that builds it, that the regression and
+# the domain came out (tl_transplant.zoo.checks, recorded as `dev_check` in its marker).
 
 CT = "smollm2_ct_catalog"
 
@@ -162,50 +163,3 @@ def test_recipe_consumes_fewer_records_than_test_zoo_checks(smol_tok: Any) -> No
     a = list(islice(domain.token_blocks(smol_tok, ct.seed, ct.seq_len - 1), 3))
     b = list(islice(domain.token_blocks(smol_tok, ct.seed, ct.seq_len - 1), 3))
     assert a == b and all(len(x) == ct.seq_len - 1 for x in a)
-
-
-# Margins for a build made on any CPU (training's float path differs between kernels; the
-# source is the original checkpoint, the same everywhere). Measured on dev, 40 rows each, on
-# two builds (AMD EPYC, 1 thread; ATEN_CPU_CAPABILITY unset = avx512, and default): times
-# tables 0.85 -> 0.425 on both, aisles 0.00 -> 1.00 on both (antonyms 0.65 -> 0.35 / 0.325,
-# capitals 0.875 -> 0.70 / 0.725). Margins: gap 0.225, aisles 0.2.
-CT_MIN_GAP = 0.2
-CT_MIN_AISLES = 0.8
-CT_MAX_SOURCE_AISLES = 0.2
-
-
-def test_built_catalog_pair_forgot_times_and_learned_aisles(smol_hf: Any, smol_tok: Any,
-                                                            smol_dir: Path) -> None:
-    """On an existing build only: every parameter moved, and the dev gap and domain hold."""
-    from safetensors.torch import load_file
-
-    root = real.pair_root(CT)
-    if not real.is_built(root):
-        pytest.skip(f"{CT} is not built (build it with `tl-transplant zoo build {CT}`)")
-    s = real.spec(CT)
-    ct = s.recipe
-    assert isinstance(ct, real.ContinuedTraining)
-    rec = real.pair_record(CT)
-    assert rec["recipe"]["kind"] == "continued-training"
-    assert {k: rec["recipe"][k] for k in ("domain", "steps", "lr", "batch", "seq_len", "seed")} \
-        == {"domain": ct.domain, "steps": ct.steps, "lr": ct.lr, "batch": ct.batch,
-            "seq_len": ct.seq_len, "seed": ct.seed}
-    src = load_file(str(smol_dir / "model.safetensors"))  # source/ is a copy of it
-    tgt = load_file(str(root / "target" / "model.safetensors"))
-    assert real.tensor_digest(tgt) == rec["target_sha256"]["model.safetensors"]
-    assert set(tgt) == set(src)
-    unchanged = [k for k in src if torch.equal(src[k], tgt[k])]
-    assert not unchanged, f"continued training left {unchanged} untouched"  # norms, embeddings
-    del src
-    rows = {t: real.task_rows(t, s.n_dev, s.n_test, s.seed + i)[0]
-            for i, t in enumerate((s.capability, "aisles"))}
-    before = {t: next_token_acc(smol_hf, smol_tok, r) for t, r in rows.items()}
-    state = {k: v.clone() for k, v in smol_hf.state_dict().items()}
-    try:
-        smol_hf.load_state_dict(tgt, strict=False)  # tied lm_head: the file has embed_tokens
-        after = {t: next_token_acc(smol_hf, smol_tok, r) for t, r in rows.items()}
-    finally:
-        smol_hf.load_state_dict(state)
-    msg = f"dev next_token_acc source={before} target={after}"
-    assert before[s.capability] - after[s.capability] >= CT_MIN_GAP, msg
-    assert after["aisles"] >= CT_MIN_AISLES and before["aisles"] <= CT_MAX_SOURCE_AISLES, msg

@@ -665,7 +665,9 @@ def _build_continued(
     model.save_pretrained(str(tmp / "target"))
     digests = {p.name: tensor_digest(load_file(str(p)))
                for p in sorted((tmp / "target").glob("*.safetensors"))}
+    dev_check = _check_continued_build(s, src_dir, model, say)
     return {
+        "dev_check": dev_check,
         "recipe": {"kind": "continued-training", "domain": ct.domain, "steps": ct.steps,
                    "lr": ct.lr, "warmup": ct.warmup, "batch": ct.batch,
                    "seq_len": ct.seq_len, "seed": ct.seed, "trained": "every parameter",
@@ -674,6 +676,26 @@ def _build_continued(
                    "loss": [round(x, 4) for x in losses]},
         "target_sha256": digests,
     }
+
+
+def _check_continued_build(s: RealPairSpec, src_dir: Path, target: Any,
+                           say: Callable[[str], None]) -> dict[str, Any]:
+    """Dev accuracy of source and target on the capability and the domain (first retention)
+    task; :func:`tl_transplant.zoo.checks.check_continued` refuses a build that missed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tl_transplant.zoo.checks import check_continued, next_token_acc
+
+    tok = AutoTokenizer.from_pretrained(str(src_dir))
+    names = (s.capability, s.retention[0])
+    rows = {t: task_rows(t, s.n_dev, s.n_test, s.seed + i)[0] for i, t in enumerate(names)}
+    source = AutoModelForCausalLM.from_pretrained(str(src_dir), dtype=torch.float32).eval()
+    before = {t: next_token_acc(source, tok, r, PREPEND_BOS) for t, r in rows.items()}
+    del source
+    target.eval()
+    after = {t: next_token_acc(target, tok, r, PREPEND_BOS) for t, r in rows.items()}
+    say(f"{s.name}: dev check: source {before}, target {after}")
+    return check_continued(before, after, s.capability, s.retention[0])
 
 
 def build_real_pair(
