@@ -7,7 +7,10 @@ every unit differs. Baselines, measured in the same run: one padded, batched HF 
 both models over
 the prompts (``fwd``) and the same plus ``loss.backward()`` on the target (``fwd+bwd``).
 ``activation_patch`` scores the top 32 heads by attribution (``candidates=``), which is how it
-is meant to be used at this size; its ratio includes that attribution pass.
+is meant to be used at this size; its ratio includes that attribution pass. Every scorer runs
+with its default options (``learned_mask``: its default minibatch steps). Scorers that also
+score single weights (``weight_level``) get a second row with ``units="weight"``; weight-only
+ones (``magnitude``, ``dare``) only that row. ``--methods`` picks a subset.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 
 from tl_transplant import ModelPair, Task, available_methods, score
 from tl_transplant.models.real import fetch_real_model
+from tl_transplant.scoring import get_scorer
 
 WORDS = "the cat sat on a mat while seven birds flew over green hills toward the old town".split()
 
@@ -33,6 +37,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--methods", default="", help="comma-separated subset (default: all)")
     args = ap.parse_args()
     d = fetch_real_model("smollm2-135m-instruct")
     pair = ModelPair.load(d, d)
@@ -66,15 +71,22 @@ def main() -> None:
     print(f"SmolLM2 pair, {args.n} prompts, batch {args.batch_size}, "
           f"threads {torch.get_num_threads()}, load {os.getloadavg()[0]:.1f}")
     print(f"  baseline fwd {base['fwd']:.1f} s, fwd+bwd {base['fwd+bwd']:.1f} s")
-    for m in sorted(available_methods()):
-        kw: dict = {}
-        if m == "activation_patch":
-            kw = {"units": "head", "candidates": {"method": "attribution", "top": 32}}
-        t0 = time.perf_counter()
-        score(pair, task, m, batch_size=args.batch_size, progress=False, **kw)
-        dt = time.perf_counter() - t0
-        ref = "fwd+bwd" if m in ("attribution", "activation_patch") else "fwd"
-        print(f"  {m:18s} {dt:7.1f} s  {dt / base[ref]:5.2f}x {ref}")
+    wanted = [m for m in args.methods.split(",") if m] or sorted(available_methods())
+    for m in wanted:
+        cls = get_scorer(m)
+        grains = ([None] if cls.unit_level else []) + (["weight"] if cls.weight_level else [])
+        for grain in grains:
+            kw: dict = {}
+            if m == "activation_patch":
+                kw = {"units": "head", "candidates": {"method": "attribution", "top": 32}}
+            if grain is not None:
+                kw = {"units": grain}
+            t0 = time.perf_counter()
+            score(pair, task, m, batch_size=args.batch_size, progress=False, **kw)
+            dt = time.perf_counter() - t0
+            label = m if grain is None else f"{m} (weights)"
+            print(f"  {label:28s} {dt:7.1f} s  {dt / base['fwd']:6.2f}x fwd  "
+                  f"{dt / base['fwd+bwd']:6.2f}x fwd+bwd")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""learned_mask: exact at binary gates, finds planted units, deterministic, never edits weights."""
+"""learned_mask: exact at binary gates, finds planted units and planted weights, deterministic
+(minibatch steps seeded, batch-size free), exact gate gradients, never edits weights."""
 
 from __future__ import annotations
 
@@ -123,7 +124,7 @@ def test_kv_none_and_fractional_gate(family_pairs):
 def test_planted_units_on_top(planted):
     pair, task = planted
     s = score(pair, task, "learned_mask", progress=False, batch_size=16, steps=100, lr=0.3,
-              lam_ret=0.1)
+              lam_ret=0.1, lam_sparse=1.0)
     top = {str(u) for u in s.top(len(PLANTED))}
     assert top == set(PLANTED)
     suggested = set(s.meta["suggested"])
@@ -191,3 +192,167 @@ def test_contrast_subtracts_gates(family_pairs):
               **kw)
     assert torch.allclose(s.values, s.columns["score_task"] - 0.5 * s.columns["score_contrast"])
     assert s.meta["suggested"] == [str(u) for u, v in zip(s.units, s.values.tolist()) if v > 0.5]
+
+
+# ---- minibatch steps ----------------------------------------------------------------------
+
+
+def test_minibatch_steps_seeded_and_batch_size_free(family_pairs):
+    """Minibatch steps: the same seed gives the same gates whatever the batch size; another
+    seed draws other minibatches; a minibatch of every prompt is the full-pass run."""
+    pair = family_pairs["llama"]
+    task = small_task(8)
+    kw = dict(progress=False, steps=6, lr=0.3, minibatch=3)
+    a = score(pair, task, "learned_mask", batch_size=2, seed=4, **kw)
+    b = score(pair, task, "learned_mask", batch_size=3, seed=4, **kw)
+    c = score(pair, task, "learned_mask", batch_size=2, seed=5, **kw)
+    assert torch.allclose(a.values, b.values, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(a.values, c.values, rtol=1e-4, atol=1e-6)
+    assert a.meta["options"]["minibatch"] == 3
+    full = dict(progress=False, steps=4, lr=0.3)
+    d = score(pair, task, "learned_mask", batch_size=4, minibatch=8, **full)
+    e = score(pair, task, "learned_mask", batch_size=4, minibatch=None, **full)
+    assert torch.equal(d.values, e.values)
+
+
+def test_minibatch_schedule_covers_every_prompt_each_epoch():
+    from tl_transplant.scoring.gate_training import minibatches
+
+    picks = list(minibatches(10, 4, 5, seed=0))
+    assert all(len(p) == 4 for p in picks)
+    flat = [i for p in picks for i in p]
+    assert sorted(flat[:10]) == list(range(10))  # first epoch: each prompt once
+    assert sorted(flat[10:20]) == list(range(10))
+    assert list(minibatches(10, 4, 5, seed=0)) == picks
+    assert list(minibatches(3, 4, 2, seed=0)) == [[0, 1, 2], [0, 1, 2]]
+
+
+# ---- single weights -----------------------------------------------------------------------
+
+
+def _random_candidates(pair: ModelPair, frac: float, seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for n in pair.layout.unit_tensors():
+        numel = pair.target.params[n].numel()
+        out[n] = torch.nonzero(torch.rand(numel, generator=gen) < frac).reshape(-1)
+    return out
+
+
+@pytest.mark.parametrize("fam", ["llama", "gpt2", "gpt_neox"])
+def test_binary_weight_gates_equal_mask_transplant(family_pairs, fam):
+    from tl_transplant.edit.weights import WeightMask
+    from tl_transplant.scoring.gates import WeightGates
+
+    pair = family_pairs[fam]
+    gates = WeightGates(pair, _random_candidates(pair, 0.3, seed=1))
+    on = torch.rand(gates.n, generator=torch.Generator().manual_seed(2)) < 0.5
+    vals = gates.scatter(on.float())
+    mask = WeightMask({n: (v.reshape(-1) > 0.5).nonzero().reshape(-1) for n, v in vals.items()},
+                      {n: tuple(v.shape) for n, v in vals.items()})
+    assert mask.n_params == int(on.sum())
+    with torch.no_grad():
+        base = pair.target.bridge(IDS, return_type="logits")
+        got = gates.forward_gates(IDS, on.double())
+        closed = gates.forward_gates(IDS, torch.zeros(gates.n))
+        with transplant(pair, mask, alpha=1.0):
+            want = pair.target.bridge(IDS, return_type="logits")
+    assert (want - base).abs().max() > 1e-2
+    assert torch.equal(got, want)
+    assert torch.equal(closed, base)
+
+
+@pytest.fixture(scope="module")
+def planted_weights(tok) -> tuple[ModelPair, Task, dict[str, torch.Tensor]]:
+    """Llama pair: the source is the target plus a large delta on 24 weights of L1's MLP
+    output projection and a tiny one (1e-4 relative) on every other block weight; the task's
+    answers are the source's argmax next words, so the gap sits in the planted weights."""
+    target = tiny_model("llama", seed=0)
+    with torch.no_grad():
+        target.model.norm.weight.mul_(20.0)
+    source = copy.deepcopy(target)
+    g = torch.Generator().manual_seed(3)
+    params = dict(source.named_parameters())
+    probe = ModelPair.load((copy.deepcopy(source), tok), (copy.deepcopy(target), tok))
+    names = probe.layout.unit_tensors()
+    planted_name = next(n for n in names if ".1." in n and "down_proj.weight" in n)
+    with torch.no_grad():
+        for n in names:
+            p = params[n]
+            p.add_(1e-4 * p.abs().mean() * torch.randn(p.shape, generator=g))
+        w = params[planted_name]
+        flat = torch.randperm(w.numel(), generator=g)[:24]
+        w.view(-1)[flat] += 3.0 * torch.randn(24, generator=g)
+    pair = ModelPair.load((source, tok), (target, tok))
+    g2 = torch.Generator().manual_seed(2)
+    prompts = [" ".join(f"w{int(x)}" for x in torch.randint(0, 90, (6,), generator=g2))
+               for _ in range(16)]
+    ids = torch.tensor([[1, *tok(p, add_special_tokens=False)["input_ids"]] for p in prompts])
+    with torch.no_grad():
+        best = pair.source.bridge(ids, return_type="logits")[:, -1, 4:].argmax(-1) + 4
+    task = Task("planted_w", prompts, [tok.decode([int(a)]) for a in best],
+                metric="answer_logprob")
+    return pair, task, {planted_name: flat.sort().values}
+
+
+def test_weight_mask_finds_planted_weights_and_writes_nothing(planted_weights):
+    from tl_transplant.edit.weights import WeightMask
+    from tl_transplant.scoring.weight_scores import WeightScores
+
+    pair, task, planted = planted_weights
+    (pname, pidx), = planted.items()
+    before = snapshot_side(pair.target), snapshot_side(pair.source)
+    kw = dict(progress=False, steps=30, lr=0.3, lam_ret=0.1, candidates=0.02, seed=1)
+    ws = score(pair, task, "learned_mask", units="weight", batch_size=16, **kw)
+    assert isinstance(ws, WeightScores)
+    assert same_state(before[0], snapshot_side(pair.target))
+    assert same_state(before[1], snapshot_side(pair.source))
+    assert ws.meta["budget_rule"] == "per_param"
+    n_cand = ws.meta["n_candidates"]
+    assert sum(int((v > 0).sum()) for v in ws.values.values()) == n_cand
+    assert all(float(v.max()) <= 1.0 and float(v.min()) >= 0.0 for v in ws.values.values())
+    top = ws.top_n(len(pidx))
+    hit = set(top.index.get(pname, torch.empty(0)).tolist()) & set(pidx.tolist())
+    assert len(hit) >= len(pidx) // 2  # planted weights rank on top
+    sug = ws.suggested
+    assert isinstance(sug, WeightMask) and sug.n_params > 0
+    assert ws.meta["suggested"]["n_params"] == sug.n_params
+    inside = set(sug.index.get(pname, torch.empty(0)).tolist()) & set(pidx.tolist())
+    assert len(inside) >= sug.n_params // 2  # the suggested set is mostly planted weights
+    again = score(pair, task, "learned_mask", units="weight", batch_size=5, **kw)
+    for n, v in ws.values.items():
+        assert torch.allclose(v, again.values[n], rtol=1e-4, atol=1e-6)
+    # a budget never buys weights outside the candidates
+    assert ws.budget_mask(0.5, pair.layout).n_params == n_cand
+
+
+def test_weight_mask_options(family_pairs):
+    with pytest.raises(ScoringError, match="candidates"):
+        score(family_pairs["llama"], small_task(), "learned_mask", units="weight",
+              progress=False, candidates=0.0)
+
+
+@pytest.mark.parametrize("fam", ["llama", "gpt2", "gpt_neox"])
+def test_gate_gradients_equal_autograd(family_pairs, fam):
+    """The direct gate gradients (vjp) equal autograd through the relaxed weights, for unit
+    gates (one gated dim, and heads + whole linears overlapping) and weight gates."""
+    from tl_transplant.scoring.gates import GatedTarget, WeightGates
+
+    pair = family_pairs[fam]
+    gen = torch.Generator().manual_seed(0)
+    for gates in (GatedTarget(pair, pair.units(("head", "kv_head", "neuron"))),
+                  GatedTarget(pair, pair.units(("head", "linear"))),
+                  WeightGates(pair, _random_candidates(pair, 0.2, seed=3))):
+        n = len(gates.units) if isinstance(gates, GatedTarget) else gates.n
+        theta = (torch.randn(n, generator=gen, dtype=torch.float64) * 2).float()
+        theta.requires_grad_(True)
+        relaxed, moved = gates.relax(theta)
+        grads = {k: torch.randn(v.shape, generator=gen) for k, v in relaxed.items()}
+        torch.autograd.backward(list(relaxed.values()), [grads[k] for k in relaxed])
+        want = theta.grad.clone()
+        got = gates.vjp(theta.detach(), grads)
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+        th = theta.detach().requires_grad_(True)
+        (g1,) = torch.autograd.grad(gates.moved(th), th)
+        (g2,) = torch.autograd.grad(gates.relax(th)[1], th)
+        assert torch.allclose(g1, g2, rtol=1e-5, atol=1e-6)

@@ -117,3 +117,110 @@ def test_finetune_pair_trains_on_rows_that_dev_and_test_never_see() -> None:
     assert len(rows) == s.recipe.n_train and len({p for p, _ in rows}) == len(rows)
     assert not held & {p for p, _ in rows}
     assert all(a.isdigit() and len(a) == 1 for _, a in rows)
+
+
+def test_real_specs_are_valid_and_listed_everywhere() -> None:
+    """Every real pair names known tasks and domains, and the CLI offers exactly these pairs."""
+    from tl_transplant import cli
+    from tl_transplant.zoo import real
+
+    assert tuple(real.REAL_PAIRS) == zoo.REAL_PAIR_NAMES == cli.REAL_PAIRS
+    for name, s in real.REAL_PAIRS.items():
+        assert s.name == name and s.capability not in s.retention
+        for task in (s.capability, *s.retention):
+            assert task in real.TASK_GENERATORS, (name, task)
+        if isinstance(s.recipe, real.ContinuedTraining):
+            assert s.recipe.domain in real.DOMAINS
+            assert s.recipe.steps > 0 and s.recipe.batch > 0 and s.recipe.seq_len > 1
+
+
+@pytest.mark.parametrize("name", list(zoo.REAL_PAIR_NAMES))
+def test_real_tasks_are_deterministic_and_dev_test_disjoint(name: str) -> None:
+    from tl_transplant.zoo import real
+
+    s = real.spec(name)
+    for i, task in enumerate((s.capability, *s.retention)):
+        dev, test = real.task_rows(task, s.n_dev, s.n_test, s.seed + i)
+        assert (dev, test) == real.task_rows(task, s.n_dev, s.n_test, s.seed + i)
+        assert len(dev) == s.n_dev and len(test) == s.n_test, task
+        prompts = [p for p, _ in dev + test]
+        assert len(set(prompts)) == len(prompts), f"{task}: repeated prompt"
+
+
+def _times_fact(prompt: str) -> frozenset[int]:
+    a, b = prompt.splitlines()[-1].split(" = ")[0].split(" * ")
+    return frozenset((int(a), int(b)))
+
+
+def test_times_and_aisles_share_no_item_between_dev_and_test() -> None:
+    """Times tables: no unordered fact (7 * 12 vs 12 * 7) on both sides, none of the shots'.
+    Aisles: no query SKU on both sides, and the query's department is never among the shots
+    (its aisle is not in the prompt, so only the learned convention answers it)."""
+    from tl_transplant.zoo import domain, real
+
+    dev, test = real.task_rows("times", 40, 40, 0)
+    dev_f, test_f = {_times_fact(p) for p, _ in dev}, {_times_fact(p) for p, _ in test}
+    assert len(dev_f) == 40 and len(test_f) == 40 and not dev_f & test_f
+    assert not (dev_f | test_f) & {frozenset(f) for f in real.TIMES_SHOTS}
+    for p, a in dev + test:
+        x, y = p.splitlines()[-1].split(" = ")[0].split(" * ")
+        assert a == str(int(x) * int(y))[0], (p, a)
+    dev_a, test_a = domain.aisle_rows(40, 40, 1)
+    sku = [p.splitlines()[-1].split(" |")[0] for p, _ in dev_a + test_a]
+    assert len(set(sku)) == 80
+    for p, a in dev_a + test_a:
+        *shots, query = p.splitlines()
+        dept = query.split("dept: ")[1].split(" |")[0]
+        assert a == f" {domain.AISLE[dept]}" and query.endswith("aisle:")
+        assert all(f"dept: {dept} " not in s for s in shots), p
+        assert all(s.endswith(domain.AISLE[s.split("dept: ")[1].split(" |")[0]]) for s in shots)
+
+
+N_CATALOG_RECORDS = 5000  # checked records of the training text
+
+
+def test_continued_training_text_shares_nothing_with_dev_and_test() -> None:
+    """The catalog text the target is trained on never contains a dev/test item: held-out
+    adjectives and SKUs, nor a times-table query, nor a general task's query line. Training
+    records draw from disjoint lists by construction; checked here over 5000 records, more
+    than the recipe consumes (tests/real/test_real_pair.py counts them with the tokenizer)."""
+    from itertools import islice
+
+    from tl_transplant.zoo import domain, real
+
+    s = real.spec("smollm2_ct_catalog")
+    assert isinstance(s.recipe, real.ContinuedTraining)
+    assert not set(domain.TRAIN_ADJECTIVES) & set(domain.HELD_OUT_ADJECTIVES)
+    assert domain.TRAIN_SKUS[1] < domain.EVAL_SKUS[0]
+    text = "".join(islice(domain.records(s.recipe.seed), N_CATALOG_RECORDS))
+    assert text == "".join(islice(domain.records(s.recipe.seed), N_CATALOG_RECORDS))  # seeded
+    words = set(text.replace('"', " ").replace("(", " ").replace(")", " ").split())
+    assert not words & set(domain.HELD_OUT_ADJECTIVES)
+    assert " * " not in text and " = " not in text
+    rows = {task: real.task_rows(task, s.n_dev, s.n_test, s.seed + i)
+            for i, task in enumerate((s.capability, *s.retention))}
+    for p, _ in (*rows["aisles"][0], *rows["aisles"][1]):
+        for line in p.splitlines():
+            assert line.split(" |")[0] not in text  # "SKU 12345" of every shot and query
+    for task in ("antonyms", "capitals"):
+        for p, _ in (*rows[task][0], *rows[task][1]):
+            assert p.splitlines()[-1] not in text
+
+
+def test_a_continued_training_build_is_refused_when_it_misses_its_gap() -> None:
+    """The build-time dev check (training differs across CPUs, so it runs where the pair is
+    built): a regression below the margin, or a domain not learned, refuses the build."""
+    from tl_transplant.zoo.checks import CT_MIN_GAP, ZooBuildError, check_continued
+
+    ok = check_continued({"times": 0.85, "aisles": 0.0}, {"times": 0.425, "aisles": 1.0},
+                         "times", "aisles")
+    assert ok["gap"] == pytest.approx(0.425) and ok["thresholds"]["min_gap"] == CT_MIN_GAP
+    with pytest.raises(ZooBuildError, match="capability fell by 0.100"):
+        check_continued({"times": 0.85, "aisles": 0.0}, {"times": 0.75, "aisles": 1.0},
+                        "times", "aisles")
+    with pytest.raises(ZooBuildError, match="reaches 0.500 on aisles"):
+        check_continued({"times": 0.85, "aisles": 0.0}, {"times": 0.4, "aisles": 0.5},
+                        "times", "aisles")
+    with pytest.raises(ZooBuildError, match="source already reaches"):
+        check_continued({"times": 0.85, "aisles": 0.9}, {"times": 0.4, "aisles": 1.0},
+                        "times", "aisles")

@@ -527,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # = zoo.REAL_PAIR_NAMES, spelled out to keep --help import-light
-REAL_PAIRS = ("smollm2_rtn4", "smollm2_ft_tens")
+REAL_PAIRS = ("smollm2_rtn4", "smollm2_ft_tens", "smollm2_ct_catalog")
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:

@@ -120,3 +120,46 @@ def test_gap_on_dev_is_larger_than_retention_drops(smol_hf: Any, smol_tok: Any) 
         assert src[t] - tgt[t] <= MAX_RETENTION_DROP, msg
         drop = src[s.capability] - tgt[s.capability]
         assert drop - (src[t] - tgt[t]) >= MIN_SELECTIVITY, msg
+
+
+# ---- smollm2_ct_catalog: continued training on a synthetic catalog --------------------------
+# The continued-training pair is built by command only (`tl-transplant zoo build
+# smollm2_ct_catalog`, minutes of training): no CI test builds it. These tests need only the
+# tokenizer; the build itself checks, on the machine that builds it, that the regression and
+# the domain came out (tl_transplant.zoo.checks, recorded as `dev_check` in its marker).
+
+CT = "smollm2_ct_catalog"
+
+
+def test_catalog_answers_are_single_tokens(smol_tok: Any) -> None:
+    """next_token_acc scores the first answer token: every answer of the new tasks is one."""
+    s = real.spec(CT)
+    for i, task in enumerate((s.capability, *s.retention)):
+        if task in ("antonyms", "capitals"):  # the older tasks score the first token by design
+            continue
+        dev, test = real.task_rows(task, s.n_dev, s.n_test, s.seed + i)
+        for _, a in dev + test:
+            assert len(smol_tok(a, add_special_tokens=False).input_ids) == 1, (task, a)
+
+
+def test_recipe_consumes_fewer_records_than_test_zoo_checks(smol_tok: Any) -> None:
+    """tests/test_zoo.py checks the first 5000 records of the training text for held-out
+    items (N_CATALOG_RECORDS); the recipe's steps x batch blocks come from fewer records
+    (798 with SmolLM2's tokenizer)."""
+    from itertools import islice
+
+    from tl_transplant.zoo import domain
+
+    ct = real.spec(CT).recipe
+    assert isinstance(ct, real.ContinuedTraining)
+    need = ct.steps * ct.batch * (ct.seq_len - 1)  # BOS + seq_len - 1 text tokens a block
+    used, n = 0, 0
+    for line in domain.records(ct.seed):
+        used += len(smol_tok(line, add_special_tokens=False).input_ids)
+        n += 1
+        if used >= need:
+            break
+    assert n < 5000, n
+    a = list(islice(domain.token_blocks(smol_tok, ct.seed, ct.seq_len - 1), 3))
+    b = list(islice(domain.token_blocks(smol_tok, ct.seed, ct.seq_len - 1), 3))
+    assert a == b and all(len(x) == ct.seq_len - 1 for x in a)

@@ -121,7 +121,7 @@ class RawScores:
             except (UnitError, TypeError) as e:
                 raise ScoringError(f"RawScores: suggested must be a list of units: {e}") from None
 
-    def metatraits_meta(self) -> dict[str, Any]:
+    def meta_record(self) -> dict[str, Any]:
         """``meta`` with the typed fields written in under their old keys (for files)."""
         return traits_meta(self.meta, budget_rule=self.budget_rule, alpha_scale=self.alpha_scale,
                        suggested=None if self.suggested is None

@@ -17,6 +17,9 @@ linears re-quantized to 4 bits (groups of 32); the target lost two-digit additio
 and kept most of its facts. ``smollm2_ft_tens``: source SmolLM2-135M-Instruct
 fine-tuned (block linears, 32 steps) on the tens digit of two-digit sums, target the
 original: a dense fine-tuning delta whose skill may sit in few units.
+``smollm2_ct_catalog``: source SmolLM2-135M-Instruct, target the same after continued
+training of every parameter on a synthetic store catalog (:mod:`tl_transplant.zoo.domain`):
+it learned the store's aisles and forgot much of its times tables (a regressed next version).
 Their :func:`load_tasks` has the keys ``task``, ``retention`` (the first retention
 task) and ``retention_<task>`` for each further one.
 """
@@ -34,7 +37,8 @@ ZOO_DIR = Path(__file__).resolve().parent
 PAIRS_DIR = ZOO_DIR / "pairs"
 TASKS_DIR = ZOO_DIR / "tasks"
 PAIR_NAMES = ("cross_generation", "base_instruct")  # embedded (shipped) pairs
-REAL_PAIR_NAMES = ("smollm2_rtn4", "smollm2_ft_tens")  # built from a real checkpoint into a cache
+# built from a real checkpoint into a cache
+REAL_PAIR_NAMES = ("smollm2_rtn4", "smollm2_ft_tens", "smollm2_ct_catalog")
 ALL_PAIR_NAMES = PAIR_NAMES + REAL_PAIR_NAMES
 _ROLES = {"cross_generation": ("gen1", "gen2"), "base_instruct": ("instruct", "base")}
 
