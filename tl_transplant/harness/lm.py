@@ -1,7 +1,7 @@
 """An lm-eval ``LM`` over a tl_transplant model side: lm-eval's requests, our forwards.
 
 :class:`TLLM` answers lm-eval's ``loglikelihood`` and ``generate_until`` requests with a
-:class:`~tl_transplant.pair.ModelSide` (usually ``pair.target`` with a transplant applied in
+:class:`~tl_transplant.models.pair.ModelSide` (usually ``pair.target`` with a transplant applied in
 place), so lm-eval's prompts, stop sequences, filters and metrics score our model:
 
 * tokenization is HFLM's (``tok_encode``: the tokenizer's own special tokens unless
@@ -11,17 +11,17 @@ place), so lm-eval's prompts, stop sequences, filters and metrics score our mode
   left truncation to ``max_length + 1`` tokens; requests whose inputs are identical (e.g.
   one-token choices after one context) share one forward row, as HFLM's cache does (on a
   4-choice task with one-token answers that is 4x fewer rows). The rows run through the
-  TransformerLens bridge, so hooks (e.g. :func:`~tl_transplant.patching.patch_activations`)
+  TransformerLens bridge, so hooks (e.g. :func:`~tl_transplant.edit.patching.patch_activations`)
   take effect; ``forward="auto"`` uses the unwrapped HF modules
-  (:func:`tl_transplant.decoding.plain_model`, the same tensors) while no hook is active;
+  (:func:`tl_transplant.models.decoding.plain_model`, the same tensors) while no hook is active;
 * generation: greedy, left-padded batches, ``max_gen_toks`` new tokens, lm-eval's stop-string
   criteria, decoded without special tokens and cut at the first stop string
   (``postprocess_generated_text``); decoded with a KV cache through the unwrapped HF modules
-  (:mod:`tl_transplant.decoding`: the same tensors the transplant edits), uncached through the
-  bridge while a hook is active. Sampling (``do_sample: true``) is refused.
+  (:mod:`tl_transplant.models.decoding`: the same tensors the transplant edits), uncached
+  through the bridge while a hook is active. Sampling (``do_sample: true``) is refused.
 
 HFLM itself inherits the checkpoint's ``generation_config`` (e.g. a repetition penalty);
-this decodes plainly greedily, as :func:`tl_transplant.evaluation.evaluate` does.
+this decodes plainly greedily, as :func:`tl_transplant.evaluation.evaluator.evaluate` does.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from tl_transplant.harness.errors import HarnessError, require_lm_eval
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from tl_transplant.pair import ModelSide
+    from tl_transplant.models.pair import ModelSide
 
 require_lm_eval()
 from lm_eval.api.model import TemplateLM  # noqa: E402
@@ -72,7 +72,7 @@ def _batches(order: Sequence[int], size: int) -> list[list[int]]:
 
 
 class TLLM(TemplateLM):  # lm_eval is untyped: TemplateLM is Any to mypy
-    """lm-eval's ``LM`` interface over a :class:`~tl_transplant.pair.ModelSide`.
+    """lm-eval's ``LM`` interface over a :class:`~tl_transplant.models.pair.ModelSide`.
 
     ``forward``: ``"bridge"`` (default; hooks see every forward), ``"auto"`` (unwrapped HF
     modules unless a hook is active, then the bridge) or ``"hf"`` (the wrapped HF module);
@@ -179,7 +179,7 @@ class TLLM(TemplateLM):  # lm_eval is untyped: TemplateLM is Any to mypy
 
     # ---- log-likelihoods --------------------------------------------------------------
     def _logits(self, ids: Int[torch.Tensor, "batch seq"]) -> torch.Tensor:
-        from tl_transplant.decoding import DecodingError, can_cache, plain_model
+        from tl_transplant.models.decoding import DecodingError, can_cache, plain_model
 
         kind = self.forward_kind
         mod: Any = self.side.bridge if kind == "bridge" else self.side.hf
@@ -253,7 +253,7 @@ class TLLM(TemplateLM):  # lm_eval is untyped: TemplateLM is Any to mypy
         from lm_eval.models.utils_hf import stop_sequences_criteria
         from transformers import GenerationConfig
 
-        from tl_transplant.decoding import DecodingError, can_cache, plain_model
+        from tl_transplant.models.decoding import DecodingError, can_cache, plain_model
 
         gen = self.side.hf
         eos = getattr(getattr(gen, "generation_config", None), "eos_token_id", None)
@@ -263,7 +263,7 @@ class TLLM(TemplateLM):  # lm_eval is untyped: TemplateLM is Any to mypy
             eos_token_id=eos if eos is not None else self.tokenizer.eos_token_id,
         )
         stop = stop_sequences_criteria(self.tokenizer, until, ids.shape[1], ids.shape[0])
-        model = gen
+        model: Any = gen
         cfg.use_cache = False
         if self.kv_cache and can_cache(gen):
             try:

@@ -3,8 +3,8 @@
 * :func:`evaluate_split`: one :class:`~tl_transplant.harness.source.HarnessSplit` through
   lm-eval's own pipeline (requests -> model -> filters -> ``process_results``) with
   ``log_samples``; the per-document values of the chosen metric become an
-  :class:`~tl_transplant.evaluation.EvalResult` (paired bootstrap, TIR, recovery, retention
-  work on it unchanged). ``engine="tl"`` answers the requests with :class:`TLLM` (the
+  :class:`~tl_transplant.evaluation.evaluator.EvalResult` (paired bootstrap, TIR, recovery,
+  retention work on it unchanged). ``engine="tl"`` answers the requests with :class:`TLLM` (the
   bridge; hooks apply); ``engine="hflm"`` with lm-eval's own ``HFLM`` over the same tensors.
 * :func:`evaluate_lm_eval`: ``simple_evaluate`` with ``HFLM(pretrained=<the in-memory HF
   model>)`` (no export round trip; KV-cached generation) on whole lm-eval tasks, writing
@@ -35,8 +35,8 @@ from tl_transplant.harness.errors import HarnessError, require_lm_eval
 from tl_transplant.harness.source import HarnessSplit, task_manager
 
 if TYPE_CHECKING:
-    from tl_transplant.evaluation import EvalResult
-    from tl_transplant.pair import ModelPair, ModelSide
+    from tl_transplant.evaluation.evaluator import EvalResult
+    from tl_transplant.models.pair import ModelPair, ModelSide
 
 ENGINES = ("tl", "hflm")
 
@@ -77,7 +77,7 @@ def _param_ids(model: Any) -> dict[str, int]:
 
 def hflm(side: ModelSide, *, batch_size: int = 1, **kwargs: Any) -> Any:
     """lm-eval's ``HFLM`` over ``side``'s HF modules, unwrapped from the bridge
-    (:func:`tl_transplant.decoding.plain_model`: the very tensors transplants edit, so an
+    (:func:`tl_transplant.models.decoding.plain_model`: the very tensors transplants edit, so an
     applied transplant is what it evaluates; HF's KV cache works there). The tokenizer is a
     copy (HFLM may set a pad token)."""
     import copy
@@ -85,7 +85,7 @@ def hflm(side: ModelSide, *, batch_size: int = 1, **kwargs: Any) -> Any:
     require_lm_eval()
     from lm_eval.models.huggingface import HFLM
 
-    from tl_transplant.decoding import plain_model
+    from tl_transplant.models.decoding import plain_model
 
     model = plain_model(side.hf)
     before = _param_ids(model)
@@ -181,7 +181,7 @@ def evaluate_split(
     output_path: str | Path | None = None,
 ) -> EvalResult:
     """Score ``split``'s documents through lm-eval's pipeline; per-document values as an
-    :class:`~tl_transplant.evaluation.EvalResult`.
+    :class:`~tl_transplant.evaluation.evaluator.EvalResult`.
 
     ``model``: a ModelSide (``pair.target``, transplant applied in place), a ModelPair with
     ``side=``, or an lm-eval ``LM`` instance (used as is). ``engine``: ``"tl"`` (:class:`TLLM`)
@@ -198,7 +198,7 @@ def evaluate_split(
     require_lm_eval()
     from lm_eval.api.model import LM
 
-    from tl_transplant.evaluation import EvalResult
+    from tl_transplant.evaluation.evaluator import EvalResult
 
     if engine not in ENGINES:
         raise HarnessError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")

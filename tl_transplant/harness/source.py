@@ -43,7 +43,7 @@ from tl_transplant.harness.spec import HarnessSpec, SplitSpec
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from tl_transplant.tasks import Task
+    from tl_transplant.tasks.task import Task
 
 #: The miniature tasks shipped with the package (always on the include path).
 PACKAGE_TASKS = Path(__file__).parent / "tasks"
@@ -391,7 +391,7 @@ class HarnessSplit:
         *,
         add_bos_token: bool | None = None,
     ) -> Task:
-        """These documents as a plain differentiable :class:`~tl_transplant.tasks.Task`.
+        """These documents as a plain differentiable :class:`~tl_transplant.tasks.task.Task`.
 
         ``prompt`` = lm-eval's context; multiple choice: ``choices`` = lm-eval's
         continuations (target delimiter included), metric ``mc_logprob``;
@@ -405,7 +405,7 @@ class HarnessSplit:
         takes the first), and prompt and answer are tokenized apart (lm-eval tokenizes them
         together and splits), which can differ for BPE merges across the boundary.
         """
-        from tl_transplant.tasks import Task
+        from tl_transplant.tasks.task import Task
 
         bos: bool | str = "auto"
         if tokenizer is not None:
@@ -477,7 +477,7 @@ class HarnessTask:
     def views(
         self, tokenizer: PreTrainedTokenizerBase | None = None, add_bos_token: bool | None = None
     ) -> tuple[Task, Task]:
-        """(dev, test) as differentiable :class:`~tl_transplant.tasks.Task` views."""
+        """(dev, test) as differentiable :class:`~tl_transplant.tasks.task.Task` views."""
         return (self.dev.as_task(tokenizer, add_bos_token=add_bos_token),
                 self.test.as_task(tokenizer, add_bos_token=add_bos_token))
 
