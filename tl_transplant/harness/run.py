@@ -89,8 +89,16 @@ def hflm(side: ModelSide, *, batch_size: int = 1, **kwargs: Any) -> Any:
 
     model = plain_model(side.hf)
     before = _param_ids(model)
-    lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(side.tokenizer), batch_size=batch_size,
-              **kwargs)
+    import logging
+
+    quiet = logging.getLogger("lm_eval")  # its warnings that an in-memory model was passed
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(side.tokenizer),
+                  batch_size=batch_size, **kwargs)
+    finally:
+        quiet.setLevel(level)
     if _param_ids(model) != before:
         raise HarnessError(
             "HFLM re-tied or replaced parameters of the in-memory model; its numbers would not "

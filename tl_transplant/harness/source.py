@@ -43,6 +43,7 @@ from tl_transplant.harness.spec import HarnessSpec, SplitSpec
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from tl_transplant.harness.view import HarnessTaskView
     from tl_transplant.tasks.task import Task
 
 #: The miniature tasks shipped with the package (always on the include path).
@@ -390,8 +391,9 @@ class HarnessSplit:
         tokenizer: PreTrainedTokenizerBase | None = None,
         *,
         add_bos_token: bool | None = None,
-    ) -> Task:
-        """These documents as a plain differentiable :class:`~tl_transplant.tasks.task.Task`.
+    ) -> HarnessTaskView:
+        """These documents as a differentiable :class:`~tl_transplant.tasks.task.Task` that
+        evaluates through lm-eval (:class:`~tl_transplant.harness.view.HarnessTaskView`).
 
         ``prompt`` = lm-eval's context; multiple choice: ``choices`` = lm-eval's
         continuations (target delimiter included), metric ``mc_logprob``;
@@ -405,8 +407,6 @@ class HarnessSplit:
         takes the first), and prompt and answer are tokenized apart (lm-eval tokenizes them
         together and splits), which can differ for BPE merges across the boundary.
         """
-        from tl_transplant.tasks.task import Task
-
         bos: bool | str = "auto"
         if tokenizer is not None:
             from tl_transplant.harness.lm import adds_bos
@@ -445,8 +445,11 @@ class HarnessSplit:
             assert choices is not None
             choices.append(conts)
             answers.append(conts[idx])
+        from tl_transplant.harness.view import HarnessTaskView
+
         metric = "mc_logprob" if self.output_type == "multiple_choice" else "answer_logprob"
-        return Task(
+        return HarnessTaskView(
+            harness=self,
             name=self.label,
             prompts=prompts,
             answers=answers,

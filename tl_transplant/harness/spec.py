@@ -112,7 +112,7 @@ class SplitSpec:
         return d
 
 
-def _paths(value: Any) -> tuple[str, ...]:
+def _paths(value: Any, check: bool = True) -> tuple[str, ...]:
     if value is None:
         return ()
     items = [value] if isinstance(value, (str, Path)) else value
@@ -125,6 +125,9 @@ def _paths(value: Any) -> tuple[str, ...]:
         if not isinstance(p, (str, Path)):
             raise HarnessError(f"include_path entries must be paths, got {p!r}")
         path = Path(p).expanduser()
+        if not check:
+            out.append(str(path))
+            continue
         if not path.exists():
             raise HarnessError(f"include_path {str(p)!r} does not exist")
         out.append(str(path.resolve()))
@@ -180,8 +183,9 @@ class HarnessSpec:
             raise HarnessError(f"metric must be lm-eval's metric name, got {self.metric!r}")
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> HarnessSpec:
-        """Check a YAML/Python mapping (keys: see the module docstring) and build the spec."""
+    def from_dict(cls, d: Mapping[str, Any], *, check_paths: bool = True) -> HarnessSpec:
+        """Check a YAML/Python mapping (keys: see the module docstring) and build the spec
+        (``check_paths=False``: ``include_path`` folders are not looked for yet)."""
         if not isinstance(d, Mapping):
             raise HarnessError(f"an lm_eval task must be a mapping, got {type(d).__name__}")
         unknown = [k for k in d if k not in _SPEC_KEYS]
@@ -194,7 +198,7 @@ class HarnessSpec:
             raise HarnessError("lm_eval task: the key 'lm_eval' (the task name) is required")
         return cls(
             name=d["lm_eval"],
-            include_path=_paths(d.get("include_path")),
+            include_path=_paths(d.get("include_path"), check_paths),
             include_defaults=d.get("include_defaults"),
             dev=SplitSpec.from_value(d.get("dev"), "dev"),
             test=SplitSpec.from_value(d.get("test"), "test"),
