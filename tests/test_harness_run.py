@@ -253,3 +253,43 @@ def test_lm_eval_metrics_in_the_registry(pair: ModelPair) -> None:
     assert not math_equivalent("The final answer is $51$.", "50")
     with pytest.raises(TaskError, match="unknown metric"):
         Task(name="x", prompts=["a"], answers=["b"], metric="accc")
+
+
+# ---- the source paper's protocol (examples/math500_protocol.yaml) --------------------------
+
+#: The miniature local copies shipped with the package, in lm-eval's format.
+MINIATURE = {"minerva_math500": "tl_math500_mini", "minerva_math_algebra": "tl_math_mini"}
+
+
+def test_math500_protocol_example_on_the_miniature_copy() -> None:
+    path = EXAMPLES / "math500_protocol.yaml"
+    cfg = load_config(path, {"device": "cpu"})  # the example asks for a GPU
+    task = cfg.task
+    assert isinstance(task, LmEvalTaskConfig)
+    spec = task.spec()
+    # MATH-500 whole as test, greedy, math_verify, the grid's largest max_new_tokens
+    assert spec.name == "minerva_math500" and spec.test.limit is None
+    assert spec.metric == "math_verify,none" and spec.max_gen_toks == 512
+    assert not spec.allow_test_selection
+    # dev: MATH training problems, another task than the test's
+    assert spec.dev.task == "minerva_math_algebra" and spec.dev.split == "train"
+    assert cfg.sweep.k and cfg.sweep.alpha and cfg.selection.controls == ["random"]
+    assert all(isinstance(c, LmEvalTaskConfig) for c in cfg.control_tasks)
+    # the same structure on the miniature local copy: loads offline, dev and test are
+    # different documents from different splits, greedy with lm-eval's stop sequence
+    raw = yaml.safe_load(path.read_text())["task"]
+    mini = {**raw, "lm_eval": MINIATURE[raw["lm_eval"]], "include_defaults": False,
+            "dev": {**raw["dev"], "task": MINIATURE[raw["dev"]["task"]], "limit": 4}}
+    ht = load_task(mini)
+    assert ht.test.task_name == "tl_math500_mini" and ht.test.split == "test"
+    assert ht.dev.task_name == "tl_math_mini" and ht.dev.split == "train"
+    assert len(ht.test) == ht.test.n_available == 5 and len(ht.dev) == 4
+    assert not set(ht.dev.contexts) & set(ht.test.contexts)
+    assert ht.test.metric == "math_verify" and not ht.selection_on_test
+    kw = (ht.test.gen_kwargs or [{}])[0]
+    assert kw["max_gen_toks"] == 512 and kw["do_sample"] is False and "Problem:" in kw["until"]
+    # choosing on the test problems is refused, as in the example (allow_test_selection: false)
+    with pytest.raises(HarnessError, match="refused"):
+        load_task({**mini, "dev": {"split": "test", "limit": 2}})
+    with pytest.raises(HarnessError, match="refused"):  # MATH's test split holds MATH-500
+        load_task({**mini, "dev": {"task": "tl_math_mini", "split": "test"}})
