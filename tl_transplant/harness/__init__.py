@@ -36,18 +36,23 @@ How it maps onto tl_transplant:
   ``hf_evaluate`` gets lm-eval's local port). Built-in lm-eval tasks fetch their datasets from
   the hub unless they are in the datasets cache.
 
-What the later integration calls (after the config/pipeline restructuring):
+Where it plugs in:
 
-* YAML ``task: {lm_eval: NAME, include_path: DIR, dev: {...}, test: {...}, num_fewshot: N}``
-  and ``control_tasks`` entries of the same form: ``HarnessSpec.from_dict(mapping)`` then
-  :func:`load_task`; scorers get ``harness_task.dev.as_task(pair.target.tokenizer)``; the sweep
-  evaluates with ``evaluate_split(pair.target, harness_task.dev | .test)`` inside the
-  transplant context, ``allow_test_selection`` and ``selection_on_test`` go into the results.
-* ``evaluate(..., engine="lm_eval")``: :func:`evaluate_split` with ``engine="hflm"`` (or
-  ``"tl"``), or :func:`evaluate_lm_eval` for whole tasks.
-* ``tl-transplant eval MODEL_OR_RUN_DIR --tasks a,b``: load the model or the run's pair and
-  manifest, apply it, :func:`evaluate_lm_eval` on source, target and transplanted, writing
-  lm-eval's JSON beside ours (``output_path``).
+* Runs: YAML ``task: {lm_eval: NAME, include_path: DIR, dev: {...}, test: {...},
+  num_fewshot: N, name: ...}`` and ``control_tasks`` entries of the same form
+  (:class:`tl_transplant.pipeline.config.LmEvalTaskConfig`). The run loads them with
+  :func:`load_task` and hands the sweep the splits' :class:`~tl_transplant.harness.view.
+  HarnessTaskView` s: the scorers read them as plain Tasks; every evaluation of them (dev,
+  test, controls, retention) goes through lm-eval (:meth:`HarnessTaskView.evaluate_external`),
+  so CIs, TIR, recovery and retention use lm-eval's per-document metric. Dev documents from a
+  test split are refused unless ``allow_test_selection`` (then the run's notes, results.json,
+  report.html and log say so). The run writes lm-eval's own JSON for source, target and the
+  transplanted target under ``lm_eval/``.
+* ``evaluate(model, view, engine=None | "lm_eval" | "lm_eval_bridge" | "tl_transplant")``
+  (:mod:`tl_transplant.harness.view`); :func:`evaluate_lm_eval` for whole tasks.
+* ``tl-transplant eval MODEL_OR_RUN_DIR --tasks a,b`` (:func:`~tl_transplant.harness.compare.
+  eval_models`): lm-eval on a model, or a run's source, target and exported model/, writing
+  lm-eval's JSON beside ours (``eval.json``, with the paired statistics for a run).
 
 Nothing here imports lm-eval at import time; the first call that needs it raises
 :class:`HarnessError` with ``pip install "tl_transplant[lm_eval]"`` when it is missing.
@@ -86,6 +91,14 @@ def __getattr__(name: str) -> Any:
         from tl_transplant.harness import lm
 
         return getattr(lm, name)
+    if name in ("HarnessTaskView", "VIEW_ENGINES"):  # imports the task machinery (torch)
+        from tl_transplant.harness import view
+
+        return getattr(view, name)
+    if name in ("eval_models", "models_of"):
+        from tl_transplant.harness import compare
+
+        return getattr(compare, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -97,12 +110,15 @@ __all__ = [
     "PACKAGE_TASKS",
     "SUPPORTED_OUTPUT_TYPES",
     "TLLM",
+    "VIEW_ENGINES",
     "HarnessError",
     "HarnessSpec",
     "HarnessSplit",
     "HarnessTask",
+    "HarnessTaskView",
     "SplitSpec",
     "adds_bos",
+    "eval_models",
     "evaluate_lm_eval",
     "evaluate_split",
     "find_task",
@@ -110,6 +126,7 @@ __all__ = [
     "hflm_model_args",
     "load_task",
     "local_files",
+    "models_of",
     "per_example",
     "require_lm_eval",
     "task_manager",
