@@ -237,7 +237,7 @@ def test_multiple_choice_per_example_scores(pair: ModelPair, tmp_path: Path) -> 
     assert view.prompts == ht.test.contexts and view.metric == "mc_logprob"
     assert view.choices == [[" " + c for c in cs] for cs in ht.test.choices or []]
     assert view.prepend_bos is False  # the word tokenizer adds no BOS, nor does lm-eval
-    ours = evaluate(pair.target, view, progress=False)
+    ours = evaluate(pair.target, view, engine="tl_transplant", progress=False)
     assert np.array_equal(ours.scores, res.scores)
     # per-example results pair with the project's statistics (paired bootstrap CIs)
     src = evaluate_split(pair.source, ht.test)
@@ -266,7 +266,7 @@ def test_loglikelihood_task_and_view(pair: ModelPair) -> None:
     assert res.meta["selection_on_test"] is True and res.meta["split"]["selection_on_test"]
     lls = [x[0] for x in res.meta["lm_eval"]["loglikelihoods"]]
     view = ht.test.as_task(pair.target.tokenizer)
-    ours = evaluate(pair.target, view, progress=False)
+    ours = evaluate(pair.target, view, engine="tl_transplant", progress=False)
     assert view.metric == "answer_logprob"
     assert np.allclose(ours.scores, lls, atol=1e-4)
     ref = evaluate_split(pair.target, ht.test, engine="hflm")
@@ -382,7 +382,7 @@ def test_smollm2_on_the_miniature_tasks(smol: Any) -> None:
     mc = load_task("tl_mc_mini", test={"limit": 8}, include_defaults=False)
     res = evaluate_split(smol, mc.test, batch_size=8)
     view = mc.test.as_task(smol.tokenizer)
-    ours = evaluate(smol, view, progress=False, batch_size=8)
+    ours = evaluate(smol, view, engine="tl_transplant", progress=False, batch_size=8)
     assert np.array_equal(ours.scores, res.scores)  # same prompts, same tokens, same acc
     assert res.mean > 0.5  # a 135M instruct model knows capitals and small sums
     math = load_task({"lm_eval": "tl_math500_mini", "test": {"limit": 2},
