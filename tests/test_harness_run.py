@@ -90,9 +90,14 @@ def test_config_errors_name_the_key(pair_dirs: Any, task: dict[str, Any], messag
         load_config(_cfg(pair_dirs, task))
 
 
-def test_control_task_errors_name_their_entry(pair_dirs: Any) -> None:
+def test_control_task_errors_name_their_entry(pair_dirs: Any,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match=r"control_tasks\.0: test\.limit must be a positive"):
         load_config(_cfg(pair_dirs, _mc(), [_mc(test={"limit": 0})]))
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # not installed: said before any model
+    with pytest.raises(ConfigError, match=r"control_tasks\.0: lm-evaluation-harness is not "
+                       r"installed; " + re.escape(INSTALL_HINT)):
+        load_config(_cfg(pair_dirs, {"path": "x.jsonl"}, [_mc()]))
 
 
 # ---- a whole run ---------------------------------------------------------------------------

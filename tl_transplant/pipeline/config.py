@@ -190,6 +190,21 @@ class TaskConfig(_Strict):
         return [p for p in (self.path, self.test_path) if p]
 
 
+def _require_lm_eval_installed() -> None:
+    """Fail at config time (not after the models loaded) when the ``lm_eval`` extra is
+    missing; a cheap look-up, lm-eval itself is imported when the task loads."""
+    import importlib.util
+
+    from tl_transplant.harness.errors import INSTALL_HINT
+
+    try:
+        found = importlib.util.find_spec("lm_eval") is not None
+    except (ImportError, ValueError):  # a broken or blocked install
+        found = False
+    if not found:
+        raise ValueError(f"lm-evaluation-harness is not installed; {INSTALL_HINT}")
+
+
 class LmEvalTaskConfig(_Strict):
     """An lm-evaluation-harness task (:mod:`tl_transplant.harness`; the ``lm_eval`` extra).
 
@@ -227,6 +242,7 @@ class LmEvalTaskConfig(_Strict):
         from tl_transplant.harness.spec import HarnessSpec
 
         if isinstance(data, dict):
+            _require_lm_eval_installed()
             name = data.get("name")
             if name is not None and (not isinstance(name, str) or not name.strip()):
                 raise ValueError(f"name must be a non-empty string (got {name!r:.80})")
