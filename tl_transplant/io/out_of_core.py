@@ -39,7 +39,6 @@ import hashlib
 import logging
 import math
 import os
-import shutil
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -72,7 +71,7 @@ from tl_transplant.io.checkpoint import (
     write_pickle_shards,
     write_safetensors_shards,
 )
-from tl_transplant.io.export import commit_out_dir, prepare_out_dir
+from tl_transplant.io.export import commit_out_dir, discard_out_dir, prepare_out_dir
 
 log = logging.getLogger(__name__)
 
@@ -603,9 +602,9 @@ def _apply(
             tmp / MANIFEST_NAME,
             ManifestDoc(out_records, prior.transplants, masks={**prior.masks, **doc.masks}),
         )
-        commit_out_dir(tmp, out)
+        commit_out_dir(tmp, out, overwrite)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard_out_dir(tmp, out)
         raise
     log.info(
         "wrote %s: %d tensors blended in %d of %d shards",
