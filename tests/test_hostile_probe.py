@@ -205,3 +205,187 @@ def test_sweep_save_into_an_earlier_run_does_not_mix_two_runs(
     res.save(d, overwrite=True)  # the old run's own files go, the user's stay
     assert sorted(p.name for p in d.iterdir()) == ["notes.md", "results.json", "sweep.csv",
                                                    "sweep.png"]
+
+
+# ---- tracebacks become our errors ------------------------------------------------------------
+
+
+def _tiny_gguf(path: Path, *, embed_cols: int) -> Path:
+    """A one-layer llama GGUF (8-wide); ``embed_cols != 8`` contradicts its own metadata."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    d, ff, v = 8, 16, 12
+    w.add_block_count(1)
+    w.add_context_length(32)
+    w.add_embedding_length(d)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(2)
+    w.add_head_count_kv(2)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_file_type(0)
+    w.add_tokenizer_model("llama")
+    w.add_token_list([chr(97 + i) for i in range(v)])
+    w.add_token_types([1] * v)
+    w.add_token_scores([0.0] * v)
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+    rng = np.random.default_rng(0)
+    shapes = {"token_embd.weight": (v, embed_cols), "output_norm.weight": (d,),
+              "output.weight": (v, d), "blk.0.attn_norm.weight": (d,),
+              "blk.0.ffn_norm.weight": (d,), "blk.0.ffn_gate.weight": (ff, d),
+              "blk.0.ffn_up.weight": (ff, d), "blk.0.ffn_down.weight": (d, ff),
+              **{f"blk.0.{n}.weight": (d, d) for n in ("attn_q", "attn_k", "attn_v",
+                                                       "attn_output")}}
+    for name, shape in shapes.items():
+        w.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_gguf_whose_shapes_contradict_its_metadata(
+    tmp_path: Path, task: Task, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tl_transplant.errors import ModelLoadError
+    from tl_transplant.models.gguf import load_gguf
+
+    good = _tiny_gguf(tmp_path / "good.gguf", embed_cols=8)
+    assert load_gguf(good)[0].config.hidden_size == 8  # the writer itself is sound
+    bad = _tiny_gguf(tmp_path / "bad.gguf", embed_cols=11)
+    with pytest.raises(ModelLoadError, match="contradict its own metadata.*Re-convert"):
+        ModelPair.load(str(bad), str(bad))
+    t = tmp_path / "t.jsonl"
+    t.write_text("".join(json.dumps(r) + "\n" for r in task.to_records()))
+    rc, err = _main(["score", "--source", str(bad), "--target", str(bad), "--task", str(t),
+                     "--out", str(tmp_path / "s.json"), "--quiet"], capsys)
+    assert rc == 2 and "contradict" in err and "Traceback" not in err, err
+
+
+def test_attribution_ig_steps_are_capped(
+    pair: ModelPair, task: Task, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tl_transplant.scoring import score
+    from tl_transplant.scoring.attribution_ig import MAX_STEPS
+    from tl_transplant.scoring.registry import ScoringError
+
+    with pytest.raises(ScoringError, match=f"steps=1000000000 is invalid.*1 to {MAX_STEPS}"):
+        score(pair, task, method="attribution_ig", steps=10**9)
+    monkeypatch.setattr(ModelPair, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    rc, err = _main(["score", "--source", "s", "--target", "t", "--task", "x.jsonl",
+                     "--method", "attribution_ig", "--option", "steps=1000000000"], capsys)
+    assert rc == 2 and f"1 to {MAX_STEPS}" in err, err
+    assert score(pair, task.subset(range(4)), method="attribution_ig", steps=MAX_STEPS // 500,
+                 progress=False).meta["steps"] == 2
+
+
+def test_yaml_alias_bomb_is_refused_before_it_is_built(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tl_transplant.pipeline.config import MAX_YAML_NODES, ConfigError, load_config
+
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for prev, name in zip("abcdefgh", "bcdefghi", strict=True):
+        lines.append(f"{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]")
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\n")
+    assert bomb.stat().st_size < 700
+    rc, err = _main(["run", str(bomb), "--out", str(tmp_path / "o")], capsys)
+    assert rc == 2 and "aliases" in err and f"{MAX_YAML_NODES:,}" in err, err
+    assert not (tmp_path / "o").exists()
+    # The formatter never builds the full repr of a huge (shared) value.
+    x: list[Any] = ["lol"] * 9
+    for _ in range(9):
+        x = [x] * 9
+    with pytest.raises(ConfigError) as e:
+        load_config({"source": "s", "target": "t", "task": {"path": "x.jsonl"},
+                     "sweep": {"alpha": x}})
+    msg = str(e.value)
+    assert "sweep.alpha" in msg and len(msg) < 2000, msg[:300]
+    small = tmp_path / "small.yaml"  # aliases within the limit still work
+    small.write_text("a: &a [1, 2]\nsource: s\ntarget: t\ntask: {path: x.jsonl}\n"
+                     "sweep: {alpha: [0.5, 1.0]}\n")
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(small)  # 'a' is not a config key: validation ran on the built document
+
+
+@pytest.mark.parametrize(("key", "value", "says"), [
+    ("target", "x", "target must be an object"),
+    ("tensors", "x", "tensors must be a list"),
+    ("tensors", [{"name": "model.embed_tokens.weight", "shape": 7}], "shape must be a list"),
+    ("tensors", ["x"], r"tensors\[0\] must be an object"),
+    ("kv_added", [3], "kv_added must be a list of unit strings"),
+    ("n_params_moved", "12", "n_params_moved must be an integer"),
+    ("alpah", 0.5, "unknown key"),
+])
+def test_manifest_records_of_wrong_types(
+    pair: ModelPair, dirs: tuple[Path, Path], tmp_path: Path,
+    capsys: pytest.CaptureFixture[str], key: str, value: Any, says: str,
+) -> None:
+    from tl_transplant.edit.edits import apply_transplant
+    from tl_transplant.edit.manifest import ManifestError, read_manifest
+
+    m = apply_transplant(pair, ["L0.H1"], 0.5)
+    rec = {**m.to_dict(), key: value}
+    with pytest.raises(ManifestError, match=says):
+        read_manifest({"transplants": [rec]})
+    f = tmp_path / "m.json"
+    f.write_text(json.dumps({"transplants": [rec]}))
+    rc, err = _main(["apply", "--source", str(dirs[0]), "--target", str(dirs[1]),
+                     "--manifest", str(f), "--out", str(tmp_path / "o")], capsys)
+    assert rc == 2 and says.replace("\\", "") in err and "Traceback" not in err, err
+
+
+def test_manifest_with_an_unknown_top_level_key_is_refused(pair: ModelPair) -> None:
+    from tl_transplant.edit.edits import apply_transplant
+    from tl_transplant.edit.manifest import ManifestError, read_manifest
+
+    rec = apply_transplant(pair, ["L0.H1"], 0.5).to_dict()
+    with pytest.raises(ManifestError, match="unknown top-level key.*'alpha'.*transplants"):
+        read_manifest({"transplants": [rec], "alpha": 1.0})
+    assert read_manifest({"transplants": [rec], "note": "free text"}).transplants[0]["alpha"] \
+        == 0.5
+
+
+def test_malicious_pickle_with_allow_pickle_is_not_a_checkpoint(
+    dirs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    import warnings
+
+    from tl_transplant.errors import ModelLoadError
+    from tl_transplant.io.checkpoint import Checkpoint, CheckpointError
+    from tl_transplant.models.side import ModelSide
+
+    flag = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self) -> tuple[Any, ...]:
+            return (Path.touch, (flag,))
+
+    pk = tmp_path / "pk"
+    pk.mkdir()
+    for f in dirs[1].iterdir():
+        if f.suffix == ".json":
+            shutil.copy(f, pk / f.name)
+    torch.save({"model.embed_tokens.weight": Evil()}, pk / "pytorch_model.bin")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ModelLoadError, match="not a loadable checkpoint.*nothing in them"):
+            ModelSide.load(str(pk), allow_pickle=True)
+        with pytest.raises(CheckpointError, match="not a loadable checkpoint"):
+            Checkpoint.open(pk, "target", allow_pickle=True)
+    assert not flag.exists()
+
+
+def test_api_load_checks_the_device_before_loading(dirs: tuple[Path, Path]) -> None:
+    from tl_transplant.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="unknown device 'gpu'.*'cuda:N'"):
+        ModelPair.load(str(dirs[0]), str(dirs[1]), device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelLoadError, match="CUDA is not available.*device='cpu'"):
+            ModelPair.load(str(dirs[0]), str(dirs[1]), device="cuda:0")
