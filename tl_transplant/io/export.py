@@ -27,6 +27,7 @@ import torch
 
 from tl_transplant.edit.manifest import MANIFEST_NAME as MANIFEST_NAME  # re-exported
 from tl_transplant.edit.manifest import Manifest, ManifestDoc, write_manifest
+from tl_transplant.edit.patching import patch_activations
 from tl_transplant.errors import TLTransplantError
 from tl_transplant.models.pair import ModelPair
 from tl_transplant.models.side import ModelSide
@@ -351,6 +352,14 @@ def export_hf(
             f"tensors (e.g. {side.offloaded[0]}) to cpu/disk, so they are not in memory to "
             "export. Save the transplant manifest and run `tl-transplant apply` "
             "(apply_manifest_out_of_core) on the checkpoints instead."
+        )
+    patches = patch_activations.active_on(side.hf)
+    if patches:
+        raise ExportError(
+            f"export_hf inside an active {patches[0]!r} context: activation patching changes "
+            "no weights, so the export would be the unedited target with an empty manifest. "
+            "Make a weight transplant (transplant / apply_transplant) and export that, outside "
+            "the patch_activations block."
         )
     shard_bytes = check_shard_size(max_shard_size)
     out, tmp = prepare_out_dir(out_dir, overwrite, inputs=_input_dirs(pair_or_side))

@@ -277,18 +277,30 @@ def all_finite(t: torch.Tensor) -> bool:
 
 
 def check_finite_weights(
-    params: dict[str, torch.Tensor], names: list[str], name: str, role: str
+    params: dict[str, torch.Tensor], names: list[str], name: str, role: str,
+    *, warn_only: bool = False,
 ) -> None:
     """Refuse NaN/inf in any floating tensor (unit tensors first, then embeddings, norms...).
 
     Every tensor is checked, not just the unit tensors: a NaN in ``embed_tokens`` or a
     norm poisons every forward the scores and the sweep run. One pass over the weights,
-    chunked, so it costs about as much as reading them once.
+    chunked, so it costs about as much as reading them once. ``warn_only`` (what
+    ``check_finite=False`` asks for): load anyway, with one warning saying what follows.
     """
     order = list(dict.fromkeys([*names, *params]))
     for n in order:
         t = params[n]
         if t.is_floating_point() and t.device.type != "meta" and not all_finite(t):
+            if warn_only:
+                warnings.warn(
+                    f"{role} {name!r} has NaN or inf values in {n}, loaded anyway "
+                    "(check_finite=False): forwards that read it give NaN logits, so the "
+                    "scores of the units they touch are NaN (Scores.top() skips them) and "
+                    "accuracies count those examples as wrong (0.0). Fix the checkpoint for "
+                    "results that mean something.",
+                    UserWarning, stacklevel=4,
+                )
+                return
             raise NonFiniteWeightsError(
                 f"{role} {name!r} has NaN or inf values in {n}. Transplanting from or into it "
                 "would spread them; fix the checkpoint, or pass check_finite=False "

@@ -174,8 +174,8 @@ class ModelSide:
             params[k] = v
         shapes = {k: tuple(v.shape) for k, v in params.items()}
         layout = bind_layout(config, shapes)
-        if check_finite:
-            check_finite_weights(params, layout.unit_tensors(), name, role)
+        check_finite_weights(params, layout.unit_tensors(), name, role,
+                             warn_only=not check_finite)  # unchecked: a note, not silence
         identity = dict(identity or {})
         identity.setdefault("name", name)
         identity["model_type"] = layout.model_type

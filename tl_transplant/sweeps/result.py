@@ -310,6 +310,8 @@ class SweepResult:
             )
         d = Path(directory)
         old = run_files(d)
+        if not any(p.name in RUN_MARKERS for p in old):
+            old = []  # e.g. the scores a run wrote just before its sweep: not an earlier run
         if old and not overwrite:
             raise SweepError(
                 f"{d} already holds the files of an earlier run or sweep ("
@@ -335,6 +337,9 @@ RUN_FILES = ("results.json", "sweep.json", "sweep.csv", "sweep.png", "comparison
              "report.html", "transplant_manifest.json", "scores_*.json",
              "weights-*.safetensors", "model")
 """The files a sweep or a run writes at the top of its directory (glob patterns)."""
+#: The files that mark a directory as an earlier run's or sweep's (scores alone do not).
+RUN_MARKERS = frozenset({"results.json", "sweep.json", "sweep.csv", "sweep.png",
+                         "comparison.csv", "report.html", "transplant_manifest.json"})
 
 
 def run_files(d: Path) -> list[Path]:
@@ -353,4 +358,4 @@ def _pair(ci: list[float] | None) -> tuple[float, float] | None:
     return None if ci is None else (ci[0], ci[1])
 
 
-__all__ = ["RUN_FILES", "SweepResult", "run_files"]
+__all__ = ["RUN_FILES", "RUN_MARKERS", "SweepResult", "run_files"]
