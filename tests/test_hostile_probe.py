@@ -7,8 +7,11 @@ tracebacks, silently accepted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -354,8 +357,6 @@ def test_manifest_with_an_unknown_top_level_key_is_refused(pair: ModelPair) -> N
 def test_malicious_pickle_with_allow_pickle_is_not_a_checkpoint(
     dirs: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    import warnings
-
     from tl_transplant.errors import ModelLoadError
     from tl_transplant.io.checkpoint import Checkpoint, CheckpointError
     from tl_transplant.models.side import ModelSide
@@ -389,3 +390,180 @@ def test_api_load_checks_the_device_before_loading(dirs: tuple[Path, Path]) -> N
     if not torch.cuda.is_available():
         with pytest.raises(ModelLoadError, match="CUDA is not available.*device='cpu'"):
             ModelPair.load(str(dirs[0]), str(dirs[1]), device="cuda:0")
+
+
+# ---- silently accepted -----------------------------------------------------------------------
+
+
+def test_duplicated_choices_are_named(tmp_path: Path) -> None:
+    from tl_transplant.errors import TaskError
+
+    with pytest.raises(TaskError, match=r"choice\(s\) ' b' appear more than once"):
+        Task("t", ["q a", "q b"], [" a", " b"], metric="mc_logprob",
+             choices=[[" a", " b"], [" b", " c", " b"]])
+    f = tmp_path / "mc.jsonl"
+    f.write_text(json.dumps({"prompt": "q", "answer": " a", "choices": [" a", " a"]}) + "\n")
+    with pytest.raises(TaskError, match="appear more than once"):
+        Task.from_dataset(str(f), metric="mc_logprob", choices_field="choices")
+
+
+def test_next_token_acc_warns_once_on_multi_token_answers(pair: ModelPair, task: Task) -> None:
+    from tl_transplant.evaluation.evaluator import evaluate
+
+    multi = Task("probe_multi", task.prompts[:6], [a + " n1" for a in task.answers[:6]],
+                 prepend_bos=True)
+    with pytest.warns(UserWarning, match="scores only the first token.*6 of 6") as got:
+        first = evaluate(pair.target, multi, progress=False)
+        evaluate(pair.target, multi, progress=False)  # a sweep evaluates many times: once
+    assert sum("first token" in str(w.message) for w in got) == 1
+    single = Task("probe_single", task.prompts[:6], task.answers[:6], prepend_bos=True)
+    with warnings_as_errors():
+        assert evaluate(pair.target, single, progress=False).mean == first.mean
+
+
+@contextlib.contextmanager
+def warnings_as_errors() -> Iterator[None]:
+    """No UserWarning may be raised inside (the negative half of a warning test)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        yield
+
+
+def test_prompts_in_both_dev_and_test_warn(task: Task) -> None:
+    from tl_transplant.sweeps.search import split_task
+
+    dup = Task("dup", [*task.prompts[:10], task.prompts[0]] * 2,
+               [*task.answers[:10], task.answers[0]] * 2, prepend_bos=True)
+    with pytest.warns(UserWarning, match="prompt.*in both dev and test"):
+        dup.split(0.5, 0)
+    a, b = task.subset(range(0, 10)), task.subset(range(5, 15))  # overlapping files
+    with pytest.warns(UserWarning, match="5 prompt.*in both dev and test.*Remove"):
+        split_task((a, b), 0.5, 0, "task")
+    with warnings_as_errors():
+        task.split(0.5, 0)  # the zoo task has no duplicates: no warning
+
+
+def test_manifest_without_hashes_compounds_out_of_core_with_a_warning(
+    dirs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from tl_transplant.edit.manifest import MANIFEST_FORMAT, MANIFEST_NAME
+    from tl_transplant.io.out_of_core import apply_manifest_out_of_core
+
+    hand = tmp_path / "hand.json"
+    hand.write_text(json.dumps({"transplants": [
+        {"format": MANIFEST_FORMAT, "units": ["L0.H1"], "alpha": 0.5}]}))
+    once = apply_manifest_out_of_core(dirs[0], dirs[1], hand, tmp_path / "once")
+    with pytest.warns(UserWarning, match=r"already holds from its own transplant #0 "
+                      r"\(unit L0.H1, alpha=0.5\); the blends compound"):
+        twice = apply_manifest_out_of_core(dirs[0], once, hand, tmp_path / "twice")
+    rec = json.loads((twice / MANIFEST_NAME).read_text())["transplants"][0]
+    assert rec["extra"]["compounds_with"][0]["units"] == ["L0.H1"]
+
+
+def test_tiny_dev_split_zero_budget_and_k0_are_refused(
+    pair: ModelPair, task: Task, dirs: tuple[Path, Path], tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from tl_transplant.scoring import score
+    from tl_transplant.sweeps.protocol import sweep
+    from tl_transplant.sweeps.search import SweepError
+
+    s = score(pair, task, method="weight_diff", units="head")
+    kw: dict[str, Any] = dict(alphas=[1.0], n_boot=20, progress=False, control_tasks=[])
+    with pytest.raises(SweepError, match=r"dev split has 1 example.*dev_fraction=0.001"):
+        sweep(pair, task, s, ks=[1], dev_fraction=0.001, **kw)
+    with pytest.raises(SweepError, match=r"ks=\[0\] sweeps nothing"):
+        sweep(pair, task, s, ks=[0], **kw)
+    with pytest.raises(SweepError, match=r"nothing to sweep.*budget 1e-09.*smallest unit"):
+        sweep(pair, task, s, ks=[], budgets=[1e-9], **kw)
+    with pytest.warns(UserWarning, match="chosen on 4 dev examples"):
+        sweep(pair, task.subset(range(8)), s, ks=[1], **kw)
+    cfg = {"source": str(dirs[0]), "target": str(dirs[1]), "seed": 0,
+           "task": {"path": str(tmp_path / "t.jsonl"), "prepend_bos": True,
+                    "dev_fraction": 0.001},
+           "selection": {"methods": ["weight_diff"], "units": ["head"]},
+           "sweep": {"k": [1], "alpha": [1.0]}}
+    (tmp_path / "t.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in task.to_records()))
+    (tmp_path / "c.yaml").write_text(json.dumps(cfg))
+    rc, err = _main(["run", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "o"),
+                     "--quiet"], capsys)
+    assert rc == 2 and "dev split has 1 example" in err and not (tmp_path / "o").exists()
+
+
+def test_generation_longer_than_the_context_is_refused(pair: ModelPair, task: Task) -> None:
+    from tl_transplant.errors import TaskError
+    from tl_transplant.evaluation.evaluator import evaluate
+
+    t = Task("gen", task.prompts[:2], task.answers[:2], metric="exact_match",
+             max_new_tokens=100000, prepend_bos=True)
+    with pytest.raises(TaskError, match=r"100000 to generate\), more than the model's context "
+                       r"of 32.*lower max_new_tokens"):
+        evaluate(pair.target, t, progress=False)
+
+
+def test_true_is_not_a_number(pair: ModelPair, task: Task) -> None:
+    from tl_transplant.edit.edits import TransplantError, apply_transplant, transplant
+    from tl_transplant.edit.patching import PatchError, patch_activations
+    from tl_transplant.errors import TaskError
+    from tl_transplant.sweeps.protocol import sweep
+    from tl_transplant.sweeps.search import SweepError
+
+    with pytest.raises(TaskError, match="max_new_tokens must be a positive int, got True"):
+        Task("t", ["a"], ["b"], metric="exact_match", max_new_tokens=True)  # type: ignore[arg-type]
+    with pytest.raises(TransplantError, match="alpha must be a number, got True"):
+        transplant(pair, ["L0.H1"], True)
+    with pytest.raises(TransplantError, match="alpha must be a number, got True"):
+        apply_transplant(pair, ["L0.H1"], True)
+    with pytest.raises(PatchError, match="alpha must be a number, got True"):
+        patch_activations(pair, ["L0.H1"], True)
+    with pytest.raises(SweepError, match="each alpha must be a number, got True"):
+        sweep(pair, task, ["L0.H1"], ks=[1], alphas=[True], progress=False)
+    assert not pair.applied
+
+
+def test_extract_boxed_is_linear() -> None:
+    import time
+
+    from tl_transplant.tasks.extract import extract_boxed, normalize_answer
+
+    cases = {"so \\boxed{\\frac{1}{2}}.": "\\frac{1}{2}", "\\boxed{1} then \\boxed{2": "1",
+             "\\boxed{ {{3}} }": "3", "$\\boxed{x\\{y\\}}$": "x\\{y\\}", "no box, 4.": "4",
+             "\\fbox{7} and 8": "7"}
+    assert {k: extract_boxed(k) for k in cases} == cases
+    assert normalize_answer("{\\boxed{1}}") == "{\\boxed{1}}"  # an inner box: kept as it was
+    t0 = time.perf_counter()
+    assert extract_boxed("\\boxed{" + "{" * 100_000 + "5" + "}" * 100_001) == "5"
+    assert extract_boxed("\\boxed{" * 8000) == ""
+    assert extract_boxed("{" * 100_000 + "6" + "}" * 100_000) == "6"
+    # Quadratic, these took about 20 minutes; linear, well under a second on any machine.
+    assert time.perf_counter() - t0 < 30
+
+
+def test_export_inside_patch_activations_is_refused(pair: ModelPair, tmp_path: Path) -> None:
+    from tl_transplant.edit.patching import patch_activations
+
+    with patch_activations(pair, ["L0.H1"]):
+        with pytest.raises(ExportError, match="changes no weights.*transplant"):
+            export_hf(pair, tmp_path / "o")
+    assert list(tmp_path.iterdir()) == []
+    assert (export_hf(pair, tmp_path / "o") / "model.safetensors").is_file()  # after: fine
+
+
+def test_unchecked_non_finite_weights_load_with_a_note(
+    dirs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from tl_transplant.models.side import ModelSide
+
+    nan = Path(shutil.copytree(dirs[1], tmp_path / "nan"))
+    state = load_file(str(nan / "model.safetensors"))
+    state["model.layers.0.self_attn.q_proj.weight"][1, 2] = float("inf")
+    save_file(state, str(nan / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match=r"q_proj.*loaded anyway \(check_finite=False\).*NaN "
+                      r"\(Scores.top\(\) skips them\)") as got:
+        ModelSide.load(str(nan), check_finite=False)
+    assert len([w for w in got if "loaded anyway" in str(w.message)]) == 1
+    with warnings_as_errors():
+        ModelSide.load(str(dirs[1]), check_finite=False)  # finite: no note
