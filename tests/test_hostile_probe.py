@@ -276,12 +276,12 @@ def test_attribution_ig_steps_are_capped(
     from tl_transplant.scoring.attribution_ig import MAX_STEPS
     from tl_transplant.scoring.registry import ScoringError
 
-    with pytest.raises(ScoringError, match=f"steps=1000000000 is invalid.*1 to {MAX_STEPS}"):
+    with pytest.raises(ScoringError, match=f"steps=1000000000 is invalid.*at most {MAX_STEPS}"):
         score(pair, task, method="attribution_ig", steps=10**9)
     monkeypatch.setattr(ModelPair, "load", lambda *a, **k: pytest.fail("a model was loaded"))
     rc, err = _main(["score", "--source", "s", "--target", "t", "--task", "x.jsonl",
                      "--method", "attribution_ig", "--option", "steps=1000000000"], capsys)
-    assert rc == 2 and f"1 to {MAX_STEPS}" in err, err
+    assert rc == 2 and f"at most {MAX_STEPS}" in err, err
     assert score(pair, task.subset(range(4)), method="attribution_ig", steps=MAX_STEPS // 500,
                  progress=False).meta["steps"] == 2
 

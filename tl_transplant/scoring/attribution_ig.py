@@ -130,7 +130,7 @@ class AttributionIG(Scorer):
         #: Number of path points (gradient evaluations per prompt), at most MAX_STEPS.
         steps: Annotated[int, Field(
             ge=1, le=MAX_STEPS,
-            description=f"an int from 1 to {MAX_STEPS} (each step is a forward and a backward "
+            description=f"an int >= 1, at most {MAX_STEPS} (each step is a forward and a backward "
             "of every batch; 5 to 50 is usual, the midpoint rule converges fast)")] = 5
         #: Where on each of the ``steps`` sub-intervals of [0, 1] the gradient is taken.
         rule: Rule = "midpoint"
