@@ -164,6 +164,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if nonempty and not (out / DEMO_MARKER).is_file() and not args.overwrite:
         return _fail("demo", f"{out} is not empty and is not a previous demo output; choose "
                      "another --out, or pass --overwrite to replace it")
+    added = _demo_foreign(out) if nonempty and not args.overwrite else []
+    if added:  # the demo replaces its own output only, never files a user put there
+        return _fail("demo", f"{out} is a previous demo output but also holds files the demo "
+                     f"did not write ({', '.join(added[:5])}{', ...' if len(added) > 5 else ''})"
+                     "; move them elsewhere or choose another --out (--overwrite replaces the "
+                     "directory, those files included)")
     if args.quiet:
         _quiet_libraries()
     from tl_transplant import zoo
@@ -174,12 +180,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     res = run(demo_config(args.pair, export=not args.no_export, full=args.full), out,
               overwrite=True,
               progress=not args.quiet, log=(lambda *_: None) if args.quiet else print)
-    (out / DEMO_MARKER).write_text("written by `tl-transplant demo`; the demo may replace "
-                                   "this directory\n")
+    (out / DEMO_MARKER).write_text(  # and what it wrote: the demo replaces only those
+        "written by `tl-transplant demo`; the demo may replace this directory\n"
+        + "".join(f"{p.name}\n" for p in sorted(out.iterdir()) if p.name != DEMO_MARKER))
     print()
     print(res.table())
     print(f"\nwrote {out}/ ({_written(out)})")
     return 0
+
+
+def _demo_foreign(out: Path) -> list[str]:
+    """Entries of a previous demo output the demo did not write (a user's notes, ...).
+
+    The marker lists what the demo wrote; a marker of an older version lists nothing,
+    and then the names a demo run writes count as its own.
+    """
+    import fnmatch
+
+    lines = (out / DEMO_MARKER).read_text(errors="replace").splitlines()[1:]
+    own = {n for n in lines if n} or {"results.json", "sweep.json", "sweep.csv", "sweep.png",
+                                      "comparison.csv", "report.html", "model", "scores_*.json",
+                                      "transplant_manifest.json", "weights-*.safetensors"}
+    return [p.name for p in sorted(out.iterdir()) if p.name != DEMO_MARKER
+            and not any(fnmatch.fnmatch(p.name, pat) for pat in own)]
 
 
 def _written(out: Path) -> str:
@@ -243,6 +266,7 @@ def _scorer_options(method: str, items: Sequence[str]) -> dict[str, Any]:
 def cmd_score(args: argparse.Namespace) -> int:
     from tl_transplant.arch.units import parse_kinds_or_units
     from tl_transplant.edit.weights import WEIGHT
+    from tl_transplant.io.export import check_out_file, replace_file
     from tl_transplant.models.pair import ModelPair
     from tl_transplant.scoring import score
     from tl_transplant.scoring.weight_scores import WeightScores
@@ -257,6 +281,7 @@ def cmd_score(args: argparse.Namespace) -> int:
                      + (" (or .safetensors for the full weight scores)" if weights else ""))
     if out.is_dir():
         return _fail("score", f"--out {out} is a directory; give a file name like scores.json")
+    check_out_file(out, args.overwrite, inputs=(args.task, args.source, args.target))
     task = _load_task_arg(args.task, args.prompt_field, args.answer_field, args.metric,
                           args.prepend_bos)
     pair = ModelPair.load(args.source, args.target, device=args.device, **_load_options(args))
@@ -269,13 +294,13 @@ def cmd_score(args: argparse.Namespace) -> int:
     if isinstance(s, WeightScores):
         view = s.unit_view(pair.layout, ("head", "neuron"))
         if out.suffix.lower() == ".safetensors":
-            s.save(out)  # every weight's score
+            replace_file(out, s.save)  # every weight's score
         else:
-            view.save(out)  # the unit view: per-head/neuron sums, an ordinary Scores file
+            replace_file(out, view.save)  # the unit view: per-head/neuron sums, a Scores file
         print(f"top {args.top} units by {args.method} (single weights summed per unit):")
         top = view.top(args.top)
     else:
-        s.save(out)
+        replace_file(out, s.save)
         print(f"top {args.top} units by {args.method}:")
         top = s.top(args.top)
     for u in top:
@@ -543,6 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=_positive_int, default=8)
     s.add_argument("--top", type=_positive_int, default=10, help="how many top units to print")
     s.add_argument("--out", default="scores.json", help="scores file (.json or .parquet)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     s.add_argument("--device", type=_device, default="cpu")
     s.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="a scorer option (repeatable), VALUE read as JSON when it parses, "

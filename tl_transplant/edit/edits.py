@@ -282,6 +282,8 @@ class transplant:  # noqa: N801 - used as a context manager, reads like a functi
         kv: KVMode = "group",
         allow_extrapolation: bool = False,
     ) -> None:
+        if isinstance(alpha, bool) or type(alpha).__name__ == "bool_":  # True is not 1.0
+            raise TransplantError(f"alpha must be a number, got {alpha!r}")
         alpha = float(alpha)
         if not torch.isfinite(torch.tensor(alpha)):
             raise TransplantError(f"alpha must be a finite number, got {alpha}")

@@ -239,6 +239,68 @@ def _check_record(r: Any, i: int, label: str) -> None:
         raise ManifestError(
             f"{label}: transplant #{i} names no units; a transplant moves at least one unit"
         )
+    _check_types(r, f"{label}: transplant #{i}")
+
+
+#: Keys a record may hold: its fields, and what writers add (``fraction_params``, the
+#: export's ``reversible_context``).
+RECORD_KEYS = frozenset({*_RECORD_KEYS, "format", "fraction_params", "reversible_context"})
+#: Keys a manifest document may hold at its top level (``note``: free text for people).
+DOCUMENT_KEYS = frozenset({"transplants", "history", "note"})
+_TYPES: dict[str, tuple[type, str]] = {
+    "source": (dict, "an object (the model's identity)"),
+    "target": (dict, "an object (the model's identity)"),
+    "tensors": (list, "a list of tensor objects"),
+    "kv_added": (list, "a list of unit strings"),
+    "kv": (str, "'group' or 'none'"),
+    "n_units_by_kind": (dict, "an object of counts"),
+    "extra": (dict, "an object"),
+    "created": (str, "a date string"),
+    "n_params_moved": (int, "an integer"),
+    "n_params_target": (int, "an integer"),
+    "fraction_params": ((int, float), "a number"),  # type: ignore[dict-item]
+    "reversible_context": (bool, "true or false"),
+}
+
+
+def _is(v: Any, t: type | tuple[type, ...]) -> bool:
+    return isinstance(v, t) and not (isinstance(v, bool) and t in (int, (int, float)))
+
+
+def _check_types(r: dict[str, Any], where: str) -> None:
+    """Every key of a record known and of its type, so a bad hand edit is named here, not
+    met as an AttributeError deep inside an apply."""
+    unknown = sorted(set(map(str, r)) - RECORD_KEYS)
+    if unknown:
+        raise ManifestError(
+            f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; a record holds only "
+            f"{', '.join(sorted(RECORD_KEYS))} (a misspelt key would be ignored, so it is refused)"
+        )
+    for key, (t, what) in _TYPES.items():
+        if key in r and r[key] is not None and not _is(r[key], t):
+            raise ManifestError(f"{where}: {key} must be {what}, got {_kind(r[key])}")
+    if not all(isinstance(u, str) for u in r.get("kv_added") or []):
+        raise ManifestError(f"{where}: kv_added must be a list of unit strings")
+    for j, row in enumerate(r.get("tensors") or []):
+        at = f"{where}: tensors[{j}]"
+        if not isinstance(row, dict):
+            raise ManifestError(f"{at} must be an object with name, shape, ..., got {_kind(row)}")
+        if not isinstance(row.get("name"), str):
+            raise ManifestError(f"{at}: name must be the tensor's name (a string)")
+        shape = row.get("shape")
+        if shape is not None and not (isinstance(shape, list)
+                                      and all(_is(d, int) and d >= 0 for d in shape)):
+            raise ManifestError(f"{at}: shape must be a list of sizes like [576, 576], "
+                                f"got {_kind(shape)}")
+        for key in ("sha256", "sha256_before", "dtype"):
+            if key in row and not isinstance(row[key], str):
+                raise ManifestError(f"{at}: {key} must be a string, got {_kind(row[key])}")
+
+
+def _kind(v: Any) -> str:
+    """``the str 'x'`` / ``the int 7``: what a value is, cut short."""
+    text = repr(v) if isinstance(v, (str, int, float, bool)) or v is None else ""
+    return f"the {type(v).__name__} {text[:40]}".rstrip()
 
 
 def _check_weights(w: Any, where: str) -> None:
@@ -373,6 +435,17 @@ def read_manifest(
         data = data.to_dict()
     history: list[Any] = []
     if isinstance(data, dict) and "transplants" in data:
+        unknown = sorted(set(map(str, data)) - DOCUMENT_KEYS)
+        if unknown and check:
+            raise ManifestError(
+                f"{label}: unknown top-level key(s) {', '.join(map(repr, unknown))} beside "
+                "transplants; a document holds only transplants, history and a note, and each "
+                "transplant its own alpha, units, ... (edit transplants[i].alpha, not a "
+                "top-level alpha, which would be ignored)"
+            )
+        if not isinstance(data["transplants"], list) or not isinstance(
+                data.get("history") or [], list):
+            raise ManifestError(f"{label}: transplants and history must be lists of records")
         history = list(data.get("history") or [])
         data = data["transplants"]
     items = data if isinstance(data, (list, tuple)) else [data]
@@ -428,6 +501,7 @@ def write_manifest(path: str | os.PathLike[str], manifest: ManifestLike) -> Path
 
 
 __all__ = [
+    "DOCUMENT_KEYS",
     "MANIFEST_FORMAT",
     "MANIFEST_NAME",
     "MASK_FILE_RE",
@@ -435,6 +509,7 @@ __all__ = [
     "ManifestDoc",
     "ManifestError",
     "ManifestLike",
+    "RECORD_KEYS",
     "manifest_document",
     "mask_entry",
     "read_manifest",

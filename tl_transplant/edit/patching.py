@@ -118,6 +118,8 @@ class patch_activations:  # noqa: N801 - a context manager that reads like a fun
         mode: PatchMode = "activation",
         kv: Literal["none", "group"] = "none",
     ) -> None:
+        if isinstance(alpha, bool) or type(alpha).__name__ == "bool_":  # True is not 1.0
+            raise PatchError(f"alpha must be a number, got {alpha!r}")
         alpha = float(alpha)
         if not torch.isfinite(torch.tensor(alpha)):
             raise PatchError(f"alpha must be a finite number, got {alpha}")
@@ -323,6 +325,14 @@ class patch_activations:  # noqa: N801 - a context manager that reads like a fun
         src = _fresh_cache(target_cache, self.pair.source.hf.config)
         self._caches[key] = (target_cache, src)
         return src
+
+    @staticmethod
+    def active_on(module: torch.nn.Module) -> list[patch_activations]:
+        """The patch_activations contexts now active on ``module`` (a side's ``hf``): each
+        registers a forward pre-hook there while it is entered."""
+        hooks = getattr(module, "_forward_pre_hooks", {}) or {}
+        found = [getattr(h, "__self__", None) for h in hooks.values()]
+        return [p for p in found if isinstance(p, patch_activations)]
 
     # ---- context -------------------------------------------------------------------------
     def __enter__(self) -> patch_activations:

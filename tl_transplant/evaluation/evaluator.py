@@ -246,6 +246,10 @@ def evaluate(
     else:
         bos = resolve_prepend_bos(None, setting)
     metric = get_metric(task.metric)
+    if isinstance(metric, GenerationMetric):  # prompt + max_new_tokens within the context
+        hf_config = getattr(runner.generator, "config", None)
+        if hf_config is not None:
+            task.check_fits(runner.tokenizer, bos, hf_config)
     from tqdm.auto import tqdm
 
     bar = tqdm(

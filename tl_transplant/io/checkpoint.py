@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import shutil
 import warnings
 from collections.abc import Callable
@@ -267,6 +268,12 @@ class Checkpoint:
                 if "mmap" not in str(e):
                     raise
                 sd = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:  # the weights_only loader refused an object
+            raise CheckpointError(
+                f"{self.where}: {file} is not a loadable checkpoint: it holds objects other "
+                "than tensors (possibly code), which the safe loader refused; nothing in it "
+                "was run. Use a safetensors copy from a source you trust."
+            ) from e
         except Exception as e:  # noqa: BLE001 - unpickling fails in many ways; all mean "bad shard"
             raise CheckpointError(
                 f"{self.where}: cannot read {file}: {type(e).__name__}: {e}"

@@ -27,6 +27,7 @@ import torch
 
 from tl_transplant.edit.manifest import MANIFEST_NAME as MANIFEST_NAME  # re-exported
 from tl_transplant.edit.manifest import Manifest, ManifestDoc, write_manifest
+from tl_transplant.edit.patching import patch_activations
 from tl_transplant.errors import TLTransplantError
 from tl_transplant.models.pair import ModelPair
 from tl_transplant.models.side import ModelSide
@@ -140,6 +141,44 @@ def check_not_input(out: Path, inputs: Iterable[Any]) -> None:
             )
 
 
+def check_out_file(out: str | Path, overwrite: bool, *, inputs: Iterable[Any] = ()) -> Path:
+    """Check an output *file* before any work: returns its resolved path.
+
+    Never a file the command reads (one of ``inputs``, or a file inside an input
+    directory such as a model's ``config.json``), even with ``overwrite``; an existing
+    file (an earlier run's ``results.json`` ...) only with ``overwrite``.
+    """
+    p = Path(out).expanduser().resolve()
+    for item in inputs:
+        if not isinstance(item, (str, os.PathLike)) or not str(item):
+            continue
+        q = Path(item).expanduser()
+        if q.exists() and (p == q.resolve() or (q.is_dir() and _inside(p, q.resolve())
+                                               and p.exists())):
+            raise ExportError(
+                f"--out {out} is {'the input' if p == q.resolve() else 'a file of the input'} "
+                f"{q}; writing there would destroy what is being read (even with "
+                "--overwrite). Choose another output file."
+            )
+    if p.exists() and not overwrite:
+        raise ExportError(
+            f"--out {out} already exists; choose a new file name or pass --overwrite "
+            "(overwrite=True) to replace it"
+        )
+    return p
+
+
+def replace_file(out: Path, write: Callable[[Path], Any]) -> None:
+    """Write ``out`` through ``write(temp path)`` beside it, then rename into place, so an
+    interrupted write never leaves a half-written file where an old one was."""
+    tmp = out.parent / f".{out.stem}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{out.suffix}"
+    try:
+        write(tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def prepare_out_dir(
     out_dir: str | Path, overwrite: bool, *, inputs: Iterable[Any] = ()
 ) -> tuple[Path, Path]:
@@ -179,16 +218,95 @@ def prepare_out_dir(
             f"cannot write {out}: {e.strerror or e} ({e.filename or out.parent}); choose a "
             "writable output directory"
         ) from e
+    try:
+        _claim(out, tmp, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out, tmp
 
 
-def commit_out_dir(tmp: Path, out: Path) -> None:
-    """Move a finished temporary directory into place (replacing ``out`` if present)."""
+def _claim_path(out: Path) -> Path:
+    return out.parent / f".{out.name}.claim"
+
+
+def _claim_holder(claim: Path) -> tuple[int, Path] | None:
+    """(pid, temporary directory) of a live claim on an output, None if it is stale.
+
+    A claim is live while its writer runs and its temporary directory exists: a writer
+    that failed removes its temporary directory, one that was killed leaves a dead pid.
+    """
+    try:
+        pid_text, _, tmp_name = claim.read_text().partition(" ")
+        pid, tmp = int(pid_text), claim.parent / tmp_name.strip()
+    except (OSError, ValueError):
+        return None
+    return (pid, tmp) if tmp_name.strip() and tmp.is_dir() and _pid_alive(pid) else None
+
+
+def _claim(out: Path, tmp: Path, overwrite: bool) -> None:
+    """Take the exclusive claim on ``out`` for the writer of ``tmp``: ``.<out>.claim``.
+
+    Two writers started on the same new output would otherwise both pass the emptiness
+    check and the second to finish would silently replace the first one's output. The
+    claim file is created with O_EXCL; a stale one (dead writer, or its temporary
+    directory gone) is taken over.
+    """
+    claim = _claim_path(out)
+    for _ in range(3):
+        try:
+            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _claim_holder(claim)
+            if holder is not None:
+                raise ExportError(
+                    f"another run (process {holder[0]}) is writing {out} right now; wait for "
+                    "it to finish or choose another output directory (--overwrite replaces a "
+                    "finished output, never one being written)"
+                ) from None
+            claim.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()} {tmp.name}")
+        return
+    raise ExportError(f"could not claim the output directory {out}; try again")
+
+
+def _release(out: Path, tmp: Path) -> None:
+    """Drop the claim on ``out`` if it is ours (the one naming ``tmp``)."""
+    claim = _claim_path(out)
+    try:
+        if claim.read_text().partition(" ")[2].strip() == tmp.name:
+            claim.unlink()
+    except OSError:
+        pass
+
+
+def discard_out_dir(tmp: Path, out: Path) -> None:
+    """Remove an unfinished temporary directory and drop its claim on ``out``."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    _release(out, tmp)
+
+
+def commit_out_dir(tmp: Path, out: Path, overwrite: bool = True) -> None:
+    """Move a finished temporary directory into place (replacing ``out`` if present).
+
+    With ``overwrite=False`` an ``out`` that became non-empty while this writer ran
+    (someone else wrote there) is not replaced: :class:`ExportError`, and the finished
+    output stays in ``tmp`` for the caller to keep or remove.
+    """
+    if not overwrite and out.is_dir() and any(out.iterdir()):
+        raise ExportError(
+            f"{out} was written by someone else while this run was working; it was left "
+            "as it is and this run's output was discarded. Choose a new output directory, "
+            "or pass --overwrite (overwrite=True) to replace an existing output."
+        )
     trash = None
     if out.exists():
         trash = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         out.rename(trash)
     tmp.rename(out)
+    _release(out, tmp)
     if trash is not None:
         shutil.rmtree(trash, ignore_errors=True)
 
@@ -235,6 +353,14 @@ def export_hf(
             "export. Save the transplant manifest and run `tl-transplant apply` "
             "(apply_manifest_out_of_core) on the checkpoints instead."
         )
+    patches = patch_activations.active_on(side.hf)
+    if patches:
+        raise ExportError(
+            f"export_hf inside an active {patches[0]!r} context: activation patching changes "
+            "no weights, so the export would be the unedited target with an empty manifest. "
+            "Make a weight transplant (transplant / apply_transplant) and export that, outside "
+            "the patch_activations block."
+        )
     shard_bytes = check_shard_size(max_shard_size)
     out, tmp = prepare_out_dir(out_dir, overwrite, inputs=_input_dirs(pair_or_side))
     try:
@@ -248,9 +374,9 @@ def export_hf(
                 pass
         side.tokenizer.save_pretrained(tmp)
         write_manifest(tmp / MANIFEST_NAME, _manifest_record(pair_or_side, manifest))
-        commit_out_dir(tmp, out)
+        commit_out_dir(tmp, out, overwrite)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard_out_dir(tmp, out)
         raise
     return out
 

@@ -39,7 +39,6 @@ import hashlib
 import logging
 import math
 import os
-import shutil
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -72,7 +71,7 @@ from tl_transplant.io.checkpoint import (
     write_pickle_shards,
     write_safetensors_shards,
 )
-from tl_transplant.io.export import commit_out_dir, prepare_out_dir
+from tl_transplant.io.export import commit_out_dir, discard_out_dir, prepare_out_dir
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +190,40 @@ def _prior_records(tgt: Checkpoint) -> ManifestDoc:
         )
         return ManifestDoc([])
     return ManifestDoc(doc.history + doc.transplants, masks=doc.masks)
+
+
+def _compounds(
+    records: list[dict[str, Any]], prior: list[dict[str, Any]], tgt: Checkpoint
+) -> dict[int, list[dict[str, Any]]]:
+    """Per record, the target's own earlier transplants it overlaps (same units, or the same
+    weight mask), warned about as the in-memory ``apply_transplant`` does: the blends
+    compound (a manifest applied to its own output twice at alpha=0.5 gives 0.75). A
+    manifest with hashes stops at the hash check instead; one without needs this."""
+    out: dict[int, list[dict[str, Any]]] = {}
+    for i, r in enumerate(records):
+        mine = {*r.get("units", []), *(r.get("kv_added") or [])}
+        mask = (r.get("weights") or {}).get("mask_sha256")
+        for j, p in enumerate(prior):
+            if not isinstance(p, dict):
+                continue
+            theirs = {*(p.get("units") or []), *(p.get("kv_added") or [])}
+            shared = sorted(map(str, mine & theirs))
+            same_mask = mask is not None and mask == (p.get("weights") or {}).get("mask_sha256")
+            if shared or same_mask:
+                out.setdefault(i, []).append({"transplant": j, "alpha": p.get("alpha"),
+                                              **({"units": shared} if shared else {}),
+                                              **({"mask_sha256": mask} if same_mask else {})})
+    for i, hits in out.items():
+        first = hits[0]
+        what = (f"unit {first['units'][0]}" if "units" in first else "its weight mask")
+        warnings.warn(
+            f"manifest transplant #{i} touches what {tgt.where} already holds from its own "
+            f"transplant #{first['transplant']} ({what}, alpha={first['alpha']}); the blends "
+            "compound (applying a manifest to its own output moves further toward the source). "
+            "Apply it to the original target instead; recorded as extra['compounds_with'].",
+            UserWarning, stacklevel=5,
+        )
+    return out
 
 
 def _plan_mask(
@@ -570,6 +603,7 @@ def _apply(
     ]
     touched = {n: rt[n] for p in plans for n in (*p.slices, *p.index)}
     blend = _Blender(src, rs, plans)
+    compounds = _compounds(records, _prior_records(tgt).transplants, tgt)
 
     out, tmp = prepare_out_dir(out_dir, overwrite)
     try:
@@ -594,18 +628,20 @@ def _apply(
         )
         info = {"source": str(src_dir), "target": str(tgt_dir), **stats}
         out_records = []
-        for r in records:
+        for i, r in enumerate(records):
             extra = dict(r.get("extra") or {})
             extra["out_of_core"] = info
+            if compounds.get(i):
+                extra["compounds_with"] = compounds[i]
             out_records.append({**r, "extra": extra})
         prior = _prior_records(tgt)
         write_manifest(
             tmp / MANIFEST_NAME,
             ManifestDoc(out_records, prior.transplants, masks={**prior.masks, **doc.masks}),
         )
-        commit_out_dir(tmp, out)
+        commit_out_dir(tmp, out, overwrite)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard_out_dir(tmp, out)
         raise
     log.info(
         "wrote %s: %d tensors blended in %d of %d shards",

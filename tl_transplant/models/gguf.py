@@ -181,6 +181,16 @@ def load_gguf(
         tok: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
     except (OSError, ValueError, KeyError, NotImplementedError) as e:
         raise ModelLoadError(f"could not load {str(path)!r} as a causal LM: {e}") from e
+    except RuntimeError as e:  # transformers: a tensor whose shape the config contradicts
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        if "ignore_mismatched_sizes" in first:  # transformers' advice, not ours to give
+            first = "transformers found tensors of the wrong size"
+        raise ModelLoadError(
+            f"could not load {str(path)!r}: its tensor shapes contradict its own metadata "
+            f"(the model it describes); the file is damaged or was written by a broken "
+            f"converter. Re-convert it (llama.cpp's convert_hf_to_gguf.py) or use the Hugging "
+            f"Face directory. ({first})"
+        ) from e
     # Dequantized weights are plain floats: drop the GGUF marker so saving and reloading
     # gives an ordinary checkpoint rather than one that asks for the .gguf file again.
     for obj in (hf.config, getattr(hf, "generation_config", None)):

@@ -22,6 +22,7 @@ import atexit
 import contextlib
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 import warnings
@@ -68,6 +69,33 @@ def one_line(e: BaseException) -> str:
     """The first line of an exception's message (its class name when it has none)."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def check_device(device: str | torch.device | None, role: str) -> None:
+    """A device that torch knows and this machine has, before anything loads (the API's
+    twin of the CLI's --device check); :class:`ModelLoadError` names the valid forms."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ModelLoadError(
+            f"{role}: unknown device {device!r}; use 'cpu', 'cuda', 'cuda:N' or 'mps' "
+            "(a torch.device works too)"
+        ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"{role}: device {device!r}: CUDA is not available on this "
+                                 "machine; use device='cpu'")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ModelLoadError(f"{role}: device {device!r}: this machine has {count} CUDA "
+                                 f"device(s) (cuda:0..cuda:{count - 1}); pick one of those")
+    elif dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ModelLoadError(f"{role}: device {device!r}: MPS is not available on this "
+                                 "machine; use device='cpu'")
 
 
 def is_local_dir(spec: Any) -> bool:
@@ -170,6 +198,13 @@ def load_hf(
         raise ModelLoadError(
             f"{role}: could not load a causal LM from {path!r}: {one_line(e)}"
         ) from e
+    except pickle.UnpicklingError as e:  # torch's weights_only loader refused the pickle
+        raise ModelLoadError(
+            f"{role}: the PyTorch pickle weights in {path!r} are not a loadable checkpoint: "
+            "they hold objects other than tensors (possibly code), which the safe loader "
+            "refused; nothing in them was run. Use a safetensors copy of the model from a "
+            "source you trust."
+        ) from e
     if device_map is None and device is not None:
         hf = hf.to(device)  # type: ignore[arg-type]  # HF stubs: .to is wrapped
     identity = {
@@ -242,18 +277,30 @@ def all_finite(t: torch.Tensor) -> bool:
 
 
 def check_finite_weights(
-    params: dict[str, torch.Tensor], names: list[str], name: str, role: str
+    params: dict[str, torch.Tensor], names: list[str], name: str, role: str,
+    *, warn_only: bool = False,
 ) -> None:
     """Refuse NaN/inf in any floating tensor (unit tensors first, then embeddings, norms...).
 
     Every tensor is checked, not just the unit tensors: a NaN in ``embed_tokens`` or a
     norm poisons every forward the scores and the sweep run. One pass over the weights,
-    chunked, so it costs about as much as reading them once.
+    chunked, so it costs about as much as reading them once. ``warn_only`` (what
+    ``check_finite=False`` asks for): load anyway, with one warning saying what follows.
     """
     order = list(dict.fromkeys([*names, *params]))
     for n in order:
         t = params[n]
         if t.is_floating_point() and t.device.type != "meta" and not all_finite(t):
+            if warn_only:
+                warnings.warn(
+                    f"{role} {name!r} has NaN or inf values in {n}, loaded anyway "
+                    "(check_finite=False): forwards that read it give NaN logits, so the "
+                    "scores of the units they touch are NaN (Scores.top() skips them) and "
+                    "accuracies count those examples as wrong (0.0). Fix the checkpoint for "
+                    "results that mean something.",
+                    UserWarning, stacklevel=4,
+                )
+                return
             raise NonFiniteWeightsError(
                 f"{role} {name!r} has NaN or inf values in {n}. Transplanting from or into it "
                 "would spread them; fix the checkpoint, or pass check_finite=False "
@@ -264,6 +311,7 @@ def check_finite_weights(
 
 __all__ = [
     "ModelSpec",
+    "check_device",
     "check_finite_weights",
     "is_local_dir",
     "load_hf",

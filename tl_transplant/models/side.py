@@ -35,6 +35,7 @@ from tl_transplant.errors import ModelLoadError
 from tl_transplant.models.gguf import is_gguf, load_gguf
 from tl_transplant.models.loading import (
     ModelSpec,
+    check_device,
     check_finite_weights,
     load_hf,
     load_tokenizer,
@@ -101,6 +102,7 @@ class ModelSide:
         float32, tokenizer from the same file), in-memory model, or ``(model, tokenizer)``."""
         if isinstance(spec, ModelSide):
             return spec
+        check_device(device, role)  # "gpu", or cuda on a machine without: before loading
         if isinstance(spec, tuple) and len(spec) == 2:
             spec, tokenizer = spec
         gguf_identity: dict[str, Any] | None = None
@@ -172,8 +174,8 @@ class ModelSide:
             params[k] = v
         shapes = {k: tuple(v.shape) for k, v in params.items()}
         layout = bind_layout(config, shapes)
-        if check_finite:
-            check_finite_weights(params, layout.unit_tensors(), name, role)
+        check_finite_weights(params, layout.unit_tensors(), name, role,
+                             warn_only=not check_finite)  # unchecked: a note, not silence
         identity = dict(identity or {})
         identity.setdefault("name", name)
         identity["model_type"] = layout.model_type

@@ -49,20 +49,20 @@ class _Strict(BaseModel):
 def _strict_int(v: Any) -> Any:
     """Refuse booleans and non-integers before pydantic's lax coercion turns ``true`` into 1."""
     if isinstance(v, bool) or not isinstance(v, int):
-        raise ValueError(f"must be an integer (got {v!r})")
+        raise ValueError(f"must be an integer (got {_short(v)})")
     return v
 
 
 def _strict_float(v: Any) -> Any:
     """Refuse booleans and strings; ints such as ``1`` are fine."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ValueError(f"must be a number (got {v!r})")
+        raise ValueError(f"must be a number (got {_short(v)})")
     return float(v)
 
 
 def _strict_bool(v: Any) -> Any:
     if not isinstance(v, bool):
-        raise ValueError(f"must be true or false (got {v!r})")
+        raise ValueError(f"must be true or false (got {_short(v)})")
     return v
 
 
@@ -81,7 +81,7 @@ _DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 def check_device(device: str) -> str:
     """Validate a device string and that this machine has it; ``ValueError`` names the fix."""
     if not isinstance(device, str) or not _DEVICE.match(device.strip().lower()):
-        raise ValueError(f"unknown device {device!r}; valid forms: {DEVICE_FORMS}")
+        raise ValueError(f"unknown device {_short(device)}; valid forms: {DEVICE_FORMS}")
     dev = device.strip().lower()
     import torch
 
@@ -135,14 +135,14 @@ class TaskConfig(_Strict):
     def _metric(cls, v: Any) -> Any:
         valid = available_metrics()  # the metric registry (tl_transplant.tasks.metrics)
         if not isinstance(v, str) or v not in valid:
-            raise ValueError(f"must be one of {', '.join(valid)} (got {v!r})")
+            raise ValueError(f"must be one of {', '.join(valid)} (got {_short(v)})")
         return v
 
     @field_validator("prepend_bos", mode="before")
     @classmethod
     def _bos(cls, v: Any) -> Any:
         if not (isinstance(v, bool) or v == "auto"):
-            raise ValueError(f"must be true, false or 'auto' (got {v!r:.80})")
+            raise ValueError(f"must be true, false or 'auto' (got {_short(v)})")
         return v
 
     @field_validator("path", "test_path", mode="before")
@@ -154,7 +154,7 @@ class TaskConfig(_Strict):
             v = str(v)
         if not isinstance(v, str) or not v.strip() or "\x00" in v:
             raise ValueError(
-                f"give a local file, a dataset folder or a hub dataset name (got {v!r:.80})"
+                f"give a local file, a dataset folder or a hub dataset name (got {_short(v)})"
             )
         return v
 
@@ -162,7 +162,7 @@ class TaskConfig(_Strict):
     @classmethod
     def _extract(cls, v: Any) -> Any:
         if v is not None and (not isinstance(v, str) or v not in EXTRACTORS):
-            raise ValueError(f"must be one of {', '.join(EXTRACTORS)} (got {v!r})")
+            raise ValueError(f"must be one of {', '.join(EXTRACTORS)} (got {_short(v)})")
         return v
 
     def task_kwargs(self) -> dict[str, Any]:
@@ -335,11 +335,12 @@ class SelectionConfig(_Strict):
         ok = available_methods()
         items = [v] if isinstance(v, str) else v
         if not isinstance(items, (list, tuple)):
-            raise ValueError(f"give a list of scoring methods (got {v!r}); valid: {', '.join(ok)}")
+            raise ValueError(f"give a list of scoring methods (got {_short(v)}); "
+                             f"valid: {', '.join(ok)}")
         for m in items:
             base = _base(m) if isinstance(m, str) else m
             if not isinstance(m, str) or base not in ok:
-                raise ValueError(f"unknown scoring method {m!r}; valid: {', '.join(ok)} "
+                raise ValueError(f"unknown scoring method {_short(m)}; valid: {', '.join(ok)} "
                                  f"(add @{WEIGHT} or @unit for one grain only)")
         return list(dict.fromkeys(items))
 
@@ -350,7 +351,7 @@ class SelectionConfig(_Strict):
         if not isinstance(items, (list, tuple)) or not items:
             raise ValueError(
                 f"give at least one unit kind: head, kv_head, neuron, linear, or weight "
-                f"(single weights) (got {v!r})"
+                f"(single weights) (got {_short(v)})"
             )
         names = [str(x).strip().lower() for x in items]
         grains = [WEIGHT if n in (WEIGHT, "weights") else n for n in names]
@@ -476,12 +477,12 @@ class SweepConfig(_Strict):
         if isinstance(v, (list, tuple)) and not v:
             return []  # allowed with a budget; checked in _sizes
         if not isinstance(v, (list, tuple)) or not v:
-            raise ValueError(f"give a non-empty list of K >= 1 (got {v!r})")
+            raise ValueError(f"give a non-empty list of K >= 1 (got {_short(v)})")
         for x in v:
             if isinstance(x, bool) or not isinstance(x, int) or x < 1:
                 raise ValueError(
                     f"give a non-empty list of K >= 1; each K must be an integer >= 1 "
-                    f"(got {x!r})"
+                    f"(got {_short(x)})"
                 )
         return sorted(set(v))
 
@@ -489,10 +490,10 @@ class SweepConfig(_Strict):
     @classmethod
     def _alpha(cls, v: Any) -> list[float]:
         if not isinstance(v, (list, tuple)) or not v:
-            raise ValueError(f"give a non-empty list of alphas in [0, 1] (got {v!r})")
+            raise ValueError(f"give a non-empty list of alphas in [0, 1] (got {_short(v)})")
         for a in v:
             if isinstance(a, bool) or not isinstance(a, (int, float)):
-                raise ValueError(f"each alpha must be a number in [0, 1] (got {a!r})")
+                raise ValueError(f"each alpha must be a number in [0, 1] (got {_short(a)})")
             if not 0.0 <= a <= 1.0:
                 raise ValueError(f"each alpha must be in [0, 1] (got {a})")
         return sorted({float(a) for a in v})
@@ -503,10 +504,10 @@ class SweepConfig(_Strict):
         hint = "give a list of fractions of the block parameters in (0, 1], e.g. [0.01, 0.05]"
         items = [v] if isinstance(v, (int, float)) and not isinstance(v, bool) else v
         if not isinstance(items, (list, tuple)):
-            raise ValueError(f"{hint} (got {v!r:.80})")
+            raise ValueError(f"{hint} (got {_short(v)})")
         for b in items:
             if isinstance(b, bool) or not isinstance(b, (int, float)):
-                raise ValueError(f"{hint}; each budget must be a number (got {b!r:.80})")
+                raise ValueError(f"{hint}; each budget must be a number (got {_short(b)})")
             if not (0.0 < b <= 1.0):
                 raise ValueError(
                     f"{hint}; each budget must be in (0, 1] (got {b}); write 1% as 0.01"
@@ -553,7 +554,7 @@ class RunConfig(_Strict):
     def _retention(cls, v: Any) -> str:
         if v not in RETENTION_MODES:
             raise ValueError(
-                f"must be one of {', '.join(RETENTION_MODES)} (got {v!r:.80}): auto = a generic "
+                f"must be one of {', '.join(RETENTION_MODES)} (got {_short(v)}): auto = a generic "
                 "retention proxy when no control_tasks are given, none = no retention"
             )
         return str(v)
@@ -639,7 +640,7 @@ def _format(e: ValidationError) -> str:
         loc = ".".join(str(x) for x in err["loc"] if x not in _UNION_TAGS) or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")
         if not err["msg"].startswith("Value error, ") and "input" in err:
-            msg = f"{msg} (got {err['input']!r:.80})"
+            msg = f"{msg} (got {_short(err['input'])})"
         if err["type"] == "extra_forbidden":
             msg = "unknown key; check the spelling (see the config reference in README.md)"
         elif err["type"] == "missing":
@@ -685,7 +686,7 @@ def load_config(
                 f"{path}:{line}: not UTF-8 text (byte {e.start}); save the file as UTF-8"
             ) from None
         try:
-            data = yaml.safe_load(text)
+            data = _safe_load_bounded(text, path)
         except yaml.YAMLError as e:
             raise ConfigError(_yaml_message(path, e)) from None
         except RecursionError:
@@ -702,6 +703,54 @@ def load_config(
     except ValidationError as e:
         raise ConfigError(_format(e)) from None
     return rc.resolve_paths(base)
+
+
+#: The most values a config may expand to, aliases (``*name``) counted at each use: a
+#: run config has a few hundred; a 600-byte "billion laughs" expands to billions.
+MAX_YAML_NODES = 100_000
+
+
+def _safe_load_bounded(text: str, path: Path) -> Any:
+    """``yaml.safe_load`` that first counts the values the document expands to (each alias
+    at each use) and refuses more than :data:`MAX_YAML_NODES` before building anything."""
+    import yaml
+
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        sizes: dict[int, int] = {}
+
+        def size(n: Any) -> int:  # memoized per node: linear in the file, not its expansion
+            if id(n) not in sizes:
+                sizes[id(n)] = -1  # a node inside itself (a recursive alias) counts once
+                kids = (n.value if isinstance(n, yaml.SequenceNode) else
+                        [c for kv in n.value for c in kv] if isinstance(n, yaml.MappingNode)
+                        else [])
+                sizes[id(n)] = 1 + sum(max(size(c), 1) for c in kids)
+            return max(sizes[id(n)], 1)
+
+        total = size(node)
+        if total > MAX_YAML_NODES:
+            raise ConfigError(
+                f"{path}: its YAML aliases (&name ... *name) expand to {total:,} values, more "
+                f"than the {MAX_YAML_NODES:,} a config may hold; write the values out instead "
+                "of nesting aliases"
+            )
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _short(x: Any, width: int = 80) -> str:
+    """A repr of ``x`` cut to ``width`` characters, never built in full (a huge input)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxdict, r.maxlist, r.maxtuple, r.maxset = 3, 6, 6, 6, 6
+    r.maxstring = r.maxother = r.maxlong = width
+    return r.repr(x)[:width]
 
 
 def _yaml_message(path: Path, e: Exception) -> str:

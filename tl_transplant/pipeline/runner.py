@@ -11,12 +11,11 @@ export. The CLI's ``run`` and ``demo`` are thin shells over this function.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
 from tl_transplant.errors import OutputError, os_reason
-from tl_transplant.io.export import commit_out_dir, prepare_out_dir
+from tl_transplant.io.export import commit_out_dir, discard_out_dir, prepare_out_dir
 from tl_transplant.pipeline.config import RunConfig, load_config
 from tl_transplant.pipeline.result import RunResult
 from tl_transplant.pipeline.stages import (
@@ -91,13 +90,13 @@ def run(
         result = RunResult(results=results, out_dir=out, sweep=res, scores=scored.methods,
                            pair=inputs.pair, manifest=manifest, config=cfg)
         try:
-            commit_out_dir(tmp, out)
+            commit_out_dir(tmp, out, overwrite)
         except OSError as e:
             raise OutputError(f"cannot move the finished run into {out}: {os_reason(e)}; "
                               "choose a path you can write to") from e
         return result
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard_out_dir(tmp, out)
         raise
 
 

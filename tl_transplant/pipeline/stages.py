@@ -32,6 +32,7 @@ from tl_transplant.edit.weights import WEIGHT
 from tl_transplant.errors import InputError, TLTransplantError, os_reason
 from tl_transplant.pipeline.result import MethodScores
 from tl_transplant.sweeps.records import RESULT_KEYS, Results
+from tl_transplant.sweeps.search import check_dev_size
 from tl_transplant.tasks.task import Task
 
 if TYPE_CHECKING:
@@ -105,6 +106,7 @@ def load_inputs(cfg: RunConfig, *, log: Log = print, check_tokenizer: bool = Tru
                           allow_pickle=allow_pickle)
     tok = pair.target.tokenizer
     dev, test = load_task_splits(cfg.task, cfg.seed, "task", tok)
+    check_dev_size(dev)  # before scoring: a dev split too small to choose on
     controls = [load_task_splits(c, cfg.seed, f"control{i}", tok)
                 for i, c in enumerate(cfg.control_tasks)]
     for t in (dev, *(c[0] for c in controls)):

@@ -599,14 +599,16 @@ def write_report(
     return path
 
 
-def save_sweep(result: SweepResult, directory: str | Path, **report_kwargs: Any) -> Path:
+def save_sweep(result: SweepResult, directory: str | Path, *, overwrite: bool = False,
+               **report_kwargs: Any) -> Path:
     """Save a sweep's files (:meth:`SweepResult.save
     <tl_transplant.sweeps.result.SweepResult.save>`: ``results.json``, ``sweep.csv``,
     ``sweep.png``, ``comparison.csv``) and its ``report.html`` under ``directory``; keyword
     arguments (``pair=``, ``task=``, ``scores=``, ...) go to :func:`write_report`. Returns
-    the directory. (``SweepResult.save(dir, report=True, ...)`` of 0.1.)
+    the directory. (``SweepResult.save(dir, report=True, ...)`` of 0.1.) A directory with
+    an earlier run's files needs ``overwrite=True`` (see :meth:`SweepResult.save`).
     """
-    d = result.save(directory)
+    d = result.save(directory, overwrite=overwrite)
     write_report(d / "report.html", sweep_result=result, **report_kwargs)
     return d
 

@@ -68,6 +68,11 @@ from tl_transplant.tasks.tokens import Encoded
 Rule = Literal["right", "left", "midpoint"]
 
 
+#: The most path points ``steps`` may ask for: each is a forward and a backward of every
+#: batch, and the points are listed up front (a billion would not fit in memory).
+MAX_STEPS = 1000
+
+
 def path_points(steps: int, rule: Rule) -> list[float]:
     """The strengths ``a_1 .. a_steps`` at which the gradient is taken (see the module doc)."""
     shift = {"right": 0.0, "left": 1.0, "midpoint": 0.5}[rule]
@@ -122,8 +127,11 @@ class AttributionIG(Scorer):
     signed = True
 
     class Options(ScorerOptions):
-        #: Number of path points (gradient evaluations per prompt).
-        steps: Annotated[int, Field(ge=1)] = 5
+        #: Number of path points (gradient evaluations per prompt), at most MAX_STEPS.
+        steps: Annotated[int, Field(
+            ge=1, le=MAX_STEPS,
+            description=f"an int >= 1, at most {MAX_STEPS} (each step is a forward and a backward "
+            "of every batch; 5 to 50 is usual, the midpoint rule converges fast)")] = 5
         #: Where on each of the ``steps`` sub-intervals of [0, 1] the gradient is taken.
         rule: Rule = "midpoint"
         #: Path points evaluated in one forward (the batch is replicated this many times).
@@ -247,4 +255,4 @@ class AttributionIG(Scorer):
         return out, metric.detach().double().cpu().view(n_rep, b)
 
 
-__all__ = ["AttributionIG", "path_points", "total_delta"]
+__all__ = ["MAX_STEPS", "AttributionIG", "path_points", "total_delta"]

@@ -57,6 +57,10 @@ class SweepOptions:
         one size and one alpha (a :class:`~tl_transplant.sweeps.search.SweepError` otherwise)."""
         from dataclasses import replace
 
+        for what, xs in (("alpha", self.alphas), ("K", self.ks or ())):
+            bad = [x for x in xs if isinstance(x, bool) or type(x).__name__ == "bool_"]
+            if bad:  # True would silently become 1.0 / K=1
+                raise SweepError(f"each {what} must be a number, got {bad[0]!r}")
         alphas = tuple(float(a) for a in self.alphas)
         try:
             fracs = tuple(dict.fromkeys(check_fraction(b, "each budget") for b in self.budgets))
@@ -67,6 +71,11 @@ class SweepOptions:
             raise SweepError("give at least one K (ks) or budget (budgets), and a non-empty alphas")
         if any(k < 0 for k in ks):
             raise SweepError(f"ks must be >= 0, got {list(ks)}")
+        if ks and not any(ks) and not fracs:
+            raise SweepError(
+                "ks=[0] sweeps nothing: K=0 is the target itself (every sweep reports it as "
+                "its baseline); give at least one K >= 1 or a budget"
+            )
         return replace(self, ks=ks, alphas=alphas, budgets=fracs)
 
 

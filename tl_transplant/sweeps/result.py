@@ -11,6 +11,7 @@ report sits above it: :func:`tl_transplant.report.save_sweep` saves a sweep with
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
@@ -286,10 +287,16 @@ class SweepResult:
 
         return plot_sweep(self, ax)
 
-    def save(self, directory: str | Path, *, report: bool = False, **report_kwargs: Any) -> Path:
+    def save(self, directory: str | Path, *, report: bool = False, overwrite: bool = False,
+             **report_kwargs: Any) -> Path:
         """Write ``results.json`` (this sweep's :meth:`to_dict`), ``sweep.csv`` and
         ``sweep.png`` under ``directory`` (and ``comparison.csv`` when the sweep ran
         ``compare_on_test``); returns the directory.
+
+        A directory that already holds a run's or a sweep's files is refused (two runs
+        would mix: the new results beside the old report and manifest) unless
+        ``overwrite=True``, which first removes the old run's own files (those of
+        :data:`RUN_FILES`; other files are kept).
 
         The sweep does not import the report (it sits above it): for ``report.html`` too,
         call :func:`tl_transplant.report.save_sweep` (``save(..., report=True)`` of 0.1).
@@ -302,6 +309,21 @@ class SweepResult:
                 "scores=...)"
             )
         d = Path(directory)
+        old = run_files(d)
+        if not any(p.name in RUN_MARKERS for p in old):
+            old = []  # e.g. the scores a run wrote just before its sweep: not an earlier run
+        if old and not overwrite:
+            raise SweepError(
+                f"{d} already holds the files of an earlier run or sweep ("
+                + ", ".join(p.name for p in old[:4]) + (", ..." if len(old) > 4 else "")
+                + "); saving there would mix two runs. Choose a new directory or pass "
+                "overwrite=True to replace that run's files."
+            )
+        for p in old:
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
         d.mkdir(parents=True, exist_ok=True)
         (d / "results.json").write_text(json.dumps(self.to_dict(), indent=2, default=str))
         self.to_frame().to_csv(d / "sweep.csv", index=False)
@@ -309,6 +331,22 @@ class SweepResult:
             self.comparison_frame().to_csv(d / "comparison.csv", index=False)
         self.plot().savefig(d / "sweep.png", dpi=120)
         return d
+
+
+RUN_FILES = ("results.json", "sweep.json", "sweep.csv", "sweep.png", "comparison.csv",
+             "report.html", "transplant_manifest.json", "scores_*.json",
+             "weights-*.safetensors", "model")
+"""The files a sweep or a run writes at the top of its directory (glob patterns)."""
+#: The files that mark a directory as an earlier run's or sweep's (scores alone do not).
+RUN_MARKERS = frozenset({"results.json", "sweep.json", "sweep.csv", "sweep.png",
+                         "comparison.csv", "report.html", "transplant_manifest.json"})
+
+
+def run_files(d: Path) -> list[Path]:
+    """The files of an earlier run or sweep in ``d`` (:data:`RUN_FILES`), sorted."""
+    if not d.is_dir():
+        return []
+    return sorted({p for pat in RUN_FILES for p in d.glob(pat)})
 
 
 def _dump(rec: Record | None) -> dict[str, Any] | None:
@@ -320,4 +358,4 @@ def _pair(ci: list[float] | None) -> tuple[float, float] | None:
     return None if ci is None else (ci[0], ci[1])
 
 
-__all__ = ["SweepResult"]
+__all__ = ["RUN_FILES", "RUN_MARKERS", "SweepResult", "run_files"]

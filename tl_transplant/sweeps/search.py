@@ -28,6 +28,7 @@ is a unit ranking with none of them.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, cast, runtime_checkable
@@ -37,7 +38,7 @@ from tl_transplant.edit.budget import block_params, count_params, fill_budget
 from tl_transplant.edit.weights import WEIGHT, WeightMask
 from tl_transplant.errors import TLTransplantError
 from tl_transplant.scoring.registry import INVERSE_FRACTION
-from tl_transplant.tasks.task import Task
+from tl_transplant.tasks.task import Task, warn_shared_prompts
 
 if TYPE_CHECKING:
     from tl_transplant.arch.model_layout import ModelLayout
@@ -186,8 +187,33 @@ def split_task(t: TaskLike, dev_fraction: float, seed: int, what: str) -> tuple[
         raise TypeError(f"{what}: dev and test must be Tasks")
     if dev.metric != test.metric:
         raise SweepError(f"{what}: dev uses {dev.metric} but test uses {test.metric}")
+    warn_shared_prompts(dev, test, stacklevel=4)
     name = dev.name[: -len(":dev")] if dev.name.endswith(":dev") else dev.name
     return name, dev, test
+
+
+#: The fewest dev examples K and alpha may be chosen on (``sweep(dev_fraction=0.001)`` on
+#: a 100-example task would choose on one); below :data:`FEW_DEV_EXAMPLES` a warning.
+MIN_DEV_EXAMPLES = 2
+FEW_DEV_EXAMPLES = 8
+
+
+def check_dev_size(dev: Task, what: str = "task") -> None:
+    """Refuse a dev split too small to choose on (:data:`MIN_DEV_EXAMPLES`); warn below
+    :data:`FEW_DEV_EXAMPLES` (the choice of K and alpha is then mostly noise)."""
+    split = dev.meta.get("split") or {}
+    how = f" (dev_fraction={split['dev_fraction']:g})" if "dev_fraction" in split else ""
+    if len(dev) < MIN_DEV_EXAMPLES:
+        raise SweepError(
+            f"{what}: the dev split has {len(dev)} example(s){how}; choosing K and alpha needs "
+            f"at least {MIN_DEV_EXAMPLES}. Raise dev_fraction or give more dev examples."
+        )
+    if len(dev) < FEW_DEV_EXAMPLES:
+        warnings.warn(
+            f"{what}: K and alpha are chosen on {len(dev)} dev examples{how}; with so few the "
+            f"choice is mostly noise. Give {FEW_DEV_EXAMPLES}+ dev examples (raise dev_fraction "
+            "or add examples).", UserWarning, stacklevel=3,
+        )
 
 
 # ---- grains -------------------------------------------------------------------------
@@ -365,6 +391,9 @@ def plan_search(
                 notes.append(f"{m}: weight-level scores rank single weights, so they get no "
                              "K rows (only budgets and their suggested set)")
             for f in fracs:
+                if (why := _budget_buys_nothing(m, f, n_block, 1)) is not None:
+                    notes.append(why)
+                    continue
                 sized.append((0, f, cast(WeightMask, obj.within_budget(  # type: ignore[attr-defined]
                     f, layout, kinds=units, kv=kv))))
             sugg = getattr(obj, "suggested", None)
@@ -380,6 +409,12 @@ def plan_search(
                 sized.append((k, None, us))
             for f in fracs:
                 assert layout is not None
+                smallest = min((count_params(layout, [kind_units[0]], kv)
+                                for kind_units in map(layout.units, kinds_m) if kind_units),
+                               default=1)
+                if (why := _budget_buys_nothing(m, f, n_block, smallest)) is not None:
+                    notes.append(why)
+                    continue
                 us = budget_units(obj, f, layout, units, kv)
                 sized.append((len(us), f, us))
             sugg_u = suggested_units(obj, units)
@@ -396,7 +431,21 @@ def plan_search(
             for a in grid:
                 plans.append(Config(m, grain, k, bud, float(a), sel, n, pct_u, scale, over,
                                     m in only))
+    if not any((p.n_params or 0) > 0 or (isinstance(p.selection, list) and p.selection)
+                         for p in plans if not p.control_only):
+        raise SweepError("nothing to sweep: " + ("; ".join(notes) or "every size is empty"))
     return plans, notes
+
+
+def _budget_buys_nothing(method: str, frac: float, n_block: int | None,
+                         smallest: int) -> str | None:
+    """Why a budget smaller than the smallest unit it could buy has no row (1e-9 of the
+    block parameters would be a row with K=0: the target itself), else None."""
+    if n_block is None or frac * n_block >= smallest:
+        return None
+    return (f"{method}: budget {frac:g} is {frac * n_block:.3g} of the {n_block:,} block "
+            f"parameters, less than the smallest unit it could buy ({smallest:,} parameters), "
+            f"so it has no row; use a budget of at least {smallest / n_block:.2g}")
 
 
 def resolve_ks(ks: Sequence[int] | None, fracs: Sequence[float]) -> list[int]:
@@ -408,6 +457,9 @@ def resolve_ks(ks: Sequence[int] | None, fracs: Sequence[float]) -> list[int]:
 
 __all__ = [
     "DEFAULT_KS",
+    "FEW_DEV_EXAMPLES",
+    "MIN_DEV_EXAMPLES",
+    "check_dev_size",
     "EXTRAPOLATING",
     "GRAIN_DENSE",
     "INVERSE_FRACTION",

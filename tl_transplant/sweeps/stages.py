@@ -47,6 +47,7 @@ from tl_transplant.sweeps.search import (
     ScoresLike,
     SweepError,
     TaskLike,
+    check_dev_size,
     grain_of,
     normalize_methods,
     plan_search,
@@ -159,6 +160,7 @@ def plan_sweep(
     if opts.budgets and layout is None:
         raise TypeError("budgets need pair.layout (a ModelPair) to count parameters")
     name, dev, test = split_task(task, opts.dev_fraction, opts.seed, "task")
+    check_dev_size(dev)
     retention_mode: RetentionMode = "given" if control_tasks else "none"
     if control_tasks is None:
         from tl_transplant.evaluation.generic import generic_retention

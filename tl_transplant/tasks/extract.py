@@ -46,23 +46,38 @@ def extract_last_number(text: str) -> str:
     return found[-1].replace(",", "") if found else ""
 
 
+_BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
+
+
+def _brace_matches(text: str) -> list[int]:
+    """For each ``{`` of ``text`` the index of its matching ``}`` (-1: none; other
+    positions -1 too), escaped braces ``\\{`` / ``\\}`` skipped. One pass with a stack:
+    linear, where scanning from every box start was quadratic (issue 22)."""
+    match = [-1] * len(text)
+    stack: list[int] = []
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == "\\" and i + 1 < n and text[i + 1] in "{}":
+            i += 2  # an escaped brace does not count
+            continue
+        if c == "{":
+            stack.append(i)
+        elif c == "}" and stack:
+            match[stack.pop()] = i
+        i += 1
+    return match
+
+
 def _last_boxed(text: str) -> str | None:
     """The content of the last ``\\boxed{...}`` (or ``\\fbox{...}``), nested braces matched."""
-    starts = [m.end() for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)]
+    starts = [m.end() for m in _BOX.finditer(text)]
+    if not starts:
+        return None
+    match = _brace_matches(text)
     for start in reversed(starts):
-        depth, i = 1, start
-        while i < len(text):
-            c = text[i]
-            if c == "\\" and i + 1 < len(text) and text[i + 1] in "{}":
-                i += 2  # an escaped brace does not count
-                continue
-            if c == "{":
-                depth += 1
-            elif c == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[start:i]
-            i += 1
+        if match[start - 1] != -1:
+            return text[start : match[start - 1]]
     return None  # no complete box (e.g. generation cut off by max_new_tokens)
 
 
@@ -78,12 +93,30 @@ def normalize_answer(text: str) -> str:
     t = re.sub(r"\\[!,;:]", "", t).replace("\\$", "$")
     t = t.replace("\\left", "").replace("\\right", "")
     t = t.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
-    prev = None
-    while prev != t:
-        prev = t
-        t = t.strip("$").rstrip(".")
-        if t.startswith("{") and t.endswith("}") and _last_boxed("\\boxed" + t) == t[1:-1]:
-            t = t[1:-1]
+    # Peel "$", a trailing "." and a redundant outer {...} until nothing changes, on a
+    # window t[lo:hi] with the braces matched once (linear; it was quadratic in the depth).
+    match = _brace_matches(t)
+    boxes = [m.end() - 1 for m in _BOX.finditer(t)]  # the "{" of each inner box
+    lo, hi = 0, len(t)
+    # Whether a box is complete inside the window (then the outer braces are not peeled);
+    # asked once: the window only shrinks, so the answer never changes afterwards.
+    inner_box: bool | None = None
+    while True:
+        before = (lo, hi)
+        while lo < hi and t[lo] == "$":
+            lo += 1
+        while hi > lo and t[hi - 1] == "$":
+            hi -= 1
+        while hi > lo and t[hi - 1] == ".":
+            hi -= 1
+        if hi - lo >= 2 and t[lo] == "{" and match[lo] == hi - 1:
+            if inner_box is None:
+                inner_box = any(lo <= b and -1 < match[b] < hi for b in boxes)
+            if not inner_box:
+                lo, hi = lo + 1, hi - 1
+        if (lo, hi) == before:
+            break
+    t = t[lo:hi]
     if re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?", t):
         t = t.replace(",", "")
     return t

@@ -29,6 +29,7 @@ cut to its longest row) and keeps only the per-row floats of each batch, never i
 from __future__ import annotations
 
 import importlib.metadata as _md
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
@@ -305,6 +306,10 @@ def __getattr__(name: str) -> Any:
 # ---- the built-in metrics ------------------------------------------------------------------
 
 
+#: (task name, size, multi-token count, tokenizer) already warned about (next_token_acc).
+_WARNED_MULTI_TOKEN: set[tuple[str, int, int, str]] = set()
+
+
 def _first_token_rows(rows: Rows) -> Rows:
     """Only the last prompt position matters: the batch needs the prompt, not the answer."""
     rows.need = rows.enc.prompt_len
@@ -321,7 +326,20 @@ class NextTokenAcc(LogitMetric):
     accuracy = True
 
     def rows(self, task: Task, tokenizer: PreTrainedTokenizerBase, prepend_bos: bool) -> Rows:
-        return _first_token_rows(super().rows(task, tokenizer, prepend_bos))
+        rows = super().rows(task, tokenizer, prepend_bos)
+        multi = (rows.enc.answer_len > 1).nonzero().flatten().tolist()
+        key = (task.name, len(task), len(multi), str(getattr(tokenizer, "name_or_path", "")))
+        if multi and key not in _WARNED_MULTI_TOKEN:  # once per task (a sweep evaluates often)
+            _WARNED_MULTI_TOKEN.add(key)
+            i = int(multi[0])
+            warnings.warn(
+                f"task {task.name!r} uses next_token_acc, which scores only the first token "
+                f"of each answer, but {len(multi)} of {len(task)} answers are several tokens "
+                f"long (e.g. {task.answers[i]!r:.40}: {int(rows.enc.answer_len[i])} tokens); "
+                "use answer_logprob or exact_match to score whole answers",
+                UserWarning, stacklevel=3,
+            )
+        return _first_token_rows(rows)
 
     def score_batch(
         self, logits: Float[torch.Tensor, "b seq vocab"], batch: Batch

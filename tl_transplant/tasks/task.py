@@ -60,6 +60,7 @@ The resolved value is recorded in every result.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -87,6 +88,26 @@ from tl_transplant.tasks.tokens import (
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+
+def shared_prompts(dev: Task, test: Task) -> list[str]:
+    """The prompts found in both ``dev`` and ``test`` (in test's order, each once)."""
+    seen = set(dev.prompts)
+    return list(dict.fromkeys(p for p in test.prompts if p in seen))
+
+
+def warn_shared_prompts(dev: Task, test: Task, stacklevel: int = 2) -> list[str]:
+    """Warn once when a prompt is in both dev and test (a duplicated row of the task file,
+    or files that overlap): the test score is then partly on examples the choice saw."""
+    shared = shared_prompts(dev, test)
+    if shared:
+        warnings.warn(
+            f"task {dev.name!r}: {len(shared)} prompt(s) appear in both dev and test (e.g. "
+            f"{shared[0]!r:.60}); the test score is then partly on examples K and alpha were "
+            "chosen on. Remove the duplicated rows from the task file(s).",
+            UserWarning, stacklevel=stacklevel + 1,
+        )
+    return shared
 
 
 @dataclass
@@ -155,6 +176,14 @@ class Task:
                     raise TaskError(
                         f"{where}: the answer {a!r:.40} is not one of its choices {cs!r:.80}"
                     )
+                dup = sorted({c for c in cs if cs.count(c) > 1})
+                if dup:  # the correct choice would tie with its copy: no model is ever right
+                    raise TaskError(
+                        f"{where}: choice(s) {', '.join(repr(c)[:40] for c in dup)} appear more "
+                        "than once; every choice must be different (a duplicated choice ties "
+                        "with itself, so mc_logprob scores it wrong for every model). Remove "
+                        "the duplicates."
+                    )
         for needed in metric.needs:
             if getattr(self, needed) is None:
                 raise TaskError(
@@ -162,7 +191,8 @@ class Task:
                     "example"
                 )
         metric.check_task(self)
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        if (not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool)
+                or self.max_new_tokens < 1):
             raise TaskError(
                 f"task {self.name!r}: max_new_tokens must be a positive int, got "
                 f"{self.max_new_tokens!r}"
@@ -322,6 +352,7 @@ class Task:
         test = self.subset(test_idx, name=f"{self.name}:test")
         dev.meta["split"] = {**info, "part": "dev"}
         test.meta["split"] = {**info, "part": "test"}
+        warn_shared_prompts(dev, test, stacklevel=3)
         return dev, test
 
     def to_records(self) -> list[dict[str, Any]]:
@@ -355,4 +386,4 @@ class Task:
     from_dataset = classmethod(sources.from_dataset)
 
 
-__all__ = ["Task"]
+__all__ = ["Task", "shared_prompts", "warn_shared_prompts"]
