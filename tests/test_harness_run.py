@@ -241,7 +241,7 @@ def test_evaluate_engines(pair: ModelPair) -> None:
 def test_lm_eval_metrics_in_the_registry(pair: ModelPair) -> None:
     assert all(is_accuracy(m) for m in ("acc", "acc_norm", "math_verify", "exact_match"))
     t = Task(name="mc", prompts=["w4 w5", "w6 w7"], answers=["w8", "w9 w10 w11"],
-             choices=[["w8", "w8"], ["w9 w10 w11", "w12"]], metric="acc")
+             choices=[["w8", "w9"], ["w9 w10 w11", "w12"]], metric="acc")
     lp = np.array([[-1.0, -1.0], [-6.0, -4.0]])  # example 0: a tie; example 1: 3 chars vs 3x
     rows = get_metric("acc").rows(t, pair.target.tokenizer, False)
     import torch
