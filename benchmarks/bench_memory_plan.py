@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -43,9 +42,8 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
     from tl_transplant.pipeline.config import load_config
     from tl_transplant.pipeline.runner import demo_config
 
-    if args.config:
-        return load_config(args.config).model_dump()
-    cfg = demo_config(args.pair, export=True)
+    cfg = (load_config(args.config).model_dump() if args.config
+           else demo_config(args.pair, export=True))
     if args.methods:
         cfg["selection"]["methods"] = args.methods.split(",")
         cfg["selection"]["controls"] = ["random"]
@@ -57,44 +55,38 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
             c["limit"] = args.limit
     if args.dtype:
         cfg["dtype"] = args.dtype
-    cfg["batch_size"] = args.batch_size
+    if args.batch_size:
+        cfg["batch_size"] = args.batch_size
     return cfg
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--pair", default="cross_generation")
-    ap.add_argument("--config", default=None)
-    ap.add_argument("--methods", default=None, help="comma list (default: the demo's)")
-    ap.add_argument("--limit", type=int, default=None, help="items per task file")
-    ap.add_argument("--dtype", default=None)
-    ap.add_argument("--batch-size", type=int, default=16)
-    args = ap.parse_args(argv)
+Rows = list[tuple[str, int, int | None, float]]
 
-    base = _status("VmRSS")
-    import tl_transplant  # noqa: F401
+
+def measure_run(cfg: Any, out: Path | None = None, *, quiet: bool = False,
+                log: Any = None, keep: dict[str, Any] | None = None) -> tuple[Any, Rows]:
+    """Run ``cfg``'s stages in this process; (plan, [(stage, peak RSS, planned, seconds)]).
+    ``keep`` (a dict) receives the scores (``scored``) and the sweep result (``sweep``)."""
     from tl_transplant.pipeline import stages as st
-    from tl_transplant.pipeline.config import load_config
     from tl_transplant.pipeline.plan import plan_run
 
-    cfg = load_config(_config(args))
     plan = plan_run(cfg)
-    print(plan.summary())
+    if not quiet:
+        print(plan.summary())
     est = {s.name: s.total_bytes for s in plan.stages}
     if not _reset_peak():
-        print("cannot reset the peak RSS mark here (/proc/self/clear_refs)", file=sys.stderr)
-        return 1
-    rows: list[tuple[str, int, int | None, float]] = []
+        raise SystemExit("cannot reset the peak RSS mark here (/proc/self/clear_refs)")
+    rows: Rows = []
 
     def measure(name: str, planned: int | None, fn: Any) -> Any:
         _reset_peak()
         t0 = time.perf_counter()
-        out = fn()
+        result = fn()
         rows.append((name, _status("VmHWM"), planned, time.perf_counter() - t0))
-        return out
+        return result
 
-    log = lambda *a, **k: None  # noqa: E731
-    out = Path(tempfile.mkdtemp(prefix="bench_mem_"))
+    log = log or (lambda *a, **k: None)
+    out = out or Path(tempfile.mkdtemp(prefix="bench_mem_"))
     inputs = measure("load", est.get("load"), lambda: st.load_inputs(cfg, log=log))
     methods: dict[str, Any] = {}
     controls: dict[str, Any] = {}
@@ -109,12 +101,16 @@ def main(argv: list[str] | None = None) -> int:
     scored = st.Scored(methods=methods, controls=controls)
     res = measure("evaluate (sweep)", est.get("evaluate (sweep)"),
                   lambda: st.sweep_on_dev(inputs, scored, cfg, progress=False, log=log))
+    if keep is not None:
+        keep.update(scored=scored, sweep=res, pair=inputs.pair)
     manifest = st.apply_choice(inputs, res, out, log=log)
     if cfg.export:
         measure("export", est.get("export"),
                 lambda: st.export_choice(inputs, manifest, cfg, out, log=log))
-    print(f"\nruntime before import {base / MiB:.0f} MiB; models "
-          f"{sum(m.n_params for m in plan.models) / 1e6:.0f}M params")
+    return plan, rows
+
+
+def print_rows(plan: Any, rows: Rows) -> None:
     print(f"{'stage':<26}{'measured':>12}{'planned':>12}{'plan/meas':>11}{'seconds':>9}")
     for name, got, want, secs in rows:
         ratio = f"{want / got:.2f}" if want else "-"
@@ -122,7 +118,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<26}{got / MiB:>8.0f} MiB{planned:>12}{ratio:>11}{secs:>9.1f}")
     peak = max(r[1] for r in rows)
     print(f"{'whole run':<26}{peak / MiB:>8.0f} MiB{plan.peak_bytes / MiB:>8.0f} MiB"
-          f"{plan.peak_bytes / peak:>11.2f}")
+          f"{plan.peak_bytes / peak:>11.2f}{sum(r[3] for r in rows):>9.1f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pair", default="cross_generation")
+    ap.add_argument("--config", default=None)
+    ap.add_argument("--methods", default=None, help="comma list (default: the demo's)")
+    ap.add_argument("--limit", type=int, default=None, help="items per task file")
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--batch-size", type=int, default=None)
+    args = ap.parse_args(argv)
+
+    base = _status("VmRSS")
+    import tl_transplant  # noqa: F401
+    from tl_transplant.pipeline.config import load_config
+
+    cfg = load_config(_config(args))
+    plan, rows = measure_run(cfg)
+    print(f"\nRSS before import {base / MiB:.0f} MiB; models "
+          f"{sum(m.n_params for m in plan.models) / 1e6:.0f}M params")
+    print_rows(plan, rows)
     return 0
 
 
