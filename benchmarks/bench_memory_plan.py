@@ -49,6 +49,7 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
         cfg["selection"]["controls"] = ["random"]
         cfg["selection"]["options"] = {}
         cfg["sweep"]["budget"] = cfg["sweep"].get("budget") or [0.01, 0.05]
+        cfg["sweep"]["max_retention_drop"] = None  # always choose, so the export runs
     if args.limit:
         cfg["task"]["limit"] = args.limit
         for c in cfg["control_tasks"]:
@@ -87,6 +88,7 @@ def measure_run(cfg: Any, out: Path | None = None, *, quiet: bool = False,
 
     log = log or (lambda *a, **k: None)
     out = out or Path(tempfile.mkdtemp(prefix="bench_mem_"))
+    out.mkdir(parents=True, exist_ok=True)
     inputs = measure("load", est.get("load"), lambda: st.load_inputs(cfg, log=log))
     methods: dict[str, Any] = {}
     controls: dict[str, Any] = {}

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 import time
 import zlib
@@ -92,7 +93,7 @@ def _plant(name: str, t: torch.Tensor, cfg: Any, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed + 17)
     neurons = torch.randperm(cfg.intermediate_size, generator=g)[:PLANTED_NEURONS]
     t = t.clone()
-    scale = 20 * float(t.std())
+    scale = 4 * float(t.std())
     if name.endswith(("q_proj.weight",)):
         for h in PLANTED_HEADS:
             t[h * dh:(h + 1) * dh] += scale * torch.randn(dh, t.shape[1], generator=g)
@@ -229,18 +230,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"built {root} in {time.perf_counter() - t0:.0f} s")
     if args.build_only:
         return 0
+    dtypes = args.dtypes.split(",")
+    if len(dtypes) > 1 and not args.plan_only:
+        # one process per dtype: freed memory the allocator keeps would inflate the next
+        import subprocess
+
+        rest = list(argv if argv is not None else sys.argv[1:])
+        for dtype in dtypes:
+            cmd = [sys.executable, __file__, *rest, "--dtypes", dtype, "--root", str(root)]
+            if subprocess.call(cmd) != 0:
+                return 1
+        return 0
     from bench_memory_plan import measure_run, print_rows
 
     from tl_transplant.pipeline.config import load_config
     from tl_transplant.pipeline.plan import plan_run
 
-    for dtype in args.dtypes.split(","):
+    for dtype in dtypes:
         cfg = load_config(run_config(root, dtype, args.steps, args.batch_size, args.device))
         print(f"\n== {args.preset} in {dtype}")
         if args.plan_only:
             print(plan_run(cfg).summary())
             continue
         keep: dict[str, Any] = {}
+        shutil.rmtree(root / f"out_{dtype}", ignore_errors=True)
         cuda = args.device.startswith("cuda")
         if cuda:
             torch.cuda.reset_peak_memory_stats()
