@@ -209,3 +209,17 @@ def test_encode_still_scores_a_real_batch(pair_dir: Path) -> None:
     lp = answer_logprobs(logits, enc)
     # uniform logits: each answer token costs log(96)
     assert torch.allclose(lp, -enc.answer_len.double().float() * float(np.log(96)))
+
+
+def test_cuda_plan_splits_host_and_device(pair_dir: Path) -> None:
+    """A CUDA run (config validated elsewhere; built here without a GPU): the stage bytes are
+    device memory, peak_bytes the host's, the check is against the GPU's free memory."""
+    cpu = plan_run(load_config(_cfg(pair_dir)))
+    cfg = load_config(_cfg(pair_dir)).model_copy(update={"device": "cuda"})
+    gpu = plan_run(cfg)
+    assert cpu.device_peak_bytes is None and cpu.limiting_bytes == cpu.peak_bytes
+    assert gpu.device_peak_bytes == gpu.peak.total_bytes - gpu.runtime_bytes
+    assert gpu.to_dict()["device_peak_bytes"] == gpu.device_peak_bytes
+    with pytest.raises(MemoryPlanError, match="GPU memory"):
+        gpu.check(available=gpu.device_peak_bytes - 1)
+    gpu.check(available=gpu.device_peak_bytes)

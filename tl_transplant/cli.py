@@ -211,7 +211,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from tl_transplant.pipeline.plan import available_bytes, plan_json, plan_run
 
     plan = plan_run(load_config(args.config))
-    plan.available_bytes = available_bytes()
+    plan.available_bytes = available_bytes(plan.device)
     print(plan_json(plan) if args.json else plan.summary())
     return 0
 

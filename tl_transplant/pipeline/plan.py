@@ -21,9 +21,11 @@ fixes that would help most (a smaller ``batch_size``, ``dtype: bfloat16``, fewer
 ``learned_mask`` candidates, offloading with ``device_map``).
 
 The constants are calibrated on this machine's CPU runs (``benchmarks/bench_memory_plan.py``
-prints estimate against measured peak RSS per stage); a CUDA run holds the models and
-buffers on the device: the plan then reports the same stage bytes as device memory and the
-host as runtime plus the load.
+prints estimate against measured peak RSS per stage). With ``device: cuda`` the models and
+buffers live on the GPU: the stage totals (and ``device_peak_bytes``) are then device
+memory, compared with the GPU's free memory, and ``peak_bytes`` is the host's RSS: runtime,
+the CUDA context and the load's transient (:data:`CUDA_HOST_BYTES`). The CUDA figures are
+not yet checked against a GPU run.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ _GRAPH_D, _GRAPH_I = 10, 5
 _DTYPE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2, "F32": 4, "F64": 8,
                 "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1}
 ENV_LIMIT = "TL_TRANSPLANT_MEMORY_LIMIT"
+#: Host RSS a CUDA run adds for the CUDA context and kernels (unverified estimate).
+CUDA_HOST_BYTES = 600 * MiB
 
 
 class MemoryPlanError(TLTransplantError, MemoryError):
@@ -116,16 +120,36 @@ class MemoryPlan:
     available_bytes: int | None = None
 
     @property
+    def on_gpu(self) -> bool:
+        return self.device.startswith("cuda")
+
+    @property
     def peak(self) -> Stage:
         return max(self.stages, key=lambda s: s.total_bytes)
 
     @property
+    def device_peak_bytes(self) -> int | None:
+        """GPU memory at the peak stage (None on the CPU)."""
+        return self.peak.total_bytes - self.runtime_bytes if self.on_gpu else None
+
+    @property
     def peak_bytes(self) -> int:
+        """Expected peak RSS of the whole run process (host memory)."""
+        if self.on_gpu:
+            load = next(s for s in self.stages if s.name == "load")
+            return self.runtime_bytes + CUDA_HOST_BYTES + load.extra_bytes
         return self.peak.total_bytes
+
+    @property
+    def limiting_bytes(self) -> int:
+        """What must fit: device memory on a GPU, the host RSS on the CPU."""
+        dev = self.device_peak_bytes
+        return self.peak_bytes if dev is None else dev
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "peak_bytes": self.peak_bytes,
+            "device_peak_bytes": self.device_peak_bytes,
             "peak_stage": self.peak.name,
             "available_bytes": self.available_bytes,
             "runtime_bytes": self.runtime_bytes,
@@ -155,7 +179,11 @@ class MemoryPlan:
                          f"{s.detail}){mark}")
         avail = ("unknown" if self.available_bytes is None
                  else _fmt(self.available_bytes))
-        lines.append(f"  peak {_fmt(self.peak_bytes)} ({self.peak.name}); available {avail}")
+        if self.on_gpu:
+            lines.append(f"  device peak {_fmt(self.limiting_bytes)} ({self.peak.name}); "
+                         f"device free {avail}; host RSS peak {_fmt(self.peak_bytes)}")
+        else:
+            lines.append(f"  peak {_fmt(self.peak_bytes)} ({self.peak.name}); available {avail}")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -178,14 +206,16 @@ class MemoryPlan:
 
     def check(self, available: int | None = None) -> None:
         """Raise :class:`MemoryPlanError` when the peak will not fit ``available`` bytes
-        (default :func:`available_bytes`); the message names the fixes."""
-        avail = available_bytes() if available is None else available
+        (default :func:`available_bytes`, or the GPU's free memory for a CUDA run); the
+        message names the fixes."""
+        avail = available_bytes(self.device) if available is None else available
         self.available_bytes = avail
-        if avail is None or self.peak_bytes <= avail:
+        if avail is None or self.limiting_bytes <= avail:
             return
+        where = "GPU memory" if self.on_gpu else "memory"
         raise MemoryPlanError(
-            f"this run will not fit: the plan's peak is {_fmt(self.peak_bytes)} at stage "
-            f"{self.peak.name!r}, but {_fmt(avail)} is available. Fixes: "
+            f"this run will not fit: the plan's peak is {_fmt(self.limiting_bytes)} of {where} "
+            f"at stage {self.peak.name!r}, but {_fmt(avail)} is available. Fixes: "
             + "; ".join(self.fixes())
             + f". (Set {ENV_LIMIT} to override the limit, or run(check_memory=False) to "
             "skip this check.)"
@@ -209,12 +239,20 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * scale)
 
 
-def available_bytes() -> int | None:
-    """Memory this run may use: ``TL_TRANSPLANT_MEMORY_LIMIT`` if set; else the smaller of
-    ``MemAvailable`` plus this process's own RSS and the cgroup limit; None if unknown."""
+def available_bytes(device: str = "cpu") -> int | None:
+    """Memory this run may use: ``TL_TRANSPLANT_MEMORY_LIMIT`` if set; on a CUDA device its
+    free memory; else the smaller of ``MemAvailable`` plus this process's own RSS and the
+    cgroup limit; None if unknown."""
     env = os.environ.get(ENV_LIMIT)
     if env:
         return parse_bytes(env)
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return int(free)
     vals: list[int] = []
     try:
         info = Path("/proc/meminfo").read_text()
@@ -434,7 +472,7 @@ def check_memory_plan(cfg: RunConfig, log: Any = print) -> MemoryPlan | None:
     except CheckpointError as e:
         log(f"memory plan skipped: {e}")
         return None
-    plan.available_bytes = available_bytes()
+    plan.available_bytes = available_bytes(plan.device)
     log(plan.summary())
     plan.check(plan.available_bytes)
     return plan
