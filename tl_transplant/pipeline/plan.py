@@ -12,7 +12,8 @@ never a weight, and the dev task's texts, and estimates the resident set of the 
   when a cast is needed); each scorer's activation and gradient buffers for one batch (and
   the float32 weight-level scores every weight-grain method keeps until the run ends);
   ``learned_mask``'s gate state; the sweep's evaluation logits (one batch of full-vocabulary
-  logits and their float32 log-softmax: evaluation keeps no more than one batch); the export.
+  logits: the metrics reduce them to the positions they read, and no batch's logits outlive
+  it); the export.
 
 ``peak_bytes`` is the largest stage total. :meth:`MemoryPlan.check` compares it with the
 memory available (``MemAvailable`` plus what this process already holds, or the cgroup
@@ -355,9 +356,12 @@ def _forward_graph(m: ModelFacts, rows: int, tokens: int, elt: int) -> int:
 
 
 def _logits(m: ModelFacts, rows: int, tokens: int, elt: int, grad: bool) -> int:
-    """A batch's logits at the model's dtype, their float32 log-softmax (and its grad)."""
+    """A batch's logits at the model's dtype; the metrics upcast only what they read (answer
+    positions, last positions, one row at a time: one row's float32 copy is counted); with
+    a backward, the logits' gradient and the float32 graph of the answer positions too."""
     n = rows * tokens * m.vocab
-    return n * (elt + 4 + (8 if grad else 0))
+    one_row = tokens * m.vocab * 4
+    return n * elt + one_row + (n * (elt + 8) if grad else 0)
 
 
 def _unit_acts(m: ModelFacts, rows: int, tokens: int) -> int:
@@ -437,8 +441,8 @@ def plan_run(cfg: RunConfig) -> MemoryPlan:
     saved = int(max(budgets) * t.block_params * (elt + 8))  # saved slices + mask indices
     ev = _logits(t, b, tokens, elt, grad=False) + saved
     stages.append(Stage("evaluate (sweep)", kept + ev,
-                        f"one batch of {b} x {tokens} x {t.vocab} logits + float32 "
-                        "log-softmax, the edit's saved weights"))
+                        f"one batch of {b} x {tokens} x {t.vocab} logits, the edit's "
+                        "saved weights"))
     if cfg.export:
         stages.append(Stage("export", kept + t.bytes // max(1, _n_shards(t)) + saved,
                             "one shard's tensors in transit"))
