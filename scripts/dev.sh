@@ -23,7 +23,7 @@ setup() {
   local links=()
   [ -d /opt/wheels ] && links=(--find-links /opt/wheels)
   "$VENV/bin/python" -m pip install -q "${links[@]}" -c constraints/cpu.txt "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
-  "$VENV/bin/python" -m pip install -q -c constraints/cpu.txt -e ".[test]" 2>&1 | grep -v "is ignored" || true
+  "$VENV/bin/python" -m pip install -q -c constraints/cpu.txt -e ".[test,lm_eval]" 2>&1 | grep -v "is ignored" || true
   "$VENV/bin/python" -c "import torch, tl_transplant; assert torch.__version__.startswith('2.13.0'), torch.__version__" \
     || { echo "setup failed: torch 2.13.0 (CPU) or tl_transplant did not install" >&2; exit 1; }
   echo "$want" > "$stamp"

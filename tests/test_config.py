@@ -54,7 +54,7 @@ def _cfg(**change: Any) -> dict[str, Any]:
         ({"task": {"dev_fraction": True}}, r"task\.dev_fraction: must be a number \(got True\)"),
         ({"task": {"extract": "boxxed"}}, r"task\.extract: must be one of strip, .*boxed "
                                           r"\(got 'boxxed'\)"),
-        ({"task": {"metric": 3}}, r"task\.metric: must be one of .*mc_logprob \(got 3\)"),
+        ({"task": {"metric": 3}}, r"task\.metric: must be one of .*mc_logprob.* \(got 3\)"),
         ({"dtype": "fp8"}, r"dtype: Input should be 'float32', .*\(got 'fp8'\)"),
         ({"task": {"prepend_bos": 3}}, r"task\.prepend_bos: must be true, false or 'auto' \(got 3\)$"),
     ],

@@ -223,3 +223,17 @@ def test_cuda_plan_splits_host_and_device(pair_dir: Path) -> None:
     with pytest.raises(MemoryPlanError, match="GPU memory"):
         gpu.check(available=gpu.device_peak_bytes - 1)
     gpu.check(available=gpu.device_peak_bytes)
+
+
+def test_a_plan_that_cannot_be_made_never_stops_the_run(
+    pair_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tl_transplant.pipeline import plan as plan_mod
+
+    def broken(cfg: object) -> None:
+        raise RuntimeError("no headers today")
+
+    monkeypatch.setattr(plan_mod, "plan_run", broken)
+    logged: list[str] = []
+    assert plan_mod.check_memory_plan(load_config(_cfg(pair_dir)), logged.append) is None
+    assert logged and "memory plan skipped" in logged[0] and "no headers today" in logged[0]

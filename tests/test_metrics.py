@@ -58,7 +58,7 @@ REFERENCE = ROOT / "tests" / "data" / "metric_reference.json"
 EXAMPLE = ROOT / "docs" / "examples" / "my_metric.py"
 DOC = ROOT / "docs" / "adding_a_metric.md"
 BUILTIN = ("next_token_acc", "answer_logprob", "logit_diff", "exact_match",
-           "next_token_agreement", "mc_logprob")
+           "next_token_agreement", "mc_logprob", "acc", "acc_norm", "math_verify")
 #: llama prepends BOS by default, gpt_neox does not: both rules are covered.
 FAMILIES = ("llama", "gpt_neox")
 FINGERPRINT_IDS = [[1, 5, 9, 13, 40, 7, 88], [1, 60, 61, 62, 63, 4, 4]]
@@ -211,12 +211,12 @@ def clean_registry():
 def test_the_registry_holds_every_rule_of_the_builtins() -> None:
     assert available_metrics()[: len(BUILTIN)] == list(BUILTIN)
     assert accuracy_metrics() == ("next_token_acc", "exact_match", "next_token_agreement",
-                                  "mc_logprob")
+                                  "mc_logprob", "acc", "acc_norm", "math_verify")
     assert stats.ACCURACY_METRICS == metrics.ACCURACY_METRICS == accuracy_metrics()
     assert metrics.METRICS == tuple(available_metrics())
     for name in BUILTIN:
         m = get_metric(name)
-        assert m.name == name and m.generative == (name == "exact_match")
+        assert m.name == name and m.generative == (name in ("exact_match", "math_verify"))
         assert isinstance(m, GenerationMetric if m.generative else LogitMetric)
         assert is_accuracy(name) == m.accuracy
         assert (tir(0.5, 0.25, metric=name, warn=False) == 2.0) == m.accuracy

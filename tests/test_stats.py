@@ -23,7 +23,8 @@ def test_pure_numpy() -> None:
     mods = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     mods |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert mods <= {"__future__", "math", "warnings", "collections.abc", "dataclasses", "typing",
-                    "numpy", "jaxtyping", "tl_transplant.tasks.metrics"}, mods
+                    "numpy", "jaxtyping", "tl_transplant.tasks.metrics",
+                    "tl_transplant.errors"}, mods
     assert set(stats.ACCURACY_METRICS) == set(ACCURACY_METRICS)
 
 

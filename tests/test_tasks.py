@@ -65,8 +65,8 @@ def test_logit_diff_requires_wrong_answers_per_record():
 
 
 def test_task_validation_messages():
-    with pytest.raises(ValueError, match="unknown metric 'acc'"):
-        Task("t", ["w1"], ["w2"], metric="acc")
+    with pytest.raises(ValueError, match="unknown metric 'accuracy'"):
+        Task("t", ["w1"], ["w2"], metric="accuracy")
     with pytest.raises(ValueError, match="2 prompts but 1 answers"):
         Task("t", ["w1", "w2"], ["w3"])
     with pytest.raises(ValueError, match="example 1: answer must be a non-empty string"):

@@ -429,6 +429,56 @@ def main_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """``eval``: lm-eval tasks on a model or a run's source, target and transplanted target."""
+    from tl_transplant.harness.compare import eval_models, models_of
+
+    if args.quiet:
+        _quiet_libraries()
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    run_dir = "source" in models_of(args.model)[0]
+    if args.out is None and not run_dir:
+        return _fail("eval", "--out is required when evaluating a model (a run folder "
+                     "defaults to RUN_DIR/eval)")
+    out = Path(args.out) if args.out is not None else Path(args.model) / "eval"
+    doc = eval_models(args.model, tasks, out, include_path=args.include_path or None,
+                      include_defaults=not args.no_defaults, num_fewshot=args.num_fewshot,
+                      limit=args.limit, batch_size=args.batch_size, device=args.device,
+                      log=(lambda *a: None) if args.quiet else print)
+    for task, entry in doc["results"].items():
+        for who in doc["models"]:
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in entry[who].items())
+            print(f"{task} [{who}]: {shown}")
+    print(f"wrote {out / 'eval.json'} and lm-eval's results under {out / 'lm_eval'}")
+    return 0
+
+
+def _add_eval_command(sub: Any) -> None:
+    v = sub.add_parser(
+        "eval", help="run lm-evaluation-harness tasks on a model or a run's models",
+        description="lm-eval (simple_evaluate, HFLM over the in-memory model) on a model, or "
+        "on a run folder's source, target and transplanted model/; writes lm-eval's own JSON "
+        "(OUT/lm_eval/WHO/) and ours (OUT/eval.json: metrics and, for a run, paired delta, "
+        "TIR and recovery with bootstrap CIs). Needs the lm_eval extra.")
+    v.add_argument("model", metavar="MODEL_OR_RUN_DIR",
+                   help="an HF model (folder or hub id) or a tl-transplant run folder")
+    v.add_argument("--tasks", required=True, metavar="TASK,...", help="lm-eval task names")
+    v.add_argument("--include-path", action="append", default=[], metavar="DIR",
+                   help="a folder of your own lm-eval task YAMLs (repeatable)")
+    v.add_argument("--no-defaults", action="store_true",
+                   help="do not index lm-eval's built-in tasks (faster; only --include-path "
+                   "and the shipped miniature tasks)")
+    v.add_argument("--num-fewshot", type=int, default=None, metavar="N")
+    v.add_argument("--limit", type=_positive_int, default=None, metavar="N",
+                   help="the first N documents of each task (lm-eval's --limit)")
+    v.add_argument("--batch-size", type=_positive_int, default=1)
+    v.add_argument("--device", type=_device, default="cpu")
+    v.add_argument("--out", default=None, metavar="DIR",
+                   help="output folder (default for a run folder: RUN_DIR/eval)")
+    v.add_argument("--quiet", action="store_true")
+    v.set_defaults(func=cmd_eval, name="eval")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tl_transplant import __version__
     from tl_transplant.arch.registry import supported_model_types
@@ -536,6 +586,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true",
                     help="print a JSON object: peak_bytes (peak RSS of the whole run) and stages")
     pl.set_defaults(func=cmd_plan, name="plan")
+
+    _add_eval_command(sub)
 
     z = sub.add_parser("pairs", help="list the embedded model pairs")
     z.set_defaults(func=cmd_pairs, name="pairs")

@@ -77,6 +77,9 @@ EditFactory: TypeAlias = (
     "contextlib.AbstractContextManager[object]]"
 )
 
+#: ``evaluate(..., engine=)``: this evaluator, lm-eval's HFLM, lm-eval through the bridge.
+ENGINES = ("tl_transplant", "lm_eval", "lm_eval_bridge")
+
 # ---- results ---------------------------------------------------------------------------
 
 
@@ -189,8 +192,17 @@ def evaluate(
     forward: str = "bridge",
     generation: str = "left_pad",
     kv_cache: bool = True,
+    engine: str | None = None,
 ) -> EvalResult:
     """Score every example of ``task`` on ``model``; returns per-example scores and their mean.
+
+    ``engine``: who scores. ``None`` (default): the task's own way, i.e. this evaluator
+    (``"tl_transplant"``), except for an lm-eval task (a task with an ``evaluate_external``
+    method: :class:`tl_transplant.harness.view.HarnessTaskView`), which runs through
+    lm-eval's pipeline. ``"lm_eval"``: lm-eval's ``HFLM`` on the in-memory HF model (equal to
+    a plain ``lm_eval`` run on the exported model), ``"lm_eval_bridge"``: lm-eval's pipeline
+    through the bridge (hooks apply); both only for lm-eval tasks (load one with
+    :func:`tl_transplant.harness.load_task`, then ``.test.as_task()``).
 
     ``model``: a :class:`~tl_transplant.models.pair.ModelSide` (``pair.target``), a
     ``ModelPair`` with ``side="source"|"target"``, or a bare HF model / bridge with
@@ -212,6 +224,21 @@ def evaluate(
     """
     if batch_size < 1:
         raise EvaluationError(f"batch_size must be >= 1, got {batch_size}")
+    external = getattr(task, "evaluate_external", None)
+    if engine not in (None, "auto", *ENGINES):
+        raise EvaluationError(f"engine must be one of {', '.join(ENGINES)} (or None: the "
+                              f"task's own), got {engine!r}")
+    if external is not None and engine != "tl_transplant":
+        res: EvalResult = external(model, side=side, engine=engine, batch_size=batch_size,
+                                   progress=progress, intervention=intervention,
+                                   forward=forward, kv_cache=kv_cache)
+        return res
+    if engine not in (None, "auto", "tl_transplant"):
+        raise EvaluationError(
+            f"engine={engine!r} evaluates lm-eval tasks; task {task.name!r} is a plain Task. "
+            "Load the benchmark with tl_transplant.harness.load_task(NAME) and evaluate its "
+            "split's .as_task() view, or leave engine out"
+        )
     runner = resolve_model(model, side, tokenizer, forward)
     setting = task.prepend_bos if prepend_bos is None else prepend_bos
     if setting is None or (isinstance(setting, str) and setting.strip().lower() in ("auto", "")):

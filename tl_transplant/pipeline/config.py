@@ -22,7 +22,9 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -178,6 +180,111 @@ class TaskConfig(_Strict):
             prepend_bos=self.prepend_bos,
             extract=self.extract,
         )
+
+    @property
+    def label(self) -> str:
+        return self.name or self.path
+
+    def input_paths(self) -> list[str]:
+        """The local files and folders this task reads (a hub name too; filtered later)."""
+        return [p for p in (self.path, self.test_path) if p]
+
+
+def _require_lm_eval_installed() -> None:
+    """Fail at config time (not after the models loaded) when the ``lm_eval`` extra is
+    missing; a cheap look-up, lm-eval itself is imported when the task loads."""
+    import importlib.util
+
+    from tl_transplant.harness.errors import INSTALL_HINT
+
+    try:
+        found = importlib.util.find_spec("lm_eval") is not None
+    except (ImportError, ValueError):  # a broken or blocked install
+        found = False
+    if not found:
+        raise ValueError(f"lm-evaluation-harness is not installed; {INSTALL_HINT}")
+
+
+class LmEvalTaskConfig(_Strict):
+    """An lm-evaluation-harness task (:mod:`tl_transplant.harness`; the ``lm_eval`` extra).
+
+    ``lm_eval``: lm-eval's task name; ``include_path`` (lm-eval's own key): a folder, or a
+    list, of task YAMLs (relative to the config file); ``dev``/``test``: ``{split, limit}``
+    (dev also ``task``: another lm-eval task, e.g. MATH training problems for MATH-500) or a
+    split name; by default dev is the task's validation or training split and test its test
+    split as its YAML names them. Dev documents from a test split are refused unless
+    ``allow_test_selection: true`` (then every output says so). ``num_fewshot``, ``seed``
+    (lm-eval's ``fewshot_random_seed``; it also draws dev documents), ``metric`` (lm-eval's
+    ``"metric,filter"``), ``max_gen_toks``: see :class:`tl_transplant.harness.HarnessSpec`.
+    The prompts, few-shot contexts, stop sequences, answer extraction and metric are
+    lm-eval's; the per-document results feed the paired statistics like any task's.
+    """
+
+    lm_eval: str
+    #: How results name it (default: the lm-eval task name); two entries of one lm-eval task
+    #: (e.g. the same benchmark as task and, with another metric, as control) need two names.
+    name: str | None = None
+    include_path: str | list[str] | None = None
+    include_defaults: bool | None = None
+    dev: dict[str, Any] | str | None = None
+    test: dict[str, Any] | str | None = None
+    num_fewshot: int | None = None
+    allow_test_selection: bool = False
+    seed: int = 1234
+    metric: str | None = None
+    max_gen_toks: int | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check(cls, data: Any) -> Any:
+        """lm-eval-free checks with the harness's messages (limits, keys, types)."""
+        from tl_transplant.harness.errors import HarnessError
+        from tl_transplant.harness.spec import HarnessSpec
+
+        if isinstance(data, dict):
+            _require_lm_eval_installed()
+            name = data.get("name")
+            if name is not None and (not isinstance(name, str) or not name.strip()):
+                raise ValueError(f"name must be a non-empty string (got {name!r:.80})")
+            try:
+                HarnessSpec.from_dict({k: v for k, v in data.items() if k != "name"},
+                                      check_paths=False)
+            except HarnessError as e:
+                raise ValueError(str(e)) from None
+        return data
+
+    def spec_dict(self) -> dict[str, Any]:
+        """The harness's mapping (:meth:`tl_transplant.harness.HarnessSpec.from_dict`)."""
+        return self.model_dump(exclude_none=True, exclude={"name"})
+
+    def spec(self) -> Any:
+        """The :class:`~tl_transplant.harness.HarnessSpec` (include_path folders checked)."""
+        from tl_transplant.harness.spec import HarnessSpec
+
+        return HarnessSpec.from_dict(self.spec_dict())
+
+    @property
+    def label(self) -> str:
+        return self.name or self.lm_eval
+
+    def input_paths(self) -> list[str]:
+        """The local files and folders this task reads."""
+        inc = self.include_path
+        return [] if inc is None else [inc] if isinstance(inc, str) else list(inc)
+
+
+def _task_kind(v: Any) -> str:
+    if isinstance(v, LmEvalTaskConfig) or (isinstance(v, dict) and "lm_eval" in v):
+        return "lm_eval_task"
+    return "file_task"
+
+
+#: A run's task or control task: a file/dataset task, or an lm-eval task (``lm_eval:`` key).
+AnyTaskConfig = Annotated[
+    Annotated[TaskConfig, Tag("file_task")] | Annotated[LmEvalTaskConfig, Tag("lm_eval_task")],
+    Discriminator(_task_kind),
+]
+_UNION_TAGS = ("file_task", "lm_eval_task")
 
 
 def _base(name: str) -> str:
@@ -427,8 +534,8 @@ class RunConfig(_Strict):
 
     source: str
     target: str
-    task: TaskConfig
-    control_tasks: list[TaskConfig] = Field(default_factory=list)
+    task: AnyTaskConfig
+    control_tasks: list[AnyTaskConfig] = Field(default_factory=list)
     selection: SelectionConfig = Field(default_factory=SelectionConfig)
     sweep: SweepConfig = Field(default_factory=SweepConfig)
     seed: StrictInt = 0
@@ -489,11 +596,28 @@ class RunConfig(_Strict):
             )
             return str(base / q) if local else p
 
-        def fix_task(t: TaskConfig, key: str) -> TaskConfig:
+        def fix_task(t: TaskConfig | LmEvalTaskConfig, key: str
+                     ) -> TaskConfig | LmEvalTaskConfig:
+            if isinstance(t, LmEvalTaskConfig):
+                return fix_lm_eval(t, key)
             return t.model_copy(update={
                 "path": fix(t.path, f"{key}.path"),
                 "test_path": fix(t.test_path, f"{key}.test_path"),
             })
+
+        def fix_lm_eval(t: LmEvalTaskConfig, key: str) -> LmEvalTaskConfig:
+            """include_path folders relative to the config file, and they must exist."""
+            if t.include_path is None:
+                return t
+            fixed = [fix(p, f"{key}.include_path") or p for p in t.input_paths()]
+            for p in fixed:
+                if not Path(p).is_dir():
+                    raise ConfigError(
+                        f"invalid config: {key}.include_path: folder {p!r} does not exist "
+                        "(give lm-eval task YAMLs' folder, relative to the config file)"
+                    )
+            inc = fixed[0] if isinstance(t.include_path, str) else fixed
+            return t.model_copy(update={"include_path": inc})
 
         local = {}
         for key in ("source", "target"):
@@ -512,7 +636,7 @@ class RunConfig(_Strict):
 def _format(e: ValidationError) -> str:
     lines = []
     for err in e.errors():
-        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        loc = ".".join(str(x) for x in err["loc"] if x not in _UNION_TAGS) or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")
         if not err["msg"].startswith("Value error, ") and "input" in err:
             msg = f"{msg} (got {err['input']!r:.80})"

@@ -24,10 +24,12 @@ from tl_transplant.pipeline.stages import (
     RESULT_KEYS,
     apply_choice,
     export_choice,
+    lm_eval_tests,
     load_inputs,
     load_task_splits,
     score_methods,
     sweep_on_dev,
+    write_lm_eval_outputs,
     write_results,
     write_run_report,
     write_sweep_files,
@@ -85,7 +87,11 @@ def run(
         results = res.results(inputs.n_search)
         if report:  # before the permanent edit: the report compares against the target
             write_run_report(inputs, res, scored, results, tmp)
+        for who in ("source", "target") if lm_eval_tests(inputs) else ():
+            write_lm_eval_outputs(inputs, cfg, tmp, who, log=log)
         manifest = apply_choice(inputs, res, tmp, log=log)
+        if manifest is not None and lm_eval_tests(inputs):
+            write_lm_eval_outputs(inputs, cfg, tmp, "transplanted", log=log)
         export_choice(inputs, manifest, cfg, tmp, log=log)
         write_results(results, cfg, tmp)
         result = RunResult(results=results, out_dir=out, sweep=res, scores=scored.methods,
@@ -107,7 +113,7 @@ def _run_inputs(config: Any, cfg: RunConfig) -> list[Any]:
     if isinstance(config, (str, Path)):
         items.append(config)
     for tc in (cfg.task, *cfg.control_tasks):
-        items += [tc.path, tc.test_path]
+        items += tc.input_paths()
     return [i for i in items if isinstance(i, (str, Path)) and i]
 
 

@@ -35,9 +35,11 @@ from tl_transplant.sweeps.records import RESULT_KEYS, Results
 from tl_transplant.tasks.task import Task
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
     from tl_transplant.edit.manifest import Manifest
     from tl_transplant.models.pair import ModelPair
-    from tl_transplant.pipeline.config import MethodRun, RunConfig, TaskConfig
+    from tl_transplant.pipeline.config import LmEvalTaskConfig, MethodRun, RunConfig, TaskConfig
     from tl_transplant.sweeps.result import SweepResult
 
 Log = Callable[..., Any]
@@ -46,9 +48,21 @@ Log = Callable[..., Any]
 # ---- load ------------------------------------------------------------------------------
 
 
-def load_task_splits(tc: TaskConfig, seed: int, default_name: str) -> tuple[Task, Task]:
+def load_task_splits(tc: TaskConfig | LmEvalTaskConfig, seed: int, default_name: str,
+                     tokenizer: PreTrainedTokenizerBase | None = None) -> tuple[Task, Task]:
     """(dev, test) from a task entry: a separate ``test_path``, or a seeded split. A task
-    file that cannot be read is an :class:`~tl_transplant.errors.InputError`."""
+    file that cannot be read is an :class:`~tl_transplant.errors.InputError`. An lm-eval
+    task (``lm_eval:``) gives its dev and test documents as
+    :class:`~tl_transplant.harness.view.HarnessTaskView` s (evaluated through lm-eval;
+    ``tokenizer``: the target's, for the views' BOS rule)."""
+    from tl_transplant.pipeline.config import LmEvalTaskConfig
+
+    if isinstance(tc, LmEvalTaskConfig):
+        from tl_transplant.harness.source import load_task
+
+        dev, test = load_task(tc.spec()).views(tokenizer)
+        dev.name, test.name = f"{tc.label}:dev", f"{tc.label}:test"
+        return dev, test
     kw = tc.task_kwargs()
     name = tc.name or default_name
     try:
@@ -89,9 +103,14 @@ def load_inputs(cfg: RunConfig, *, log: Log = print, check_tokenizer: bool = Tru
     pair = ModelPair.load(cfg.source, cfg.target, device=cfg.device, dtype=dtype,
                           check_tokenizer=check_tokenizer, check_finite=check_finite,
                           allow_pickle=allow_pickle)
-    dev, test = load_task_splits(cfg.task, cfg.seed, "task")
-    controls = [load_task_splits(c, cfg.seed, f"control{i}")
+    tok = pair.target.tokenizer
+    dev, test = load_task_splits(cfg.task, cfg.seed, "task", tok)
+    controls = [load_task_splits(c, cfg.seed, f"control{i}", tok)
                 for i, c in enumerate(cfg.control_tasks)]
+    for t in (dev, *(c[0] for c in controls)):
+        if dict(t.meta.get("split") or {}).get("selection_on_test"):
+            log(f"warning: {t.name} holds test documents (allow_test_selection: true); "
+                "the choice made on it is selection on test, and every output says so")
     for t in (dev, test, *(x for split in controls for x in split)):
         try:
             t.check_fits(pair.target.tokenizer, resolve_prepend_bos(pair, t.prepend_bos),
@@ -268,6 +287,33 @@ def export_choice(inputs: RunInputs, manifest: Manifest | None, cfg: RunConfig, 
         export_hf(inputs.pair, out / "model", manifest=manifest)
 
 
+def lm_eval_tests(inputs: RunInputs) -> list[Task]:
+    """The test splits of the run's lm-eval tasks (task and controls), in config order."""
+    tests = [inputs.test, *(t for _, t in inputs.controls)]
+    return [t for t in tests if getattr(t, "harness", None) is not None]
+
+
+def write_lm_eval_outputs(inputs: RunInputs, cfg: RunConfig, out: Path, who: str, *,
+                          log: Log = print) -> dict[str, Path]:
+    """lm-eval's own output (``results.json`` and ``samples_<task>.jsonl``, as its CLI
+    writes them) of every lm-eval test split on one model, under ``lm_eval/<who>/<task>/``:
+    ``who`` = ``source``, ``target`` (before the permanent edit) or ``transplanted`` (after
+    it). Each is one more evaluation of the test documents through lm-eval's HFLM (the
+    numbers of a plain ``lm_eval`` run on that model). Returns ``{task: results.json}``."""
+    from tl_transplant.harness.run import evaluate_split
+
+    side = inputs.pair.source if who == "source" else inputs.pair.target
+    written: dict[str, Path] = {}
+    for t in lm_eval_tests(inputs):
+        split: Any = getattr(t, "harness", None)
+        folder = out / "lm_eval" / who / t.name.removesuffix(":test")
+        log(f"lm-eval: {t.name} on the {who} -> {folder.relative_to(out)}")
+        res = evaluate_split(side, split, engine="hflm", batch_size=cfg.batch_size,
+                             output_path=folder)
+        written[t.name] = Path(res.meta["lm_eval"]["json"])
+    return written
+
+
 def write_results(results: Results, cfg: RunConfig, out: Path) -> None:
     """``results.json`` (the typed results, keys :data:`RESULT_KEYS`) and ``config.json``."""
     text = results.to_json()
@@ -288,6 +334,7 @@ __all__ = [
     "Scored",
     "apply_choice",
     "export_choice",
+    "lm_eval_tests",
     "load_inputs",
     "load_task_splits",
     "run_results",
@@ -296,5 +343,6 @@ __all__ = [
     "sweep_on_dev",
     "write_results",
     "write_run_report",
+    "write_lm_eval_outputs",
     "write_sweep_files",
 ]

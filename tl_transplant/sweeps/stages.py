@@ -185,6 +185,8 @@ def plan_sweep(
     elif retention_mode == "none":
         notes.append("no control task: retention was not measured")
     notes += plan_notes
+    notes += [selection_on_test_note(t) for t in (dev, *(c[1] for c in ctasks))
+              if dict(t.meta.get("split") or {}).get("selection_on_test")]
     return SweepPlan(
         name=name, dev=dev, test=test, control_tasks=ctasks, methods=methods,
         controls=baselines, configs=configs, layout=layout,
@@ -192,6 +194,16 @@ def plan_sweep(
         retention_mode=retention_mode, opts=opts, split_given=not isinstance(task, Task),
         notes=notes,
     )
+
+
+def selection_on_test_note(dev: Task) -> str:
+    """What every output says when a dev split holds test documents (an lm-eval task loaded
+    with ``allow_test_selection``: ``meta["split"]["selection_on_test"]``)."""
+    sp = dict(dev.meta.get("split") or {})
+    where = f"{sp.get('lm_eval_task', dev.name)}:{sp.get('split', '?')}"
+    return (f"SELECTION ON TEST DOCUMENTS: {dev.name} comes from the test split {where} "
+            "(allow_test_selection); K, alpha and budgets were chosen on a benchmark's test "
+            "documents, so the test numbers are not an unbiased estimate")
 
 
 # ---- dev -------------------------------------------------------------------------------

@@ -19,7 +19,9 @@ the scorers' default metric all read this registry, so a metric is added in one 
 
 Built-in metrics (:mod:`tl_transplant.tasks.task` describes them for users):
 ``next_token_acc``, ``answer_logprob``, ``logit_diff``, ``exact_match``,
-``next_token_agreement`` and ``mc_logprob``. Evaluation runs every logit metric through
+``next_token_agreement``, ``mc_logprob``, and lm-eval's ``acc``, ``acc_norm`` and
+``math_verify`` (so lm-eval tasks' per-example results count as accuracies: TIR, relative
+retention). Evaluation runs every logit metric through
 one loop (:func:`tl_transplant.tasks.tokens.run_batches`: rows longest first, each batch
 cut to its longest row) and keeps only the per-row floats of each batch, never its logits.
 """
@@ -541,6 +543,95 @@ class McLogprob(LogitMetric):
         return mc_scores(scores, rows.data["choices"], rows.task.correct_choice)
 
 
+def _first_argmax_correct(
+    row_logprobs: Float[torch.Tensor, " rows"], rows: Rows, normalize: bool
+) -> Float[torch.Tensor, " n"]:
+    """lm-eval's multiple-choice accuracy: 1.0 when the choice with the highest total log-prob
+    (divided by the choice's length in characters with ``normalize``) is the correct one; ties
+    go to the first choice, as ``np.argmax`` in lm-eval's ``process_results``."""
+    cb: ChoiceBatch = rows.data["choices"]
+    task = rows.task
+    correct = task.correct_choice
+    choices = task.choices or []
+    lp = row_logprobs.detach().double().cpu()
+    out = torch.zeros(cb.n_examples, dtype=torch.float64)
+    for i in range(cb.n_examples):
+        idx = (cb.example == i).nonzero().flatten()
+        order = torch.argsort(cb.choice[idx], stable=True)
+        which, vals = cb.choice[idx][order], lp[idx][order]
+        if normalize:
+            lens = torch.tensor([float(len(choices[i][int(c)])) for c in which],
+                                dtype=torch.float64)
+            vals = vals / lens
+        out[i] = float(int(which[int(torch.argmax(vals))]) == int(correct[i]))
+    return out
+
+
+@register_metric
+class Acc(McLogprob):
+    """lm-eval's ``acc``: the highest total log-prob among the choices is the correct one
+    (ties: the first choice wins, unlike ``mc_logprob``)."""
+
+    name = "acc"
+    description = "lm-eval's acc: argmax of the choices' total log-prob is correct (0/1)"
+
+    def per_example(
+        self, scores: Float[torch.Tensor, " rows"], rows: Rows
+    ) -> Float[torch.Tensor, " n"]:
+        return _first_argmax_correct(scores, rows, normalize=False)
+
+
+@register_metric
+class AccNorm(McLogprob):
+    """lm-eval's ``acc_norm``: as ``acc`` with each choice's log-prob divided by its length in
+    characters (lm-eval counts the choice text without the target delimiter)."""
+
+    name = "acc_norm"
+    description = "lm-eval's acc_norm: argmax of log-prob per character is correct (0/1)"
+
+    def per_example(
+        self, scores: Float[torch.Tensor, " rows"], rows: Rows
+    ) -> Float[torch.Tensor, " n"]:
+        return _first_argmax_correct(scores, rows, normalize=True)
+
+
+#: What to install for ``math_verify`` (the package of the same name, in the lm_eval extra).
+MATH_VERIFY_HINT = 'pip install "tl_transplant[lm_eval]" (or pip install math-verify)'
+
+
+def math_equivalent(prediction: str, answer: str) -> bool:
+    """Whether ``prediction`` (a model's generation) states ``answer`` (``\\boxed{}`` or bare
+    LaTeX), by HF's ``math_verify`` as lm-eval's MATH tasks use it:
+    ``verify(gold=parse(answer), target=parse(prediction))``."""
+    try:
+        from math_verify import parse, verify
+    except ImportError as e:
+        raise MetricError(f"metric 'math_verify' needs the math_verify package: "
+                          f"{MATH_VERIFY_HINT}") from e
+    gold = parse(answer)
+    if not gold:  # a bare answer such as "50" or "\\frac{1}{2}": read it as LaTeX
+        gold = parse(f"${answer}$")
+    return bool(verify(gold=gold, target=parse(prediction)))
+
+
+@register_metric
+class MathVerify(GenerationMetric):
+    """Greedy generation is mathematically equal to the answer (HF ``math_verify``, as in
+    lm-eval's ``minerva_math``/``hendrycks_math`` tasks); needs the ``math_verify`` package."""
+
+    name = "math_verify"
+    description = "greedy generation equals the answer by math_verify (0/1)"
+    accuracy = True
+    accepts = ("max_new_tokens",)
+
+    def score_generations(
+        self, task: Task, texts: Sequence[str]
+    ) -> tuple[Float[np.ndarray, " n"], list[str]]:
+        scores = np.array([float(math_equivalent(t, a)) for t, a in zip(texts, task.answers)],
+                          dtype=np.float64)
+        return scores, list(texts)
+
+
 __all__ = [
     "ACCEPTABLE_FIELDS",
     "AGREEMENT_ATOL",
@@ -550,6 +641,7 @@ __all__ = [
     "NEEDABLE_FIELDS",
     "Batch",
     "GenerationMetric",
+    "MATH_VERIFY_HINT",
     "LogitMetric",
     "Metric",
     "MetricError",
@@ -561,6 +653,7 @@ __all__ = [
     "default_differentiable",
     "get_metric",
     "is_accuracy",
+    "math_equivalent",
     "needs_of",
     "parse_reference",
     "prompt_rows",
