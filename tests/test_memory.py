@@ -93,6 +93,9 @@ def test_plan_stages_scale_with_batch_dtype_and_candidates(pair_dir: Path) -> No
         assert big[st]["extra_bytes"] > small[st]["extra_bytes"], st
     half = plan_run(load_config(_cfg(pair_dir, dtype="bfloat16")))
     assert half.models_bytes < p.models_bytes
+    # a cast at load reads one side's stored float32 tensors while the bfloat16 copy grows
+    load = half.to_dict()["stages"]["load"]["extra_bytes"]
+    assert load == max(m.stored_bytes for m in half.models) == 2 * half.models[1].bytes
     more = _cfg(pair_dir)
     more["selection"]["options"]["learned_mask"]["candidates"] = 0.5  # type: ignore[index]
     lm = plan_run(load_config(more)).to_dict()["stages"]["score learned_mask@weight"]

@@ -88,6 +88,7 @@ class ModelFacts:
     run_dtype: str
     bytes: int  # the tensors at the run's dtype
     largest_tensor: int  # elements
+    stored_bytes: int = 0  # the weight files' tensors, as stored
     n_layers: int
     d_model: int
     d_mlp: int
@@ -314,6 +315,7 @@ def model_facts(spec: str, role: str, dtype: str | None) -> ModelFacts:
     return ModelFacts(
         role=role, path=str(root), n_params=n, block_params=blocks, stored_dtype=stored_name,
         run_dtype=run, bytes=n * _DTYPE_BYTES.get(run, 4), largest_tensor=largest,
+        stored_bytes=sum(k * _DTYPE_BYTES.get(d, 4) for d, k in stored.items()),
         n_layers=_cfg_get(cfg, "num_hidden_layers", "n_layer", default=1), d_model=d,
         d_mlp=_cfg_get(cfg, "intermediate_size", "n_inner", default=4 * d) or 4 * d,
         n_heads=heads, head_dim=_cfg_get(cfg, "head_dim", default=d // max(1, heads)),
@@ -433,9 +435,13 @@ def plan_run(cfg: RunConfig) -> MemoryPlan:
     elt = _DTYPE_BYTES.get(t.run_dtype, 4)
     cast = s.run_dtype != s.stored_dtype or t.run_dtype != t.stored_dtype
     stages: list[Stage] = []
-    load_extra = max(s.largest_tensor, t.largest_tensor) * (8 if cast else 4)
-    stages.append(Stage("load", load_extra,
-                        "largest tensor in transit" + (" (and its cast)" if cast else "")))
+    if cast:  # the stored tensors are read (memory-mapped, resident) while the cast copy grows
+        load_extra = max(s.stored_bytes, t.stored_bytes)
+        why = "one side's stored tensors mapped while they are cast"
+    else:
+        load_extra = max(s.largest_tensor, t.largest_tensor) * 4
+        why = "largest tensor in transit"
+    stages.append(Stage("load", load_extra, why))
     kept = 0
     runs = cfg.selection.runs("methods") + [
         r for r in cfg.selection.runs("controls")
