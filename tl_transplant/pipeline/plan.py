@@ -88,7 +88,6 @@ class ModelFacts:
     run_dtype: str
     bytes: int  # the tensors at the run's dtype
     largest_tensor: int  # elements
-    stored_bytes: int = 0  # the weight files' tensors, as stored
     n_layers: int
     d_model: int
     d_mlp: int
@@ -96,6 +95,7 @@ class ModelFacts:
     head_dim: int
     n_kv: int
     vocab: int
+    stored_bytes: int = 0  # the weight files' tensors, as stored
 
 
 @dataclass
