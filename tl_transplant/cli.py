@@ -229,6 +229,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from tl_transplant.pipeline.config import load_config
+    from tl_transplant.pipeline.plan import available_bytes, plan_json, plan_run
+
+    plan = plan_run(load_config(args.config))
+    plan.available_bytes = available_bytes(plan.device)
+    print(plan_json(plan) if args.json else plan.summary())
+    return 0
+
+
 def _load_task_arg(path: str, prompt_field: str, answer_field: str, metric: str,
                    prepend_bos: str) -> Any:
     from tl_transplant.tasks.task import Task
@@ -595,6 +605,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = add_apply_command(sub)
     a.set_defaults(name="apply")
+
+    pl = sub.add_parser("plan", help="estimate a run's peak memory from its config (no "
+                        "weights loaded)")
+    pl.add_argument("config", help="path to the YAML config")
+    pl.add_argument("--json", action="store_true",
+                    help="print a JSON object: peak_bytes (peak RSS of the whole run) and stages")
+    pl.set_defaults(func=cmd_plan, name="plan")
 
     _add_eval_command(sub)
 

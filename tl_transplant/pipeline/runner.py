@@ -17,6 +17,7 @@ from typing import Any
 from tl_transplant.errors import OutputError, os_reason
 from tl_transplant.io.export import commit_out_dir, discard_out_dir, prepare_out_dir
 from tl_transplant.pipeline.config import RunConfig, load_config
+from tl_transplant.pipeline.plan import check_memory_plan
 from tl_transplant.pipeline.result import RunResult
 from tl_transplant.pipeline.stages import (
     RESULT_KEYS,
@@ -47,6 +48,7 @@ def run(
     check_finite: bool = True,
     allow_pickle: bool = False,
     overrides: dict[str, Any] | None = None,
+    check_memory: bool = True,
 ) -> RunResult:
     """Run the pipeline described by ``config`` and write everything under ``out_dir``.
 
@@ -60,6 +62,8 @@ def run(
     must not be, or contain, the config, task files or model directories.
     ``check_tokenizer``, ``check_finite`` and ``allow_pickle`` go to ``ModelPair.load``;
     ``overrides`` to :func:`~tl_transplant.pipeline.config.load_config` (the CLI's flags).
+    ``check_memory``: log the memory plan (:mod:`tl_transplant.pipeline.plan`, from the
+    config and headers) and stop before loading when its peak exceeds the memory available.
 
     Retention: the config's control tasks; without any, ``retention: auto`` (default)
     uses :func:`tl_transplant.evaluation.generic.generic_retention` and ``retention: none``
@@ -70,6 +74,8 @@ def run(
     the permanent edit, the export.
     """
     cfg = load_config(config, overrides)
+    if check_memory:
+        check_memory_plan(cfg, log)
     out, tmp = prepare_out_dir(out_dir, overwrite, inputs=_run_inputs(config, cfg))
     try:
         inputs = load_inputs(cfg, log=log, check_tokenizer=check_tokenizer,

@@ -138,15 +138,24 @@ def encode(
 def answer_logprobs(
     logits: Float[torch.Tensor, "batch seq vocab"], enc: Encoded
 ) -> Float[torch.Tensor, " batch"]:
-    """Sum over answer tokens of log p(answer token | prefix): differentiable, per example."""
-    # At least float32 (bf16/fp16 logits are upcast; float64 ones stay float64).
-    logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-    seq = enc.input_ids.shape[1]
-    # Position t predicts token t+1; gather the next token at each position.
-    nxt = torch.cat([enc.input_ids[:, 1:], enc.input_ids[:, :1]], dim=1).to(logits.device)
-    tok_lp = logp.gather(-1, nxt[..., None]).squeeze(-1)
-    mask = enc.answer_mask().to(logits.device)[:, :seq]
-    return (tok_lp * mask).sum(-1)
+    """Sum over answer tokens of log p(answer token | prefix): differentiable, per example.
+
+    Only the positions that predict an answer token are upcast and normalised (at least
+    float32: bf16/fp16 logits are upcast, float64 stay float64), so the metric adds
+    ``answer tokens x vocab`` floats to the batch's logits, not another ``batch x seq x
+    vocab`` tensor.
+    """
+    seq = min(int(enc.input_ids.shape[1]), int(logits.shape[1]))
+    ids = enc.input_ids[:, :seq].to(logits.device)
+    # Position t predicts token t+1.
+    nxt = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)
+    mask = enc.answer_mask().to(logits.device)[:, :seq] > 0
+    rows, pos = mask.nonzero(as_tuple=True)
+    picked = logits[rows, pos].to(torch.promote_types(logits.dtype, torch.float32))
+    logp = torch.log_softmax(picked, dim=-1)
+    tok_lp = logp.gather(-1, nxt[rows, pos][:, None]).squeeze(-1)
+    out = torch.zeros(logits.shape[0], dtype=tok_lp.dtype, device=logits.device)
+    return out.index_add(0, rows, tok_lp)
 
 
 def last_prompt_logits(
