@@ -684,13 +684,14 @@ def big(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny(model, word_tokenizer(root / "tok"), root / "model")
 
 
-# The child's tensor writes wait 2 s first, so a signal sent once the temporary directory
-# exists always lands mid-write (a bare 130 MB write can finish before the signal does).
+# The child's tensor writes wait 10 s first, so a signal sent once the temporary directory
+# exists lands mid-write even on a loaded machine (a bare 130 MB write can finish before the
+# signal does; the signal interrupts the wait, so the tests do not take 10 s more).
 _SLOW_WRITES = (
     "import sys, time, safetensors.torch as st\n"
     "save = st.save_file\n"
     "def slow(*a, **k):\n"
-    "    time.sleep(2)\n"
+    "    time.sleep(10)\n"
     "    return save(*a, **k)\n"
     "st.save_file = slow\n"
     "from tl_transplant.cli import main\n"

@@ -32,6 +32,12 @@ _CHILD = textwrap.dedent(
     import torch
     from transformers.utils import logging as hf_logging
     hf_logging.get_logger("transformers")
+    # tl_transplant.harness.lm subclasses lm-eval's model class, so importing it imports
+    # lm_eval, whose requests/urllib3 add warnings filters at import: theirs, not ours
+    try:
+        import lm_eval.api.model, requests  # noqa: F401
+    except ImportError:
+        pass
     before = state()
     import tl_transplant
     names = ["tl_transplant"]
