@@ -123,9 +123,12 @@ def test_exception_then_resume_equals_uninterrupted(workdir: Path, baseline: Pat
     out = tmp_path / "out"
     calls = Calls(fail_at="attribution")
     monkeypatch.setattr(stages, "_score_one", calls)
+    failed: list[str] = []
     with pytest.raises(RuntimeError, match="injected"):
-        _run(_cfg(workdir), out)
+        _run(_cfg(workdir), out, failed)
     assert calls.labels == ["activation_diff", "attribution"]
+    assert "kept the finished scores of activation_diff" in failed[-1]
+    assert "--resume" in failed[-1]
     assert not out.exists()  # the output stays clean, as before
     kept = sorted(p.name for p in (partial_dir(out) / "scores").iterdir())
     assert kept == ["activation_diff.safetensors"]
@@ -243,6 +246,20 @@ def test_staging_area_needs_resume_or_overwrite(workdir: Path, tmp_path: Path,
     assert calls.labels[0] == "activation_diff"
     assert any(line.startswith("discarding") for line in lines)
     assert not partial_dir(out).exists()
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_early_failure_leaves_no_staging_area(workdir: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out"
+    monkeypatch.setattr(stages, "_score_one", Calls(fail_at="activation_diff"))
+    with pytest.raises(RuntimeError):
+        _run(_cfg(workdir), out)
+    assert not partial_dir(out).exists() and not out.exists()
+    (partial_dir(out) / "scores").mkdir(parents=True)  # an empty area is no obstacle
+    monkeypatch.setattr(stages, "_score_one", Calls())
+    _run(_cfg(workdir), out)
+    assert (out / "results.json").is_file() and not partial_dir(out).exists()
 
 
 def test_store_round_trips_losslessly(tmp_path: Path) -> None:

@@ -242,7 +242,8 @@ def _same_scores(a: MethodScores, b: MethodScores) -> bool:
 class RunStore:
     """The staging area of one run: ``key.json`` and ``scores/<label>.safetensors``.
 
-    Open it with :meth:`open` (which applies ``resume``/``overwrite``); :meth:`get` gives a
+    Open it with :meth:`open` (which applies ``resume``/``overwrite``; the area is made
+    when the first stage is kept, and one holding no stage is removed); :meth:`get` gives a
     stored method's scores (None if absent or unreadable), :meth:`put` keeps one (written
     to a temporary name, read back, compared, then renamed: a kill mid-write leaves no
     entry), :meth:`finish` removes the area after a finished run.
@@ -264,14 +265,16 @@ class RunStore:
                               "interrupted run's stages there: move it away")
         if root.is_dir():
             stored = cls._stored_key(root)
-            names = sorted(p.stem for p in (root / "scores").glob("*.safetensors"))
-            what = f"the scores of {', '.join(names)}" if names else "no finished stage yet"
-            if not resume and not overwrite:
+            names = cls._labels(root)
+            if not names:  # nothing finished (a run that failed early): nothing to lose
+                cls._remove(root)
+            elif not resume and not overwrite:
                 raise OutputError(
-                    f"{root} holds an interrupted run's finished stages ({what}); pass --resume "
-                    "(resume=True) to reuse those that match this run, or --overwrite "
-                    "(overwrite=True) to discard them and start again")
-            if not resume:
+                    f"{root} holds an interrupted run's finished stages (the scores of "
+                    f"{', '.join(names)}); pass --resume (resume=True) to reuse those that "
+                    "match this run, or --overwrite (overwrite=True) to discard them and "
+                    "start again")
+            elif not resume:
                 log(f"discarding the interrupted run's stages in {root} (--overwrite)")
                 cls._remove(root)
             elif stored is None or stored.get("digest") != key.digest:
@@ -281,20 +284,36 @@ class RunStore:
                     "reusing nothing")
                 cls._remove(root)
             else:
-                log(f"--resume: reusing {root} (key {key.digest[:12]}; {what})")
+                log(f"--resume: reusing {root} (key {key.digest[:12]}; the scores of "
+                    f"{', '.join(names)})")
         elif resume:
             log(f"--resume: no interrupted run at {root}; starting from the beginning")
-        try:
-            (root / "scores").mkdir(parents=True, exist_ok=True)
-            kf = root / KEY_FILE
-            if not kf.is_file():
-                tmp = root / f".{KEY_FILE}.tmp-{os.getpid()}"
-                tmp.write_text(json.dumps({"digest": key.digest, "parts": key.parts}, indent=1))
-                tmp.replace(kf)
-        except OSError as e:
-            raise OutputError(f"cannot keep the run's stages in {root}: {os_reason(e)}; "
-                              "choose an --out whose folder you can write to") from e
         return cls(root, key, log)
+
+    def _begin(self) -> None:
+        """Create the area and its ``key.json`` (on the first stage kept)."""
+        (self.root / "scores").mkdir(parents=True, exist_ok=True)
+        kf = self.root / KEY_FILE
+        if not kf.is_file():
+            tmp = self.root / f".{KEY_FILE}.tmp-{os.getpid()}"
+            tmp.write_text(json.dumps({"digest": self.key.digest, "parts": self.key.parts},
+                                      indent=1))
+            tmp.replace(kf)
+
+    @staticmethod
+    def _labels(root: Path) -> list[str]:
+        return sorted(p.stem for p in (root / "scores").glob("*.safetensors"))
+
+    @property
+    def kept(self) -> list[str]:
+        """The labels whose scores are in the area now."""
+        return self._labels(self.root) if self.root.is_dir() else []
+
+    def interrupted(self) -> None:
+        """Log what an interrupted run leaves for ``--resume`` (nothing if nothing)."""
+        if self.kept:
+            self.log(f"kept the finished scores of {', '.join(self.kept)} in {self.root}; "
+                     "run again with --resume (resume=True) to reuse them")
 
     @staticmethod
     def _stored_key(root: Path) -> dict[str, Any] | None:
@@ -344,6 +363,7 @@ class RunStore:
         p = self._path(label)
         tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
         try:
+            self._begin()
             tensors, md = _scores_payload(s)
             md["label"] = label
             save_file(tensors, str(tmp), metadata=md)

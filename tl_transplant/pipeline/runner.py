@@ -85,6 +85,7 @@ def run(
     if check_memory:
         check_memory_plan(cfg, log)
     out, tmp = prepare_out_dir(out_dir, overwrite, inputs=_run_inputs(config, cfg))
+    store: RunStore | None = None
     try:
         store = RunStore.open(out, run_key(cfg, _run_inputs(None, cfg)), resume=resume,
                               overwrite=overwrite, log=log)
@@ -115,6 +116,8 @@ def run(
         return result
     except BaseException:
         discard_out_dir(tmp, out)
+        if store is not None:
+            store.interrupted()
         raise
 
 
