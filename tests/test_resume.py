@@ -305,3 +305,19 @@ def test_key_follows_models_and_tasks(workdir: Path, tmp_path: Path) -> None:
     assert k.differs(run_key(cfg, [copy, workdir / "control.jsonl"]).parts) == ["inputs"]
     other = load_config(_cfg(workdir, target=str(workdir / "source")))
     assert k.differs(run_key(other, inputs).parts) == ["config", "target"]
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_long_stages_show_remaining_time(workdir: Path, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """The scoring and sweep bars (tqdm with a total) show ``elapsed<remaining``."""
+    import re
+
+    cfg = _cfg(workdir, selection={"methods": ["activation_diff"], "units": ["head", "neuron"],
+                                   "controls": []})
+    run(cfg, tmp_path / "out", progress=True, report=False, log=lambda *_: None)
+    segments = re.split(r"[\r\n]", capsys.readouterr().err)
+    for desc in ("activation_diff [task:dev]", "sweep task"):
+        bars = [s for s in segments if s.startswith(desc)]
+        assert bars and all(re.search(r"\[\d\d:\d\d<(\?|\d\d:\d\d)", s) for s in bars), desc
+    assert any(re.search(r"^sweep task: .*<\d\d:\d\d", s) for s in segments)
