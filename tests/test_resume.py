@@ -26,6 +26,7 @@ from tl_transplant.pipeline.resume import RunKey, RunStore, partial_dir, run_key
 from tl_transplant.pipeline.runner import run
 from tl_transplant.scoring.scores import Scores
 from tl_transplant.scoring.weight_scores import WeightScores
+from tl_transplant.sweeps import stages as sweep_stages
 from tl_transplant.tasks.builtin import builtin_task
 from tl_transplant.testing import perturbed_copy, save_tiny, tiny_model, word_tokenizer
 
@@ -127,7 +128,7 @@ def test_exception_then_resume_equals_uninterrupted(workdir: Path, baseline: Pat
     with pytest.raises(RuntimeError, match="injected"):
         _run(_cfg(workdir), out, failed)
     assert calls.labels == ["activation_diff", "attribution"]
-    assert "kept the finished scores of activation_diff" in failed[-1]
+    assert "kept the finished stages (scores of activation_diff) in" in failed[-1]
     assert "--resume" in failed[-1]
     assert not out.exists()  # the output stays clean, as before
     kept = sorted(p.name for p in (partial_dir(out) / "scores").iterdir())
@@ -143,17 +144,75 @@ def test_exception_then_resume_equals_uninterrupted(workdir: Path, baseline: Pat
     _same_output(baseline, out)
 
 
+_EVALUATE = sweep_stages.Models.evaluate
+
+
+class Evals:
+    """Wraps the sweep's ``Models.evaluate``: counts the calls, raises at call ``fail_at``."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.n, self.fail_at = 0, fail_at
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> Evals:
+        real = _EVALUATE
+
+        def evaluate(models: Any, side: Any, t: Any) -> Any:
+            self.n += 1
+            if self.n == self.fail_at:
+                raise KeyboardInterrupt  # as Ctrl-C
+            return real(models, side, t)
+
+        monkeypatch.setattr(sweep_stages.Models, "evaluate", evaluate)
+        return self
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_interrupted_sweep_resumes_its_dev_evaluations(workdir: Path, baseline: Path,
+                                                       tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out"
+    full = Evals().install(monkeypatch)
+    _run(_cfg(workdir), tmp_path / "full")
+    Evals(fail_at=12).install(monkeypatch)  # in the dev sweep, after a few configs
+    failed: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        _run(_cfg(workdir), out, failed)
+    kept = len(list((partial_dir(out) / "dev").glob("*.safetensors")))
+    assert kept >= 2 and f"{kept} dev evaluations" in failed[-1]
+
+    scorers = Calls()
+    monkeypatch.setattr(stages, "_score_one", scorers)
+    again = Evals().install(monkeypatch)
+    lines: list[str] = []
+    _run(_cfg(workdir), out, lines, resume=True)
+    assert not {"activation_diff", "attribution", "attribution@weight"} & set(scorers.labels)
+    assert f"reused {kept} dev evaluations" in " ".join(lines)
+    # each kept configuration saved its task evaluation and one per control task
+    assert again.n == full.n - 2 * kept
+    _same_output(baseline, out)
+
+
 _KILL_SCRIPT = """
 import sys, time
 from pathlib import Path
 from tl_transplant.pipeline import stages
+from tl_transplant.sweeps import stages as sweep_stages
+def wait_for_kill():
+    Path(sys.argv[2]).write_text("now")  # the point at which the test kills us
+    time.sleep(600)
 real = stages._score_one
 def slow(pair, dev, r, cfg, **kw):
     if r.label == sys.argv[1]:
-        Path(sys.argv[2]).write_text("now")  # the point at which the test kills us
-        time.sleep(600)
+        wait_for_kill()
     return real(pair, dev, r, cfg, **kw)
 stages._score_one = slow
+real_eval, n = sweep_stages.Models.evaluate, [0]
+def slow_eval(models, side, t):
+    n[0] += 1
+    if sys.argv[1] == f"evaluation {n[0]}":
+        wait_for_kill()
+    return real_eval(models, side, t)
+sweep_stages.Models.evaluate = slow_eval
 from tl_transplant.cli import main
 sys.exit(main(sys.argv[3:]))
 """
@@ -161,7 +220,8 @@ sys.exit(main(sys.argv[3:]))
 
 @pytest.mark.filterwarnings("ignore")
 @pytest.mark.parametrize(("sig", "at"), [(signal.SIGKILL, "attribution@weight"),
-                                         (signal.SIGTERM, "attribution")])
+                                         (signal.SIGTERM, "attribution"),
+                                         (signal.SIGKILL, "evaluation 12")])
 def test_real_kill_then_resume_equals_uninterrupted(workdir: Path, baseline: Path,
                                                     tmp_path: Path, sig: int, at: str,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
@@ -190,7 +250,8 @@ def test_real_kill_then_resume_equals_uninterrupted(workdir: Path, baseline: Pat
             proc.wait()
     assert proc.returncode != 0 and not out.exists()
     want = {"attribution@weight": ["activation_diff", "attribution"],
-            "attribution": ["activation_diff"]}[at]
+            "attribution": ["activation_diff"]}.get(at, ["activation_diff", "attribution",
+                                                         "attribution@weight"])
     kept = sorted(p.stem for p in (partial_dir(out) / "scores").glob("*.safetensors"))
     assert kept == want
 
@@ -198,8 +259,12 @@ def test_real_kill_then_resume_equals_uninterrupted(workdir: Path, baseline: Pat
     monkeypatch.setattr(stages, "_score_one", calls)
     lines: list[str] = []
     _run(str(cfg_path), out, lines, resume=True)
-    assert not set(want) & set(calls.labels) and at in calls.labels
+    assert not set(want) & set(calls.labels)
     assert [ln.split()[3] for ln in lines if ln.startswith("reused scores of")] == want
+    if at.startswith("evaluation"):  # killed in the dev sweep: its finished evaluations too
+        assert "dev evaluations of the sweep" in " ".join(lines)
+    else:
+        assert at in calls.labels
     _same_output(baseline, out)
 
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from tl_transplant.errors import OutputError, os_reason
@@ -40,12 +41,14 @@ from tl_transplant.errors import OutputError, os_reason
 if TYPE_CHECKING:
     from tl_transplant.pipeline.config import RunConfig
     from tl_transplant.pipeline.result import MethodScores
+    from tl_transplant.sweeps.options import DevEval
 
 Log = Callable[..., Any]
 
 PARTIAL_SUFFIX = ".partial"
 KEY_FILE = "key.json"
 STAGE_FORMAT = "tl_transplant.stage.scores/1"
+EVAL_FORMAT = "tl_transplant.stage.dev_eval/1"
 _SMALL = 4 << 20  # files up to this size are hashed whole
 _EDGE = 1 << 20  # of larger files: the first and last MiB (with size and mtime)
 
@@ -236,6 +239,39 @@ def _same_scores(a: MethodScores, b: MethodScores) -> bool:
             and same(a.columns, b.columns))  # type: ignore[union-attr]
 
 
+# ---- dev evaluations <-> safetensors -----------------------------------------------------
+
+
+def _eval_payload(value: DevEval) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    r, after = value
+    md = {"format": EVAL_FORMAT, "task": r.task, "metric": r.metric, "model": r.model,
+          "prepend_bos": json.dumps(r.prepend_bos),
+          "generations": json.dumps(r.generations), "predictions": json.dumps(r.predictions),
+          "meta": json.dumps(_enc(r.meta), allow_nan=True),
+          "after": json.dumps(after, allow_nan=True)}
+    return {"scores": torch.from_numpy(np.ascontiguousarray(r.scores))}, md
+
+
+def _eval_from(tensors: dict[str, torch.Tensor], md: dict[str, str]) -> DevEval:
+    from tl_transplant.evaluation.evaluator import EvalResult
+
+    r = EvalResult(task=md["task"], metric=md["metric"], model=md["model"],
+                   scores=tensors["scores"].numpy(), prepend_bos=json.loads(md["prepend_bos"]),
+                   generations=json.loads(md["generations"]),
+                   predictions=json.loads(md["predictions"]), meta=_dec(json.loads(md["meta"])))
+    return r, {str(k): float(v) for k, v in json.loads(md["after"]).items()}
+
+
+def _same_eval(a: DevEval, b: DevEval) -> bool:
+    ra, rb = a[0], b[0]
+    return (type(ra) is type(rb) and ra.scores.dtype == rb.scores.dtype
+            and bool(np.array_equal(ra.scores, rb.scores, equal_nan=True))
+            and same([ra.task, ra.metric, ra.model, ra.prepend_bos, ra.generations,
+                      ra.predictions, ra.meta, dict(a[1])],
+                     [rb.task, rb.metric, rb.model, rb.prepend_bos, rb.generations,
+                      rb.predictions, rb.meta, dict(b[1])]))
+
+
 # ---- the store ---------------------------------------------------------------------------
 
 
@@ -252,6 +288,7 @@ class RunStore:
     def __init__(self, root: Path, key: RunKey, log: Log = print) -> None:
         self.root, self.key, self.log = root, key, log
         self.reused: list[str] = []
+        self.reused_evals = 0
 
     @classmethod
     def open(cls, out: str | Path, key: RunKey, *, resume: bool, overwrite: bool,
@@ -265,15 +302,14 @@ class RunStore:
                               "interrupted run's stages there: move it away")
         if root.is_dir():
             stored = cls._stored_key(root)
-            names = cls._labels(root)
-            if not names:  # nothing finished (a run that failed early): nothing to lose
+            what = cls._summary(root)
+            if not what:  # nothing finished (a run that failed early): nothing to lose
                 cls._remove(root)
             elif not resume and not overwrite:
                 raise OutputError(
-                    f"{root} holds an interrupted run's finished stages (the scores of "
-                    f"{', '.join(names)}); pass --resume (resume=True) to reuse those that "
-                    "match this run, or --overwrite (overwrite=True) to discard them and "
-                    "start again")
+                    f"{root} holds an interrupted run's finished stages ({what}); pass "
+                    "--resume (resume=True) to reuse those that match this run, or "
+                    "--overwrite (overwrite=True) to discard them and start again")
             elif not resume:
                 log(f"discarding the interrupted run's stages in {root} (--overwrite)")
                 cls._remove(root)
@@ -284,8 +320,7 @@ class RunStore:
                     "reusing nothing")
                 cls._remove(root)
             else:
-                log(f"--resume: reusing {root} (key {key.digest[:12]}; the scores of "
-                    f"{', '.join(names)})")
+                log(f"--resume: reusing {root} (key {key.digest[:12]}; {what})")
         elif resume:
             log(f"--resume: no interrupted run at {root}; starting from the beginning")
         return cls(root, key, log)
@@ -304,6 +339,19 @@ class RunStore:
     def _labels(root: Path) -> list[str]:
         return sorted(p.stem for p in (root / "scores").glob("*.safetensors"))
 
+    @staticmethod
+    def _n_evals(root: Path) -> int:
+        return len(list((root / "dev").glob("*.safetensors")))
+
+    @classmethod
+    def _summary(cls, root: Path) -> str:
+        """What ``root`` holds, e.g. ``scores of attribution; 12 dev evaluations`` ("" if
+        nothing)."""
+        names, n = cls._labels(root), cls._n_evals(root)
+        parts = ([f"scores of {', '.join(names)}"] if names else []) + (
+            [f"{n} dev evaluation{'s' if n != 1 else ''}"] if n else [])
+        return "; ".join(parts)
+
     @property
     def kept(self) -> list[str]:
         """The labels whose scores are in the area now."""
@@ -311,8 +359,9 @@ class RunStore:
 
     def interrupted(self) -> None:
         """Log what an interrupted run leaves for ``--resume`` (nothing if nothing)."""
-        if self.kept:
-            self.log(f"kept the finished scores of {', '.join(self.kept)} in {self.root}; "
+        what = self._summary(self.root) if self.root.is_dir() else ""
+        if what:
+            self.log(f"kept the finished stages ({what}) in {self.root}; "
                      "run again with --resume (resume=True) to reuse them")
 
     @staticmethod
@@ -374,6 +423,62 @@ class RunStore:
         except (OSError, ValueError, TypeError) as e:
             tmp.unlink(missing_ok=True)
             self.log(f"note: {label}'s scores are not kept for --resume ({e})")
+            return False
+        return True
+
+    # ---- the sweep's dev evaluations (sweeps.options.DevStore) ----------------------------
+
+    @staticmethod
+    def _eval_name(key: tuple[Any, ...]) -> str:
+        kind, what, alpha = key
+        sel = what if kind == "mask" else sorted(str(u) for u in what)
+        return json.dumps([kind, sel, repr(float(alpha))])
+
+    def _eval_path(self, name: str) -> Path:
+        return self.root / "dev" / f"{hashlib.sha256(name.encode()).hexdigest()[:32]}.safetensors"
+
+    def get_eval(self, key: tuple[Any, ...]) -> DevEval | None:
+        """A kept dev evaluation of the configuration ``key`` (a selection key), or None."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        name = self._eval_name(key)
+        p = self._eval_path(name)
+        if not p.is_file():
+            return None
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(p), framework="pt") as f:
+                md = dict(f.metadata() or {})
+            if md.get("format") != EVAL_FORMAT or md.get("key") != name:
+                raise ValueError("not this configuration's evaluation")
+            value = _eval_from(load_file(str(p)), md)
+        except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+            self.log(f"--resume: cannot read {p.name} ({e}); evaluating it again")
+            return None
+        self.reused_evals += 1
+        return value
+
+    def put_eval(self, key: tuple[Any, ...], value: DevEval) -> bool:
+        """Keep one dev evaluation (as :meth:`put`: written, read back, compared, renamed)."""
+        from safetensors.torch import load_file, save_file
+
+        name = self._eval_name(key)
+        p = self._eval_path(name)
+        tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+        try:
+            self._begin()
+            p.parent.mkdir(exist_ok=True)
+            tensors, md = _eval_payload(value)
+            md["key"] = name
+            save_file(tensors, str(tmp), metadata=md)
+            if not _same_eval(value, _eval_from(load_file(str(tmp)), md)):
+                raise ValueError("its stored copy differs from the evaluation")
+            tmp.replace(p)
+        except (OSError, ValueError, TypeError) as e:
+            tmp.unlink(missing_ok=True)
+            self.log(f"note: a dev evaluation is not kept for --resume ({e})")
             return False
         return True
 

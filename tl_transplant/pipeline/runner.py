@@ -93,7 +93,7 @@ def run(
                              check_finite=check_finite, allow_pickle=allow_pickle)
         scored = score_methods(inputs, cfg, progress=progress, log=log, save_dir=tmp,
                                store=store)
-        res = sweep_on_dev(inputs, scored, cfg, progress=progress, log=log)
+        res = sweep_on_dev(inputs, scored, cfg, progress=progress, log=log, store=store)
         write_sweep_files(res, tmp)
         results = res.results(inputs.n_search)
         if report:  # before the permanent edit: the report compares against the target

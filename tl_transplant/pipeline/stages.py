@@ -222,10 +222,11 @@ def score_methods(inputs: RunInputs, cfg: RunConfig, *, progress: bool = True,
 
 
 def sweep_on_dev(inputs: RunInputs, scored: Scored, cfg: RunConfig, *, progress: bool = True,
-                 log: Log = print) -> SweepResult:
+                 log: Log = print, store: RunStore | None = None) -> SweepResult:
     """The sweep's stages (:func:`tl_transplant.sweeps.stages.run_sweep`) with the config's
     settings: every (method, size, alpha) on dev, the choice on dev, its test report with
-    retention, and the parameter-matched controls."""
+    retention, and the parameter-matched controls. ``store``: the run's staging area, which
+    keeps and gives back the dev evaluations of the configurations (resume)."""
     from tl_transplant.sweeps.options import SweepOptions
     from tl_transplant.sweeps.stages import run_sweep
 
@@ -239,9 +240,14 @@ def sweep_on_dev(inputs: RunInputs, scored: Scored, cfg: RunConfig, *, progress:
         ks=inputs.ks, alphas=cfg.sweep.alpha, units=inputs.kinds or None,
         budgets=cfg.sweep.budget, compare_on_test=cfg.sweep.compare,
         max_retention_drop=cfg.sweep.max_retention_drop, seed=cfg.seed,
-        batch_size=cfg.batch_size, progress=progress, cv_folds=cfg.selection.cv_folds)
-    return run_sweep(inputs.pair, (inputs.dev, inputs.test), scored.methods,
-                     control_tasks=control_arg, controls=scored.controls, opts=opts)
+        batch_size=cfg.batch_size, progress=progress, cv_folds=cfg.selection.cv_folds,
+        dev_store=store)
+    res = run_sweep(inputs.pair, (inputs.dev, inputs.test), scored.methods,
+                    control_tasks=control_arg, controls=scored.controls, opts=opts)
+    if store is not None and store.reused_evals:
+        log(f"reused {store.reused_evals} dev evaluations of the sweep (key "
+            f"{store.key.digest[:12]})")
+    return res
 
 
 # ---- outputs ---------------------------------------------------------------------------
