@@ -1,23 +1,26 @@
 """Runs that resume: the finished costly stages of :func:`tl_transplant.run`, kept beside ``--out``.
 
 A run keeps each data-based method's scores on dev (the long stage: attribution,
-learned_mask, activation patching ...) in a staging area ``<out>.partial/`` as soon as the
-method finishes. An interrupted run (an exception, Ctrl-C, SIGTERM, SIGKILL) leaves it
-there; ``run(..., resume=True)`` (``tl-transplant run ... --resume``) reuses the stages
-whose key matches and logs each one it reused. A finished run removes the staging area, so
-its output is exactly that of a run that was never interrupted.
+learned_mask, activation patching ...) and each dev evaluation of the sweep in a staging
+area ``<out>.partial/`` as soon as it finishes. An interrupted run (an exception, Ctrl-C,
+SIGTERM, SIGKILL) leaves it there; ``run(..., resume=True)`` (``tl-transplant run ...
+--resume``) reuses the stages whose key matches and logs what it reused. A finished run
+removes the staging area, so its output is that of a run that was never interrupted.
 
 The key (:func:`run_key`) is a SHA-256 of the normalised config, a fingerprint of every
-input the run reads (the source and target directories, the task files: names, sizes, and
-the content of files up to 4 MiB, the first and last MiB and the modification time of
-larger ones) and the versions of tl_transplant, torch and transformers. A different key
-reuses nothing (and says which part differs). Weight-only scorers (``weight_diff``,
-``magnitude``, ``random``, ``dare``, ``dense``) cost seconds and are recomputed.
+input the run reads (the source and target directories, or a hub id's cached snapshot, and
+the task files: names, sizes, and the content of files up to 4 MiB, the first and last MiB
+and the modification time of larger ones) and the versions of tl_transplant, torch and
+transformers. A different key reuses nothing (and says which part differs). Weight-only
+scorers (``weight_diff``, ``magnitude``, ``random``, ``dare``, ``dense``) cost seconds and
+are recomputed; the test-split evaluations (the chosen configuration, the controls, the
+comparison) are not kept.
 
-Stored scores are lossless: tensors in safetensors (float64 unit scores, float32 weight
-scores, a weight-level method's suggested mask as indices), ``meta`` as tagged JSON (NaN,
-tuples and tensors kept); every stored entry is read back and compared with what was
-computed, and one that does not round-trip exactly is not kept (the log says so).
+Stored stages are lossless: tensors in safetensors (float64 unit scores, float32 weight
+scores, a weight-level method's suggested mask as indices, per-example dev scores), ``meta``
+as tagged JSON (NaN, tuples and tensors kept); every stored entry is read back and compared
+with what was computed, and one that does not round-trip exactly is not kept (the log says
+so).
 """
 
 from __future__ import annotations
@@ -77,7 +80,8 @@ def _file_print(p: Path, h: Any) -> None:
 
 def path_fingerprint(path: str | Path) -> str:
     """SHA-256 over a file or a directory tree (relative names, sizes, contents as in the
-    module docstring); a string that is not a local path (a hub id) is hashed as is."""
+    module docstring); a string that is not a local path (a hub id) is hashed with its
+    locally cached snapshot, if any."""
     h = hashlib.sha256()
     p = Path(str(path)).expanduser()
     if p.is_file():
@@ -86,9 +90,22 @@ def path_fingerprint(path: str | Path) -> str:
         for f in sorted(q for q in p.rglob("*") if q.is_file()):
             h.update(f"{f.relative_to(p).as_posix()}\0".encode())
             _file_print(f, h)
-    else:
-        h.update(f"not a local path: {path}".encode())
+    else:  # a hub id: its cached snapshot, when there is one
+        h.update(f"not a local path: {path}\0".encode())
+        snap = _hub_snapshot(str(path))
+        if snap is not None:
+            h.update(path_fingerprint(snap).encode())
     return h.hexdigest()
+
+
+def _hub_snapshot(repo_id: str) -> Path | None:
+    """The local snapshot of a hub model (its current revision), None if not cached."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not a repo id, not cached, offline: hash the id alone
+        return None
 
 
 def _versions() -> str:
