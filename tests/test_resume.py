@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -186,7 +187,7 @@ def test_interrupted_sweep_resumes_its_dev_evaluations(workdir: Path, baseline: 
     lines: list[str] = []
     _run(_cfg(workdir), out, lines, resume=True)
     assert not {"activation_diff", "attribution", "attribution@weight"} & set(scorers.labels)
-    assert f"reused {kept} dev evaluations" in " ".join(lines)
+    assert f"reused {kept} dev evaluations of the sweep" in " ".join(lines)
     # each kept configuration saved its task evaluation and one per control task
     assert again.n == full.n - 2 * kept
     _same_output(baseline, out)
@@ -262,7 +263,7 @@ def test_real_kill_then_resume_equals_uninterrupted(workdir: Path, baseline: Pat
     assert not set(want) & set(calls.labels)
     assert [ln.split()[3] for ln in lines if ln.startswith("reused scores of")] == want
     if at.startswith("evaluation"):  # killed in the dev sweep: its finished evaluations too
-        assert "dev evaluations of the sweep" in " ".join(lines)
+        assert re.search(r"reused \d+ dev evaluations? of the sweep", " ".join(lines))
     else:
         assert at in calls.labels
     _same_output(baseline, out)
@@ -376,8 +377,6 @@ def test_key_follows_models_and_tasks(workdir: Path, tmp_path: Path) -> None:
 def test_long_stages_show_remaining_time(workdir: Path, tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     """The scoring and sweep bars (tqdm with a total) show ``elapsed<remaining``."""
-    import re
-
     cfg = _cfg(workdir, selection={"methods": ["activation_diff"], "units": ["head", "neuron"],
                                    "controls": []})
     run(cfg, tmp_path / "out", progress=True, report=False, log=lambda *_: None)

@@ -245,7 +245,8 @@ def sweep_on_dev(inputs: RunInputs, scored: Scored, cfg: RunConfig, *, progress:
     res = run_sweep(inputs.pair, (inputs.dev, inputs.test), scored.methods,
                     control_tasks=control_arg, controls=scored.controls, opts=opts)
     if store is not None and store.reused_evals:
-        log(f"reused {store.reused_evals} dev evaluations of the sweep (key "
+        n = store.reused_evals
+        log(f"reused {n} dev evaluation{'s' if n != 1 else ''} of the sweep (key "
             f"{store.key.digest[:12]})")
     return res
 
