@@ -220,7 +220,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _fail("run", str(e))
     if args.quiet:
         _quiet_libraries()
-    res = run(args.config, args.out, overwrite=args.overwrite, progress=not args.quiet,
+    res = run(args.config, args.out, overwrite=args.overwrite, resume=args.resume,
+              progress=not args.quiet,
               log=(lambda *_: None) if args.quiet else print, overrides=overrides or None,
               **_load_options(args))
     print()
@@ -539,6 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("config", help="path to the YAML config")
     r.add_argument("--out", required=True, help="output directory (must be new or empty)")
     r.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    r.add_argument("--resume", action="store_true",
+                   help="reuse the finished stages (scores) an interrupted run kept in "
+                   "<out>.partial/ when its config, models and version match")
     r.add_argument("--quiet", action="store_true")
     r.add_argument("--units", default=None, metavar="KIND,...",
                    help="unit kinds and/or weight (single weights), e.g. head,neuron,weight; "

@@ -19,6 +19,7 @@ from tl_transplant.io.export import commit_out_dir, discard_out_dir, prepare_out
 from tl_transplant.pipeline.config import RunConfig, load_config
 from tl_transplant.pipeline.plan import check_memory_plan
 from tl_transplant.pipeline.result import RunResult
+from tl_transplant.pipeline.resume import RunStore, run_key
 from tl_transplant.pipeline.stages import (
     RESULT_KEYS,
     apply_choice,
@@ -49,6 +50,7 @@ def run(
     allow_pickle: bool = False,
     overrides: dict[str, Any] | None = None,
     check_memory: bool = True,
+    resume: bool = False,
 ) -> RunResult:
     """Run the pipeline described by ``config`` and write everything under ``out_dir``.
 
@@ -65,6 +67,12 @@ def run(
     ``check_memory``: log the memory plan (:mod:`tl_transplant.pipeline.plan`, from the
     config and headers) and stop before loading when its peak exceeds the memory available.
 
+    Resume (:mod:`tl_transplant.pipeline.resume`): each data-based method's scores are kept
+    in ``<out_dir>.partial/`` as they finish; after an interrupted run, ``resume=True``
+    reuses those whose key (config, model and task fingerprints, versions) matches and logs
+    each one. Without ``resume`` an existing staging area is an error (``overwrite``
+    discards it). A finished run removes it.
+
     Retention: the config's control tasks; without any, ``retention: auto`` (default)
     uses :func:`tl_transplant.evaluation.generic.generic_retention` and ``retention: none``
     measures none. ``sweep.max_retention_drop`` applies to whichever is used.
@@ -77,11 +85,15 @@ def run(
     if check_memory:
         check_memory_plan(cfg, log)
     out, tmp = prepare_out_dir(out_dir, overwrite, inputs=_run_inputs(config, cfg))
+    store: RunStore | None = None
     try:
+        store = RunStore.open(out, run_key(cfg, _run_inputs(None, cfg)), resume=resume,
+                              overwrite=overwrite, log=log)
         inputs = load_inputs(cfg, log=log, check_tokenizer=check_tokenizer,
                              check_finite=check_finite, allow_pickle=allow_pickle)
-        scored = score_methods(inputs, cfg, progress=progress, log=log, save_dir=tmp)
-        res = sweep_on_dev(inputs, scored, cfg, progress=progress, log=log)
+        scored = score_methods(inputs, cfg, progress=progress, log=log, save_dir=tmp,
+                               store=store)
+        res = sweep_on_dev(inputs, scored, cfg, progress=progress, log=log, store=store)
         write_sweep_files(res, tmp)
         results = res.results(inputs.n_search)
         if report:  # before the permanent edit: the report compares against the target
@@ -100,9 +112,12 @@ def run(
         except OSError as e:
             raise OutputError(f"cannot move the finished run into {out}: {os_reason(e)}; "
                               "choose a path you can write to") from e
+        store.finish()
         return result
     except BaseException:
         discard_out_dir(tmp, out)
+        if store is not None:
+            store.interrupted()
         raise
 
 

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from tl_transplant.edit.manifest import Manifest
     from tl_transplant.models.pair import ModelPair
     from tl_transplant.pipeline.config import LmEvalTaskConfig, MethodRun, RunConfig, TaskConfig
+    from tl_transplant.pipeline.resume import RunStore
     from tl_transplant.sweeps.result import SweepResult
 
 Log = Callable[..., Any]
@@ -159,12 +160,15 @@ def score_runs(
     progress: bool = True,
     log: Log = print,
     save_dir: Path | None = None,
+    store: RunStore | None = None,
 ) -> tuple[dict[str, MethodScores], dict[str, MethodScores]]:
     """Score every method (at each grain) on dev; returns ``({label: scores}, {label:
     control scores})``. The controls are ``selection.controls`` at their grains
     (``random`` with ``units: [head, neuron, weight]`` is ``random`` and ``random@weight``);
     a control that is also a method shares its scores. ``contrast`` (retention-aware
-    scoring) goes to the data-based methods only."""
+    scoring) goes to the data-based methods only. ``store``: the run's staging area
+    (:mod:`tl_transplant.pipeline.resume`): a data-based method's scores are taken from it
+    when kept there, and kept there as soon as they are computed."""
     from tl_transplant.scoring import get_scorer
     from tl_transplant.scoring.weight_scores import WeightScores
 
@@ -179,8 +183,15 @@ def score_runs(
         )
         where = {"dense": "every block weight", WEIGHT: "single weights"}.get(
             r.grain, "units " + ",".join(sel.kinds_for(r.method)))
-        log(f"scoring {r.label} on dev ({len(dev)} examples, {where})")
-        scores[r.label] = _score_one(pair, dev, r, cfg, progress=progress, extra=extra)
+        keep = store is not None and needs and r.grain != "dense"
+        got = store.get(r.label) if keep and store is not None else None
+        if got is not None:
+            scores[r.label] = got
+        else:
+            log(f"scoring {r.label} on dev ({len(dev)} examples, {where})")
+            scores[r.label] = _score_one(pair, dev, r, cfg, progress=progress, extra=extra)
+            if keep and store is not None:
+                store.put(r.label, scores[r.label])
         if save_dir is not None and r.grain != "dense":
             s = scores[r.label]
             if isinstance(s, WeightScores):
@@ -196,13 +207,14 @@ def score_runs(
 
 
 def score_methods(inputs: RunInputs, cfg: RunConfig, *, progress: bool = True,
-                  log: Log = print, save_dir: Path | None = None) -> Scored:
+                  log: Log = print, save_dir: Path | None = None,
+                  store: RunStore | None = None) -> Scored:
     """The score stage: :func:`score_runs` on dev, retention-aware against the first
     control task when ``selection.contrast_lambda`` is set."""
     contrast = (inputs.controls[0][0]
                 if inputs.controls and cfg.selection.contrast_lambda else None)
     methods, controls = score_runs(inputs.pair, inputs.dev, cfg, contrast=contrast,
-                                   progress=progress, log=log, save_dir=save_dir)
+                                   progress=progress, log=log, save_dir=save_dir, store=store)
     return Scored(methods, controls)
 
 
@@ -210,10 +222,11 @@ def score_methods(inputs: RunInputs, cfg: RunConfig, *, progress: bool = True,
 
 
 def sweep_on_dev(inputs: RunInputs, scored: Scored, cfg: RunConfig, *, progress: bool = True,
-                 log: Log = print) -> SweepResult:
+                 log: Log = print, store: RunStore | None = None) -> SweepResult:
     """The sweep's stages (:func:`tl_transplant.sweeps.stages.run_sweep`) with the config's
     settings: every (method, size, alpha) on dev, the choice on dev, its test report with
-    retention, and the parameter-matched controls."""
+    retention, and the parameter-matched controls. ``store``: the run's staging area, which
+    keeps and gives back the dev evaluations of the configurations (resume)."""
     from tl_transplant.sweeps.options import SweepOptions
     from tl_transplant.sweeps.stages import run_sweep
 
@@ -227,9 +240,15 @@ def sweep_on_dev(inputs: RunInputs, scored: Scored, cfg: RunConfig, *, progress:
         ks=inputs.ks, alphas=cfg.sweep.alpha, units=inputs.kinds or None,
         budgets=cfg.sweep.budget, compare_on_test=cfg.sweep.compare,
         max_retention_drop=cfg.sweep.max_retention_drop, seed=cfg.seed,
-        batch_size=cfg.batch_size, progress=progress, cv_folds=cfg.selection.cv_folds)
-    return run_sweep(inputs.pair, (inputs.dev, inputs.test), scored.methods,
-                     control_tasks=control_arg, controls=scored.controls, opts=opts)
+        batch_size=cfg.batch_size, progress=progress, cv_folds=cfg.selection.cv_folds,
+        dev_store=store)
+    res = run_sweep(inputs.pair, (inputs.dev, inputs.test), scored.methods,
+                    control_tasks=control_arg, controls=scored.controls, opts=opts)
+    if store is not None and store.reused_evals:
+        n = store.reused_evals
+        log(f"reused {n} dev evaluation{'s' if n != 1 else ''} of the sweep (key "
+            f"{store.key.digest[:12]})")
+    return res
 
 
 # ---- outputs ---------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tl_transplant.edit.budget import check_fraction
 from tl_transplant.evaluation.stats import DEFAULT_GAP_TOL, DEFAULT_N_BOOT
@@ -19,7 +19,20 @@ from tl_transplant.sweeps.selection import DEFAULT_CV_FOLDS
 
 if TYPE_CHECKING:
     from tl_transplant.edit.edits import KVMode
-    from tl_transplant.evaluation.evaluator import EditFactory
+    from tl_transplant.evaluation.evaluator import EditFactory, EvalResult
+
+#: One dev evaluation of a configuration: the task's result and the control tasks' means.
+DevEval = tuple["EvalResult", dict[str, float]]
+
+
+class DevStore(Protocol):
+    """Where a sweep keeps its finished dev evaluations across runs (a resumed run's
+    staging area, :class:`tl_transplant.pipeline.resume.RunStore`); keys are
+    :func:`~tl_transplant.sweeps.search.selection_key` s."""
+
+    def get_eval(self, key: tuple[Any, ...]) -> DevEval | None: ...
+
+    def put_eval(self, key: tuple[Any, ...], value: DevEval) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -51,6 +64,8 @@ class SweepOptions:
     edit: EditFactory | None = None
     retention_kwargs: Mapping[str, Any] | None = field(default=None, compare=False)
     cv_folds: int = DEFAULT_CV_FOLDS
+    #: Keeps/reuses the dev evaluations of the configurations (a resumed run's), or None.
+    dev_store: DevStore | None = field(default=None, compare=False)
 
     def checked(self) -> SweepOptions:
         """Sizes resolved and checked: distinct budget fractions in (0, 1], K >= 0, at least

@@ -250,7 +250,11 @@ def run_on_dev(plan: SweepPlan, models: Models) -> DevRun:
     try:
         for c in plan.configs:
             if c.key not in cache:
-                if c.key == ("target",):
+                kept = (opts.dev_store.get_eval(c.key)
+                        if opts.dev_store is not None and c.key != ("target",) else None)
+                if kept is not None:
+                    cache[c.key] = kept
+                elif c.key == ("target",):
                     cache[c.key] = (base["target"], {n: r.mean for n, r in before.items()})
                 else:
                     edit = models.edit_for(c.effective_alpha > 1.0)
@@ -258,6 +262,8 @@ def run_on_dev(plan: SweepPlan, models: Models) -> DevRun:
                         x = ev(pair.target, dev)
                         cache[c.key] = (x, {n: ev(pair.target, cd).mean
                                             for n, cd, _ in plan.control_tasks})
+                    if opts.dev_store is not None:
+                        opts.dev_store.put_eval(c.key, cache[c.key])
             x, after = cache[c.key]
             row = _row(c, x, after, before, base, dev.metric, opts.gap_tol, plan.n_block)
             (control_rows if c.control_only else rows).append(row)
