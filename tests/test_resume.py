@@ -385,3 +385,22 @@ def test_long_stages_show_remaining_time(workdir: Path, tmp_path: Path,
         bars = [s for s in segments if s.startswith(desc)]
         assert bars and all(re.search(r"\[\d\d:\d\d<(\?|\d\d:\d\d)", s) for s in bars), desc
     assert any(re.search(r"^sweep task: .*<\d\d:\d\d", s) for s in segments)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_learned_mask_scores_are_kept_and_reused(workdir: Path, tmp_path: Path) -> None:
+    """learned_mask's values and its ``gate`` column share memory (safetensors refuses that
+    as given): they are kept all the same, and a resumed run reuses them."""
+    cfg = _cfg(workdir, selection={"methods": ["learned_mask"], "units": ["head", "neuron"],
+                                   "controls": ["random"],
+                                   "options": {"learned_mask": {"steps": 2, "minibatch": 4}}})
+    out = tmp_path / "out"
+    lines: list[str] = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(stages, "_score_one", Calls(fail_at="random"))
+        with pytest.raises(RuntimeError, match="injected"):
+            _run(cfg, out, lines)
+    assert not any("not kept" in ln for ln in lines), lines
+    again: list[str] = []
+    _run(cfg, out, again, resume=True)
+    assert any("reused scores of learned_mask" in ln for ln in again), again

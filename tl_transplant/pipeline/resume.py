@@ -432,12 +432,12 @@ class RunStore:
             self._begin()
             tensors, md = _scores_payload(s)
             md["label"] = label
-            save_file(tensors, str(tmp), metadata=md)
+            save_file(_unshared(tensors), str(tmp), metadata=md)
             back = _scores_from(load_file(str(tmp)), md)
             if not _same_scores(s, back):
                 raise ValueError("its stored copy differs from the scores")
             tmp.replace(p)
-        except (OSError, ValueError, TypeError) as e:
+        except Exception as e:  # keeping is best effort: never the reason a run fails  # noqa: BLE001
             tmp.unlink(missing_ok=True)
             self.log(f"note: {label}'s scores are not kept for --resume ({e})")
             return False
@@ -489,11 +489,11 @@ class RunStore:
             p.parent.mkdir(exist_ok=True)
             tensors, md = _eval_payload(value)
             md["key"] = name
-            save_file(tensors, str(tmp), metadata=md)
+            save_file(_unshared(tensors), str(tmp), metadata=md)
             if not _same_eval(value, _eval_from(load_file(str(tmp)), md)):
                 raise ValueError("its stored copy differs from the evaluation")
             tmp.replace(p)
-        except (OSError, ValueError, TypeError) as e:
+        except Exception as e:  # keeping is best effort: never the reason a run fails  # noqa: BLE001
             tmp.unlink(missing_ok=True)
             self.log(f"note: a dev evaluation is not kept for --resume ({e})")
             return False
@@ -506,3 +506,16 @@ class RunStore:
 
 __all__ = ["PARTIAL_SUFFIX", "RunKey", "RunStore", "partial_dir", "path_fingerprint",
            "run_key", "same"]
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors, each with storage of its own (safetensors refuses shared memory, e.g.
+    learned_mask's values and its ``gate`` column are one tensor)."""
+    seen: set[int] = set()
+    out: dict[str, torch.Tensor] = {}
+    for k, v in tensors.items():
+        ptr = v.untyped_storage().data_ptr() if v.numel() else -1
+        out[k] = v.clone() if ptr in seen else v.contiguous()
+        if ptr != -1:
+            seen.add(ptr)
+    return out
