@@ -688,6 +688,10 @@ def big(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # exists lands mid-write even on a loaded machine (a bare 130 MB write can finish before the
 # signal does; the signal interrupts the wait, so the tests do not take 10 s more).
 _SLOW_WRITES = (
+    # a shell that starts the suite in the background makes its children ignore SIGINT;
+    # give the child a terminal's Ctrl-C, as a user at a prompt has
+    "import signal\n"
+    "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
     "import sys, time, safetensors.torch as st\n"
     "save = st.save_file\n"
     "def slow(*a, **k):\n"
