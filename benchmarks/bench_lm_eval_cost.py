@@ -64,8 +64,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for key, sp in paths.items():
             name = f"bench_{args.pair}_{key}"
-            Path(tmp, f"{name}.yaml").write_text(YAML.format(name=name, dev=sp.dev, test=sp.test))
-            view = load_task(name, include_path=tmp, include_defaults=False).test.as_task(
+            folder = Path(tmp, key)  # one folder per task: lm-eval indexes a folder once
+            folder.mkdir()
+            (folder / f"{name}.yaml").write_text(YAML.format(name=name, dev=sp.dev, test=sp.test))
+            view = load_task(name, include_path=str(folder), include_defaults=False).test.as_task(
                 pair.target.tokenizer)
             task = Task.from_dataset(str(sp.test), name=f"{key}:test", metric="next_token_acc",
                                      prepend_bos=False)
