@@ -424,22 +424,35 @@ class RunStore:
     def put(self, label: str, s: MethodScores) -> bool:
         """Keep ``s`` as ``label``'s scores; False (and a log line) if it would not
         round-trip exactly or cannot be written."""
+        def build() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+            tensors, md = _scores_payload(s)
+            return tensors, {**md, "label": label}
+
+        return self._keep(self._path(label), build,
+                          lambda back, md: _same_scores(s, _scores_from(back, md)),
+                          f"{label}'s scores are")
+
+    def _keep(self, p: Path,
+              build: Callable[[], tuple[dict[str, torch.Tensor], dict[str, str]]],
+              same: Callable[[dict[str, torch.Tensor], dict[str, str]], bool],
+              what: str) -> bool:
+        """Write what ``build`` gives to ``p`` under a temporary name, read it back, keep it
+        only if ``same`` holds, then rename; False (and a log line) otherwise. Best effort:
+        a stage that cannot be kept is never the reason a run fails."""
         from safetensors.torch import load_file, save_file
 
-        p = self._path(label)
         tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
         try:
             self._begin()
-            tensors, md = _scores_payload(s)
-            md["label"] = label
+            p.parent.mkdir(exist_ok=True)
+            tensors, md = build()
             save_file(_unshared(tensors), str(tmp), metadata=md)
-            back = _scores_from(load_file(str(tmp)), md)
-            if not _same_scores(s, back):
-                raise ValueError("its stored copy differs from the scores")
+            if not same(load_file(str(tmp)), md):
+                raise ValueError("its stored copy differs")
             tmp.replace(p)
-        except Exception as e:  # keeping is best effort: never the reason a run fails  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - best effort, see above
             tmp.unlink(missing_ok=True)
-            self.log(f"note: {label}'s scores are not kept for --resume ({e})")
+            self.log(f"note: {what} not kept for --resume ({e})")
             return False
         return True
 
@@ -479,25 +492,15 @@ class RunStore:
 
     def put_eval(self, key: tuple[Any, ...], value: DevEval) -> bool:
         """Keep one dev evaluation (as :meth:`put`: written, read back, compared, renamed)."""
-        from safetensors.torch import load_file, save_file
-
         name = self._eval_name(key)
-        p = self._eval_path(name)
-        tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-        try:
-            self._begin()
-            p.parent.mkdir(exist_ok=True)
+
+        def build() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             tensors, md = _eval_payload(value)
-            md["key"] = name
-            save_file(_unshared(tensors), str(tmp), metadata=md)
-            if not _same_eval(value, _eval_from(load_file(str(tmp)), md)):
-                raise ValueError("its stored copy differs from the evaluation")
-            tmp.replace(p)
-        except Exception as e:  # keeping is best effort: never the reason a run fails  # noqa: BLE001
-            tmp.unlink(missing_ok=True)
-            self.log(f"note: a dev evaluation is not kept for --resume ({e})")
-            return False
-        return True
+            return tensors, {**md, "key": name}
+
+        return self._keep(self._eval_path(name), build,
+                          lambda back, md: _same_eval(value, _eval_from(back, md)),
+                          "a dev evaluation is")
 
     def finish(self) -> None:
         """The run finished: remove the staging area (its results are in the output)."""
