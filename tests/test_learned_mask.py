@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -356,3 +357,68 @@ def test_gate_gradients_equal_autograd(family_pairs, fam):
         (g1,) = torch.autograd.grad(gates.moved(th), th)
         (g2,) = torch.autograd.grad(gates.relax(th)[1], th)
         assert torch.allclose(g1, g2, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fam", ["llama", "gpt2", "gpt_neox"])
+def test_gates_on_a_subset_are_compact_and_exact(family_pairs, fam):
+    """Gates on some units only (a candidate set): only the gated rows/columns are stored,
+    binary gates still equal the transplant bit for bit, and the gradients collected at the
+    gated positions (leaves) give the same gate gradients as autograd through whole tensors."""
+    from tl_transplant.scoring.gates import GatedTarget
+
+    pair = family_pairs[fam]
+    pool = pair.units(("head", "neuron"))
+    gen = torch.Generator().manual_seed(11)
+    units = [pool[i] for i in torch.randperm(len(pool), generator=gen)[: len(pool) // 4]]
+    gated = GatedTarget(pair, units)
+    compact = [g for g in gated.tensors if g.upos is not None and g.ts.shape != g.shape]
+    assert compact  # some tensors keep only their gated positions
+    for g in compact:
+        assert g.ts.numel() < math.prod(g.shape) and g.ts.dtype == g.dtype
+    on = torch.rand(len(units), generator=gen) < 0.5
+    chosen = [u for u, c in zip(units, on.tolist()) if c]
+    with torch.no_grad():
+        got = gated.forward_gates(IDS, on.double())
+        with transplant(pair, chosen, alpha=1.0):
+            want = pair.target.bridge(IDS, return_type="logits")
+    assert torch.equal(got, want)
+    theta = (torch.randn(len(units), generator=gen) * 2).requires_grad_(True)
+    relaxed, _ = gated.relax(theta)
+    grads = {k: torch.randn(v.shape, generator=gen) for k, v in relaxed.items()}
+    torch.autograd.backward(list(relaxed.values()), [grads[k] for k in relaxed])
+    leaves = gated.leaves(theta)
+    whole = gated.assemble(leaves)
+    for k, v in whole.items():
+        assert torch.equal(v.detach(), relaxed[k].detach())
+    torch.autograd.backward(list(whole.values()), [grads[k] for k in whole])
+    got_g = gated.vjp(theta.detach(), {k: leaf.grad for k, leaf in leaves.items()})
+    want_g = theta.grad
+    assert torch.allclose(got_g, want_g, rtol=1e-4, atol=1e-5 * float(want_g.abs().max()))
+
+
+def test_unit_candidates_gate_the_top_attribution_units(planted, tmp_path, monkeypatch):
+    """unit_candidates: only the units with the largest attribution get gates (the others
+    score 0, theta NaN); 'auto' gates every unit on a
+    small model and a share above the size threshold; the scores save and reload."""
+    from tl_transplant.scoring import learned_mask as lm
+    from tl_transplant.scoring.scores import Scores
+
+    pair, task = planted
+    kw = dict(progress=False, batch_size=16, steps=100, lr=0.3, lam_ret=0.1, lam_sparse=1.0)
+    s = score(pair, task, "learned_mask", unit_candidates=0.2, **kw)
+    n = s.meta["n_candidates"]
+    assert 0 < n < len(s.units) and s.meta["unit_candidates"] == 0.2
+    att = score(pair, task, "attribution", progress=False, batch_size=16)
+    gated = {str(u) for u, t in zip(s.units, s.columns["theta"].tolist()) if t == t}
+    assert gated == {str(u) for u in att.top(n)}  # the candidates: attribution's top n
+    off = [i for i, t in enumerate(s.columns["theta"].tolist()) if t != t]
+    assert all(s.values[i] == 0 for i in off)
+    assert str(s.top(1)[0]) in gated and float(s.values.max()) > 0
+    back = Scores.load(s.save(tmp_path / "lm.json"))
+    assert torch.equal(back.values, s.values)
+    auto = score(pair, task, "learned_mask", progress=False, steps=2)
+    assert auto.meta["n_candidates"] == len(auto.units) and auto.meta["unit_candidates"] is None
+    monkeypatch.setattr(lm, "AUTO_ALL_UNITS_MAX_PARAMS", 1000)
+    big = score(pair, task, "learned_mask", progress=False, steps=2)
+    assert big.meta["unit_candidates"] == lm.AUTO_UNIT_CANDIDATES
+    assert big.meta["n_candidates"] < len(big.units)

@@ -100,6 +100,11 @@ def test_plan_stages_scale_with_batch_dtype_and_candidates(pair_dir: Path) -> No
     more["selection"]["options"]["learned_mask"]["candidates"] = 0.5  # type: ignore[index]
     lm = plan_run(load_config(more)).to_dict()["stages"]["score learned_mask@weight"]
     assert lm["extra_bytes"] > d["stages"]["score learned_mask@weight"]["extra_bytes"]
+    few = _cfg(pair_dir)
+    few["selection"]["options"]["learned_mask"]["unit_candidates"] = 0.05  # type: ignore[index]
+    lmu = plan_run(load_config(few)).to_dict()["stages"]["score learned_mask"]
+    assert lmu["extra_bytes"] < d["stages"]["score learned_mask"]["extra_bytes"]
+    assert "top attribution" in lmu["detail"]
     assert "peak" in p.summary() and "runtime" in p.summary()
 
 

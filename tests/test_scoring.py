@@ -469,3 +469,22 @@ def test_head_distance_gram_path_matches_direct():
     assert torch.allclose(many, one, rtol=1e-5, atol=1e-5)
     assert torch.equal(one[:, :, 1], torch.zeros(3, 9)) and many[:, :, 1].abs().max() < 1e-5
     assert many[:, :, 0].min() > 1.0
+
+
+def test_weight_diff_profiles_in_chunks_equal_whole_tensor(monkeypatch):
+    """weight_diff's per-row/column sums, computed a block of rows at a time, equal the
+    whole-tensor float64 sums (chunks only bound the temporaries)."""
+    from tl_transplant.scoring import weight_diff as wd
+
+    gen = torch.Generator().manual_seed(0)
+    s, t = (torch.randn(37, 11, generator=gen).to(torch.bfloat16) for _ in range(2))
+    monkeypatch.setattr(wd, "PROFILE_CHUNK", 30)  # 2 rows a chunk, a ragged last one
+    d = s.double() - t.double()
+    for dim in (0, 1):
+        other = 1 - dim
+        sq, tq = wd.square_profiles(s, t, dim)
+        assert torch.allclose(sq, d.pow(2).sum(other), rtol=1e-12)
+        assert torch.allclose(tq, t.double().pow(2).sum(other), rtol=1e-12)
+    b_s, b_t = s[0], t[0]
+    sq, tq = wd.square_profiles(b_s, b_t, 0)
+    assert torch.equal(sq, (b_s.double() - b_t.double()).pow(2))

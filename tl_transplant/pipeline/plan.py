@@ -67,6 +67,17 @@ SIDE_EXTRA_FRACTION = 0.04
 _GRAPH_D, _GRAPH_I = 10, 5
 _DTYPE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2, "F32": 4, "F64": 8,
                 "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1}
+#: learned_mask at the unit grain, bytes per block parameter in units of the run dtype's
+#: element: gating every unit, the relaxed tensors (leaves), their gradients and what the
+#: allocator keeps of the previous step's (calibrated, see benchmarks/README.md); gating a
+#: candidate set, the whole relaxed tensors assembled for the forward, and per candidate
+#: parameter its target and source values, its leaf and the leaf's gradient.
+LM_ALL_UNITS = 5.0
+LM_ASSEMBLED = 2.0
+LM_PER_CANDIDATE = 5.0
+#: The unedited target's KL references are kept up to this size
+#: (:data:`tl_transplant.scoring.gate_training.REF_CACHE_BYTES`).
+REF_CACHE_BYTES = 1 << 30
 ENV_LIMIT = "TL_TRANSPLANT_MEMORY_LIMIT"
 #: Host RSS a CUDA run adds for the CUDA context and kernels (unverified estimate).
 CUDA_HOST_BYTES = 600 * MiB
@@ -201,8 +212,12 @@ class MemoryPlan:
             out.append(f"dtype: bfloat16 (the models take {_fmt(self.models_bytes)} now, about "
                        "half in bfloat16)")
         if peak.name.startswith("score learned_mask"):
-            out.append("fewer learned_mask candidates (selection.options.learned_mask."
-                       "candidates) or learned_mask on units only")
+            if "@weight" in peak.name:
+                out.append("fewer learned_mask candidates (selection.options.learned_mask."
+                           "candidates) or learned_mask on units only")
+            else:
+                out.append("learned_mask on a candidate set of units (selection.options."
+                           "learned_mask.unit_candidates: 0.05)")
         out.append("device_map offload (load with device_map='auto' in Python, or run on a "
                    "GPU with device: cuda)")
         return out
@@ -399,12 +414,17 @@ def _score_stage(run: MethodRun, cfg: RunConfig, t: ModelFacts, rows: int,
             return kept + state + g, (f"gates on {c:g} of the block weights: float32 "
                                       f"working copies + relaxed weights and grads, minibatch "
                                       f"{mb}")
-        # float32 target/source copies (8 B a weight), the relaxed weights, their grads and
-        # the vjp's grad x delta product (calibrated: SmolLM2-135M float32, measured 0.92 of
-        # the plan with 2 x elt, 1.0 with 3 x elt)
-        state = 8 * bf + 3 * elt * bf
-        return kept + state + g, ("float32 target/source copies of the gated tensors, "
-                                  f"minibatch {mb}")
+        frac = _unit_fraction(opts.get("unit_candidates", "auto"), bf)
+        ref = min(REF_CACHE_BYTES, rows * tokens * t.vocab * 4)  # the target's KL references
+        if frac is None:
+            state = int(LM_ALL_UNITS * elt * bf)
+            return kept + state + ref + g, (
+                f"relaxed copies of every block tensor and their gradients, minibatch {mb}")
+        state = int(LM_ASSEMBLED * elt * bf + LM_PER_CANDIDATE * elt * frac * bf)
+        att = 2 * _unit_acts(t, b, tokens) + graph  # the attribution pass picking them
+        return kept + max(state + ref + g, att), (
+            f"gates on the units with the top attribution ({frac:g} of the block params): "
+            f"relaxed copies of the tensors they touch, minibatch {mb}")
     if run.grain == "weight":
         keep = 4 * bf  # the float32 scores, kept to the end of the run
         if run.method in ("attribution",):
@@ -419,6 +439,13 @@ def _score_stage(run: MethodRun, cfg: RunConfig, t: ModelFacts, rows: int,
         return kept + 2 * _unit_acts(t, b, tokens) + _logits(t, b, tokens, elt, False), (
             "source/target unit activations of one batch")
     return kept, "weights only"
+
+
+def _unit_fraction(option: Any, block_params: int) -> float | None:
+    """learned_mask's share of block parameters gated at the unit grain (None: every unit)."""
+    from tl_transplant.scoring.learned_mask import unit_fraction
+
+    return unit_fraction(option, block_params)
 
 
 def plan_run(cfg: RunConfig) -> MemoryPlan:
@@ -468,7 +495,8 @@ def plan_run(cfg: RunConfig) -> MemoryPlan:
     high = 0
     for st in stages:
         st.total_bytes = runtime + models + max(st.extra_bytes, int(ALLOCATOR_RETAINED * high))
-        high = max(high, st.extra_bytes)
+        if st.name != "load":  # the load's transient is mapped file pages, unmapped after
+            high = max(high, st.extra_bytes)
     return MemoryPlan(runtime, models, stages, [s, t], cfg.device, cfg.batch_size, tokens,
                       notes)
 

@@ -192,6 +192,11 @@ def score_runs(
             scores[r.label] = _score_one(pair, dev, r, cfg, progress=progress, extra=extra)
             if keep and store is not None:
                 store.put(r.label, scores[r.label])
+        frac = scores[r.label].meta.get("unit_candidates")
+        if frac is not None:  # learned_mask gated a candidate set only: say so
+            log(f"{r.label}: gates on the {scores[r.label].meta.get('n_candidates')} units "
+                f"with the largest attribution ({frac:g} of the block parameters; the others "
+                f"score 0; selection.options.{r.method}.unit_candidates: null gates every unit)")
         if save_dir is not None and r.grain != "dense":
             s = scores[r.label]
             if isinstance(s, WeightScores):

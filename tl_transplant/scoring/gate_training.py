@@ -14,8 +14,10 @@ when ``None``): prompts are drawn without replacement, epoch after epoch, in an 
 by ``seed``, so a run is deterministic and does not depend on ``batch_size`` (a minibatch is
 cut into ``batch_size`` chunks whose gradients add up, up to float rounding).
 
-Cost per step: the relaxed weights are built once (one pass over the gated tensors), then
-one forward and one backward of the target per chunk (gradients to the relaxed weights),
+Cost per step: the relaxed values are built once (one pass over the gated tensors; for unit
+gates only at the gated positions, :meth:`Relaxation.leaves`), then per chunk the whole
+relaxed tensors are assembled from them (:meth:`Relaxation.assemble`), one forward and one
+backward of the target (gradients collect at the leaves only),
 then the gates' gradient from those (:meth:`Relaxation.vjp`: one dot product per gated row
 or column with the delta). The
 unedited target's log-probs at the KL positions are computed once per prompt and kept (up
@@ -171,10 +173,7 @@ def train_gates(
     bs = ctx.batch_size
     for _ in bar:
         picks = [next(o) for o in orders]
-        with torch.no_grad():
-            relaxed, _ = gates.relax(theta)
-        leaves = {n: r.requires_grad_(True) for n, r in relaxed.items()}
-        del relaxed
+        leaves = gates.leaves(theta)
         n_kl = sum(int(s.n_pos[p].sum()) for s, p in zip(streams, picks) if s.kl)
         terms = {"task": 0.0, "retention": 0.0, "sparsity": 0.0}
         for s, pick in zip(streams, picks):
@@ -182,7 +181,9 @@ def train_gates(
             for c in range(0, len(pick), bs):
                 idx = pick[c : c + bs]
                 enc = _rows(s.enc, idx)
-                logits = gates.fn.logits(enc.input_ids, gates.fn.bridge_params(leaves))
+                params = gates.fn.bridge_params(gates.assemble(leaves))
+                logits = gates.fn.logits(enc.input_ids, params)
+                del params
                 loss = logits.new_zeros((), dtype=theta.dtype)
                 if is_task:
                     t = -metric_fn(logits, enc.to(logits.device)).sum() / len(pick)

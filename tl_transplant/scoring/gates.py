@@ -62,6 +62,10 @@ class Relaxation(Protocol):
 
     def moved(self, theta: Float[torch.Tensor, " n"]) -> torch.Tensor: ...
 
+    def leaves(self, theta: Float[torch.Tensor, " n"]) -> dict[str, torch.Tensor]: ...
+
+    def assemble(self, leaves: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+
     def vjp(
         self, theta: Float[torch.Tensor, " n"], grads: Mapping[str, torch.Tensor]
     ) -> Float[torch.Tensor, " n"]: ...
@@ -82,6 +86,18 @@ def _tensors(pair: ModelPair, name: str, why: str) -> tuple[torch.Tensor, torch.
     return work(t.detach()), work(s.detach().to(dtype=t.dtype).to(t.device))
 
 
+def _tensors_checked(pair: ModelPair, name: str) -> None:
+    """Raise as :func:`_tensors` does for an offloaded or non-contiguous tensor."""
+    for side in (pair.target, pair.source):
+        if side.params[name].device.type == "meta":
+            raise ScoringError(
+                f"{side.name}: tensor {name} is offloaded (device_map); learned_mask needs "
+                "the block tensors in memory"
+            )
+    if not pair.target.params[name].is_contiguous():
+        raise ScoringError(f"learned_mask: target tensor {name} is not contiguous")
+
+
 def _block_params(pair: ModelPair) -> int:
     layout = pair.layout
     return sum(layout.n_params(u) for u in layout.units("linear"))
@@ -89,14 +105,61 @@ def _block_params(pair: ModelPair) -> int:
 
 @dataclass
 class _Gated:
-    """One HF tensor some unit covers: who covers which indices along which dim."""
+    """One HF tensor some unit covers: who covers which indices along which dim.
+
+    Gated along one dim (every unit kind alone, and heads with their KV groups), the tensor
+    is *compact*: ``upos`` are the gated positions along that dim, and ``ts``/``ss`` the
+    target's and (cast) source's values there, at the target's dtype (the tensors
+    themselves, not copies, when every position is gated and no cast is needed). Gated
+    along several dims (heads and whole linears together): ``upos`` is None and ``ts``/``ss``
+    are whole working-precision copies.
+    """
 
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
-    w_t: torch.Tensor  # working precision, target device
-    w_s: torch.Tensor  # the source cast as transplant casts it, then to working precision
+    base: torch.Tensor  # the target's tensor (detached), where ungated values come from
+    ts: torch.Tensor
+    ss: torch.Tensor
+    upos: Int[torch.Tensor, " u"] | None
     dims: list[tuple[int, Int[torch.Tensor, " k"], Int[torch.Tensor, " k"]]]  # dim, pos, unit
+
+    @property
+    def dim(self) -> int:
+        return self.dims[0][0]
+
+    def gate_at(self, keep_log: Float[torch.Tensor, " n"]) -> torch.Tensor:
+        """Gate ``G = 1 - exp(k)`` of the stored values (``ts``'s shape, broadcastable)."""
+        k = _keep(self, keep_log)
+        if self.upos is not None and self.upos.numel() != self.shape[self.dim]:
+            k = k.index_select(self.dim, self.upos)
+        return -torch.expm1(k)
+
+    def assemble(self, values: torch.Tensor) -> torch.Tensor:
+        """The whole relaxed tensor from the stored positions' values (differentiable)."""
+        if self.upos is None or self.upos.numel() == self.shape[self.dim]:
+            return values
+        return self.base.index_copy(self.dim, self.upos, values)
+
+
+def _compact(pair: ModelPair, name: str, dims: list[tuple[int, torch.Tensor, torch.Tensor]],
+             device: torch.device) -> _Gated:
+    """The :class:`_Gated` record of one tensor (see there for what is stored)."""
+    t = pair.target.params[name]
+    if len(dims) > 1:
+        w_t, w_s = _tensors(pair, name, "learned_mask")
+        return _Gated(name, tuple(t.shape), t.dtype, t.detach(), w_t, w_s, None, dims)
+    _tensors_checked(pair, name)
+    d, pos, _ = dims[0]
+    upos = torch.unique(pos)
+    src = pair.source.params[name].detach()
+    if src.dtype != t.dtype or src.device != t.device:
+        src = src.to(dtype=t.dtype, device=t.device)
+    if upos.numel() == t.shape[d]:
+        ts, ss = t.detach(), src
+    else:
+        ts, ss = t.detach().index_select(d, upos), src.index_select(d, upos)
+    return _Gated(name, tuple(t.shape), t.dtype, t.detach(), ts, ss, upos, dims)
 
 
 class GatedTarget:
@@ -104,7 +167,10 @@ class GatedTarget:
 
     Gates enter as *keep logs* ``k_u = log(1 - m_u)`` (``-softplus(theta_u)``;
     ``-inf`` for a fully open gate), so that products of ``1 - m`` are sums and binary
-    gates are exact. Nothing is written to either model.
+    gates are exact. Nothing is written to either model. Memory: the gated positions'
+    target and source values (nothing when a tensor is gated whole in its own dtype), and
+    per step one relaxed copy of each gated tensor; gradients are taken at the gated
+    positions only (:meth:`leaves`).
     """
 
     def __init__(self, pair: ModelPair, units: Sequence[Unit], *, kv: KVMode = "group") -> None:
@@ -127,10 +193,8 @@ class GatedTarget:
                 who.append(j)
         self.tensors: list[_Gated] = []
         for name, by_dim in cover.items():
-            w_t, w_s = _tensors(pair, name, "learned_mask")
-            t = pair.target.params[name]
             dims = [(d, *_expand(*ranges, self._device)) for d, ranges in sorted(by_dim.items())]
-            self.tensors.append(_Gated(name, tuple(t.shape), t.dtype, w_t, w_s, dims))
+            self.tensors.append(_compact(pair, name, dims, self._device))
         self.block_params = _block_params(pair)
         self.fn = FunctionalTarget(pair, [g.name for g in self.tensors])
 
@@ -141,7 +205,9 @@ class GatedTarget:
     @property
     def dtype(self) -> torch.dtype:
         """Working precision of the gates (float32, or float64 for a float64 target)."""
-        return self.tensors[0].w_t.dtype if self.tensors else torch.float32
+        if not self.tensors:
+            return torch.float32
+        return torch.promote_types(self.tensors[0].dtype, torch.float32)
 
     def relax(
         self, theta: Float[torch.Tensor, " n"]
@@ -149,32 +215,48 @@ class GatedTarget:
         """Relaxed HF tensors at gate logits ``theta`` and the expected number moved."""
         return self.weights(-F.softplus(theta))
 
+    def _values(self, g: _Gated, keep_log: Float[torch.Tensor, " n"]) -> torch.Tensor:
+        """The relaxed values at ``g``'s stored positions, in the target's dtype."""
+        gate = g.gate_at(keep_log)
+        wd = self.dtype
+        return torch.lerp(g.ts.to(wd), g.ss.to(wd), gate.to(wd)).to(g.dtype)
+
     def weights(
         self, keep_log: Float[torch.Tensor, " n"]
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Relaxed HF tensors (name -> tensor, target dtype) and the expected number moved."""
-        out: dict[str, torch.Tensor] = {}
-        moved = keep_log.new_zeros(())
-        for g in self.tensors:
-            gate = -torch.expm1(_keep(g, keep_log)).to(g.w_t.dtype)
-            out[g.name] = torch.lerp(g.w_t, g.w_s, gate).to(g.dtype)
-            moved = moved + gate.sum().to(moved.dtype) * (math.prod(g.shape) // gate.numel())
-        return out, moved
+        out = {g.name: g.assemble(self._values(g, keep_log)) for g in self.tensors}
+        return out, self._moved(keep_log)
 
-    def moved(self, theta: Float[torch.Tensor, " n"]) -> torch.Tensor:
-        """Expected number of parameters moved at gate logits ``theta`` (differentiable)."""
-        keep_log = -F.softplus(theta)
+    def leaves(self, theta: Float[torch.Tensor, " n"]) -> dict[str, torch.Tensor]:
+        """The relaxed values at the gated positions (no graph to ``theta``), each a leaf
+        that requires grad: gradients collect there only, not over whole tensors."""
+        with torch.no_grad():
+            keep_log = -F.softplus(theta.detach())
+            return {g.name: self._values(g, keep_log).requires_grad_(True)
+                    for g in self.tensors}
+
+    def assemble(self, leaves: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Whole relaxed HF tensors from :meth:`leaves` (differentiable in them)."""
+        return {g.name: g.assemble(leaves[g.name]) for g in self.tensors}
+
+    def _moved(self, keep_log: Float[torch.Tensor, " n"]) -> torch.Tensor:
         moved = keep_log.new_zeros(())
         for g in self.tensors:
             gate = -torch.expm1(_keep(g, keep_log))
             moved = moved + gate.sum() * (math.prod(g.shape) // gate.numel())
         return moved
 
+    def moved(self, theta: Float[torch.Tensor, " n"]) -> torch.Tensor:
+        """Expected number of parameters moved at gate logits ``theta`` (differentiable)."""
+        return self._moved(-F.softplus(theta))
+
     def vjp(
         self, theta: Float[torch.Tensor, " n"], grads: Mapping[str, torch.Tensor]
     ) -> Float[torch.Tensor, " n"]:
         """``d/dtheta sum_n <relaxed_n, grads_n>`` without an autograd graph.
 
+        ``grads`` are of whole tensors or of :meth:`leaves` (the gated positions only).
         With ``G = 1 - exp(k)``: ``dL/dk = -(grad * delta) * exp(k)``, reduced onto each
         gated dim (one dot product per row or column when a tensor is gated along one dim).
         """
@@ -182,26 +264,29 @@ class GatedTarget:
             theta = theta.detach()
             keep_log = -F.softplus(theta)
             d_keep = torch.zeros_like(keep_log)
+            wd = self.dtype
             for g in self.tensors:
                 gw = grads.get(g.name)
                 if gw is None:
                     continue
-                prod = torch.sub(g.w_s, g.w_t).mul_(gw.to(g.w_t.dtype))  # grad * delta
-                nd = len(g.shape)
-                if len(g.dims) == 1:
-                    d, pos, who = g.dims[0]
-                    kd = keep_log.new_zeros(g.shape[d]).index_add(0, pos, keep_log[who])
-                    other = [i for i in range(nd) if i != d]
-                    s = prod.sum(other) if other else prod
-                    parts = [(d, pos, who, -torch.exp(kd) * s.to(kd.dtype))]
-                else:
+                if g.upos is None:  # several gated dims: whole tensors
+                    prod = torch.sub(g.ss, g.ts).mul_(gw.to(g.ts.dtype))
                     dk = prod.mul_(torch.exp(_keep(g, keep_log)).to(prod.dtype)).neg_()
-                    parts = []
+                    nd = len(g.shape)
                     for d, pos, who in g.dims:
                         other = [i for i in range(nd) if i != d]
-                        parts.append((d, pos, who, dk.sum(other).to(keep_log.dtype)))
-                for _, pos, who, dkd in parts:
-                    d_keep.index_add_(0, who, dkd[pos])
+                        d_keep.index_add_(0, who, dk.sum(other).to(keep_log.dtype)[pos])
+                    continue
+                d, pos, who = g.dims[0]
+                if tuple(gw.shape) == g.shape and gw.shape != g.ts.shape:
+                    gw = gw.index_select(d, g.upos)  # a whole tensor's gradient
+                prod = torch.sub(g.ss.to(wd), g.ts.to(wd)).mul_(gw.to(wd))  # grad * delta
+                other = [i for i in range(len(g.shape)) if i != d]
+                s = prod.sum(other) if other else prod
+                kd = keep_log.new_zeros(g.shape[d]).index_add(0, pos, keep_log[who])
+                full = keep_log.new_zeros(g.shape[d])
+                full[g.upos] = -torch.exp(kd[g.upos]) * s.to(kd.dtype)
+                d_keep.index_add_(0, who, full[pos])
             return d_keep * -torch.sigmoid(theta)
 
     def bridge_params(self, relaxed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -321,6 +406,16 @@ class WeightGates:
     def moved(self, theta: Float[torch.Tensor, " n"]) -> torch.Tensor:
         """Expected number of weights moved at gate logits ``theta`` (differentiable)."""
         return torch.sigmoid(theta).sum()
+
+    def leaves(self, theta: Float[torch.Tensor, " n"]) -> dict[str, torch.Tensor]:
+        """The whole relaxed tensors (no graph to ``theta``), each a leaf that requires grad."""
+        with torch.no_grad():
+            relaxed, _ = self.relax(theta.detach())
+        return {n: r.requires_grad_(True) for n, r in relaxed.items()}
+
+    def assemble(self, leaves: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The relaxed tensors themselves (:meth:`leaves` are whole tensors)."""
+        return dict(leaves)
 
     def vjp(
         self, theta: Float[torch.Tensor, " n"], grads: Mapping[str, torch.Tensor]

@@ -31,6 +31,13 @@ one forward + backward of the target on its minibatch, so the run costs about
 stay under 10 attribution passes at >= 96 prompts. The old behaviour (every step a full pass
 over every prompt) is ``minibatch=None``.
 
+On a large model (``unit_candidates``; by default above
+:data:`AUTO_ALL_UNITS_MAX_PARAMS` block parameters) only the units with the largest
+``attribution`` get gates, until they hold :data:`AUTO_UNIT_CANDIDATES` of the block
+parameters; the others score 0 (``theta`` NaN) and the run says so. A gated tensor keeps only
+its gated rows or columns, and gradients collect there (:class:`~.gates.GatedTarget`), so
+the memory is a few times the candidates plus one relaxed copy of the tensors they touch.
+
 Output (units): the final gates (rank by gate), columns ``gate`` and ``theta``;
 ``suggested`` = the units with gate > 0.5, ``budget_rule = "score"``, and ``meta`` the
 final loss terms. Output (weights): the gates as one tensor per HF tensor (0 outside the
@@ -42,7 +49,8 @@ and subtracts its gates; for a retention term inside one optimisation ``retentio
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import math
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field
@@ -63,6 +71,21 @@ from tl_transplant.scoring.registry import (
 )
 
 _Finite = Field(allow_inf_nan=False)
+
+#: ``unit_candidates="auto"`` gates every unit up to this many block parameters; above, the
+#: relaxed copies of every gated tensor and their gradients would be several times the
+#: model, so only the units with the largest attribution get gates
+#: (:data:`AUTO_UNIT_CANDIDATES` of the block parameters).
+AUTO_ALL_UNITS_MAX_PARAMS = 300_000_000
+AUTO_UNIT_CANDIDATES = 0.1
+
+
+def unit_fraction(option: float | str | None, block_params: int) -> float | None:
+    """The share of block parameters whose units get gates at the unit grain (None: every
+    unit), from the ``unit_candidates`` option and the model's block parameter count."""
+    if option == "auto":
+        return None if block_params <= AUTO_ALL_UNITS_MAX_PARAMS else AUTO_UNIT_CANDIDATES
+    return None if option is None or float(option) >= 1 else float(option)
 
 
 @register
@@ -98,6 +121,13 @@ class LearnedMask(Scorer):
         candidates: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False, description=(
             "a fraction in (0, 1] (units='weight' only): the share of block weights that "
             "get a gate, those with the largest first-order gain"))] = 0.02
+        unit_candidates: (Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] | None
+                          | Literal["auto"]) = Field(default="auto", description=(
+            "a fraction in (0, 1], None or 'auto' (unit grain): gate only the units with the "
+            "largest attribution, until their parameters reach this share of the block "
+            "parameters (the others keep gate 0); None: every unit; 'auto': every unit up to "
+            f"{AUTO_ALL_UNITS_MAX_PARAMS // 10**6}M block parameters, "
+            f"{AUTO_UNIT_CANDIDATES:g} above"))
 
     def check(self) -> None:
         rp = self.opts.retention_prompts
@@ -120,21 +150,54 @@ class LearnedMask(Scorer):
                            lam_sparse=o.lam_sparse, lam_ret=o.lam_ret, minibatch=o.minibatch,
                            retention=self._retention(data), optimizer=optimizer, desc=desc)
 
+    def _block_params(self) -> int:
+        layout = self.ctx.pair.layout
+        return sum(layout.n_params(u) for u in layout.units("linear"))
+
+    def _candidates(self, units: list[Unit], data: ScoringData, frac: float) -> list[int]:
+        """Positions (in ``units``) of the units with the largest attribution, until their
+        parameters reach ``frac`` of the block parameters."""
+        layout = self.ctx.pair.layout
+        block = self._block_params()
+        gain = Attribution(self.ctx).run(units, data).values
+        out: list[int] = []
+        moved = 0
+        for i in torch.argsort(gain, descending=True, stable=True).tolist():
+            if moved >= frac * block:
+                break
+            out.append(i)
+            moved += layout.n_params(units[i])
+        self.ctx.note(
+            f"learned_mask: gates on the {len(out)} of {len(units)} units with the largest "
+            f"attribution ({moved / max(1, block):.1%} of {block / 1e6:.0f}M block parameters; "
+            "unit_candidates=None gates every unit)")
+        return sorted(out)
+
     def run(self, units: list[Unit], data: ScoringData | None) -> RawScores:
         assert data is not None
-        gated = GatedTarget(self.ctx.pair, units, kv=self.opts.kv)
-        theta0 = torch.full((len(units),), float(self.opts.init), dtype=torch.float64)
+        frac = unit_fraction(self.opts.unit_candidates, self._block_params())
+        pick = (self._candidates(units, data, frac) if frac is not None
+                else list(range(len(units))))
+        cand = [units[i] for i in pick]
+        gated = GatedTarget(self.ctx.pair, cand, kv=self.opts.kv)
+        theta0 = torch.full((len(cand),), float(self.opts.init), dtype=torch.float64)
         res = self._train(gated, theta0, data, "adam", "learned_mask")
-        th = res.theta
-        gates = torch.sigmoid(th)
-        chosen = gates > 0.5
-        suggested = [u for u, c in zip(units, chosen.tolist()) if c]
+        idx = torch.tensor(pick, dtype=torch.long)
+        th = torch.full((len(units),), math.nan, dtype=torch.float64).index_copy(
+            0, idx, res.theta)  # NaN: no gate (not a candidate)
+        gates = torch.zeros(len(units), dtype=torch.float64).index_copy(
+            0, idx, torch.sigmoid(res.theta))
+        g_cand = gates[idx]
+        chosen = g_cand > 0.5
+        suggested = [u for u, c in zip(cand, chosen.tolist()) if c]
         meta = {
             "loss": res.last,
             "loss_history": res.history,
-            "frac_params": gated.moved_fraction(gates),
+            "frac_params": gated.moved_fraction(g_cand),
             "suggested_frac_params": gated.moved_fraction(chosen.to(torch.float64)),
             "block_params": gated.block_params,
+            "n_candidates": len(cand),
+            "unit_candidates": frac,
         }
         self._units = list(units)
         return RawScores(gates, None, columns={"gate": gates, "theta": th}, meta=meta,
@@ -199,4 +262,5 @@ def _mask_above(values: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ..
                       shapes)
 
 
-__all__ = ["REF_CACHE_BYTES", "GatedTarget", "LearnedMask", "WeightGates"]
+__all__ = ["AUTO_ALL_UNITS_MAX_PARAMS", "AUTO_UNIT_CANDIDATES", "REF_CACHE_BYTES", "GatedTarget",
+           "LearnedMask", "WeightGates", "unit_fraction"]
