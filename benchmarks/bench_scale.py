@@ -301,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="learned_mask's unit_candidates: auto, none or a fraction")
     ap.add_argument("--build-only", action="store_true")
     ap.add_argument("--plan-only", action="store_true")
+    ap.add_argument("--write-config", type=Path, default=None,
+                    help="write the run's YAML config (one dtype) here and stop: for "
+                         "`tl-transplant run` on the same pair")
     args = ap.parse_args(argv)
     root = args.root or Path(f"/tmp/tl_scale_{args.preset}")
     if not (root / "tasks" / "control_test.jsonl").exists():
@@ -311,6 +314,14 @@ def main(argv: list[str] | None = None) -> int:
             build_pair(root, args.preset, shard_mb=args.shard_mb, n_items=args.items)
         print(f"built {root} in {time.perf_counter() - t0:.0f} s")
     if args.build_only:
+        return 0
+    if args.write_config is not None:
+        import yaml
+
+        one = run_config(root, args.dtypes.split(",")[0], args.steps, args.batch_size,
+                         args.device, tuple(args.methods.split(",")), args.lm_candidates)
+        args.write_config.write_text(yaml.safe_dump(one, sort_keys=False))
+        print(f"wrote {args.write_config}")
         return 0
     dtypes = args.dtypes.split(",")
     if len(dtypes) > 1 and not args.plan_only:

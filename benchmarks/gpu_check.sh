@@ -23,7 +23,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
   | tee -a "$OUTDIR/gpu.txt"
 
 echo "== 1. real tier on cuda (bfloat16, float32)"
-timeout 150 "$PY" - <<'PY' 2>&1 | tee "$OUTDIR/real_cuda.txt"
+timeout 120 "$PY" - <<'PY' 2>&1 | tee "$OUTDIR/real_cuda.txt"
 import time, torch
 from tl_transplant import ModelPair, score, zoo
 from tl_transplant.evaluation.evaluator import evaluate
@@ -63,5 +63,5 @@ timeout 300 "$PY" benchmarks/bench_scale.py --preset 1.1b --device cuda --dtypes
   | grep -v "Warning\|warn(" | tee "$OUTDIR/scale_cuda.txt"
 
 echo "== 3. generation benchmark (CPU baseline; no device option yet)"
-timeout 60 "$PY" benchmarks/bench_generation.py --new 32 --n 4 2>&1 | tee "$OUTDIR/generation.txt"
+timeout 45 "$PY" benchmarks/bench_generation.py --new 32 --n 4 2>&1 | tee "$OUTDIR/generation.txt"
 echo "gpu_check done; tables in $OUTDIR/"

@@ -4,11 +4,11 @@ parameter count, for several sizes side by side.
     python benchmarks/scale_table.py /tmp/scale_smollm2 /tmp/scale_gemma3 /tmp/scale11
 
 Reads each folder's ``result_<dtype>.json`` (written by ``bench_scale.py``) and prints, per
-dtype, a markdown table: per stage, peak RSS / the two models' bytes at each size, and the
-time per stage in seconds per (billion parameters x thousand dev tokens) with its spread
-across sizes (largest / smallest: 1.0 is exactly linear in parameters x tokens). The
-goals of issue 21: peak RSS <= 2.3x the models for attribution and evaluation, <= 3x for
-learned_mask; time per stage linear in parameters within 1.5x.
+dtype, a markdown table: per stage and size, ``peak RSS / the two models' bytes · seconds
+per billion parameters`` (per billion parameters x thousand dev tokens for the stages that
+read prompts), and the time's spread across sizes (largest / smallest normalised time; 1.0
+is exactly linear). The goals of issue 21: peak RSS <= 2.3x the models for attribution and
+evaluation, <= 3x for learned_mask (marked), time per stage linear within 1.5x.
 """
 
 from __future__ import annotations
@@ -36,35 +36,44 @@ def load(dirs: list[Path], tag: str = "") -> dict[str, list[dict[str, Any]]]:
     return out
 
 
+#: Stages that read no prompts: their time is normalised by parameters alone.
+NO_DATA = ("load", "score weight_diff", "score random", "export")
+#: Stages under this many seconds at every size are too short to judge a spread.
+MIN_SECONDS = 1.0
+TIME_GOAL = 1.5
+
+
 def table(rs: list[dict[str, Any]]) -> str:
-    """One dtype's markdown table."""
-    names = [f"{r['preset']} ({r['n_params'] / 1e9:.3f}B)" for r in rs]
+    """One dtype's markdown table: per stage and size, ``peak RSS / models`` and the time
+    normalised by parameters (x thousand dev tokens for stages that read prompts)."""
+    names = [f"{r['preset']} ({r['n_params'] / 1e9:.2f}B)" for r in rs]
     stages = list(dict.fromkeys(row["stage"] for r in rs for row in r["rows"]))
-    head = ("| stage | " + " | ".join(f"peak/models {n}" for n in names) + " | "
-            + " | ".join(f"s/(B·kTok) {n}" for n in names) + " | time spread |")
-    lines = [head, "|" + "---|" * (2 + 2 * len(rs))]
+    lines = ["| stage | " + " | ".join(names) + " | time spread |",
+             "|" + "---|" * (2 + len(rs))]
     for st in stages:
-        ratios, per = [], []
+        cells, per, secs = [], [], []
         for r in rs:
             row = next((x for x in r["rows"] if x["stage"] == st), None)
             if row is None:
-                ratios.append("–")
-                per.append(None)
+                cells.append("–")
                 continue
             ratio = row["peak"] / r["models_bytes"]
             goal = GOALS.get(st)
             mark = "" if goal is None else (" ✓" if ratio <= goal else " ✗")
-            ratios.append(f"{ratio:.2f}{mark}")
-            per.append(row["seconds"] / (r["n_params"] / 1e9) / r["dev_ktokens"])
-        got = [p for p in per if p]
-        spread = f"{max(got) / min(got):.2f}" if len(got) > 1 and min(got) > 0 else "–"
-        lines.append(f"| {st} | " + " | ".join(ratios) + " | "
-                     + " | ".join("–" if p is None else f"{p:.1f}" for p in per)
-                     + f" | {spread} |")
+            norm = r["n_params"] / 1e9 * (1.0 if st in NO_DATA else r["dev_ktokens"])
+            per.append(row["seconds"] / norm)
+            secs.append(row["seconds"])
+            cells.append(f"{ratio:.2f}{mark} · {per[-1]:.1f}")
+        if len(per) > 1 and min(secs) >= MIN_SECONDS:
+            sp = max(per) / min(per)
+            spread = f"{sp:.2f}" + (" ✓" if sp <= TIME_GOAL else " ✗")
+        else:
+            spread = "–"
+        lines.append(f"| {st} | " + " | ".join(cells) + f" | {spread} |")
     whole = [max(x["peak"] for x in r["rows"]) / r["models_bytes"] for r in rs]
-    secs = [sum(x["seconds"] for x in r["rows"]) for r in rs]
-    lines.append("| whole run: peak/models, seconds | " + " | ".join(f"{w:.2f}" for w in whole)
-                 + " | " + " | ".join(f"{s:.0f} s" for s in secs) + " | |")
+    total = [sum(x["seconds"] for x in r["rows"]) for r in rs]
+    lines.append("| whole run | " + " | ".join(f"{w:.2f} · {t:.0f} s" for w, t in
+                                               zip(whole, total)) + " | |")
     return "\n".join(lines)
 
 
