@@ -12,7 +12,6 @@ from typing import Literal
 
 import torch
 
-from tl_transplant.arch.units import Unit
 from tl_transplant.models.hooks import capturer, kind_hooks
 from tl_transplant.scoring import (
     Accumulator,
@@ -25,6 +24,7 @@ from tl_transplant.scoring import (
     take_positions,
     work,
 )
+from tl_transplant.arch.units import Unit
 
 
 @register
