@@ -28,7 +28,7 @@ from tl_transplant.io.export import (
 )
 from tl_transplant.models.pair import ModelPair
 from tl_transplant.tasks.task import Task
-from tl_transplant.testing import same_state, snapshot_side
+from tl_transplant.testing import restore_target, snapshot_side
 
 ZOO = Path(__file__).resolve().parents[1] / "tl_transplant" / "zoo" / "pairs" / "cross_generation"
 
@@ -49,15 +49,7 @@ def _pair(dirs: tuple[Path, Path]) -> tuple[ModelPair, dict[str, torch.Tensor]]:
 @pytest.fixture
 def pair(_pair: tuple[ModelPair, dict[str, torch.Tensor]]) -> ModelPair:
     """The session pair with the target's original weights and no transplant records."""
-    p, snap = _pair
-    with torch.no_grad():
-        for k, v in p.target.params.items():
-            v.data.copy_(snap[f"p:{k}"])
-    p.target.refresh_mirrors()
-    p.applied.clear()
-    p.active.clear()
-    assert same_state(snapshot_side(p.target), snap)
-    return p
+    return restore_target(*_pair)
 
 
 @pytest.fixture(scope="session")

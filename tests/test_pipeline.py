@@ -13,25 +13,16 @@ from transformers import AutoModelForCausalLM
 from tl_transplant import ConfigError, load_config, run
 from tl_transplant.cli import main
 from tl_transplant.pipeline.runner import RESULT_KEYS
-from tl_transplant.tasks.builtin import builtin_task
-from tl_transplant.testing import perturbed_copy, save_tiny, tiny_model, word_tokenizer
+from tl_transplant.testing import (
+    tiny_run_dir,
+)
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     """A tiny llama pair on disk plus task JSONL files."""
     d = tmp_path_factory.mktemp("pipe")
-    tok = word_tokenizer(d / "tok")
-    target = tiny_model("llama", seed=5)
-    source = perturbed_copy(target, scale=0.3, seed=6)
-    save_tiny(source, tok, d / "source")
-    save_tiny(target, tok, d / "target")
-    for name, seed in (("task", 0), ("control", 1)):
-        t = builtin_task("successor", n=24, seed=seed, prepend_bos=True)
-        with (d / f"{name}.jsonl").open("w") as f:
-            for p, a in zip(t.prompts, t.answers):
-                f.write(json.dumps({"prompt": p, "answer": a}) + "\n")
-    return d
+    return tiny_run_dir(d)
 
 
 def _cfg(d: Path, **over) -> dict:

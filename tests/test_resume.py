@@ -28,8 +28,9 @@ from tl_transplant.pipeline.runner import run
 from tl_transplant.scoring.scores import Scores
 from tl_transplant.scoring.weight_scores import WeightScores
 from tl_transplant.sweeps import stages as sweep_stages
-from tl_transplant.tasks.builtin import builtin_task
-from tl_transplant.testing import perturbed_copy, save_tiny, tiny_model, word_tokenizer
+from tl_transplant.testing import (
+    tiny_run_dir,
+)
 
 # Every file of a run's output but the figure: equal bytes between an uninterrupted run
 # and an interrupted-then-resumed one (results.json holds no timestamps or durations); the
@@ -41,16 +42,7 @@ SCORE_FILES = ("activation_diff", "attribution", "attribution@weight", "weight_d
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("resume")
-    tok = word_tokenizer(d / "tok")
-    target = tiny_model("llama", seed=5)
-    save_tiny(perturbed_copy(target, scale=0.3, seed=6), tok, d / "source")
-    save_tiny(target, tok, d / "target")
-    for name, seed in (("task", 0), ("control", 1)):
-        t = builtin_task("successor", n=24, seed=seed, prepend_bos=True)
-        with (d / f"{name}.jsonl").open("w") as f:
-            for p, a in zip(t.prompts, t.answers):
-                f.write(json.dumps({"prompt": p, "answer": a}) + "\n")
-    return d
+    return tiny_run_dir(d)
 
 
 def _cfg(d: Path, **over: Any) -> dict[str, Any]:

@@ -29,9 +29,10 @@ from tl_transplant.sweeps.selection import (
     cross_validated_selection,
     fold_indices,
 )
-from tl_transplant.tasks.builtin import builtin_task
 from tl_transplant.tasks.task import Task
-from tl_transplant.testing import perturbed_copy, save_tiny, tiny_model, word_tokenizer
+from tl_transplant.testing import (
+    tiny_run_dir,
+)
 
 TRUE_UNITS = ["L1.mlp.down_proj", "L1.attn.o_proj"]  # where source != target
 DECOYS = ["L0.attn.q_proj", "L0.mlp.up_proj", "L1.attn.q_proj"]
@@ -303,17 +304,7 @@ def test_sweep_warns_when_test_falls_outside_the_dev_ci(eng):
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("verdict_pipe")
-    tok = word_tokenizer(d / "tok")
-    target = tiny_model("llama", seed=5)
-    source = perturbed_copy(target, scale=0.3, seed=6)
-    save_tiny(source, tok, d / "source")
-    save_tiny(target, tok, d / "target")
-    for name, seed in (("task", 0), ("control", 1)):
-        t = builtin_task("successor", n=24, seed=seed, prepend_bos=True)
-        with (d / f"{name}.jsonl").open("w") as f:
-            for p, a in zip(t.prompts, t.answers):
-                f.write(json.dumps({"prompt": p, "answer": a}) + "\n")
-    return d
+    return tiny_run_dir(d)
 
 
 def _cfg(d: Path, **over) -> dict:

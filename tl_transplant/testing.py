@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
     from tl_transplant.arch.model_layout import ModelLayout
     from tl_transplant.arch.units import Unit
+    from tl_transplant.models.pair import ModelPair
     from tl_transplant.models.side import ModelSide
 
 _M = TypeVar("_M", bound=torch.nn.Module)
@@ -137,6 +138,27 @@ def tiny_pair_dirs(family: str, root: str | Path, seed: int = 0) -> tuple[Path, 
     return save_tiny(source, tok, root / "source"), save_tiny(target, tok, root / "target")
 
 
+def tiny_run_dir(d: str | Path) -> Path:
+    """A run's inputs under ``d``: a tiny llama pair (``source/``, ``target/``, a word
+    tokenizer in ``tok/``) and two 24-item successor tasks (``task.jsonl``,
+    ``control.jsonl``, seeds 0 and 1) as JSONL files."""
+    import json
+
+    from tl_transplant.tasks.builtin import builtin_task
+
+    d = Path(d)
+    tok = word_tokenizer(d / "tok")
+    target = tiny_model("llama", seed=5)
+    save_tiny(perturbed_copy(target, scale=0.3, seed=6), tok, d / "source")
+    save_tiny(target, tok, d / "target")
+    for name, seed in (("task", 0), ("control", 1)):
+        t = builtin_task("successor", n=24, seed=seed, prepend_bos=True)
+        with (d / f"{name}.jsonl").open("w") as f:
+            for p, a in zip(t.prompts, t.answers):
+                f.write(json.dumps({"prompt": p, "answer": a}) + "\n")
+    return d
+
+
 def snapshot_side(side: ModelSide) -> dict[str, torch.Tensor]:
     """Clones of a side's HF tensors and its bridge's state (to prove bit-exact restores)."""
     snap = {f"p:{k}": v.detach().clone() for k, v in side.params.items()}
@@ -147,6 +169,19 @@ def snapshot_side(side: ModelSide) -> dict[str, torch.Tensor]:
 def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     """True when two snapshots hold the same names and bit-identical tensors."""
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def restore_target(pair: ModelPair, snap: dict[str, torch.Tensor]) -> ModelPair:
+    """Put back the target's weights from :func:`snapshot_side` and forget every transplant
+    record, so a session-scoped pair starts each test as loaded (checked bit for bit)."""
+    with torch.no_grad():
+        for k, v in pair.target.params.items():
+            v.data.copy_(snap[f"p:{k}"])
+    pair.target.refresh_mirrors()
+    pair.applied.clear()
+    pair.active.clear()
+    assert same_state(snapshot_side(pair.target), snap)
+    return pair
 
 
 def check_family(model_type: str, tokenizer: PreTrainedTokenizerBase) -> None:

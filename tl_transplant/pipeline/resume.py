@@ -400,22 +400,33 @@ class RunStore:
         safe = re.sub(r"[^A-Za-z0-9_.@-]", "_", label)
         return self.root / "scores" / f"{safe}.safetensors"
 
-    def get(self, label: str) -> MethodScores | None:
-        """The stored scores of ``label`` (logged as reused), or None."""
+    def _read(self, p: Path, fmt: str, field: str, value: str,
+              parse: Callable[[dict[str, torch.Tensor], dict[str, str]], Any],
+              again: str) -> Any | None:
+        """``parse(tensors, metadata)`` of the stage file ``p`` if it is this run's (format
+        ``fmt``, ``metadata[field] == value``); None if absent, and None with a log line
+        (``...; {again}``) if unreadable or not this run's."""
         from safetensors import SafetensorError, safe_open
 
-        p = self._path(label)
         if not p.is_file():
             return None
         try:
             with safe_open(str(p), framework="pt") as f:
                 md = dict(f.metadata() or {})
+                if md.get("format") != fmt or md.get(field) != value:
+                    raise ValueError("not this run's stage file")
                 tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-            if md.get("format") != STAGE_FORMAT or md.get("label") != label:
-                raise ValueError("not this run's stage file")
-            s = _scores_from(tensors, md)
+            return parse(tensors, md)
         except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
-            self.log(f"--resume: cannot read {p.name} ({e}); scoring {label} again")
+            self.log(f"--resume: cannot read {p.name} ({e}); {again}")
+            return None
+
+    def get(self, label: str) -> MethodScores | None:
+        """The stored scores of ``label`` (logged as reused), or None."""
+        p = self._path(label)
+        s: MethodScores | None = self._read(p, STAGE_FORMAT, "label", label, _scores_from,
+                                            f"scoring {label} again")
+        if s is None:
             return None
         self.log(f"reused scores of {label} (key {self.key.digest[:12]}, {p})")
         self.reused.append(label)
@@ -469,25 +480,11 @@ class RunStore:
 
     def get_eval(self, key: tuple[Any, ...]) -> DevEval | None:
         """A kept dev evaluation of the configuration ``key`` (a selection key), or None."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         name = self._eval_name(key)
-        p = self._eval_path(name)
-        if not p.is_file():
-            return None
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(p), framework="pt") as f:
-                md = dict(f.metadata() or {})
-            if md.get("format") != EVAL_FORMAT or md.get("key") != name:
-                raise ValueError("not this configuration's evaluation")
-            value = _eval_from(load_file(str(p)), md)
-        except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
-            self.log(f"--resume: cannot read {p.name} ({e}); evaluating it again")
-            return None
-        self.reused_evals += 1
+        value: DevEval | None = self._read(self._eval_path(name), EVAL_FORMAT, "key", name,
+                                           _eval_from, "evaluating it again")
+        if value is not None:
+            self.reused_evals += 1
         return value
 
     def put_eval(self, key: tuple[Any, ...], value: DevEval) -> bool:

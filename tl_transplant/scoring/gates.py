@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 
 from tl_transplant.arch.units import Head, Unit
+from tl_transplant.edit.budget import block_params
 from tl_transplant.scoring.functional import FunctionalTarget
 from tl_transplant.scoring.registry import ScoringError
 from tl_transplant.scoring.tensors import work
@@ -96,11 +97,6 @@ def _tensors_checked(pair: ModelPair, name: str) -> None:
             )
     if not pair.target.params[name].is_contiguous():
         raise ScoringError(f"learned_mask: target tensor {name} is not contiguous")
-
-
-def _block_params(pair: ModelPair) -> int:
-    layout = pair.layout
-    return sum(layout.n_params(u) for u in layout.units("linear"))
 
 
 @dataclass
@@ -195,7 +191,7 @@ class GatedTarget:
         for name, by_dim in cover.items():
             dims = [(d, *_expand(*ranges, self._device)) for d, ranges in sorted(by_dim.items())]
             self.tensors.append(_compact(pair, name, dims, self._device))
-        self.block_params = _block_params(pair)
+        self.block_params = block_params(pair.layout)
         self.fn = FunctionalTarget(pair, [g.name for g in self.tensors])
 
     @property
@@ -374,7 +370,7 @@ class WeightGates:
             self.offsets[n] = (pos, pos + int(idx.numel()))
             pos += int(idx.numel())
         self.n = pos
-        self.block_params = _block_params(pair)
+        self.block_params = block_params(pair.layout)
         self.fn = FunctionalTarget(pair, self.names)
 
     @property

@@ -52,6 +52,7 @@ from pydantic import Field
 from tqdm.auto import tqdm
 
 from tl_transplant.arch.units import Head, Unit
+from tl_transplant.edit.budget import block_params
 from tl_transplant.edit.edits import transplant
 from tl_transplant.scoring.data import ScoringData
 from tl_transplant.scoring.registry import (
@@ -139,7 +140,7 @@ class Iterative(Scorer):
         self._check_inner(units, data)
         pair, layout, o = self.ctx.pair, self.ctx.layout, self.opts
         n = len(units)
-        block = int(sum(layout.n_params(u) for u in layout.units("linear")))
+        block = block_params(layout)
         limit = None if o.budget is None else float(o.budget) * block
         group = o.kv == "group"
         kv_of: dict[Unit, Unit] = {u: layout.kv_group_of(u) for u in units

@@ -56,6 +56,7 @@ import torch
 from pydantic import Field
 
 from tl_transplant.arch.units import Unit
+from tl_transplant.edit.budget import block_params
 from tl_transplant.edit.weights import WeightMask, top_weights
 from tl_transplant.scoring.attribution import Attribution
 from tl_transplant.scoring.data import ScoringData
@@ -150,15 +151,11 @@ class LearnedMask(Scorer):
                            lam_sparse=o.lam_sparse, lam_ret=o.lam_ret, minibatch=o.minibatch,
                            retention=self._retention(data), optimizer=optimizer, desc=desc)
 
-    def _block_params(self) -> int:
-        layout = self.ctx.pair.layout
-        return sum(layout.n_params(u) for u in layout.units("linear"))
-
     def _candidates(self, units: list[Unit], data: ScoringData, frac: float) -> list[int]:
         """Positions (in ``units``) of the units with the largest attribution, until their
         parameters reach ``frac`` of the block parameters."""
         layout = self.ctx.pair.layout
-        block = self._block_params()
+        block = block_params(layout)
         gain = Attribution(self.ctx).run(units, data).values
         out: list[int] = []
         moved = 0
@@ -175,7 +172,8 @@ class LearnedMask(Scorer):
 
     def run(self, units: list[Unit], data: ScoringData | None) -> RawScores:
         assert data is not None
-        frac = unit_fraction(self.opts.unit_candidates, self._block_params())
+        frac = unit_fraction(self.opts.unit_candidates,
+                             block_params(self.ctx.pair.layout))
         pick = (self._candidates(units, data, frac) if frac is not None
                 else list(range(len(units))))
         cand = [units[i] for i in pick]

@@ -87,10 +87,10 @@ def square_profiles(
     n = t.shape[dim]
     sq = torch.zeros(n, dtype=torch.float64, device=t.device)
     tq = torch.zeros(n, dtype=torch.float64, device=t.device)
+    other = [i for i in range(t.dim()) if i != dim]
     for a in range(0, t.shape[0], rows):
         tc = t[a : a + rows].to(torch.float64)
         d = s[a : a + rows].to(torch.float64) - tc
-        other = [i for i in range(t.dim()) if i != dim]
         if dim == 0:
             sq[a : a + rows] = d.pow_(2).sum(other)
             tq[a : a + rows] = tc.pow_(2).sum(other)
