@@ -40,6 +40,21 @@ browser() {
   command -v chromium >/dev/null 2>&1 || echo "note: chromium unavailable; the browser test will skip" >&2
 }
 
+disk_check() {
+  # The suite needs about 1 GB of temporary files at its peak (real-model exports) and, on
+  # its first run, about 5 GB of real-model caches; a full disk fails tests in fixture setup.
+  local tmp=${TMPDIR:-/tmp} cache=${TL_TRANSPLANT_CACHE:-$HOME/.cache}
+  [ -d "$cache" ] || cache=$HOME
+  local t c
+  t=$(df -Pk "$tmp" | awk 'NR==2 {print int($4/1048576)}')
+  c=$(df -Pk "$cache" | awk 'NR==2 {print int($4/1048576)}')
+  echo "disk: ${t} GB free in $tmp, ${c} GB free for caches in $cache"
+  if [ "$t" -lt 3 ] || [ "$c" -lt 6 ]; then
+    echo "warning: the tests need ~1 GB free in $tmp and ~5 GB for the real-model caches" \
+      "on a first run; tests will fail in setup if the disk fills" >&2
+  fi
+}
+
 cmd=${1:-test}
 shift || true
 case "$cmd" in
@@ -53,6 +68,7 @@ case "$cmd" in
     browser
     "$VENV/bin/ruff" check tl_transplant tests benchmarks
     "$VENV/bin/mypy" tl_transplant
+    disk_check
     export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
     exec "$VENV/bin/python" -m pytest -q "$@"
     ;;
