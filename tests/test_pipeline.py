@@ -296,3 +296,22 @@ def test_demo_config_is_valid_and_compares_against_both_controls(name: str, full
         r.label for r in rc.selection.runs("controls")}
     assert rc.sweep.budget and rc.sweep.compare and rc.export is False
     assert bool(rc.sweep.ks()) is full and ("activation_patch" in labels) is full
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_learned_mask_candidate_set_is_said_once(workdir, tmp_path, capsys, progress):
+    """A learned_mask run that gates a candidate set says so once, with or without bars
+    (the scorer's note reaches the console only when progress is on)."""
+    import warnings
+
+    cfg = _cfg(workdir, export=False, control_tasks=[], sweep={"k": [2], "alpha": [1.0]},
+               selection={"methods": ["learned_mask"], "units": ["head", "neuron"],
+                          "controls": [], "options": {"learned_mask": {
+                              "steps": 2, "unit_candidates": 0.2}}})
+    lines: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # word-level vocab: task contexts only
+        run(cfg, tmp_path / "o", progress=progress, report=False, log=lines.append)
+    cap = capsys.readouterr()
+    said = "\n".join(lines) + cap.out + cap.err
+    assert said.count("with the largest attribution") == 1, said

@@ -193,7 +193,9 @@ def score_runs(
             if keep and store is not None:
                 store.put(r.label, scores[r.label])
         frac = scores[r.label].meta.get("unit_candidates")
-        if frac is not None:  # learned_mask gated a candidate set only: say so
+        # learned_mask gated a candidate set only: say so, once (a scorer run with progress
+        # bars has said it on the console already)
+        if frac is not None and (got is not None or not progress):
             log(f"{r.label}: gates on the {scores[r.label].meta.get('n_candidates')} units "
                 f"with the largest attribution ({frac:g} of the block parameters; the others "
                 f"score 0; selection.options.{r.method}.unit_candidates: null gates every unit)")
