@@ -46,8 +46,9 @@ disk_check() {
   local tmp=${TMPDIR:-/tmp} cache=${TL_TRANSPLANT_CACHE:-$HOME/.cache}
   [ -d "$cache" ] || cache=$HOME
   local t c
-  t=$(df -Pk "$tmp" | awk 'NR==2 {print int($4/1048576)}')
-  c=$(df -Pk "$cache" | awk 'NR==2 {print int($4/1048576)}')
+  t=$(df -Pk "$tmp" 2>/dev/null | awk 'NR==2 {print int($4/1048576)}') || true
+  c=$(df -Pk "$cache" 2>/dev/null | awk 'NR==2 {print int($4/1048576)}') || true
+  [ -n "$t" ] && [ -n "$c" ] || return 0  # never fail the tests over the check itself
   echo "disk: ${t} GB free in $tmp, ${c} GB free for caches in $cache"
   if [ "$t" -lt 3 ] || [ "$c" -lt 6 ]; then
     echo "warning: the tests need ~1 GB free in $tmp and ~5 GB for the real-model caches" \
