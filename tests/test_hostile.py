@@ -649,12 +649,7 @@ def test_fuzz_cli_arguments(
     finally:
         ModelPair.load = orig  # type: ignore[method-assign]
         os.chdir(cwd)
-        with torch.no_grad():
-            for k, v in pair.target.params.items():
-                v.data.copy_(snap[f"p:{k}"])
-        pair.target.refresh_mirrors()
-        pair.applied.clear()
-        pair.active.clear()
+        restore_target(pair, snap)
     text = err.getvalue()
     assert "Traceback" not in text
     assert rc in (0, 2), (argv, rc, text)
