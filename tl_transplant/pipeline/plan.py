@@ -75,9 +75,6 @@ _DTYPE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2, "F32": 
 LM_ALL_UNITS = 5.0
 LM_ASSEMBLED = 2.0
 LM_PER_CANDIDATE = 5.0
-#: The unedited target's KL references are kept up to this size
-#: (:data:`tl_transplant.scoring.gate_training.REF_CACHE_BYTES`).
-REF_CACHE_BYTES = 1 << 30
 ENV_LIMIT = "TL_TRANSPLANT_MEMORY_LIMIT"
 #: Host RSS a CUDA run adds for the CUDA context and kernels (unverified estimate).
 CUDA_HOST_BYTES = 600 * MiB
@@ -414,7 +411,9 @@ def _score_stage(run: MethodRun, cfg: RunConfig, t: ModelFacts, rows: int,
             return kept + state + g, (f"gates on {c:g} of the block weights: float32 "
                                       f"working copies + relaxed weights and grads, minibatch "
                                       f"{mb}")
-        frac = _unit_fraction(opts.get("unit_candidates", "auto"), bf)
+        from tl_transplant.scoring.learned_mask import REF_CACHE_BYTES, unit_fraction
+
+        frac = unit_fraction(opts.get("unit_candidates", "auto"), bf)
         ref = min(REF_CACHE_BYTES, rows * tokens * t.vocab * 4)  # the target's KL references
         if frac is None:
             state = int(LM_ALL_UNITS * elt * bf)
@@ -439,13 +438,6 @@ def _score_stage(run: MethodRun, cfg: RunConfig, t: ModelFacts, rows: int,
         return kept + 2 * _unit_acts(t, b, tokens) + _logits(t, b, tokens, elt, False), (
             "source/target unit activations of one batch")
     return kept, "weights only"
-
-
-def _unit_fraction(option: Any, block_params: int) -> float | None:
-    """learned_mask's share of block parameters gated at the unit grain (None: every unit)."""
-    from tl_transplant.scoring.learned_mask import unit_fraction
-
-    return unit_fraction(option, block_params)
 
 
 def plan_run(cfg: RunConfig) -> MemoryPlan:
