@@ -72,31 +72,23 @@ class Relaxation(Protocol):
     ) -> Float[torch.Tensor, " n"]: ...
 
 
-def _tensors(pair: ModelPair, name: str, why: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(target, source cast as a transplant casts it), both in working precision."""
-    t = pair.target.params[name]
-    s = pair.source.params[name]
-    for side, x in ((pair.target, t), (pair.source, s)):
-        if x.device.type == "meta":
+def _check_in_memory(pair: ModelPair, name: str, why: str) -> None:
+    """Raise if ``name`` is offloaded on either side or not contiguous on the target."""
+    for side in (pair.target, pair.source):
+        if side.params[name].device.type == "meta":
             raise ScoringError(
                 f"{side.name}: tensor {name} is offloaded (device_map); {why} needs the "
                 "block tensors in memory"
             )
-    if not t.is_contiguous():
-        raise ScoringError(f"{why}: target tensor {name} is not contiguous")
-    return work(t.detach()), work(s.detach().to(dtype=t.dtype).to(t.device))
-
-
-def _tensors_checked(pair: ModelPair, name: str) -> None:
-    """Raise as :func:`_tensors` does for an offloaded or non-contiguous tensor."""
-    for side in (pair.target, pair.source):
-        if side.params[name].device.type == "meta":
-            raise ScoringError(
-                f"{side.name}: tensor {name} is offloaded (device_map); learned_mask needs "
-                "the block tensors in memory"
-            )
     if not pair.target.params[name].is_contiguous():
-        raise ScoringError(f"learned_mask: target tensor {name} is not contiguous")
+        raise ScoringError(f"{why}: target tensor {name} is not contiguous")
+
+
+def _tensors(pair: ModelPair, name: str, why: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(target, source cast as a transplant casts it), both in working precision."""
+    _check_in_memory(pair, name, why)
+    t, s = pair.target.params[name], pair.source.params[name]
+    return work(t.detach()), work(s.detach().to(dtype=t.dtype).to(t.device))
 
 
 @dataclass
@@ -145,7 +137,7 @@ def _compact(pair: ModelPair, name: str, dims: list[tuple[int, torch.Tensor, tor
     if len(dims) > 1:
         w_t, w_s = _tensors(pair, name, "learned_mask")
         return _Gated(name, tuple(t.shape), t.dtype, t.detach(), w_t, w_s, None, dims)
-    _tensors_checked(pair, name)
+    _check_in_memory(pair, name, "learned_mask")
     d, pos, _ = dims[0]
     upos = torch.unique(pos)
     src = pair.source.params[name].detach()
